@@ -1,0 +1,156 @@
+//! Client authentication by the broker itself: trust, md5 or SCRAM-SHA-256 against the auth file.
+
+pub mod md5;
+pub mod scram;
+pub mod userlist;
+
+use crate::config::{Auth, AuthType};
+use crate::error::SqlState;
+use crate::proto::{build, read_i32, split_cstr, tag};
+use crate::session::SessionError;
+use crate::session::io::ClientIo;
+use std::sync::{Arc, OnceLock};
+use tokio::io::{AsyncRead, AsyncWrite};
+use userlist::{ScramSecret, Secret, UserEntry};
+
+/// Largest password or SASL message accepted from a client.
+const MAX_AUTH_MESSAGE: usize = 8 * 1024;
+
+/// What a successful login yields.
+#[derive(Debug, Default)]
+pub struct Authenticated {
+    /// The client's plain password, when the auth file holds one (used to log in to servers
+    /// for databases without a configured user).
+    pub password: Option<String>,
+}
+
+/// Authenticates `user`, writing the challenge messages and reading the answers. Nothing is
+/// sent on success: the caller follows with AuthenticationOk.
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    auth: &Auth,
+    user: &str,
+) -> Result<Authenticated, SessionError> {
+    let entry = auth.users.get(user);
+    let password = entry.and_then(UserEntry::password).map(str::to_owned);
+    let ok = match (auth.kind, entry) {
+        (AuthType::Trust, _) if auth.file.is_none() => true,
+        (AuthType::Trust, e) => e.is_some(),
+        (AuthType::Md5, Some(e)) if matches!(e.secret, Secret::Scram(_)) => {
+            // As PostgreSQL does: an md5 rule with a SCRAM secret upgrades to SCRAM.
+            scram_exchange(io, e.scram.clone()).await?
+        }
+        (AuthType::Md5, e) => md5_exchange(io, e, user).await?,
+        (AuthType::ScramSha256, e) => scram_exchange(io, e.and_then(|e| e.scram.clone())).await?,
+    };
+    if !ok {
+        return Err(failed(user));
+    }
+    Ok(Authenticated { password })
+}
+
+fn failed(user: &str) -> SessionError {
+    // Same answer for unknown users and wrong passwords, so names cannot be probed.
+    SessionError::fatal(
+        SqlState::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+fn malformed(what: &str) -> SessionError {
+    SessionError::fatal(
+        SqlState::PROTOCOL_VIOLATION,
+        format!("malformed authentication message: {what}"),
+    )
+}
+
+async fn read_password_message<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+) -> Result<bytes::Bytes, SessionError> {
+    let (t, body) = io.read_message(MAX_AUTH_MESSAGE).await?;
+    if t != tag::PASSWORD {
+        return Err(SessionError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!(
+                "expected password response, got message type {}",
+                crate::proto::frame::tag_name(t)
+            ),
+        ));
+    }
+    Ok(body)
+}
+
+async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    entry: Option<&UserEntry>,
+    user: &str,
+) -> Result<bool, SessionError> {
+    let salt: [u8; 4] = rand::random();
+    build::auth_md5(&mut io.wbuf, salt);
+    io.flush().await?;
+    let body = read_password_message(io).await?;
+    let (response, _) =
+        split_cstr(&body).ok_or_else(|| malformed("password is not NUL-terminated"))?;
+    Ok(entry.is_some_and(|e| md5::verify_md5_response(&e.secret, user, salt, response)))
+}
+
+/// A secret no password matches, so unknown users go through the same exchange as known ones.
+fn mock_secret() -> Arc<ScramSecret> {
+    static MOCK: OnceLock<Arc<ScramSecret>> = OnceLock::new();
+    MOCK.get_or_init(|| {
+        let random: [u8; 32] = rand::random();
+        Arc::new(ScramSecret::from_password(&base64_of(&random)))
+    })
+    .clone()
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    secret: Option<Arc<ScramSecret>>,
+) -> Result<bool, SessionError> {
+    let known = secret.is_some();
+    let secret = secret.unwrap_or_else(mock_secret);
+    build::auth_sasl(&mut io.wbuf, &[scram::SCRAM_SHA_256]);
+    io.flush().await?;
+
+    // SASLInitialResponse: mechanism name, then an Int32 length and the client-first-message.
+    let body = read_password_message(io).await?;
+    let (mechanism, rest) = split_cstr(&body).ok_or_else(|| malformed("mechanism"))?;
+    let mechanism = std::str::from_utf8(mechanism).map_err(|_| malformed("mechanism"))?;
+    let len = read_i32(rest).ok_or_else(|| malformed("length"))?;
+    let data = rest.get(4..).unwrap_or_default();
+    if usize::try_from(len).ok() != Some(data.len()) {
+        return Err(malformed("SASL data length"));
+    }
+    let mut server = scram::ScramServer::new(secret, mechanism, None).map_err(scram_error)?;
+    let server_first = server.handle_client_first(data).map_err(scram_error)?;
+    build::auth_sasl_continue(&mut io.wbuf, &server_first);
+    io.flush().await?;
+
+    let body = read_password_message(io).await?;
+    match server.handle_client_final(&body) {
+        Ok(server_final) if known => {
+            build::auth_sasl_final(&mut io.wbuf, &server_final);
+            Ok(true)
+        }
+        Ok(_) | Err(scram::ScramError::InvalidProof) => Ok(false),
+        Err(e) => Err(scram_error(e)),
+    }
+}
+
+fn scram_error(e: scram::ScramError) -> SessionError {
+    match e {
+        scram::ScramError::InvalidProof => {
+            SessionError::fatal(SqlState::INVALID_PASSWORD, "password authentication failed")
+        }
+        other => SessionError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!("SCRAM exchange failed: {other}"),
+        ),
+    }
+}

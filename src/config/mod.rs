@@ -1,0 +1,570 @@
+//! Validated configuration: one TOML file (plus the auth file it names) turned into typed settings.
+//!
+//! `raw` holds the file as written; this module checks every value and names the key at fault.
+
+pub mod raw;
+pub mod values;
+
+use crate::auth::userlist::Userlist;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use values::{expand_env, parse_duration, parse_pg_url};
+
+/// A config file that cannot be used, with the file and the key at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown keys / wrongly typed values.
+    #[error("{path}: {message}")]
+    Syntax {
+        /// File path.
+        path: PathBuf,
+        /// The TOML parser's message, with line and key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// File path.
+        path: PathBuf,
+        /// Dotted key, e.g. `databases.bench.port`.
+        key: String,
+        /// What was expected.
+        message: String,
+    },
+}
+
+/// How long a client keeps a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// For the whole client session.
+    Session,
+    /// For one transaction.
+    Transaction,
+    /// For one statement.
+    Statement,
+}
+
+impl PoolMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    /// No password; the user must still exist in the auth file when one is configured.
+    Trust,
+    /// MD5 challenge-response.
+    Md5,
+    /// SCRAM-SHA-256.
+    ScramSha256,
+}
+
+impl AuthType {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::Trust => "trust",
+            AuthType::Md5 => "md5",
+            AuthType::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+/// `server_max_connections`: a number, or read from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerMaxConnections {
+    /// Read `max_connections` from the server.
+    Auto,
+    /// A fixed number.
+    Fixed(u32),
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, if any.
+    pub path: Option<PathBuf>,
+    /// `[broker]`.
+    pub broker: Broker,
+    /// `[budget]`, with environment overrides applied.
+    pub budget: Budget,
+    /// `[auth]`, with the auth file loaded.
+    pub auth: Auth,
+    /// `[databases.*]` by client-facing name.
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// Listener, pooling and timeout settings.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// PostgreSQL protocol listener.
+    pub listen: SocketAddr,
+    /// HTTP listener (metrics, health, WebSocket bridge).
+    pub http_listen: SocketAddr,
+    /// Default pool mode.
+    pub pool_mode: PoolMode,
+    /// Most client connections open at once.
+    pub max_client_conn: usize,
+    /// Pool size for databases that do not set one.
+    pub default_pool_size: u32,
+    /// Query run on a server before another client gets it in session mode (empty = none).
+    pub server_reset_query: String,
+    /// How long a client waits for a server before 53300.
+    pub query_wait_timeout: Duration,
+    /// How long a client may take to finish startup and authentication.
+    pub client_login_timeout: Duration,
+    /// How long connecting and logging in to a server may take.
+    pub server_connect_timeout: Duration,
+    /// How long resetting a server after use may take before it is closed instead.
+    pub server_reset_timeout: Duration,
+    /// Largest message accepted from a client (the length field's value).
+    pub max_packet_size: usize,
+    /// TCP keepalive on client and server sockets.
+    pub tcp_keepalive: bool,
+}
+
+/// Inputs of the per-instance server connection budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// The server's `max_connections`, or `Auto`.
+    pub server_max_connections: ServerMaxConnections,
+    /// Connections left free for other tools.
+    pub reserved_connections: u32,
+    /// Instances sharing the server.
+    pub max_instances: u32,
+    /// Which inputs came from the environment (`DB_MAX_CONNECTIONS`, `MAX_INSTANCES`).
+    pub env_overrides: Vec<&'static str>,
+}
+
+/// Client authentication settings.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// Method.
+    pub kind: AuthType,
+    /// Auth file path, resolved against the config file's directory.
+    pub file: Option<PathBuf>,
+    /// Users allowed on the admin console.
+    pub admin_users: Vec<String>,
+    /// Users allowed read-only on the admin console.
+    pub stats_users: Vec<String>,
+    /// The auth file's users (empty when there is no file).
+    pub users: Arc<Userlist>,
+}
+
+/// One upstream database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    /// Host name, IP, or Unix socket directory (starts with `/`).
+    pub host: String,
+    /// Port (also names the Unix socket file).
+    pub port: u16,
+    /// Database name on the server.
+    pub dbname: String,
+    /// Server login user; `None` = the client's own user.
+    pub user: Option<String>,
+    /// Server login password; `None` = the client's password from the auth file.
+    pub password: Option<String>,
+    /// Most servers for each (database, user) pool.
+    pub pool_size: u32,
+    /// Pool mode for this database.
+    pub pool_mode: PoolMode,
+}
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Loads and validates a config file, reading the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, Some(path), &|k| std::env::var(k).ok())
+    }
+
+    /// Validates config text. `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let shown = path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf);
+        let file: raw::File = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: shown.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let v = Validator { path: &shown, env };
+        let base = path
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let broker = v.broker(&file.broker)?;
+        let databases = file
+            .databases
+            .iter()
+            .map(|(name, db)| Ok((name.clone(), v.database(name, db, &broker)?)))
+            .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+        Ok(Config {
+            path: path.map(Path::to_path_buf),
+            budget: v.budget(&file.budget)?,
+            auth: v.auth(&file.auth, &base)?,
+            broker,
+            databases,
+        })
+    }
+
+    /// The effective settings as TOML-like text, with passwords redacted (`pgbroker check`).
+    pub fn describe(&self) -> String {
+        let b = &self.broker;
+        let mut s = String::new();
+        let _ = writeln!(s, "[broker]");
+        let _ = writeln!(s, "listen = \"{}\"", b.listen);
+        let _ = writeln!(s, "http_listen = \"{}\"", b.http_listen);
+        let _ = writeln!(s, "pool_mode = \"{}\"", b.pool_mode.as_str());
+        let _ = writeln!(s, "max_client_conn = {}", b.max_client_conn);
+        let _ = writeln!(s, "default_pool_size = {}", b.default_pool_size);
+        let _ = writeln!(s, "server_reset_query = {:?}", b.server_reset_query);
+        for (k, d) in [
+            ("query_wait_timeout", b.query_wait_timeout),
+            ("client_login_timeout", b.client_login_timeout),
+            ("server_connect_timeout", b.server_connect_timeout),
+            ("server_reset_timeout", b.server_reset_timeout),
+        ] {
+            let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
+        }
+        let _ = writeln!(s, "max_packet_size = {}", b.max_packet_size);
+        let _ = writeln!(s, "tcp_keepalive = {}", b.tcp_keepalive);
+        let bu = &self.budget;
+        let _ = writeln!(s, "\n[budget]");
+        match bu.server_max_connections {
+            ServerMaxConnections::Auto => {
+                let _ = writeln!(s, "server_max_connections = \"auto\"");
+            }
+            ServerMaxConnections::Fixed(n) => {
+                let _ = writeln!(s, "server_max_connections = {n}");
+            }
+        }
+        let _ = writeln!(s, "reserved_connections = {}", bu.reserved_connections);
+        let _ = writeln!(s, "max_instances = {}", bu.max_instances);
+        if !bu.env_overrides.is_empty() {
+            let _ = writeln!(s, "# from the environment: {}", bu.env_overrides.join(", "));
+        }
+        let a = &self.auth;
+        let _ = writeln!(s, "\n[auth]\ntype = \"{}\"", a.kind.as_str());
+        if let Some(f) = &a.file {
+            let _ = writeln!(s, "file = {:?}  # {} users", f.display(), a.users.len());
+        }
+        let _ = writeln!(s, "admin_users = {:?}", a.admin_users);
+        let _ = writeln!(s, "stats_users = {:?}", a.stats_users);
+        for (name, d) in &self.databases {
+            let _ = writeln!(s, "\n[databases.{name}]");
+            let _ = writeln!(
+                s,
+                "host = {:?}\nport = {}\ndbname = {:?}",
+                d.host, d.port, d.dbname
+            );
+            match &d.user {
+                Some(u) => {
+                    let _ = writeln!(s, "user = {u:?}");
+                }
+                None => {
+                    let _ = writeln!(s, "# user: the client's own");
+                }
+            }
+            if d.password.is_some() {
+                let _ = writeln!(s, "password = \"<redacted>\"");
+            }
+            let _ = writeln!(s, "pool_size = {}", d.pool_size);
+            let _ = writeln!(s, "pool_mode = \"{}\"", d.pool_mode.as_str());
+        }
+        s
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    env: Env<'a>,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn string(&self, key: &str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
+        v.as_deref()
+            .map(|s| expand_env(s, self.env).map_err(|m| self.invalid(key, m)))
+            .transpose()
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        v: &Option<raw::NumOrStr>,
+        default: u64,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(raw::NumOrStr::Int(n)) => u64::try_from(*n)
+                .map(Duration::from_secs)
+                .map_err(|_| self.invalid(key, "must not be negative")),
+            Some(raw::NumOrStr::Str(s)) => {
+                let s = expand_env(s, self.env).map_err(|m| self.invalid(key, m))?;
+                parse_duration(&s).map_err(|m| self.invalid(key, m))
+            }
+        }
+    }
+
+    fn int<T: TryFrom<i64>>(
+        &self,
+        key: &str,
+        v: Option<i64>,
+        default: T,
+        min: i64,
+    ) -> Result<T, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if n < min => {
+                Err(self.invalid(key, format!("must be at least {min}, got {n}")))
+            }
+            Some(n) => {
+                T::try_from(n).map_err(|_| self.invalid(key, format!("{n} is out of range")))
+            }
+        }
+    }
+
+    fn addr(
+        &self,
+        key: &str,
+        v: &Option<String>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        let s = self.string(key, v)?.unwrap_or_else(|| default.to_string());
+        s.parse().map_err(|_| {
+            self.invalid(
+                key,
+                format!("expected an address such as \"127.0.0.1:6432\", got {s:?}"),
+            )
+        })
+    }
+
+    fn pool_mode(&self, key: &str, v: &Option<String>) -> Result<Option<PoolMode>, ConfigError> {
+        Ok(match self.string(key, v)?.as_deref() {
+            None => None,
+            Some("session") => Some(PoolMode::Session),
+            Some("transaction") => Some(PoolMode::Transaction),
+            Some("statement") => Some(PoolMode::Statement),
+            Some(other) => {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "expected \"session\", \"transaction\" or \"statement\", got {other:?}"
+                    ),
+                ));
+            }
+        })
+    }
+
+    fn broker(&self, b: &raw::Broker) -> Result<Broker, ConfigError> {
+        Ok(Broker {
+            listen: self.addr("broker.listen", &b.listen, "127.0.0.1:6432")?,
+            http_listen: self.addr("broker.http_listen", &b.http_listen, "127.0.0.1:6433")?,
+            pool_mode: self
+                .pool_mode("broker.pool_mode", &b.pool_mode)?
+                .unwrap_or(PoolMode::Session),
+            max_client_conn: self.int("broker.max_client_conn", b.max_client_conn, 10_000, 1)?,
+            default_pool_size: self.int("broker.default_pool_size", b.default_pool_size, 20, 1)?,
+            server_reset_query: self
+                .string("broker.server_reset_query", &b.server_reset_query)?
+                .unwrap_or_else(|| "DISCARD ALL".to_string()),
+            query_wait_timeout: self.duration(
+                "broker.query_wait_timeout",
+                &b.query_wait_timeout,
+                120,
+            )?,
+            client_login_timeout: self.duration(
+                "broker.client_login_timeout",
+                &b.client_login_timeout,
+                15,
+            )?,
+            server_connect_timeout: self.duration(
+                "broker.server_connect_timeout",
+                &b.server_connect_timeout,
+                15,
+            )?,
+            server_reset_timeout: self.duration(
+                "broker.server_reset_timeout",
+                &b.server_reset_timeout,
+                10,
+            )?,
+            max_packet_size: self.int(
+                "broker.max_packet_size",
+                b.max_packet_size,
+                (1 << 30) - 1,
+                1024,
+            )?,
+            tcp_keepalive: b.tcp_keepalive.unwrap_or(true),
+        })
+    }
+
+    fn budget(&self, b: &raw::Budget) -> Result<Budget, ConfigError> {
+        let mut env_overrides = Vec::new();
+        let env_num = |name: &'static str,
+                       overrides: &mut Vec<&'static str>|
+         -> Result<Option<i64>, ConfigError> {
+            match (self.env)(name) {
+                Some(v) => {
+                    overrides.push(name);
+                    v.trim().parse().map(Some).map_err(|_| {
+                        self.invalid(name, format!("environment value {v:?} is not a number"))
+                    })
+                }
+                None => Ok(None),
+            }
+        };
+        let server_max_connections = match env_num("DB_MAX_CONNECTIONS", &mut env_overrides)? {
+            Some(n) => {
+                ServerMaxConnections::Fixed(self.int("DB_MAX_CONNECTIONS", Some(n), 0, 1)?)
+            }
+            None => match &b.server_max_connections {
+                None => ServerMaxConnections::Auto,
+                Some(raw::NumOrStr::Str(s)) if s == "auto" => ServerMaxConnections::Auto,
+                Some(raw::NumOrStr::Int(n)) => ServerMaxConnections::Fixed(self.int(
+                    "budget.server_max_connections",
+                    Some(*n),
+                    0,
+                    1,
+                )?),
+                Some(raw::NumOrStr::Str(s)) => {
+                    return Err(self.invalid(
+                        "budget.server_max_connections",
+                        format!("expected a number or \"auto\", got {s:?}"),
+                    ));
+                }
+            },
+        };
+        let max_instances = match env_num("MAX_INSTANCES", &mut env_overrides)? {
+            Some(n) => self.int("MAX_INSTANCES", Some(n), 1, 1)?,
+            None => self.int("budget.max_instances", b.max_instances, 1, 1)?,
+        };
+        let reserved_connections =
+            self.int("budget.reserved_connections", b.reserved_connections, 5, 0)?;
+        if let ServerMaxConnections::Fixed(n) = server_max_connections {
+            if n <= reserved_connections {
+                return Err(self.invalid(
+                    "budget.reserved_connections",
+                    format!("{reserved_connections} leaves no connections of server_max_connections = {n}"),
+                ));
+            }
+        }
+        Ok(Budget {
+            server_max_connections,
+            reserved_connections,
+            max_instances,
+            env_overrides,
+        })
+    }
+
+    fn auth(&self, a: &raw::Auth, base: &Path) -> Result<Auth, ConfigError> {
+        let kind = match self.string("auth.type", &a.kind)?.as_deref() {
+            None | Some("scram-sha-256") => AuthType::ScramSha256,
+            Some("md5") => AuthType::Md5,
+            Some("trust") => AuthType::Trust,
+            Some(other) => {
+                return Err(self.invalid(
+                    "auth.type",
+                    format!("expected \"trust\", \"md5\" or \"scram-sha-256\", got {other:?}"),
+                ));
+            }
+        };
+        let file = self.string("auth.file", &a.file)?.map(|f| base.join(f));
+        let users = match &file {
+            Some(f) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    self.invalid("auth.file", format!("cannot read {}: {e}", f.display()))
+                })?;
+                Userlist::parse(&text)
+                    .map_err(|e| self.invalid("auth.file", format!("{}: {e}", f.display())))?
+            }
+            None if kind == AuthType::Trust => Userlist::default(),
+            None => {
+                return Err(self.invalid(
+                    "auth.file",
+                    format!("required with auth.type = \"{}\"", kind.as_str()),
+                ));
+            }
+        };
+        Ok(Auth {
+            kind,
+            file,
+            admin_users: a.admin_users.clone().unwrap_or_default(),
+            stats_users: a.stats_users.clone().unwrap_or_default(),
+            users: Arc::new(users),
+        })
+    }
+
+    fn database(
+        &self,
+        name: &str,
+        d: &raw::Database,
+        broker: &Broker,
+    ) -> Result<Database, ConfigError> {
+        let key = |k: &str| format!("databases.{name}.{k}");
+        let mut host = self.string(&key("host"), &d.host)?;
+        let mut port = d.port;
+        let mut dbname = self.string(&key("dbname"), &d.dbname)?;
+        let mut user = self.string(&key("user"), &d.user)?;
+        let mut password = self.string(&key("password"), &d.password)?;
+        if let Some(url) = self.string(&key("url"), &d.url)? {
+            if host.is_some()
+                || port.is_some()
+                || dbname.is_some()
+                || user.is_some()
+                || password.is_some()
+            {
+                return Err(self.invalid(
+                    &key("url"),
+                    "give either url or host/port/dbname/user/password, not both",
+                ));
+            }
+            let u = parse_pg_url(&url).map_err(|m| self.invalid(&key("url"), m))?;
+            (host, dbname, user, password) = (u.host, u.dbname, u.user, u.password);
+            port = u.port.map(i64::from);
+        }
+        Ok(Database {
+            host: host.unwrap_or_else(|| "127.0.0.1".to_string()),
+            port: self.int(&key("port"), port, 5432, 1)?,
+            dbname: dbname.unwrap_or_else(|| name.to_string()),
+            user,
+            password,
+            pool_size: self.int(&key("pool_size"), d.pool_size, broker.default_pool_size, 1)?,
+            pool_mode: self
+                .pool_mode(&key("pool_mode"), &d.pool_mode)?
+                .unwrap_or(broker.pool_mode),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

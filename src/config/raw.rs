@@ -1,0 +1,80 @@
+//! The TOML file as written: serde DTOs with defaults and no unknown keys. Validation lives in `mod.rs`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A value that may be written as a number or a string (durations, "auto").
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum NumOrStr {
+    /// An integer.
+    Int(i64),
+    /// A string, e.g. `"30s"` or `"auto"`.
+    Str(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct File {
+    /// `[broker]`
+    pub broker: Broker,
+    /// `[budget]`
+    pub budget: Budget,
+    /// `[auth]`
+    pub auth: Auth,
+    /// `[databases.NAME]`
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// `[broker]`: listeners, pooling and timeouts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub listen: Option<String>,
+    pub http_listen: Option<String>,
+    pub pool_mode: Option<String>,
+    pub max_client_conn: Option<i64>,
+    pub default_pool_size: Option<i64>,
+    pub server_reset_query: Option<String>,
+    pub query_wait_timeout: Option<NumOrStr>,
+    pub client_login_timeout: Option<NumOrStr>,
+    pub server_connect_timeout: Option<NumOrStr>,
+    pub server_reset_timeout: Option<NumOrStr>,
+    pub max_packet_size: Option<i64>,
+    pub tcp_keepalive: Option<bool>,
+}
+
+/// `[budget]`: the inputs of the per-instance server connection budget.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    pub server_max_connections: Option<NumOrStr>,
+    pub reserved_connections: Option<i64>,
+    pub max_instances: Option<i64>,
+}
+
+/// `[auth]`: how clients authenticate to the broker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub file: Option<String>,
+    pub admin_users: Option<Vec<String>>,
+    pub stats_users: Option<Vec<String>>,
+}
+
+/// `[databases.NAME]`: one upstream database.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    pub url: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<i64>,
+    pub pool_mode: Option<String>,
+}

@@ -1,0 +1,205 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+const ISSUE_EXAMPLE: &str = r#"
+[broker]
+listen = "127.0.0.1:6432"        # PostgreSQL protocol
+http_listen = "127.0.0.1:6433"   # metrics, health, WebSocket bridge (later issues)
+pool_mode = "session"            # session | transaction | statement
+max_client_conn = 10000
+
+[budget]
+server_max_connections = "auto"  # a number, or "auto": read max_connections from the server
+reserved_connections = 5         # left free for admins, migrations, other tools
+max_instances = 1                # app instances sharing the server
+
+[auth]
+type = "scram-sha-256"           # trust | md5 | scram-sha-256
+file = "userlist.txt"
+admin_users = ["admin"]
+
+[databases.bench]
+host = "127.0.0.1"               # or a Unix socket directory
+port = 5432
+dbname = "bench"                 # defaults to the section name
+user = "postgres"                # server login; omitted = the client's own user
+password = "postgres"
+pool_size = 20
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+/// Writes `text` as pgbroker.toml next to a userlist and parses it.
+fn load_with(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("userlist.txt"),
+        "\"postgres\" \"postgres\"\n",
+    )
+    .unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    Config::parse(text, Some(&path), env)
+}
+
+fn err_text(text: &str) -> String {
+    load_with(text, &no_env).unwrap_err().to_string()
+}
+
+#[test]
+fn the_documented_example_is_accepted_as_written() {
+    let c = load_with(ISSUE_EXAMPLE, &no_env).unwrap();
+    assert_eq!(c.broker.listen.port(), 6432);
+    assert_eq!(c.broker.pool_mode, PoolMode::Session);
+    assert_eq!(c.budget.server_max_connections, ServerMaxConnections::Auto);
+    assert_eq!(c.auth.kind, AuthType::ScramSha256);
+    assert_eq!(c.auth.users.len(), 1);
+    let db = &c.databases["bench"];
+    assert_eq!((db.port, db.pool_size), (5432, 20));
+    assert_eq!(db.user.as_deref(), Some("postgres"));
+}
+
+#[test]
+fn shipped_config_files_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    for name in ["pgbroker.toml", "pgbroker.minimal.toml"] {
+        let c = Config::load(&dir.join(name));
+        assert!(c.is_ok(), "{name}: {:?}", c.err());
+    }
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let e = err_text("[broker]\nlisten = \"127.0.0.1:1\"\npool_size = 3\n");
+    assert!(e.contains("pool_size"), "{e}");
+    assert!(e.contains("line 3"), "{e}");
+    assert!(e.contains("pgbroker.toml"), "{e}");
+}
+
+#[test]
+fn bad_values_name_the_key_and_what_was_expected() {
+    let e = err_text("[broker]\nquery_wait_timeout = \"soon\"\n");
+    assert!(
+        e.contains("broker.query_wait_timeout") && e.contains("30s"),
+        "{e}"
+    );
+    let e = err_text("[broker]\npool_mode = \"sometimes\"\n");
+    assert!(
+        e.contains("broker.pool_mode") && e.contains("transaction"),
+        "{e}"
+    );
+    let e = err_text("[databases.x]\npool_size = 0\n");
+    assert!(
+        e.contains("databases.x.pool_size") && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = err_text("[broker]\nlisten = \"nowhere\"\n");
+    assert!(e.contains("broker.listen"), "{e}");
+}
+
+#[test]
+fn missing_auth_file_is_an_error_naming_it() {
+    let e = err_text("[auth]\nfile = \"nope.txt\"\n");
+    assert!(e.contains("auth.file") && e.contains("nope.txt"), "{e}");
+}
+
+#[test]
+fn durations_accept_units_and_integer_seconds() {
+    let c = load_with(
+        "[broker]\nquery_wait_timeout = \"250ms\"\nclient_login_timeout = 7\n[auth]\nfile = \"userlist.txt\"\n",
+        &no_env,
+    )
+    .unwrap();
+    assert_eq!(c.broker.query_wait_timeout, Duration::from_millis(250));
+    assert_eq!(c.broker.client_login_timeout, Duration::from_secs(7));
+}
+
+#[test]
+fn string_values_expand_environment_variables() {
+    let env = |k: &str| (k == "DB_PASSWORD").then(|| "from-env".to_string());
+    let c = load_with(
+        "[auth]\nfile = \"userlist.txt\"\n[databases.app]\npassword = \"${DB_PASSWORD}\"\n",
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.databases["app"].password.as_deref(), Some("from-env"));
+    let e = load_with("[databases.app]\npassword = \"${NOPE}\"\n", &env).unwrap_err();
+    assert!(e.to_string().contains("databases.app.password") && e.to_string().contains("NOPE"));
+}
+
+#[test]
+fn database_url_fills_connection_fields() {
+    let c = load_with(
+        "[auth]\nfile = \"userlist.txt\"\n[databases.app]\nurl = \"postgres://u:p@10.0.0.9:6000/real\"\n",
+        &no_env,
+    )
+    .unwrap();
+    let db = &c.databases["app"];
+    assert_eq!(
+        (db.host.as_str(), db.port, db.dbname.as_str()),
+        ("10.0.0.9", 6000, "real")
+    );
+    assert_eq!(
+        (db.user.as_deref(), db.password.as_deref()),
+        (Some("u"), Some("p"))
+    );
+    let e = err_text("[databases.app]\nurl = \"postgres://h/x\"\nport = 1\n");
+    assert!(e.contains("databases.app.url"), "{e}");
+}
+
+#[test]
+fn database_defaults_follow_the_section_and_broker() {
+    let c = load_with(
+        "[broker]\ndefault_pool_size = 7\n[auth]\nfile = \"userlist.txt\"\n[databases.orders]\n",
+        &no_env,
+    )
+    .unwrap();
+    let db = &c.databases["orders"];
+    assert_eq!(
+        (db.dbname.as_str(), db.port, db.pool_size),
+        ("orders", 5432, 7)
+    );
+    assert_eq!(db.user, None);
+}
+
+#[test]
+fn environment_overrides_budget_inputs() {
+    let env = |k: &str| match k {
+        "MAX_INSTANCES" => Some("4".to_string()),
+        "DB_MAX_CONNECTIONS" => Some("300".to_string()),
+        _ => None,
+    };
+    let c = load_with(ISSUE_EXAMPLE, &env).unwrap();
+    assert_eq!(c.budget.max_instances, 4);
+    assert_eq!(
+        c.budget.server_max_connections,
+        ServerMaxConnections::Fixed(300)
+    );
+    assert_eq!(
+        c.budget.env_overrides,
+        vec!["DB_MAX_CONNECTIONS", "MAX_INSTANCES"]
+    );
+    let bad = |k: &str| (k == "MAX_INSTANCES").then(|| "many".to_string());
+    assert!(
+        load_with(ISSUE_EXAMPLE, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("MAX_INSTANCES")
+    );
+}
+
+#[test]
+fn reserved_connections_must_leave_room() {
+    let e = err_text("[budget]\nserver_max_connections = 5\nreserved_connections = 5\n");
+    assert!(e.contains("budget.reserved_connections"), "{e}");
+}
+
+#[test]
+fn describe_redacts_passwords() {
+    let c = load_with(ISSUE_EXAMPLE, &no_env).unwrap();
+    let d = c.describe();
+    assert!(d.contains("[databases.bench]") && d.contains("<redacted>"));
+    assert!(!d.contains("password = \"postgres\""));
+}

@@ -1,0 +1,83 @@
+//! Shared error vocabulary: the SQLSTATE a failure becomes on the wire, and which side caused it.
+
+/// A five-character PostgreSQL SQLSTATE code, as sent in an ErrorResponse's `C` field.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState([u8; 5]);
+
+impl std::fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl SqlState {
+    /// 08P01: malformed or unexpected protocol message.
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
+    /// 08006: a connection failed (the server went away under a client).
+    pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
+    /// 08001: the broker could not open a server connection.
+    pub const CANNOT_CONNECT: SqlState = SqlState(*b"08001");
+    /// 28P01: wrong password.
+    pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
+    /// 28000: unknown user or authentication method not usable.
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");
+    /// 3D000: the database named at startup is not configured.
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState(*b"3D000");
+    /// 53300: too many connections (client limit, pool wait timeout).
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
+    /// 57P01: the broker is shutting down.
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
+    /// 0A000: a feature the broker does not support.
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
+    /// 58000: an internal broker failure.
+    pub const SYSTEM_ERROR: SqlState = SqlState(*b"58000");
+
+    /// 42601 is a syntax error; used here for unknown admin commands and bad SQL made by clients.
+    pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
+
+    /// A code received from a server; anything not five ASCII alphanumerics becomes XX000.
+    pub fn from_code(code: &str) -> SqlState {
+        match <[u8; 5]>::try_from(code.as_bytes()) {
+            Ok(b) if b.iter().all(u8::is_ascii_alphanumeric) => SqlState(b),
+            _ => SqlState(*b"XX000"),
+        }
+    }
+
+    /// The code as a string.
+    pub fn code(&self) -> &str {
+        // Always ASCII by construction.
+        std::str::from_utf8(&self.0).unwrap_or("XX000")
+    }
+}
+
+/// Which peer a failure came from; decides logging level and what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The application connected to the broker.
+    Client,
+    /// The PostgreSQL server connection.
+    Server,
+    /// The broker itself.
+    Internal,
+}
+
+/// Whether an I/O error is an ordinary disconnect rather than a failure worth a warning.
+pub fn is_disconnect(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
+    )
+}
+
+/// An error and its causes on one line ("a: b: c"), for messages sent to clients and logs.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

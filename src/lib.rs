@@ -1,0 +1,28 @@
+//! pgbroker: a sidecar connection broker for PostgreSQL.
+//!
+//! Each app instance talks to its own pgbroker on loopback; pgbroker multiplexes those client
+//! connections onto few server connections, never more than its budget.
+//!
+//! # Layout
+//! - [`proto`]: wire protocol framing, startup packets and message builders (pure, fuzzed).
+//! - [`config`]: the TOML file, validated into typed settings.
+//! - [`auth`]: client authentication against the auth file (trust, md5, SCRAM-SHA-256).
+//! - [`server`]: one upstream connection: connect, log in, the broker's own queries.
+//! - [`pool`]: servers per (database, user), checkout with FIFO waiting, RAII return.
+//! - [`session`]: the task serving one client: login, then the relay loop of its pool mode.
+//! - [`cancel`]: client cancel keys mapped to the server running their query.
+//! - [`app`]: wiring, accept loop and signals.
+//! - [`cluster`]: a throwaway PostgreSQL cluster for `pgbroker demo`, tests and benchmarks.
+
+pub mod app;
+pub mod auth;
+pub mod cancel;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod net;
+pub mod pool;
+pub mod proto;
+pub mod server;
+pub mod session;

@@ -1,0 +1,68 @@
+//! The `pgbroker` command: run the broker, check a config, or start a demo.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pgbroker::config::Config;
+use std::path::PathBuf;
+
+/// Sidecar connection broker for PostgreSQL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        default_value = "/etc/pgbroker/pgbroker.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Run,
+    /// Validate the config file and print the effective settings.
+    Check,
+    /// Start a throwaway PostgreSQL with pgbroker in front of it, until Ctrl-C.
+    Demo {
+        /// Address for the demo broker's PostgreSQL listener.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            let config = Config::load(&cli.config)?;
+            print!("{}", config.describe());
+            eprintln!("{}: OK", cli.config.display());
+            Ok(())
+        }
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(pgbroker::app::run(config))
+        }
+        Command::Demo { listen } => runtime()?.block_on(pgbroker::demo::run(listen)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

@@ -1,0 +1,219 @@
+//! Builders for the backend messages the broker itself sends. Each appends to a `BytesMut`.
+
+use crate::error::SqlState;
+use bytes::{BufMut, BytesMut};
+
+/// Appends a message: tag, a length patched in after `body` writes, then the body.
+#[inline]
+fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
+    // A NUL inside would end the string early on the other side; it never comes from us.
+    buf.extend(s.iter().copied().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
+/// AuthenticationOk.
+pub fn auth_ok(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(0));
+}
+
+/// AuthenticationCleartextPassword.
+pub fn auth_cleartext(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(3));
+}
+
+/// AuthenticationMD5Password with its salt.
+pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    message(buf, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
+/// AuthenticationSASL listing the mechanisms offered.
+pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    message(buf, b'R', |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            put_cstr(b, m.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+/// AuthenticationSASLContinue carrying server-first-message.
+pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(11);
+        b.put_slice(data);
+    });
+}
+
+/// AuthenticationSASLFinal carrying server-final-message.
+pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(12);
+        b.put_slice(data);
+    });
+}
+
+/// ParameterStatus.
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    message(buf, b'S', |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, value.as_bytes());
+    });
+}
+
+/// BackendKeyData with a 4-byte secret (protocol 3.0).
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+    message(buf, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
+/// ReadyForQuery with a transaction status byte.
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    message(buf, b'Z', |b| b.put_u8(status));
+}
+
+/// NegotiateProtocolVersion: the newest minor version spoken and the options not understood.
+pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unrecognized: &[String]) {
+    message(buf, b'v', |b| {
+        b.put_i32(minor);
+        b.put_i32(unrecognized.len() as i32);
+        for o in unrecognized {
+            put_cstr(b, o.as_bytes());
+        }
+    });
+}
+
+/// Severity of a broker-made ErrorResponse or NoticeResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the connection stays.
+    Error,
+    /// The connection ends after this message.
+    Fatal,
+    /// Informational (NoticeResponse).
+    Notice,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+            Severity::Notice => "NOTICE",
+        }
+    }
+}
+
+/// ErrorResponse (or NoticeResponse for `Severity::Notice`) with code, message and optional detail.
+pub fn error_response(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: SqlState,
+    text: &str,
+    detail: Option<&str>,
+) {
+    let tag = if severity == Severity::Notice {
+        b'N'
+    } else {
+        b'E'
+    };
+    message(buf, tag, |b| {
+        for field in [b'S', b'V'] {
+            b.put_u8(field);
+            put_cstr(b, severity.as_str().as_bytes());
+        }
+        b.put_u8(b'C');
+        put_cstr(b, code.code().as_bytes());
+        b.put_u8(b'M');
+        put_cstr(b, text.as_bytes());
+        if let Some(d) = detail {
+            b.put_u8(b'D');
+            put_cstr(b, d.as_bytes());
+        }
+        b.put_u8(0);
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use postgres_protocol::message::backend::Message;
+
+    fn parse_one(buf: &mut BytesMut) -> Message {
+        Message::parse(buf).unwrap().unwrap()
+    }
+
+    #[test]
+    fn error_response_carries_severity_code_and_message() {
+        let mut b = BytesMut::new();
+        error_response(
+            &mut b,
+            Severity::Fatal,
+            SqlState::INVALID_CATALOG_NAME,
+            "database \"x\" does not exist",
+            Some("configured: bench"),
+        );
+        let Message::ErrorResponse(body) = parse_one(&mut b) else {
+            panic!("not an error")
+        };
+        use fallible_iterator::FallibleIterator;
+        let fields: Vec<(u8, String)> = body
+            .fields()
+            .map(|f| {
+                Ok((
+                    f.type_(),
+                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                ))
+            })
+            .collect()
+            .unwrap();
+        assert!(fields.contains(&(b'S', "FATAL".into())));
+        assert!(fields.contains(&(b'C', "3D000".into())));
+        assert!(fields.contains(&(b'D', "configured: bench".into())));
+    }
+
+    #[test]
+    fn builders_produce_messages_postgres_protocol_can_parse() {
+        let mut b = BytesMut::new();
+        auth_ok(&mut b);
+        parameter_status(&mut b, "server_version", "15.0");
+        backend_key_data(&mut b, 42, -7);
+        ready_for_query(&mut b, b'I');
+        assert!(matches!(parse_one(&mut b), Message::AuthenticationOk));
+        let Message::ParameterStatus(p) = parse_one(&mut b) else {
+            panic!()
+        };
+        assert_eq!(p.name().unwrap(), "server_version");
+        let Message::BackendKeyData(k) = parse_one(&mut b) else {
+            panic!()
+        };
+        assert_eq!((k.process_id(), k.secret_key()), (42, -7));
+        let Message::ReadyForQuery(r) = parse_one(&mut b) else {
+            panic!()
+        };
+        assert_eq!(r.status(), b'I');
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn sasl_mechanism_list_is_double_terminated() {
+        let mut b = BytesMut::new();
+        auth_sasl(&mut b, &["SCRAM-SHA-256"]);
+        assert_eq!(&b[9..], b"SCRAM-SHA-256\0\0");
+    }
+}

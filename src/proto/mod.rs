@@ -1,0 +1,101 @@
+//! PostgreSQL wire protocol, version 3: framing, the startup packet, and builders for what the broker sends.
+//!
+//! Nothing here touches sockets, config or pools; it is pure and fuzzed.
+
+pub mod build;
+pub mod frame;
+pub mod startup;
+
+/// Largest untagged startup-phase packet accepted (PostgreSQL itself allows 10 000 bytes).
+pub const MAX_STARTUP_LEN: usize = 10_000;
+
+/// Frontend (client → server) message tags the broker looks at.
+pub mod tag {
+    /// Simple query.
+    pub const QUERY: u8 = b'Q';
+    /// Extended protocol: Parse.
+    pub const PARSE: u8 = b'P';
+    /// Extended protocol: Bind.
+    pub const BIND: u8 = b'B';
+    /// Extended protocol: Describe.
+    pub const DESCRIBE: u8 = b'D';
+    /// Extended protocol: Execute.
+    pub const EXECUTE: u8 = b'E';
+    /// Extended protocol: Close.
+    pub const CLOSE: u8 = b'C';
+    /// Extended protocol: Sync.
+    pub const SYNC: u8 = b'S';
+    /// Extended protocol: Flush.
+    pub const FLUSH: u8 = b'H';
+    /// Fast-path function call.
+    pub const FUNCTION_CALL: u8 = b'F';
+    /// COPY data (both directions).
+    pub const COPY_DATA: u8 = b'd';
+    /// COPY done (both directions).
+    pub const COPY_DONE: u8 = b'c';
+    /// COPY failed (frontend).
+    pub const COPY_FAIL: u8 = b'f';
+    /// Terminate.
+    pub const TERMINATE: u8 = b'X';
+    /// Password / SASL responses during authentication.
+    pub const PASSWORD: u8 = b'p';
+
+    /// Backend: ReadyForQuery.
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    /// Backend: ParameterStatus.
+    pub const PARAMETER_STATUS: u8 = b'S';
+    /// Backend: ErrorResponse.
+    pub const ERROR_RESPONSE: u8 = b'E';
+    /// Backend: NoticeResponse.
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    /// Backend: NotificationResponse.
+    pub const NOTIFICATION: u8 = b'A';
+    /// Backend: Authentication*.
+    pub const AUTHENTICATION: u8 = b'R';
+    /// Backend: BackendKeyData.
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+}
+
+/// Transaction status byte carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnStatus {
+    /// 'I': not in a transaction block.
+    Idle,
+    /// 'T': in a transaction block.
+    InTransaction,
+    /// 'E': in a failed transaction block.
+    Failed,
+}
+
+impl TxnStatus {
+    /// Decodes the status byte; unknown bytes are treated as "in a transaction", the safe side.
+    pub fn from_byte(b: u8) -> TxnStatus {
+        match b {
+            b'I' => TxnStatus::Idle,
+            b'E' => TxnStatus::Failed,
+            _ => TxnStatus::InTransaction,
+        }
+    }
+
+    /// The status byte.
+    pub fn as_byte(self) -> u8 {
+        match self {
+            TxnStatus::Idle => b'I',
+            TxnStatus::InTransaction => b'T',
+            TxnStatus::Failed => b'E',
+        }
+    }
+}
+
+/// Splits a NUL-terminated string off the front of `buf`, returning it and the rest.
+pub fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = buf.iter().position(|&b| b == 0)?;
+    let (s, rest) = buf.split_at(nul);
+    Some((s, rest.get(1..)?))
+}
+
+/// Reads a big-endian i32 from the front of `buf`.
+pub fn read_i32(buf: &[u8]) -> Option<i32> {
+    let bytes: [u8; 4] = buf.get(..4)?.try_into().ok()?;
+    Some(i32::from_be_bytes(bytes))
+}

@@ -1,0 +1,421 @@
+//! One upstream PostgreSQL connection: connect over TCP or a Unix socket, log in, run the
+//! broker's own small queries (reset, parameter setup). Clients' bytes never pass through here;
+//! the session relays them on `stream` directly.
+
+pub mod stream;
+
+use crate::error::SqlState;
+use crate::proto::TxnStatus;
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::backend::{Header, Message};
+use postgres_protocol::message::frontend;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+pub use stream::Stream;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+
+/// Largest message accepted from a server during login and the broker's own queries.
+const MAX_SERVER_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Where and as whom to connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host name, IP address, or Unix socket directory (starts with `/`).
+    pub host: String,
+    /// Port; for Unix sockets it names the socket file.
+    pub port: u16,
+    /// Database on the server.
+    pub dbname: String,
+    /// Login user.
+    pub user: String,
+    /// Login password, if the server asks for one.
+    pub password: Option<String>,
+    /// TCP keepalive on the socket.
+    pub keepalive: bool,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}/{}", self.user, self.addr(), self.dbname)
+    }
+}
+
+impl Target {
+    /// `host:port`, or the socket path for Unix sockets; used in logs and cancel requests.
+    pub fn addr(&self) -> String {
+        if self.is_unix() {
+            format!("{}/.s.PGSQL.{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    fn is_unix(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// Opens a bare socket to the server (also used to send CancelRequest).
+    pub async fn open(&self) -> Result<Stream, ServerError> {
+        let connect = |source| ServerError::Connect {
+            addr: self.addr(),
+            source,
+        };
+        if self.is_unix() {
+            Ok(Stream::Unix(
+                UnixStream::connect(self.addr()).await.map_err(connect)?,
+            ))
+        } else {
+            let s = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(connect)?;
+            crate::net::tune(&s, self.keepalive);
+            Ok(Stream::Tcp(s))
+        }
+    }
+}
+
+/// Why a server connection failed or must be dropped.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The socket could not be opened.
+    #[error("cannot connect to server {addr}")]
+    Connect {
+        /// Server address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting and logging in took longer than `server_connect_timeout`.
+    #[error("timed out connecting to server {addr} after {after:?}")]
+    Timeout {
+        /// Server address.
+        addr: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// The server refused the login or a broker query with an ErrorResponse.
+    #[error("server error {code:?}: {message}")]
+    Refused {
+        /// SQLSTATE from the server.
+        code: SqlState,
+        /// The server's message.
+        message: String,
+    },
+    /// The server asked for a password the broker does not have.
+    #[error("server asks for a password for user {user:?} but none is configured")]
+    NoPassword {
+        /// Login user.
+        user: String,
+    },
+    /// An authentication method the broker cannot answer.
+    #[error("server requested an unsupported authentication method ({0})")]
+    UnsupportedAuth(&'static str),
+    /// The server sent something unexpected.
+    #[error("protocol error from server: {0}")]
+    Protocol(String),
+    /// The socket failed.
+    #[error("server connection failed")]
+    Io(#[from] io::Error),
+    /// The server closed the connection.
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+}
+
+impl ServerError {
+    /// The SQLSTATE a client sees for this failure.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            ServerError::Refused { code, .. } => *code,
+            ServerError::Connect { .. } | ServerError::Timeout { .. } => SqlState::CANNOT_CONNECT,
+            ServerError::NoPassword { .. } | ServerError::UnsupportedAuth(_) => {
+                SqlState::INVALID_AUTHORIZATION
+            }
+            ServerError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
+            ServerError::Io(_) | ServerError::Closed => SqlState::CONNECTION_FAILURE,
+        }
+    }
+}
+
+/// What the broker needs to cancel a query running on a server.
+#[derive(Debug)]
+pub struct CancelTarget {
+    /// The server's connection details.
+    pub target: Arc<Target>,
+    /// BackendKeyData process id.
+    pub pid: i32,
+    /// BackendKeyData secret.
+    pub secret: i32,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// The socket; sessions relay client traffic on it directly.
+    pub stream: Stream,
+    /// Broker-wide id, for logs.
+    pub id: u64,
+    /// ParameterStatus values the server reported, in arrival order.
+    pub params: Vec<(String, String)>,
+    /// Key for cancelling this server's running query.
+    pub cancel: Arc<CancelTarget>,
+    /// Transaction status at the last ReadyForQuery.
+    pub status: TxnStatus,
+    /// When the connection was opened.
+    pub created: Instant,
+}
+
+/// A server's reply to one of the broker's own queries that failed.
+#[derive(Debug, Clone)]
+pub struct QueryError {
+    /// SQLSTATE.
+    pub code: SqlState,
+    /// Message.
+    pub message: String,
+}
+
+impl ServerConn {
+    /// Connects and logs in, bounded by `timeout` in total.
+    pub async fn connect(
+        target: Arc<Target>,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::Timeout {
+                addr: target.addr(),
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn connect_inner(target: Arc<Target>) -> Result<ServerConn, ServerError> {
+        let mut stream = target.open().await?;
+        let mut out = BytesMut::with_capacity(256);
+        frontend::startup_message(
+            [
+                ("user", target.user.as_str()),
+                ("database", target.dbname.as_str()),
+            ],
+            &mut out,
+        )?;
+        stream.write_all(&out).await?;
+        let mut rbuf = BytesMut::with_capacity(1024);
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = Vec::new();
+        let mut key = None;
+        loop {
+            out.clear();
+            match read_message(&mut stream, &mut rbuf).await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password(&target)?.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(
+                        target.user.as_bytes(),
+                        password(&target)?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = mechanisms.next()? {
+                        found |= m == SCRAM_SHA_256;
+                    }
+                    if !found {
+                        return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
+                    }
+                    let s = ScramSha256::new(
+                        password(&target)?.as_bytes(),
+                        ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| protocol("SASL continue before start"))?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| protocol("SASL final before start"))?;
+                    s.finish(body.data())?;
+                }
+                Message::AuthenticationGss
+                | Message::AuthenticationGssContinue(_)
+                | Message::AuthenticationSspi => {
+                    return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"));
+                }
+                Message::AuthenticationKerberosV5 | Message::AuthenticationScmCredential => {
+                    return Err(ServerError::UnsupportedAuth(
+                        "Kerberos V5 / SCM credentials",
+                    ));
+                }
+                Message::ParameterStatus(body) => {
+                    set_param(&mut params, body.name()?, body.value()?);
+                }
+                Message::BackendKeyData(body) => key = Some((body.process_id(), body.secret_key())),
+                Message::ErrorResponse(body) => {
+                    let QueryError { code, message } = error_fields(&body);
+                    return Err(ServerError::Refused { code, message });
+                }
+                Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => break,
+                _ => return Err(protocol("unexpected message during login")),
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+            }
+        }
+        let (pid, secret) = key.unwrap_or((0, 0));
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(server = id, addr = %target.addr(), pid, "server connected");
+        Ok(ServerConn {
+            stream,
+            id,
+            params,
+            cancel: Arc::new(CancelTarget {
+                target,
+                pid,
+                secret,
+            }),
+            status: TxnStatus::Idle,
+            created: Instant::now(),
+        })
+    }
+
+    /// Runs `sql` with the simple protocol and waits for ReadyForQuery, discarding rows and
+    /// recording ParameterStatus changes. The outer error means the connection is unusable.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Result<(), QueryError>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut rbuf = BytesMut::with_capacity(1024);
+        let mut first_error = None;
+        loop {
+            match read_message(&mut self.stream, &mut rbuf).await? {
+                Message::ErrorResponse(body) if first_error.is_none() => {
+                    first_error = Some(error_fields(&body));
+                }
+                Message::ParameterStatus(body) => {
+                    set_param(&mut self.params, body.name()?, body.value()?)
+                }
+                Message::ReadyForQuery(body) => {
+                    self.status = TxnStatus::from_byte(body.status());
+                    if !rbuf.is_empty() {
+                        return Err(protocol("data after ReadyForQuery"));
+                    }
+                    return Ok(first_error.map_or(Ok(()), Err));
+                }
+                Message::CopyInResponse(_) | Message::CopyOutResponse(_) => {
+                    return Err(protocol("COPY in a broker query"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Records a ParameterStatus the server sent while relaying.
+    pub fn observe_parameter_status(&mut self, body: &[u8]) {
+        if let Some((name, value)) = parse_parameter_status(body) {
+            set_param(&mut self.params, name, value);
+        }
+    }
+
+    /// True if the idle socket has nothing to read and is not closed. A server that spoke or
+    /// hung up while idle (admin kill, restart, idle_session_timeout) must not be handed out.
+    pub fn is_idle_healthy(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// The value of a reported parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits a ParameterStatus body (`name\0value\0`).
+pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
+    let (name, rest) = crate::proto::split_cstr(body)?;
+    let (value, _) = crate::proto::split_cstr(rest)?;
+    Some((
+        std::str::from_utf8(name).ok()?,
+        std::str::from_utf8(value).ok()?,
+    ))
+}
+
+fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => {
+            if v != value {
+                value.clone_into(v);
+            }
+        }
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
+
+fn password(target: &Target) -> Result<&str, ServerError> {
+    target
+        .password
+        .as_deref()
+        .ok_or_else(|| ServerError::NoPassword {
+            user: target.user.clone(),
+        })
+}
+
+fn protocol(what: &str) -> ServerError {
+    ServerError::Protocol(what.to_string())
+}
+
+fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -> QueryError {
+    let mut code = SqlState::SYSTEM_ERROR;
+    let mut message = String::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = SqlState::from_code(&String::from_utf8_lossy(f.value_bytes())),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    QueryError { code, message }
+}
+
+/// Reads one whole backend message, bounded in size.
+async fn read_message(stream: &mut Stream, buf: &mut BytesMut) -> Result<Message, ServerError> {
+    loop {
+        if let Some(h) = Header::parse(buf)? {
+            if h.len() as usize > MAX_SERVER_MESSAGE {
+                return Err(protocol("message over 64 MiB during a broker query"));
+            }
+        }
+        if let Some(m) = Message::parse(buf)? {
+            return Ok(m);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ServerError::Closed);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Login: startup packet exchange, authentication, then hand-off to the pool mode's loop.
+
+use super::io::ClientIo;
+use super::{SessionError, mode_session};
+use crate::app::App;
+use crate::auth;
+use crate::config::{Config, Database, PoolMode};
+use crate::error::SqlState;
+use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::proto::build;
+use crate::proto::startup::{Packet, Startup};
+use crate::server::Target;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+/// A client that passed authentication.
+pub(super) struct Login {
+    /// Its startup packet.
+    pub startup: Startup,
+    /// Client-facing database name.
+    pub database: String,
+    /// The database's settings.
+    pub db: Database,
+    /// Client user name.
+    pub user: String,
+    /// The client's plain password, if the auth file has one.
+    pub password: Option<String>,
+}
+
+/// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
+pub(super) async fn serve(
+    app: &Arc<App>,
+    io: &mut ClientIo<TcpStream>,
+) -> Result<(), SessionError> {
+    let cfg = app.config();
+    let limit = cfg.broker.client_login_timeout;
+    let login = match tokio::time::timeout(limit, handshake(app, &cfg, io)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(SessionError::fatal(
+                SqlState::PROTOCOL_VIOLATION,
+                format!("client_login_timeout: login not completed within {limit:?}"),
+            ));
+        }
+    };
+    let Some(login) = login else {
+        return Ok(());
+    };
+    let pool = pool_for(app, &cfg, &login);
+    tracing::debug!(user = %login.user, database = %login.database, "client logged in");
+    match login.db.pool_mode {
+        PoolMode::Session => mode_session::run(app, &cfg, io, login, pool).await,
+        mode => Err(SessionError::fatal(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            format!("pool_mode {} is not available yet", mode.as_str()),
+        )),
+    }
+}
+
+fn pool_for(app: &App, cfg: &Config, login: &Login) -> Arc<Pool> {
+    let server_user = login.db.user.clone().unwrap_or_else(|| login.user.clone());
+    let key = PoolKey {
+        database: login.database.clone(),
+        user: server_user.clone(),
+    };
+    app.pools.get_or_create(&key, || {
+        let db = &login.db;
+        let target = Target {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.dbname.clone(),
+            password: if db.user.is_some() {
+                db.password.clone()
+            } else {
+                login.password.clone()
+            },
+            user: server_user,
+            keepalive: cfg.broker.tcp_keepalive,
+        };
+        let settings = PoolSettings {
+            size: db.pool_size as usize,
+            connect_timeout: cfg.broker.server_connect_timeout,
+            reset_query: cfg.broker.server_reset_query.clone(),
+            reset_timeout: cfg.broker.server_reset_timeout,
+        };
+        Pool::new(key.clone(), target, settings)
+    })
+}
+
+/// Startup packets and authentication. `None` means the connection only carried a cancel.
+async fn handshake(
+    app: &App,
+    cfg: &Config,
+    io: &mut ClientIo<TcpStream>,
+) -> Result<Option<Login>, SessionError> {
+    let startup = loop {
+        match io.read_startup().await? {
+            Packet::SslRequest | Packet::GssEncRequest => {
+                // Bytes sent before our answer would be read as if they came after the
+                // (refused) encryption: refuse them, as PostgreSQL does (CVE-2021-23222).
+                if !io.rbuf.is_empty() {
+                    return Err(SessionError::fatal(
+                        SqlState::PROTOCOL_VIOLATION,
+                        "received unencrypted data after encryption request",
+                    ));
+                }
+                io.write_byte(b'N').await.map_err(SessionError::Io)?;
+            }
+            Packet::Cancel(key) => {
+                if let Some(key) = key {
+                    app.cancels.cancel(key).await;
+                }
+                return Ok(None);
+            }
+            Packet::Startup(s) => break s,
+        }
+    };
+    if startup.minor > 0 || !startup.protocol_options.is_empty() {
+        build::negotiate_protocol_version(&mut io.wbuf, 0, &startup.protocol_options);
+    }
+    let user = match startup.param("user") {
+        Some(u) if !u.is_empty() => u.to_string(),
+        _ => {
+            return Err(SessionError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            ));
+        }
+    };
+    if startup
+        .param("replication")
+        .is_some_and(|v| v != "false" && v != "0" && v != "off")
+    {
+        return Err(SessionError::fatal(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported by pgbroker",
+        ));
+    }
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let authenticated = auth::authenticate(io, &cfg.auth, &user).await?;
+    let Some(db) = cfg.databases.get(&database) else {
+        return Err(SessionError::fatal(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        ));
+    };
+    build::auth_ok(&mut io.wbuf);
+    Ok(Some(Login {
+        db: db.clone(),
+        database,
+        user,
+        password: authenticated.password,
+        startup,
+    }))
+}

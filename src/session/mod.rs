@@ -1,0 +1,114 @@
+//! A client session: the task that owns one client socket from startup to goodbye.
+//!
+//! Login (startup packet, authentication) happens here; then one loop per pool mode relays
+//! bytes between the client and a server checked out from its pool.
+
+pub mod io;
+mod login;
+mod mode_session;
+mod params;
+pub mod pipe;
+pub mod relay;
+
+use crate::app::App;
+use crate::error::{SqlState, is_disconnect};
+use crate::proto::build::{self, Severity};
+use bytes::BytesMut;
+use io::ClientIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+/// Why a session ended other than by the client saying goodbye.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// The client went away.
+    #[error("client disconnected")]
+    Disconnected,
+    /// The client socket failed.
+    #[error("client connection failed")]
+    Io(#[source] std::io::Error),
+    /// The session is refused or ended with this error, which the client is told.
+    #[error("{message}")]
+    Fatal {
+        /// SQLSTATE sent to the client.
+        code: SqlState,
+        /// Message sent to the client.
+        message: String,
+    },
+    /// The client broke message framing.
+    #[error("protocol violation")]
+    Frame(#[from] crate::proto::frame::FrameError),
+    /// The client sent a bad startup packet.
+    #[error("invalid startup packet")]
+    Startup(#[from] crate::proto::startup::StartupError),
+}
+
+impl SessionError {
+    /// A refusal the client is told about.
+    pub fn fatal(code: SqlState, message: impl Into<String>) -> SessionError {
+        SessionError::Fatal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// What the client is told, if anything can still reach it.
+    fn client_message(&self) -> Option<(SqlState, String)> {
+        match self {
+            SessionError::Disconnected | SessionError::Io(_) => None,
+            SessionError::Fatal { code, message } => Some((*code, message.clone())),
+            SessionError::Frame(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
+            SessionError::Startup(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
+        }
+    }
+
+    /// True for ordinary ends not worth more than a debug line.
+    fn is_quiet(&self) -> bool {
+        match self {
+            SessionError::Disconnected => true,
+            SessionError::Io(e) => is_disconnect(e),
+            _ => false,
+        }
+    }
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Serves one client until it leaves; every failure ends only this client.
+pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!("session", id, %peer);
+    async move {
+        let mut io = ClientIo::new(stream);
+        let result = login::serve(&app, &mut io).await;
+        if let Err(e) = result {
+            if e.is_quiet() {
+                tracing::debug!(reason = %e, "session ended");
+            } else {
+                tracing::info!(error = %e, source = ?std::error::Error::source(&e), "session ended with an error");
+            }
+            if let Some((code, message)) = e.client_message() {
+                send_fatal(&mut io, code, &message).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Tells the client why it is being disconnected, best effort.
+pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(
+    io: &mut ClientIo<S>,
+    code: SqlState,
+    message: &str,
+) {
+    let mut buf = BytesMut::new();
+    build::error_response(&mut buf, Severity::Fatal, code, message, None);
+    let _ = io.stream.write_all(&buf).await;
+    let _ = io.stream.shutdown().await;
+}

@@ -1,0 +1,252 @@
+//! One direction of the relay: a buffer of bytes read from one peer, the front of which has
+//! been scanned and approved for the other peer. Approved bytes are written out unchanged.
+
+use crate::proto::frame::{FrameError, HEADER_LEN, Scanner, Step};
+use bytes::{Buf, BytesMut};
+
+/// Bytes buffered per direction before reading pauses (unless one message needs more).
+const HIGH_WATER: usize = 64 * 1024;
+/// Smallest free space offered to a read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// What to do with a scanned message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Pass it on unchanged.
+    Forward,
+    /// Remove it from the stream (whole messages only).
+    Drop,
+    /// Stop scanning; the message and everything after it stay unapproved.
+    Stop,
+}
+
+/// Buffered bytes of one direction.
+pub struct Pipe {
+    buf: BytesMut,
+    /// Bytes at the front approved for writing.
+    ready: usize,
+    /// Bytes the scanner needs buffered to make progress.
+    need: usize,
+    scanner: Scanner,
+    /// Written bytes may sit in the writer's buffer until flushed.
+    pub(super) unflushed: bool,
+}
+
+impl Pipe {
+    /// An empty pipe accepting messages up to `max_len` bytes.
+    pub fn new(max_len: usize) -> Pipe {
+        Pipe {
+            buf: BytesMut::new(),
+            ready: 0,
+            need: 0,
+            scanner: Scanner::new(max_len),
+            unflushed: false,
+        }
+    }
+
+    /// Approved bytes waiting to be written.
+    #[inline]
+    pub fn ready(&self) -> &[u8] {
+        &self.buf[..self.ready]
+    }
+
+    /// Marks `n` approved bytes as written.
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+        self.ready -= n;
+        self.need = self.need.saturating_sub(n);
+    }
+
+    /// True when nothing is buffered at all, approved or not.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// True when bytes are buffered that were not approved yet (a partial message).
+    pub fn has_unscanned(&self) -> bool {
+        self.buf.len() > self.ready || self.scanner.in_message()
+    }
+
+    /// True when another read fits within the buffering limit.
+    #[inline]
+    pub fn wants_read(&self) -> bool {
+        self.buf.len() < HIGH_WATER.max(self.need)
+    }
+
+    /// The buffer to read into, with room reserved.
+    #[inline]
+    pub fn read_buf(&mut self) -> &mut BytesMut {
+        let want = READ_CHUNK.max(self.need.saturating_sub(self.buf.len()));
+        if self.buf.capacity() - self.buf.len() < want {
+            self.buf.reserve(want);
+        }
+        &mut self.buf
+    }
+
+    /// Scans the unapproved bytes, calling `on` with each message's tag and bytes (the whole
+    /// message, or only its header for a long message streamed through in pieces). Returns
+    /// true if `on` asked to stop.
+    #[inline]
+    pub fn scan(
+        &mut self,
+        whole: impl Fn(u8) -> bool,
+        mut on: impl FnMut(u8, &[u8]) -> Action,
+    ) -> Result<bool, FrameError> {
+        loop {
+            let rest = &self.buf[self.ready..];
+            match self.scanner.next(rest, &whole)? {
+                Step::Whole { tag, len } => match on(tag, &rest[..len]) {
+                    Action::Forward => self.ready += len,
+                    Action::Drop => self.cut(len),
+                    Action::Stop => return Ok(true),
+                },
+                Step::Start { tag, avail, .. } => {
+                    // Too long to hold: it can only be forwarded.
+                    let stop = on(tag, &rest[..HEADER_LEN]) == Action::Stop;
+                    self.ready += avail;
+                    if stop {
+                        return Ok(true);
+                    }
+                }
+                Step::Body(n) => self.ready += n,
+                Step::NeedMore { need } => {
+                    self.need = self.ready + need;
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// Removes `len` bytes right after the approved prefix.
+    fn cut(&mut self, len: usize) {
+        if self.ready == 0 {
+            self.buf.advance(len);
+        } else {
+            let at = self.ready;
+            self.buf.copy_within(at + len.., at);
+            self.buf.truncate(self.buf.len() - len);
+        }
+    }
+
+    /// Drops everything buffered.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.ready = 0;
+        self.need = 0;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn feed(p: &mut Pipe, bytes: &[u8]) {
+        p.read_buf().extend_from_slice(bytes);
+    }
+
+    #[test]
+    fn whole_messages_are_approved_and_partial_ones_wait() {
+        let mut p = Pipe::new(1 << 20);
+        let q = msg(b'Q', b"select 1\0");
+        feed(&mut p, &q);
+        feed(&mut p, &q[..3]);
+        let mut seen = vec![];
+        assert!(
+            !p.scan(
+                |_| false,
+                |t, _| {
+                    seen.push(t);
+                    Action::Forward
+                }
+            )
+            .unwrap()
+        );
+        assert_eq!(seen, vec![b'Q']);
+        assert_eq!(p.ready(), &q[..]);
+        assert!(p.has_unscanned());
+    }
+
+    #[test]
+    fn dropped_messages_disappear_from_the_output() {
+        let mut p = Pipe::new(1 << 20);
+        let (a, b, c) = (msg(b'1', b""), msg(b'S', b"x\0y\0"), msg(b'Z', b"I"));
+        for m in [&a, &b, &c] {
+            feed(&mut p, m);
+        }
+        p.scan(
+            |_| false,
+            |t, _| {
+                if t == b'S' {
+                    Action::Drop
+                } else {
+                    Action::Forward
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(p.ready(), [a, c].concat().as_slice());
+    }
+
+    #[test]
+    fn stop_leaves_the_message_unapproved() {
+        let mut p = Pipe::new(1 << 20);
+        let (q, x) = (msg(b'Q', b"select\0"), msg(b'X', b""));
+        feed(&mut p, &[q.clone(), x].concat());
+        assert!(
+            p.scan(
+                |_| false,
+                |t, _| if t == b'X' {
+                    Action::Stop
+                } else {
+                    Action::Forward
+                }
+            )
+            .unwrap()
+        );
+        assert_eq!(p.ready(), &q[..]);
+    }
+
+    #[test]
+    fn consumed_bytes_leave_the_buffer() {
+        let mut p = Pipe::new(1 << 20);
+        let q = msg(b'Q', b"select 1\0");
+        feed(&mut p, &q);
+        p.scan(|_| false, |_, _| Action::Forward).unwrap();
+        p.consume(4);
+        assert_eq!(p.ready(), &q[4..]);
+        p.consume(q.len() - 4);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn long_messages_stream_through_in_pieces() {
+        let mut p = Pipe::new(1 << 20);
+        let big = msg(b'd', &vec![1u8; 100_000]);
+        feed(&mut p, &big[..20_000]);
+        let mut tags = vec![];
+        p.scan(
+            |_| false,
+            |t, m| {
+                tags.push((t, m.len()));
+                Action::Forward
+            },
+        )
+        .unwrap();
+        assert_eq!(tags, vec![(b'd', HEADER_LEN)]);
+        assert_eq!(p.ready().len(), 20_000);
+        p.consume(20_000);
+        feed(&mut p, &big[20_000..]);
+        p.scan(|_| false, |_, _| Action::Forward).unwrap();
+        assert_eq!(p.ready().len(), big.len() - 20_000);
+        assert!(!p.has_unscanned());
+    }
+}

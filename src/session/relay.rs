@@ -1,0 +1,126 @@
+//! The full-duplex relay between a client and its server, driven by one task: writes what each
+//! pipe approved, reads more while under the buffering limit, and returns to the session
+//! whenever new bytes need scanning. Neither direction can block the other.
+
+use super::pipe::Pipe;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::poll_read_buf;
+
+/// What the relay stopped for. Several may be true at once.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Events {
+    /// New bytes from the client are in the upstream pipe.
+    pub client_data: bool,
+    /// New bytes from the server are in the downstream pipe.
+    pub server_data: bool,
+    /// The client closed its side.
+    pub client_closed: bool,
+    /// The server closed its side.
+    pub server_closed: bool,
+}
+
+impl Events {
+    fn any(&self) -> bool {
+        self.client_data || self.server_data || self.client_closed || self.server_closed
+    }
+}
+
+/// A socket failure on one side.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Writing to or reading from the client failed.
+    #[error("client connection failed")]
+    Client(#[source] io::Error),
+    /// Writing to or reading from the server failed.
+    #[error("server connection failed")]
+    Server(#[source] io::Error),
+}
+
+/// Writes `pipe`'s approved bytes to `w` until done or `w` is not ready; true if it wrote any.
+fn poll_drain<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    pipe: &mut Pipe,
+) -> Poll<io::Result<bool>> {
+    let mut wrote = false;
+    while !pipe.ready().is_empty() {
+        match Pin::new(&mut *w).poll_write(cx, pipe.ready()) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                pipe.consume(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Ready(Ok(wrote)),
+        }
+    }
+    if wrote || pipe.unflushed {
+        // A no-op for TCP; TLS streams buffer and need it.
+        pipe.unflushed = true;
+        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+        pipe.unflushed = false;
+    }
+    Poll::Ready(Ok(wrote))
+}
+
+/// Reads into `pipe` if it has room; returns (got data, closed).
+fn poll_fill<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    r: &mut R,
+    pipe: &mut Pipe,
+) -> io::Result<(bool, bool)> {
+    if !pipe.wants_read() {
+        return Ok((false, false));
+    }
+    match poll_read_buf(Pin::new(r), cx, pipe.read_buf()) {
+        Poll::Ready(Ok(0)) => Ok((false, true)),
+        Poll::Ready(Ok(_)) => Ok((true, false)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok((false, false)),
+    }
+}
+
+/// Moves bytes until something needs the session's attention. With no server attached only
+/// the client side is served.
+///
+/// # Cancel safety
+/// All state lives in the pipes; dropping the future loses nothing.
+pub fn poll_relay<C, S>(
+    cx: &mut Context<'_>,
+    client: &mut C,
+    server: Option<&mut S>,
+    up: &mut Pipe,
+    down: &mut Pipe,
+) -> Poll<Result<Events, RelayError>>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut server = server;
+    loop {
+        let mut progressed = match poll_drain(cx, client, down) {
+            Poll::Ready(r) => r.map_err(RelayError::Client)?,
+            Poll::Pending => false,
+        };
+        let mut ev = Events::default();
+        if let Some(s) = server.as_deref_mut() {
+            progressed |= match poll_drain(cx, s, up) {
+                Poll::Ready(r) => r.map_err(RelayError::Server)?,
+                Poll::Pending => false,
+            };
+            (ev.server_data, ev.server_closed) =
+                poll_fill(cx, s, down).map_err(RelayError::Server)?;
+        }
+        (ev.client_data, ev.client_closed) =
+            poll_fill(cx, client, up).map_err(RelayError::Client)?;
+        if ev.any() {
+            return Poll::Ready(Ok(ev));
+        }
+        if !progressed {
+            return Poll::Pending;
+        }
+    }
+}

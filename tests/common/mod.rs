@@ -1,0 +1,206 @@
+//! Test harness: one throwaway PostgreSQL per test binary, and brokers started in-process.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use pgbroker::app::Broker;
+use pgbroker::cluster::{Cluster, ClusterOptions};
+use pgbroker::config::Config;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::{Client, NoTls};
+
+/// Stored md5 secret for user `md5user`, password `md5secret`: "md5" + md5("md5secret" + "md5user").
+pub const MD5USER_SECRET: &str = "md51df59ed3db2d942a46e855424bbafc45";
+
+/// The shared cluster: database `bench`, plus roles that need each server auth method.
+pub fn pg() -> &'static Cluster {
+    static PG: OnceLock<Cluster> = OnceLock::new();
+    PG.get_or_init(|| {
+        let opts = ClusterOptions {
+            hba: vec![
+                "host all u_trust 127.0.0.1/32 trust".into(),
+                "host all u_clear 127.0.0.1/32 password".into(),
+                "host all u_md5 127.0.0.1/32 md5".into(),
+            ],
+            ..ClusterOptions::default()
+        };
+        let c = Cluster::start(opts).expect("start PostgreSQL");
+        c.psql("postgres", "CREATE DATABASE bench")
+            .expect("create database");
+        c.psql(
+            "postgres",
+            "CREATE ROLE u_trust LOGIN;
+             CREATE ROLE u_clear LOGIN PASSWORD 'clearpw';
+             CREATE ROLE u_scram LOGIN PASSWORD 'scrampw';
+             CREATE ROLE app LOGIN PASSWORD 'apppw';
+             SET password_encryption = 'md5';
+             CREATE ROLE u_md5 LOGIN PASSWORD 'md5pw';
+             GRANT ALL ON DATABASE bench TO app;",
+        )
+        .expect("set up roles");
+        c
+    })
+}
+
+/// The auth file tests use: plain, md5 and SCRAM secrets.
+pub fn userlist() -> String {
+    let scram = postgres_protocol::password::scram_sha_256(b"scramsecret");
+    format!(
+        "\"postgres\" \"postgres\"\n\"app\" \"apppw\"\n\"md5user\" \"{MD5USER_SECRET}\"\n\"scramuser\" \"{scram}\"\n"
+    )
+}
+
+/// A config for the shared cluster: listen on a free port, SCRAM auth, and databases
+/// `bench` (server login postgres), `appdb` (the client's own login) and `viasocket`
+/// (Unix socket). `extra` is appended (more `[databases.*]` sections).
+pub fn config_with(auth_type: &str, extra: &str) -> Config {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::write(dir.join("userlist.txt"), userlist()).unwrap();
+    let text = format!(
+        r#"
+[broker]
+listen = "127.0.0.1:0"
+query_wait_timeout = "5s"
+client_login_timeout = "3s"
+
+[auth]
+type = "{auth_type}"
+file = "userlist.txt"
+
+[databases.bench]
+host = "127.0.0.1"
+port = {port}
+user = "postgres"
+password = "postgres"
+pool_size = 4
+
+[databases.appdb]
+host = "127.0.0.1"
+port = {port}
+dbname = "bench"
+pool_size = 4
+
+[databases.viasocket]
+host = "{socket}"
+port = {port}
+dbname = "bench"
+user = "postgres"
+pool_size = 2
+{extra}
+"#,
+        port = pg.port(),
+        socket = pg.socket_dir().display(),
+    );
+    Config::parse(&text, Some(&dir.join("pgbroker.toml")), &|_| None).unwrap()
+}
+
+/// The default test config.
+pub fn config() -> Config {
+    config_with("scram-sha-256", "")
+}
+
+/// Starts a broker with `config`.
+pub async fn broker(config: Config) -> Broker {
+    Broker::start(config).await.unwrap()
+}
+
+/// A libpq-style connection string through the broker.
+pub fn conninfo(addr: SocketAddr, user: &str, password: &str, db: &str) -> String {
+    format!(
+        "host={} port={} user={user} password={password} dbname={db} connect_timeout=10",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Connects with tokio-postgres; the connection task runs in the background.
+pub async fn connect(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&conninfo(addr, user, password, db), NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Connects as postgres to `bench` through the broker.
+pub async fn connect_bench(addr: SocketAddr) -> Client {
+    connect(addr, "postgres", "postgres", "bench")
+        .await
+        .unwrap()
+}
+
+/// The SQLSTATE of a failed tokio-postgres call.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no code: {e}"))
+}
+
+/// A raw TCP connection to the broker for byte-level tests.
+pub async fn raw(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.unwrap()
+}
+
+/// A StartupMessage for `user`/`database` with extra parameters.
+pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (3i32 << 16).to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+/// Reads everything until the peer closes or `limit` passes; returns the bytes.
+pub async fn read_until_close(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// The SQLSTATE (C field) of the first ErrorResponse in `bytes`, if any.
+pub fn error_code(bytes: &[u8]) -> Option<String> {
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let end = (1 + len).min(rest.len());
+        if rest[0] == b'E' {
+            let body = &rest[5..end];
+            for field in body.split(|&b| b == 0) {
+                if let Some(code) = field.strip_prefix(b"C") {
+                    return Some(String::from_utf8_lossy(code).into_owned());
+                }
+            }
+        }
+        rest = &rest[end..];
+    }
+    None
+}
+
+/// Sends bytes and closes the write side.
+pub async fn send(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.unwrap();
+}
