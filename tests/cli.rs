@@ -1,0 +1,121 @@
+//! The `pgbroker` command line: `check` and `demo` as an operator runs them.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
+
+#[test]
+fn check_prints_effective_settings_of_the_reference_config() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pgbroker.toml");
+    let out = Command::new(BIN)
+        .args(["check", "--config", conf])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:6432\""), "{text}");
+    assert!(text.contains("[databases.bench]"), "{text}");
+    assert!(
+        text.contains("<redacted>") && !text.contains("password = \"postgres\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_rejects_a_bad_file_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[broker]\nmax_client_conn = \"lots\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("max_client_conn"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/pgbroker.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pgbroker.toml"));
+}
+
+#[test]
+fn demo_serves_psql_with_scram_and_cleans_up_on_ctrl_c() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let url = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap();
+        if let Some(u) = line.trim().strip_prefix("DATABASE_URL=") {
+            break u.to_string();
+        }
+    };
+    // The reference config's auth.type is scram-sha-256: the broker offers only SASL, so this
+    // login is a SCRAM exchange between libpq and the broker.
+    let out = Command::new("psql")
+        .arg(&url)
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT current_user || '@' || current_database()",
+        ])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "postgres@bench"
+    );
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "demo exits cleanly: {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
