@@ -1,16 +1,21 @@
 //! Wiring: shared state, the client listener and its accept loop, and process signals.
 
+use crate::budget::{self, BudgetError, Derivation};
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
+use crate::config::{Config, Database};
 use crate::error::SqlState;
-use crate::pool::Pools;
+use crate::pool::{Limit, Pool, PoolKey, PoolSettings, Pools};
 use crate::proto::build::{self, Severity};
+use crate::server::Target;
 use crate::session;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
+use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -27,6 +32,27 @@ pub struct App {
     /// Cancelled when the broker stops.
     pub shutdown: CancellationToken,
     client_slots: Arc<Semaphore>,
+    /// Per-server budgets and how each was derived.
+    pub budgets: BTreeMap<String, (Derivation, Arc<Limit>)>,
+    /// `max_db_connections` and `max_user_connections` limits, created on first use.
+    shared_limits: Mutex<HashMap<String, Arc<Limit>>>,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The client listener could not be bound.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No server connection budget could be derived.
+    #[error("cannot derive the server connection budget")]
+    Budget(#[source] BudgetError),
 }
 
 impl App {
@@ -39,6 +65,67 @@ impl App {
     pub fn client_count(&self) -> usize {
         self.config().broker.max_client_conn - self.client_slots.available_permits()
     }
+
+    /// The pool for a client of `database` whose server login is `server_user`, created on
+    /// first use with its share of the budget and the shared limits.
+    pub fn pool(
+        &self,
+        cfg: &Config,
+        database: &str,
+        db: &Database,
+        server_user: &str,
+        password: Option<String>,
+    ) -> Arc<Pool> {
+        let key = PoolKey { database: database.to_string(), user: server_user.to_string() };
+        self.pools.get_or_create(&key, || {
+            let server = budget::server_of(db);
+            let mut limits = Vec::new();
+            let mut split = usize::MAX;
+            if let Some((d, limit)) = self.budgets.get(&server) {
+                limits.push(limit.clone());
+                let dbs_here = cfg.databases.values().filter(|x| budget::server_of(x) == server).count();
+                split = (d.budget as usize / dbs_here.max(1)).max(1);
+            }
+            let b = &cfg.broker;
+            if db.max_db_connections > 0 {
+                limits.push(self.shared_limit(format!("max_db_connections {database}"), db.max_db_connections));
+            }
+            if b.max_user_connections > 0 {
+                limits.push(self.shared_limit(format!("max_user_connections {server_user}"), b.max_user_connections));
+            }
+            let size = db.pool_size.or(b.default_pool_size).map_or(split, |n| n as usize);
+            let target = Target {
+                host: db.host.clone(),
+                port: db.port,
+                dbname: db.dbname.clone(),
+                user: server_user.to_string(),
+                password,
+                keepalive: b.tcp_keepalive,
+            };
+            let settings = PoolSettings {
+                size,
+                min_size: db.min_pool_size as usize,
+                reserve_size: db.reserve_pool_size as usize,
+                reserve_timeout: b.reserve_pool_timeout,
+                connect_timeout: b.server_connect_timeout,
+                reset_query: b.server_reset_query.clone(),
+                reset_timeout: b.server_reset_timeout,
+                lifetime: b.server_lifetime,
+                idle_timeout: b.server_idle_timeout,
+                max_uses: b.server_max_uses,
+                login_retry: b.server_login_retry,
+                check_query: b.server_check_query.clone(),
+                check_delay: b.server_check_delay,
+            };
+            tracing::debug!(pool = %key, size, "creating pool");
+            Pool::new(key.clone(), target, settings, limits)
+        })
+    }
+
+    fn shared_limit(&self, name: String, cap: u32) -> Arc<Limit> {
+        let mut map = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap as usize)).clone()
+    }
 }
 
 /// A running broker: its listener task and sessions.
@@ -49,11 +136,25 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Binds `broker.listen` (port 0 picks a free port) and starts accepting clients.
-    pub async fn start(config: Config) -> std::io::Result<Broker> {
-        let listener = TcpListener::bind(config.broker.listen).await?;
-        let addr = listener.local_addr()?;
+    /// Derives the budgets (reading servers for `auto`), binds `broker.listen` (port 0
+    /// picks a free port) and starts accepting clients.
+    pub async fn start(config: Config) -> Result<Broker, StartError> {
+        let derivations = budget::derive_all(&config).await.map_err(StartError::Budget)?;
+        let budgets = derivations
+            .into_iter()
+            .map(|(server, d)| {
+                tracing::info!("{d}");
+                let limit = Limit::new(format!("budget {server}"), d.budget as usize);
+                (server, (d, limit))
+            })
+            .collect();
+        let listen = config.broker.listen;
+        let bind_err = |source| StartError::Listen { addr: listen, source };
+        let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
         let app = Arc::new(App {
+            budgets,
+            shared_limits: Mutex::new(HashMap::new()),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),

@@ -59,39 +59,22 @@ impl CancelRegistry {
         let mut keys = self.lock();
         let key = loop {
             // The pid only needs to be distinct; the random secret is what protects the key.
-            let pid = self
-                .next_pid
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1)
-                & i32::MAX;
-            let key = CancelKey {
-                pid,
-                secret: rand::random(),
-            };
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & i32::MAX;
+            let key = CancelKey { pid, secret: rand::random() };
             if !keys.contains_key(&key) {
                 break key;
             }
         };
         keys.insert(key, slot.clone());
-        Registration {
-            key,
-            slot,
-            registry: self.clone(),
-        }
+        Registration { key, slot, registry: self.clone() }
     }
 
     /// Forwards a client's CancelRequest to the server running its query. Unknown keys and
     /// idle clients are ignored silently, as PostgreSQL does.
     pub async fn cancel(&self, key: CancelKey) {
-        let target = self
-            .lock()
-            .get(&key)
-            .and_then(|slot| slot.current.load_full());
+        let target = self.lock().get(&key).and_then(|slot| slot.current.load_full());
         let Some(target) = target else {
-            tracing::debug!(
-                pid = key.pid,
-                "cancel request for an unknown or idle client ignored"
-            );
+            tracing::debug!(pid = key.pid, "cancel request for an unknown or idle client ignored");
             return;
         };
         match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(&target)).await {

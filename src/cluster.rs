@@ -227,9 +227,7 @@ kill -0 {owner} 2>/dev/null || rm -rf "$D"
                 let why = format!("postgres exited with status {}", status.trim());
                 return Err(ClusterError::Start(why, log));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && run(&isready).is_ok()
-            {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() && run(&isready).is_ok() {
                 tracing::debug!(port = self.port, dir = ?self.dir, "postgres is ready");
                 return Ok(());
             }
@@ -445,12 +443,7 @@ mod tests {
         let c = tokio::task::spawn_blocking(shared).await.unwrap();
         let (port, sock) = (c.port(), c.socket_dir().display());
         let tcp = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-        assert_eq!(
-            select_one(&format!("{tcp} password=postgres"))
-                .await
-                .unwrap(),
-            1
-        );
+        assert_eq!(select_one(&format!("{tcp} password=postgres")).await.unwrap(), 1);
         assert!(select_one(&format!("{tcp} password=wrong")).await.is_err());
         assert_eq!(select_one(&c.url("postgres")).await.unwrap(), 1);
         let unix = format!("host={sock} port={port} user=postgres dbname=postgres");
@@ -482,10 +475,7 @@ mod tests {
     #[test]
     fn two_clusters_get_different_ports() {
         let a = Cluster::start(ClusterOptions::default()).unwrap();
-        let opts = ClusterOptions {
-            max_connections: 20,
-            ..Default::default()
-        };
+        let opts = ClusterOptions { max_connections: 20, ..Default::default() };
         let b = Cluster::start(opts).unwrap();
         assert_ne!(a.port(), b.port());
         assert_eq!(a.psql("postgres", "SHOW max_connections").unwrap(), "100");
@@ -496,10 +486,7 @@ mod tests {
     fn taken_port_is_reported_with_log() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = Some(held.local_addr().unwrap().port());
-        let opts = ClusterOptions {
-            port,
-            ..Default::default()
-        };
+        let opts = ClusterOptions { port, ..Default::default() };
         let err = Cluster::start(opts).unwrap_err();
         assert!(matches!(&err, ClusterError::PortInUse(..)), "{err}");
         assert!(err.to_string().contains("could not bind"), "{err}");
@@ -521,9 +508,7 @@ mod tests {
     fn watchdog_cleans_up_after_owner_dies() {
         let test = module_path!().split_once("::").unwrap().1.to_owned() + "::watchdog_child";
         let mut child = Command::new(std::env::current_exe().unwrap());
-        child
-            .args(["--exact", &test, "--nocapture"])
-            .env(CHILD_ENV, "1");
+        child.args(["--exact", &test, "--nocapture"]).env(CHILD_ENV, "1");
         let out = child.stderr(Stdio::inherit()).output().unwrap(); // hangs if pipes leak
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout.lines().find_map(|l| l.strip_prefix("PGB_DIR="));

@@ -18,31 +18,19 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     cluster.psql("postgres", "CREATE DATABASE bench")?;
 
     let dir = tempfile::Builder::new().prefix("pgbroker-demo").tempdir()?;
-    std::fs::write(
-        dir.path().join("userlist.txt"),
-        "\"postgres\" \"postgres\"\n",
-    )?;
-    let mut config = Config::parse(
-        REFERENCE_CONFIG,
-        Some(&dir.path().join("pgbroker.toml")),
-        &|_| None,
-    )?;
+    std::fs::write(dir.path().join("userlist.txt"), "\"postgres\" \"postgres\"\n")?;
+    let mut config = Config::parse(REFERENCE_CONFIG, Some(&dir.path().join("pgbroker.toml")), &|_| None)?;
     config.broker.listen = listen;
     for db in config.databases.values_mut() {
         db.host = cluster.host().to_string();
         db.port = cluster.port();
     }
     let broker = Broker::start(config).await.with_context(|| {
-        format!(
-            "cannot listen on {listen} (is something else using it? try --listen 127.0.0.1:6543)"
-        )
+        format!("cannot listen on {listen} (is something else using it? try --listen 127.0.0.1:6543)")
     })?;
     let addr = broker.local_addr();
     println!();
-    println!(
-        "pgbroker is listening on {addr}, in front of PostgreSQL on port {}.",
-        cluster.port()
-    );
+    println!("pgbroker is listening on {addr}, in front of PostgreSQL on port {}.", cluster.port());
     println!();
     println!("  DATABASE_URL=postgres://postgres:postgres@{addr}/bench");
     println!("  psql \"postgres://postgres:postgres@{addr}/bench\"");

@@ -64,10 +64,7 @@ pub enum Side {
 /// Whether an I/O error is an ordinary disconnect rather than a failure worth a warning.
 pub fn is_disconnect(err: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        err.kind(),
-        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected
-    )
+    matches!(err.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected)
 }
 
 /// An error and its causes on one line ("a: b: c"), for messages sent to clients and logs.

@@ -8,7 +8,9 @@
 //! - [`config`]: the TOML file, validated into typed settings.
 //! - [`auth`]: client authentication against the auth file (trust, md5, SCRAM-SHA-256).
 //! - [`server`]: one upstream connection: connect, log in, the broker's own queries.
-//! - [`pool`]: servers per (database, user), checkout with FIFO waiting, RAII return.
+//! - [`pool`]: servers per (database, user), checkout with FIFO waiting, RAII return,
+//!   shared limits (the budget).
+//! - [`budget`]: the per-instance server connection budget and its derivation.
 //! - [`session`]: the task serving one client: login, then the relay loop of its pool mode.
 //! - [`cancel`]: client cancel keys mapped to the server running their query.
 //! - [`app`]: wiring, accept loop and signals.
@@ -16,6 +18,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cancel;
 pub mod cluster;
 pub mod config;

@@ -10,12 +10,7 @@ use std::path::PathBuf;
 #[command(version, about)]
 struct Cli {
     /// Config file.
-    #[arg(
-        long,
-        short = 'c',
-        global = true,
-        default_value = "/etc/pgbroker/pgbroker.toml"
-    )]
+    #[arg(long, short = 'c', global = true, default_value = "/etc/pgbroker/pgbroker.toml")]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -49,6 +44,12 @@ fn main() -> anyhow::Result<()> {
         Command::Check => {
             let config = Config::load(&cli.config)?;
             print!("{}", config.describe());
+            // The budget is part of the effective settings; with "auto" this reads the server.
+            let budgets = runtime()?.block_on(pgbroker::budget::derive_all(&config))?;
+            println!();
+            for d in budgets.values() {
+                println!("# {d}");
+            }
             eprintln!("{}: OK", cli.config.display());
             Ok(())
         }
@@ -61,8 +62,5 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }

@@ -15,9 +15,7 @@ pub fn tune(stream: &TcpStream, keepalive: bool) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
     if keepalive {
-        let ka = TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL);
+        let ka = TcpKeepalive::new().with_time(KEEPALIVE_IDLE).with_interval(KEEPALIVE_INTERVAL);
         if let Err(e) = SockRef::from(stream).set_tcp_keepalive(&ka) {
             tracing::debug!(error = %e, "cannot set TCP keepalive");
         }

@@ -17,18 +17,11 @@ async fn other_client_still_works(addr: std::net::SocketAddr) {
 async fn logged_in(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     use tokio::io::AsyncReadExt;
     let mut s = raw(addr).await;
-    send(
-        &mut s,
-        &startup_packet(&[("user", "postgres"), ("database", "bench")]),
-    )
-    .await;
+    send(&mut s, &startup_packet(&[("user", "postgres"), ("database", "bench")])).await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
@@ -107,7 +100,7 @@ async fn message_over_max_packet_size_gets_08p01() {
 #[tokio::test]
 async fn truncated_message_then_disconnect_closes_the_dirty_server() {
     let mut cfg = config_with("trust", "");
-    cfg.databases.get_mut("bench").unwrap().pool_size = 1;
+    cfg.databases.get_mut("bench").unwrap().pool_size = Some(1);
     let b = broker(cfg).await;
     let mut s = logged_in(b.local_addr()).await;
     // Half a Query: the server never saw a whole message, but the broker must not trust it.

@@ -11,10 +11,7 @@ use tokio_postgres::SimpleQueryMessage;
 async fn simple_protocol_multi_statement_query_returns_every_result() {
     let b = broker(config()).await;
     let c = connect_bench(b.local_addr()).await;
-    let msgs = c
-        .simple_query("SELECT 1; SELECT 'two'; SELECT 3")
-        .await
-        .unwrap();
+    let msgs = c.simple_query("SELECT 1; SELECT 'two'; SELECT 3").await.unwrap();
     let rows: Vec<String> = msgs
         .iter()
         .filter_map(|m| match m {
@@ -46,28 +43,16 @@ async fn error_inside_transaction_then_rollback_then_recovery() {
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "25P02", "transaction stays aborted");
     c.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(
-        c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
-        7
-    );
+    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
 }
 
 #[tokio::test]
 async fn extended_protocol_error_then_next_query_succeeds() {
     let b = broker(config()).await;
     let c = connect_bench(b.local_addr()).await;
-    let e = c
-        .query("SELECT * FROM no_such_table", &[])
-        .await
-        .unwrap_err();
+    let e = c.query("SELECT * FROM no_such_table", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&e), "42P01");
-    assert_eq!(
-        c.query_one("SELECT 1::int", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    assert_eq!(c.query_one("SELECT 1::int", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
 #[tokio::test]
@@ -76,12 +61,7 @@ async fn pipelined_extended_queries_complete_in_order() {
     let c = connect_bench(b.local_addr()).await;
     let futs = (0..50).map(|i| {
         let c = &c;
-        async move {
-            c.query_one("SELECT $1::int", &[&i])
-                .await
-                .unwrap()
-                .get::<_, i32>(0)
-        }
+        async move { c.query_one("SELECT $1::int", &[&i]).await.unwrap().get::<_, i32>(0) }
     });
     let got = futures_util::future::join_all(futs).await;
     assert_eq!(got, (0..50).collect::<Vec<_>>());
@@ -91,9 +71,7 @@ async fn pipelined_extended_queries_complete_in_order() {
 async fn copy_in_and_copy_out_roundtrip() {
     let b = broker(config()).await;
     let c = connect_bench(b.local_addr()).await;
-    c.batch_execute("CREATE TEMP TABLE t (id int, v text)")
-        .await
-        .unwrap();
+    c.batch_execute("CREATE TEMP TABLE t (id int, v text)").await.unwrap();
     let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
     pin_mut!(sink);
     let mut data = String::new();
@@ -115,20 +93,11 @@ async fn copy_in_and_copy_out_roundtrip() {
 async fn large_results_and_large_values_stream_through() {
     let b = broker(config()).await;
     let c = connect_bench(b.local_addr()).await;
-    let rows = c
-        .query(
-            "SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    let rows = c.query("SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g", &[]).await.unwrap();
     assert_eq!(rows.len(), 100_000);
     // One value far over the streaming threshold, in both directions.
     let big = "y".repeat(3_000_000);
-    let row = c
-        .query_one("SELECT length($1::text), $1::text", &[&big])
-        .await
-        .unwrap();
+    let row = c.query_one("SELECT length($1::text), $1::text", &[&big]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 3_000_000);
     assert_eq!(row.get::<_, String>(1), big);
 }
@@ -140,9 +109,7 @@ async fn startup_parameters_apply_to_the_server_session() {
         "{} application_name=orders-api options='-c search_path=pg_catalog,public -c statement_timeout=4321'",
         conninfo(b.local_addr(), "postgres", "postgres", "bench")
     );
-    let (c, task) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (c, task) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(task);
     let row = c
         .query_one(
@@ -159,29 +126,18 @@ async fn startup_parameters_apply_to_the_server_session() {
         "host=127.0.0.1 port={} user=postgres password=postgres dbname=bench options='-c search_path=pg_catalog,public'",
         pg.port()
     );
-    let (d, task) = tokio_postgres::connect(&direct, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (d, task) = tokio_postgres::connect(&direct, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(task);
-    let direct_path: String = d
-        .query_one("SELECT current_setting('search_path')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let direct_path: String = d.query_one("SELECT current_setting('search_path')", &[]).await.unwrap().get(0);
     assert_eq!(row.get::<_, String>(1), direct_path);
 }
 
 #[tokio::test]
 async fn invalid_startup_setting_is_refused_like_postgres_does() {
     let b = broker(config()).await;
-    let conn = format!(
-        "{} options='-c statement_timeout=banana'",
-        conninfo(b.local_addr(), "postgres", "postgres", "bench")
-    );
-    let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-        .await
-        .err()
-        .unwrap();
+    let conn =
+        format!("{} options='-c statement_timeout=banana'", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
+    let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().unwrap();
     assert_eq!(sqlstate(&e), "22023");
     // The server it used is reset and reused, not leaked.
     let c = connect_bench(b.local_addr()).await;
@@ -192,31 +148,15 @@ async fn invalid_startup_setting_is_refused_like_postgres_does() {
 async fn client_sees_the_servers_parameter_status() {
     let b = broker(config_with("trust", "")).await;
     let mut s = raw(b.local_addr()).await;
-    send(
-        &mut s,
-        &startup_packet(&[
-            ("user", "postgres"),
-            ("database", "bench"),
-            ("application_name", "ps-test"),
-        ]),
-    )
-    .await;
+    send(&mut s, &startup_packet(&[("user", "postgres"), ("database", "bench"), ("application_name", "ps-test")]))
+        .await;
     let reply = read_until_idle(&mut s).await;
     let params = parameter_statuses(&reply);
     let version = pg().psql("postgres", "SHOW server_version").unwrap();
-    assert!(
-        params.contains(&("server_version".into(), version)),
-        "{params:?}"
-    );
-    assert!(
-        params.contains(&("application_name".into(), "ps-test".into())),
-        "{params:?}"
-    );
+    assert!(params.contains(&("server_version".into(), version)), "{params:?}");
+    assert!(params.contains(&("application_name".into(), "ps-test".into())), "{params:?}");
     assert!(params.iter().any(|(k, _)| k == "client_encoding"));
-    assert!(
-        reply.windows(5).any(|w| w == [b'K', 0, 0, 0, 12]),
-        "BackendKeyData"
-    );
+    assert!(reply.windows(5).any(|w| w == [b'K', 0, 0, 0, 12]), "BackendKeyData");
     assert!(reply.ends_with(&[b'Z', 0, 0, 0, 5, b'I']));
 }
 
@@ -225,10 +165,7 @@ async fn read_until_idle(s: &mut tokio::net::TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     while !out.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
         assert!(n > 0, "closed early");
         out.extend_from_slice(&buf[..n]);
     }
@@ -253,7 +190,7 @@ fn parameter_statuses(bytes: &[u8]) -> Vec<(String, String)> {
 
 fn single_server_config() -> pgbroker::config::Config {
     let mut cfg = config();
-    cfg.databases.get_mut("bench").unwrap().pool_size = 1;
+    cfg.databases.get_mut("bench").unwrap().pool_size = Some(1);
     cfg
 }
 
@@ -261,16 +198,8 @@ fn single_server_config() -> pgbroker::config::Config {
 async fn session_state_is_reset_before_the_next_client() {
     let b = broker(single_server_config()).await;
     let c1 = connect_bench(b.local_addr()).await;
-    let pid1: i32 = c1
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    c1.batch_execute(
-        "SET work_mem = '7MB'; PREPARE p AS SELECT 1; CREATE TEMP TABLE leftover (i int)",
-    )
-    .await
-    .unwrap();
+    let pid1: i32 = c1.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    c1.batch_execute("SET work_mem = '7MB'; PREPARE p AS SELECT 1; CREATE TEMP TABLE leftover (i int)").await.unwrap();
     drop(c1);
     let c2 = connect_bench(b.local_addr()).await;
     let row = c2
@@ -290,30 +219,16 @@ async fn session_state_is_reset_before_the_next_client() {
 async fn client_leaving_mid_transaction_does_not_leak_it() {
     let b = broker(single_server_config()).await;
     let c1 = connect_bench(b.local_addr()).await;
-    c1.batch_execute("CREATE TABLE IF NOT EXISTS leak_check (i int)")
-        .await
-        .unwrap();
-    c1.batch_execute("BEGIN; INSERT INTO leak_check VALUES (1)")
-        .await
-        .unwrap();
+    c1.batch_execute("CREATE TABLE IF NOT EXISTS leak_check (i int)").await.unwrap();
+    c1.batch_execute("BEGIN; INSERT INTO leak_check VALUES (1)").await.unwrap();
     drop(c1);
     let c2 = connect_bench(b.local_addr()).await;
     let row = c2
-        .query_one(
-            "SELECT count(*)::int, pg_current_xact_id_if_assigned() IS NULL FROM leak_check",
-            &[],
-        )
+        .query_one("SELECT count(*)::int, pg_current_xact_id_if_assigned() IS NULL FROM leak_check", &[])
         .await
         .unwrap();
-    assert_eq!(
-        row.get::<_, i32>(0),
-        0,
-        "the abandoned transaction was rolled back"
-    );
-    assert!(
-        row.get::<_, bool>(1),
-        "the new client is not inside the old transaction"
-    );
+    assert_eq!(row.get::<_, i32>(0), 0, "the abandoned transaction was rolled back");
+    assert!(row.get::<_, bool>(1), "the new client is not inside the old transaction");
 }
 
 #[tokio::test]
@@ -328,15 +243,9 @@ async fn waiting_client_gets_the_server_when_it_frees_up() {
         started.elapsed()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !waiter.is_finished(),
-        "second client waits while the only server is held"
-    );
+    assert!(!waiter.is_finished(), "second client waits while the only server is held");
     drop(c1);
-    let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
-        .await
-        .unwrap()
-        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
     assert!(waited >= Duration::from_millis(400));
 }
 
@@ -346,9 +255,7 @@ async fn pool_wait_timeout_gives_53300_naming_the_pool() {
     cfg.broker.query_wait_timeout = Duration::from_millis(300);
     let b = broker(cfg).await;
     let _holder = connect_bench(b.local_addr()).await;
-    let e = connect(b.local_addr(), "postgres", "postgres", "bench")
-        .await
-        .unwrap_err();
+    let e = connect(b.local_addr(), "postgres", "postgres", "bench").await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
     let msg = e.as_db_error().unwrap().message();
     assert!(msg.contains("bench/postgres"), "{msg}");
@@ -363,11 +270,7 @@ async fn cancel_request_reaches_the_running_query() {
     let query = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(10), query)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(10), query).await.unwrap().unwrap().unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -377,20 +280,12 @@ async fn psql_connects_end_to_end_with_sslmode_prefer() {
     let b = broker(config()).await;
     let addr = b.local_addr();
     let out = tokio::process::Command::new("psql")
-        .arg(format!(
-            "postgres://postgres@{}:{}/bench?sslmode=prefer",
-            addr.ip(),
-            addr.port()
-        ))
+        .arg(format!("postgres://postgres@{}:{}/bench?sslmode=prefer", addr.ip(), addr.port()))
         .args(["-X", "-A", "-t", "-c", "SELECT 'via ' || 'pgbroker'"])
         .env("PGPASSWORD", "postgres")
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via pgbroker");
 }

@@ -29,12 +29,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Checks an md5 PasswordMessage body (without its NUL) against the user's secret and salt.
 #[must_use]
-pub fn verify_md5_response(
-    entry_secret: &Secret,
-    user: &str,
-    salt: [u8; 4],
-    response: &[u8],
-) -> bool {
+pub fn verify_md5_response(entry_secret: &Secret, user: &str, salt: [u8; 4], response: &[u8]) -> bool {
     let expected = match entry_secret {
         Secret::Plain(p) if p.is_empty() => return false,
         Secret::Plain(p) => md5_hash(user.as_bytes(), p.as_bytes(), salt),
@@ -178,12 +173,7 @@ mod tests {
         let response = md5_hash(b"md5_user", b"password", SALT);
         assert_eq!(response, "md562af4dd09bbb41884907a838a3233294");
         let secret = Secret::Plain("password".into());
-        assert!(verify_md5_response(
-            &secret,
-            "md5_user",
-            SALT,
-            response.as_bytes()
-        ));
+        assert!(verify_md5_response(&secret, "md5_user", SALT, response.as_bytes()));
     }
 
     #[test]
@@ -191,12 +181,7 @@ mod tests {
         let secret = stored_md5("password", "md5_user");
         assert!(matches!(secret, Secret::Md5(_)));
         let response = md5_hash(b"md5_user", b"password", SALT);
-        assert!(verify_md5_response(
-            &secret,
-            "md5_user",
-            SALT,
-            response.as_bytes()
-        ));
+        assert!(verify_md5_response(&secret, "md5_user", SALT, response.as_bytes()));
     }
 
     #[test]
@@ -217,23 +202,13 @@ mod tests {
     fn md5_with_scram_secret_fails() {
         let secret = Secret::Scram(ScramSecret::from_password("pw"));
         let response = md5_hash(b"u", b"pw", SALT);
-        assert!(!verify_md5_response(
-            &secret,
-            "u",
-            SALT,
-            response.as_bytes()
-        ));
+        assert!(!verify_md5_response(&secret, "u", SALT, response.as_bytes()));
     }
 
     #[test]
     fn md5_with_empty_plain_password_fails() {
         let response = md5_hash(b"u", b"", SALT);
-        assert!(!verify_md5_response(
-            &Secret::Plain(String::new()),
-            "u",
-            SALT,
-            response.as_bytes()
-        ));
+        assert!(!verify_md5_response(&Secret::Plain(String::new()), "u", SALT, response.as_bytes()));
     }
 
     #[test]

@@ -51,17 +51,11 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn failed(user: &str) -> SessionError {
     // Same answer for unknown users and wrong passwords, so names cannot be probed.
-    SessionError::fatal(
-        SqlState::INVALID_PASSWORD,
-        format!("password authentication failed for user \"{user}\""),
-    )
+    SessionError::fatal(SqlState::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
 }
 
 fn malformed(what: &str) -> SessionError {
-    SessionError::fatal(
-        SqlState::PROTOCOL_VIOLATION,
-        format!("malformed authentication message: {what}"),
-    )
+    SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("malformed authentication message: {what}"))
 }
 
 async fn read_password_message<S: AsyncRead + AsyncWrite + Unpin>(
@@ -71,10 +65,7 @@ async fn read_password_message<S: AsyncRead + AsyncWrite + Unpin>(
     if t != tag::PASSWORD {
         return Err(SessionError::fatal(
             SqlState::PROTOCOL_VIOLATION,
-            format!(
-                "expected password response, got message type {}",
-                crate::proto::frame::tag_name(t)
-            ),
+            format!("expected password response, got message type {}", crate::proto::frame::tag_name(t)),
         ));
     }
     Ok(body)
@@ -89,8 +80,7 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     build::auth_md5(&mut io.wbuf, salt);
     io.flush().await?;
     let body = read_password_message(io).await?;
-    let (response, _) =
-        split_cstr(&body).ok_or_else(|| malformed("password is not NUL-terminated"))?;
+    let (response, _) = split_cstr(&body).ok_or_else(|| malformed("password is not NUL-terminated"))?;
     Ok(entry.is_some_and(|e| md5::verify_md5_response(&e.secret, user, salt, response)))
 }
 
@@ -148,9 +138,6 @@ fn scram_error(e: scram::ScramError) -> SessionError {
         scram::ScramError::InvalidProof => {
             SessionError::fatal(SqlState::INVALID_PASSWORD, "password authentication failed")
         }
-        other => SessionError::fatal(
-            SqlState::PROTOCOL_VIOLATION,
-            format!("SCRAM exchange failed: {other}"),
-        ),
+        other => SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("SCRAM exchange failed: {other}")),
     }
 }

@@ -132,12 +132,7 @@ impl ScramServer {
         let salt = STANDARD.encode(&self.secret.salt);
         let server_first = format!("r={nonce},s={salt},i={}", self.secret.iterations);
         let reply = server_first.clone().into_bytes();
-        self.state = State::ServerFirstSent {
-            cbind_input,
-            nonce,
-            client_first_bare: bare.to_owned(),
-            server_first,
-        };
+        self.state = State::ServerFirstSent { cbind_input, nonce, client_first_bare: bare.to_owned(), server_first };
         Ok(reply)
     }
 
@@ -164,12 +159,8 @@ impl ScramServer {
 
     /// Consumes client-final-message, returns server-final-message (`v=...`) if the proof is valid.
     pub fn handle_client_final(&mut self, msg: &[u8]) -> Result<Vec<u8>, ScramError> {
-        let State::ServerFirstSent {
-            cbind_input,
-            nonce,
-            client_first_bare,
-            server_first,
-        } = mem::replace(&mut self.state, State::Done)
+        let State::ServerFirstSent { cbind_input, nonce, client_first_bare, server_first } =
+            mem::replace(&mut self.state, State::Done)
         else {
             return Err(ScramError::OutOfOrder);
         };
@@ -191,9 +182,7 @@ impl ScramServer {
             return Err(Malformed("nonce does not match"));
         }
         let proof = decode(proof, "p= is not base64")?;
-        let proof: [u8; 32] = proof
-            .try_into()
-            .map_err(|_| Malformed("proof not 32 bytes"))?;
+        let proof: [u8; 32] = proof.try_into().map_err(|_| Malformed("proof not 32 bytes"))?;
 
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let signature = hmac_sha256(&self.secret.stored_key, auth_message.as_bytes());
@@ -222,9 +211,7 @@ fn split<'a>(s: &'a str, why: &'static str) -> Result<(&'a str, &'a str), ScramE
 
 /// `field` without its `key` prefix, or `Malformed(why)`.
 fn attr<'a>(field: Option<&'a str>, key: &str, why: &'static str) -> Result<&'a str, ScramError> {
-    field
-        .and_then(|f| f.strip_prefix(key))
-        .ok_or(Malformed(why))
+    field.and_then(|f| f.strip_prefix(key)).ok_or(Malformed(why))
 }
 
 fn decode(b64: &str, why: &'static str) -> Result<Vec<u8>, ScramError> {
@@ -401,8 +388,7 @@ mod tests {
     fn plus_mechanism_checks_binding_data_in_final() {
         let mut s = server(PLUS, Some(vec![7; 32]));
         s.handle_client_first(PLUS_FIRST.as_bytes()).unwrap();
-        let cbind =
-            |byte| STANDARD.encode([b"p=tls-server-end-point,,".as_slice(), &[byte; 32]].concat());
+        let cbind = |byte| STANDARD.encode([b"p=tls-server-end-point,,".as_slice(), &[byte; 32]].concat());
         let msg = |byte| format!("c={},r=abc{SNONCE},p={ZERO_PROOF}", cbind(byte));
         let err = s.handle_client_final(msg(8).as_bytes()).unwrap_err();
         assert!(matches!(err, ScramError::ChannelBinding(_)));

@@ -67,18 +67,11 @@ impl ScramSecret {
             Ok(0) | Err(_) => return Err(bad("iteration count must be a positive integer")),
             Ok(n) => n,
         };
-        let salt = STANDARD
-            .decode(salt)
-            .map_err(|_| bad("salt is not base64"))?;
+        let salt = STANDARD.decode(salt).map_err(|_| bad("salt is not base64"))?;
         if salt.is_empty() {
             return Err(bad("salt is empty"));
         }
-        Ok(ScramSecret {
-            iterations,
-            salt,
-            stored_key: decode_key(stored_key)?,
-            server_key: decode_key(server_key)?,
-        })
+        Ok(ScramSecret { iterations, salt, stored_key: decode_key(stored_key)?, server_key: decode_key(server_key)? })
     }
 
     /// Derives a secret as PostgreSQL does: SASLprep, random 16-byte salt, 4096 iterations.
@@ -106,18 +99,14 @@ fn cut<'a>(s: &'a str, sep: char, why: &'static str) -> Result<(&'a str, &'a str
 }
 
 fn decode_key(b64: &str) -> Result<[u8; 32], SecretError> {
-    let bytes = STANDARD
-        .decode(b64)
-        .map_err(|_| SecretError::Scram("key is not base64"))?;
+    let bytes = STANDARD.decode(b64).map_err(|_| SecretError::Scram("key is not base64"))?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| SecretError::Scram("key is not 32 bytes"))
 }
 
 impl fmt::Debug for ScramSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The keys let an attacker pose as the server, or as the client given a sniffed exchange.
-        f.debug_struct("ScramSecret")
-            .field("iterations", &self.iterations)
-            .finish_non_exhaustive()
+        f.debug_struct("ScramSecret").field("iterations", &self.iterations).finish_non_exhaustive()
     }
 }
 
@@ -199,18 +188,13 @@ impl Userlist {
         for (idx, line) in text.lines().enumerate() {
             let line_no = idx + 1;
             if let Some((user, secret)) = parse_line(line, line_no)? {
-                let secret = Secret::parse(&secret).map_err(|source| UserlistError::Secret {
-                    line: line_no,
-                    source,
-                })?;
+                let secret =
+                    Secret::parse(&secret).map_err(|source| UserlistError::Secret { line: line_no, source })?;
                 secrets.insert(user, secret);
             }
         }
         // Derive SCRAM verifiers only after de-duplication: PBKDF2 is deliberately slow.
-        let users = secrets
-            .into_iter()
-            .map(|(user, secret)| (user, UserEntry::new(secret)))
-            .collect();
+        let users = secrets.into_iter().map(|(user, secret)| (user, UserEntry::new(secret))).collect();
         Ok(Userlist { users })
     }
 
@@ -237,22 +221,14 @@ impl Userlist {
 
 /// Returns `None` for blank and comment lines.
 fn parse_line(line: &str, line_no: usize) -> Result<Option<(String, String)>, UserlistError> {
-    let syntax = |expected| UserlistError::Syntax {
-        line: line_no,
-        expected,
-    };
+    let syntax = |expected| UserlistError::Syntax { line: line_no, expected };
     let rest = line.trim_start();
     if rest.is_empty() || rest.starts_with(';') || rest.starts_with('#') {
         return Ok(None);
     }
-    let rest = rest
-        .strip_prefix('"')
-        .ok_or(syntax("'\"' opening the user name"))?;
+    let rest = rest.strip_prefix('"').ok_or(syntax("'\"' opening the user name"))?;
     let (user, rest) = read_quoted(rest).ok_or(syntax("'\"' closing the user name"))?;
-    let rest = rest
-        .trim_start()
-        .strip_prefix('"')
-        .ok_or(syntax("'\"' opening the secret after the user name"))?;
+    let rest = rest.trim_start().strip_prefix('"').ok_or(syntax("'\"' opening the secret after the user name"))?;
     // Anything after the secret is ignored, as PgBouncer does.
     let (secret, _) = read_quoted(rest).ok_or(syntax("'\"' closing the secret"))?;
     Ok(Some((user, secret)))
@@ -351,10 +327,7 @@ mod tests {
         ];
         for s in bad {
             let err = Userlist::parse(&format!("#\n\"u\" \"{s}\"")).unwrap_err();
-            assert!(
-                matches!(err, UserlistError::Secret { line: 2, .. }),
-                "{s}: {err}"
-            );
+            assert!(matches!(err, UserlistError::Secret { line: 2, .. }), "{s}: {err}");
         }
     }
 
@@ -391,10 +364,7 @@ mod tests {
 
     #[test]
     fn debug_does_not_leak_secrets() {
-        let text = format!(
-            "\"a\" \"hunter2\"\n\"b\" \"md5{}\"\n\"c\" \"{SCRAM}\"",
-            "ab".repeat(16)
-        );
+        let text = format!("\"a\" \"hunter2\"\n\"b\" \"md5{}\"\n\"c\" \"{SCRAM}\"", "ab".repeat(16));
         let list = Userlist::parse(&text).unwrap();
         let dbg = format!("{list:?}");
         for leak in ["hunter2", "abab", "171", "W22ZaJ", "WG5d8", "wfPLw"] {

@@ -126,8 +126,8 @@ pub struct Broker {
     pub pool_mode: PoolMode,
     /// Most client connections open at once.
     pub max_client_conn: usize,
-    /// Pool size for databases that do not set one.
-    pub default_pool_size: u32,
+    /// Pool size for databases that do not set one; `None` splits the budget across databases.
+    pub default_pool_size: Option<u32>,
     /// Query run on a server before another client gets it in session mode (empty = none).
     pub server_reset_query: String,
     /// How long a client waits for a server before 53300.
@@ -142,6 +142,39 @@ pub struct Broker {
     pub max_packet_size: usize,
     /// TCP keepalive on client and server sockets.
     pub tcp_keepalive: bool,
+    /// Servers kept open per pool even when idle.
+    pub min_pool_size: u32,
+    /// Extra servers a pool may open for clients waiting longer than `reserve_pool_timeout`.
+    pub reserve_pool_size: u32,
+    /// How long a client waits before the reserve may be used.
+    pub reserve_pool_timeout: Duration,
+    /// Most servers per database across users (0 = no limit besides the budget).
+    pub max_db_connections: u32,
+    /// Most servers per server user across databases (0 = no limit).
+    pub max_user_connections: u32,
+    /// Servers older than this are closed when next idle (jittered ±10%; 0 = never).
+    pub server_lifetime: Duration,
+    /// Idle servers beyond `min_pool_size` are closed after this long (0 = never).
+    pub server_idle_timeout: Duration,
+    /// A server is retired after this many checkouts (0 = unlimited).
+    pub server_max_uses: u64,
+    /// After a failed server login, the longest wait before retrying (backoff doubles up to it).
+    pub server_login_retry: Duration,
+    /// Query run on a server idle longer than `server_check_delay` before handing it out
+    /// (empty string = an empty query, the cheapest round trip).
+    pub server_check_query: String,
+    /// Idle time after which a server is checked before use (0 = always check).
+    pub server_check_delay: Duration,
+    /// Most client connections from one IP address (0 = no limit).
+    pub max_client_conn_per_ip: usize,
+    /// Clients idle (not in a transaction) longer than this are disconnected (0 = never).
+    pub client_idle_timeout: Duration,
+    /// Clients idle inside a transaction longer than this are disconnected (0 = never).
+    pub idle_transaction_timeout: Duration,
+    /// Transactions (a server held) longer than this end the client (0 = never).
+    pub transaction_timeout: Duration,
+    /// Settings PostgreSQL does not report that are tracked per client in transaction mode.
+    pub track_extra_parameters: Vec<String>,
 }
 
 /// Inputs of the per-instance server connection budget.
@@ -185,10 +218,16 @@ pub struct Database {
     pub user: Option<String>,
     /// Server login password; `None` = the client's password from the auth file.
     pub password: Option<String>,
-    /// Most servers for each (database, user) pool.
-    pub pool_size: u32,
+    /// Most servers for each (database, user) pool; `None` follows the broker default.
+    pub pool_size: Option<u32>,
     /// Pool mode for this database.
     pub pool_mode: PoolMode,
+    /// Servers kept open per pool.
+    pub min_pool_size: u32,
+    /// Extra servers usable after `reserve_pool_timeout`.
+    pub reserve_pool_size: u32,
+    /// Most servers for this database across users (0 = no limit).
+    pub max_db_connections: u32,
 }
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -196,25 +235,18 @@ type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 impl Config {
     /// Loads and validates a config file, reading the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, Some(path), &|k| std::env::var(k).ok())
     }
 
     /// Validates config text. `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         let shown = path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf);
-        let file: raw::File = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: shown.clone(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let file: raw::File = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
         let v = Validator { path: &shown, env };
-        let base = path
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
         let broker = v.broker(&file.broker)?;
         let databases = file
             .databases
@@ -239,17 +271,44 @@ impl Config {
         let _ = writeln!(s, "http_listen = \"{}\"", b.http_listen);
         let _ = writeln!(s, "pool_mode = \"{}\"", b.pool_mode.as_str());
         let _ = writeln!(s, "max_client_conn = {}", b.max_client_conn);
-        let _ = writeln!(s, "default_pool_size = {}", b.default_pool_size);
+        match b.default_pool_size {
+            Some(n) => {
+                let _ = writeln!(s, "default_pool_size = {n}");
+            }
+            None => {
+                let _ = writeln!(s, "# default_pool_size: the budget split across databases");
+            }
+        }
         let _ = writeln!(s, "server_reset_query = {:?}", b.server_reset_query);
         for (k, d) in [
             ("query_wait_timeout", b.query_wait_timeout),
             ("client_login_timeout", b.client_login_timeout),
             ("server_connect_timeout", b.server_connect_timeout),
             ("server_reset_timeout", b.server_reset_timeout),
+            ("reserve_pool_timeout", b.reserve_pool_timeout),
+            ("server_lifetime", b.server_lifetime),
+            ("server_idle_timeout", b.server_idle_timeout),
+            ("server_login_retry", b.server_login_retry),
+            ("server_check_delay", b.server_check_delay),
+            ("client_idle_timeout", b.client_idle_timeout),
+            ("idle_transaction_timeout", b.idle_transaction_timeout),
+            ("transaction_timeout", b.transaction_timeout),
         ] {
             let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
         }
-        let _ = writeln!(s, "max_packet_size = {}", b.max_packet_size);
+        for (k, n) in [
+            ("max_packet_size", b.max_packet_size as u64),
+            ("min_pool_size", b.min_pool_size.into()),
+            ("reserve_pool_size", b.reserve_pool_size.into()),
+            ("max_db_connections", b.max_db_connections.into()),
+            ("max_user_connections", b.max_user_connections.into()),
+            ("server_max_uses", b.server_max_uses),
+            ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
+        ] {
+            let _ = writeln!(s, "{k} = {n}");
+        }
+        let _ = writeln!(s, "server_check_query = {:?}", b.server_check_query);
+        let _ = writeln!(s, "track_extra_parameters = {:?}", b.track_extra_parameters);
         let _ = writeln!(s, "tcp_keepalive = {}", b.tcp_keepalive);
         let bu = &self.budget;
         let _ = writeln!(s, "\n[budget]");
@@ -275,11 +334,7 @@ impl Config {
         let _ = writeln!(s, "stats_users = {:?}", a.stats_users);
         for (name, d) in &self.databases {
             let _ = writeln!(s, "\n[databases.{name}]");
-            let _ = writeln!(
-                s,
-                "host = {:?}\nport = {}\ndbname = {:?}",
-                d.host, d.port, d.dbname
-            );
+            let _ = writeln!(s, "host = {:?}\nport = {}\ndbname = {:?}", d.host, d.port, d.dbname);
             match &d.user {
                 Some(u) => {
                     let _ = writeln!(s, "user = {u:?}");
@@ -291,8 +346,20 @@ impl Config {
             if d.password.is_some() {
                 let _ = writeln!(s, "password = \"<redacted>\"");
             }
-            let _ = writeln!(s, "pool_size = {}", d.pool_size);
+            match d.pool_size {
+                Some(n) => {
+                    let _ = writeln!(s, "pool_size = {n}");
+                }
+                None => {
+                    let _ = writeln!(s, "# pool_size: broker default");
+                }
+            }
             let _ = writeln!(s, "pool_mode = \"{}\"", d.pool_mode.as_str());
+            let _ = writeln!(
+                s,
+                "min_pool_size = {}\nreserve_pool_size = {}\nmax_db_connections = {}",
+                d.min_pool_size, d.reserve_pool_size, d.max_db_connections
+            );
         }
         s
     }
@@ -305,30 +372,19 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn invalid(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_owned(),
-            key: key.to_string(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { path: self.path.to_owned(), key: key.to_string(), message: message.into() }
     }
 
     fn string(&self, key: &str, v: &Option<String>) -> Result<Option<String>, ConfigError> {
-        v.as_deref()
-            .map(|s| expand_env(s, self.env).map_err(|m| self.invalid(key, m)))
-            .transpose()
+        v.as_deref().map(|s| expand_env(s, self.env).map_err(|m| self.invalid(key, m))).transpose()
     }
 
-    fn duration(
-        &self,
-        key: &str,
-        v: &Option<raw::NumOrStr>,
-        default: u64,
-    ) -> Result<Duration, ConfigError> {
+    fn duration(&self, key: &str, v: &Option<raw::NumOrStr>, default: u64) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(Duration::from_secs(default)),
-            Some(raw::NumOrStr::Int(n)) => u64::try_from(*n)
-                .map(Duration::from_secs)
-                .map_err(|_| self.invalid(key, "must not be negative")),
+            Some(raw::NumOrStr::Int(n)) => {
+                u64::try_from(*n).map(Duration::from_secs).map_err(|_| self.invalid(key, "must not be negative"))
+            }
             Some(raw::NumOrStr::Str(s)) => {
                 let s = expand_env(s, self.env).map_err(|m| self.invalid(key, m))?;
                 parse_duration(&s).map_err(|m| self.invalid(key, m))
@@ -336,37 +392,17 @@ impl Validator<'_> {
         }
     }
 
-    fn int<T: TryFrom<i64>>(
-        &self,
-        key: &str,
-        v: Option<i64>,
-        default: T,
-        min: i64,
-    ) -> Result<T, ConfigError> {
+    fn int<T: TryFrom<i64>>(&self, key: &str, v: Option<i64>, default: T, min: i64) -> Result<T, ConfigError> {
         match v {
             None => Ok(default),
-            Some(n) if n < min => {
-                Err(self.invalid(key, format!("must be at least {min}, got {n}")))
-            }
-            Some(n) => {
-                T::try_from(n).map_err(|_| self.invalid(key, format!("{n} is out of range")))
-            }
+            Some(n) if n < min => Err(self.invalid(key, format!("must be at least {min}, got {n}"))),
+            Some(n) => T::try_from(n).map_err(|_| self.invalid(key, format!("{n} is out of range"))),
         }
     }
 
-    fn addr(
-        &self,
-        key: &str,
-        v: &Option<String>,
-        default: &str,
-    ) -> Result<SocketAddr, ConfigError> {
+    fn addr(&self, key: &str, v: &Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
         let s = self.string(key, v)?.unwrap_or_else(|| default.to_string());
-        s.parse().map_err(|_| {
-            self.invalid(
-                key,
-                format!("expected an address such as \"127.0.0.1:6432\", got {s:?}"),
-            )
-        })
+        s.parse().map_err(|_| self.invalid(key, format!("expected an address such as \"127.0.0.1:6432\", got {s:?}")))
     }
 
     fn pool_mode(&self, key: &str, v: &Option<String>) -> Result<Option<PoolMode>, ConfigError> {
@@ -376,12 +412,9 @@ impl Validator<'_> {
             Some("transaction") => Some(PoolMode::Transaction),
             Some("statement") => Some(PoolMode::Statement),
             Some(other) => {
-                return Err(self.invalid(
-                    key,
-                    format!(
-                        "expected \"session\", \"transaction\" or \"statement\", got {other:?}"
-                    ),
-                ));
+                return Err(
+                    self.invalid(key, format!("expected \"session\", \"transaction\" or \"statement\", got {other:?}"))
+                );
             }
         })
     }
@@ -390,72 +423,66 @@ impl Validator<'_> {
         Ok(Broker {
             listen: self.addr("broker.listen", &b.listen, "127.0.0.1:6432")?,
             http_listen: self.addr("broker.http_listen", &b.http_listen, "127.0.0.1:6433")?,
-            pool_mode: self
-                .pool_mode("broker.pool_mode", &b.pool_mode)?
-                .unwrap_or(PoolMode::Session),
+            pool_mode: self.pool_mode("broker.pool_mode", &b.pool_mode)?.unwrap_or(PoolMode::Session),
             max_client_conn: self.int("broker.max_client_conn", b.max_client_conn, 10_000, 1)?,
-            default_pool_size: self.int("broker.default_pool_size", b.default_pool_size, 20, 1)?,
+            default_pool_size: b
+                .default_pool_size
+                .map(|n| self.int("broker.default_pool_size", Some(n), 0, 1))
+                .transpose()?,
             server_reset_query: self
                 .string("broker.server_reset_query", &b.server_reset_query)?
                 .unwrap_or_else(|| "DISCARD ALL".to_string()),
-            query_wait_timeout: self.duration(
-                "broker.query_wait_timeout",
-                &b.query_wait_timeout,
-                120,
-            )?,
-            client_login_timeout: self.duration(
-                "broker.client_login_timeout",
-                &b.client_login_timeout,
-                15,
-            )?,
-            server_connect_timeout: self.duration(
-                "broker.server_connect_timeout",
-                &b.server_connect_timeout,
-                15,
-            )?,
-            server_reset_timeout: self.duration(
-                "broker.server_reset_timeout",
-                &b.server_reset_timeout,
-                10,
-            )?,
-            max_packet_size: self.int(
-                "broker.max_packet_size",
-                b.max_packet_size,
-                (1 << 30) - 1,
-                1024,
-            )?,
+            query_wait_timeout: self.duration("broker.query_wait_timeout", &b.query_wait_timeout, 120)?,
+            client_login_timeout: self.duration("broker.client_login_timeout", &b.client_login_timeout, 15)?,
+            server_connect_timeout: self.duration("broker.server_connect_timeout", &b.server_connect_timeout, 15)?,
+            server_reset_timeout: self.duration("broker.server_reset_timeout", &b.server_reset_timeout, 10)?,
+            max_packet_size: self.int("broker.max_packet_size", b.max_packet_size, (1 << 30) - 1, 1024)?,
             tcp_keepalive: b.tcp_keepalive.unwrap_or(true),
+            min_pool_size: self.int("broker.min_pool_size", b.min_pool_size, 0, 0)?,
+            reserve_pool_size: self.int("broker.reserve_pool_size", b.reserve_pool_size, 0, 0)?,
+            reserve_pool_timeout: self.duration("broker.reserve_pool_timeout", &b.reserve_pool_timeout, 5)?,
+            max_db_connections: self.int("broker.max_db_connections", b.max_db_connections, 0, 0)?,
+            max_user_connections: self.int("broker.max_user_connections", b.max_user_connections, 0, 0)?,
+            server_lifetime: self.duration("broker.server_lifetime", &b.server_lifetime, 3600)?,
+            server_idle_timeout: self.duration("broker.server_idle_timeout", &b.server_idle_timeout, 600)?,
+            server_max_uses: self.int("broker.server_max_uses", b.server_max_uses, 0, 0)?,
+            server_login_retry: self.duration("broker.server_login_retry", &b.server_login_retry, 15)?,
+            server_check_query: self.string("broker.server_check_query", &b.server_check_query)?.unwrap_or_default(),
+            server_check_delay: self.duration("broker.server_check_delay", &b.server_check_delay, 30)?,
+            max_client_conn_per_ip: self.int("broker.max_client_conn_per_ip", b.max_client_conn_per_ip, 0, 0)?,
+            client_idle_timeout: self.duration("broker.client_idle_timeout", &b.client_idle_timeout, 0)?,
+            idle_transaction_timeout: self.duration(
+                "broker.idle_transaction_timeout",
+                &b.idle_transaction_timeout,
+                0,
+            )?,
+            transaction_timeout: self.duration("broker.transaction_timeout", &b.transaction_timeout, 0)?,
+            track_extra_parameters: b.track_extra_parameters.clone().unwrap_or_else(|| vec!["search_path".to_string()]),
         })
     }
 
     fn budget(&self, b: &raw::Budget) -> Result<Budget, ConfigError> {
         let mut env_overrides = Vec::new();
-        let env_num = |name: &'static str,
-                       overrides: &mut Vec<&'static str>|
-         -> Result<Option<i64>, ConfigError> {
+        let env_num = |name: &'static str, overrides: &mut Vec<&'static str>| -> Result<Option<i64>, ConfigError> {
             match (self.env)(name) {
                 Some(v) => {
                     overrides.push(name);
-                    v.trim().parse().map(Some).map_err(|_| {
-                        self.invalid(name, format!("environment value {v:?} is not a number"))
-                    })
+                    v.trim()
+                        .parse()
+                        .map(Some)
+                        .map_err(|_| self.invalid(name, format!("environment value {v:?} is not a number")))
                 }
                 None => Ok(None),
             }
         };
         let server_max_connections = match env_num("DB_MAX_CONNECTIONS", &mut env_overrides)? {
-            Some(n) => {
-                ServerMaxConnections::Fixed(self.int("DB_MAX_CONNECTIONS", Some(n), 0, 1)?)
-            }
+            Some(n) => ServerMaxConnections::Fixed(self.int("DB_MAX_CONNECTIONS", Some(n), 0, 1)?),
             None => match &b.server_max_connections {
                 None => ServerMaxConnections::Auto,
                 Some(raw::NumOrStr::Str(s)) if s == "auto" => ServerMaxConnections::Auto,
-                Some(raw::NumOrStr::Int(n)) => ServerMaxConnections::Fixed(self.int(
-                    "budget.server_max_connections",
-                    Some(*n),
-                    0,
-                    1,
-                )?),
+                Some(raw::NumOrStr::Int(n)) => {
+                    ServerMaxConnections::Fixed(self.int("budget.server_max_connections", Some(*n), 0, 1)?)
+                }
                 Some(raw::NumOrStr::Str(s)) => {
                     return Err(self.invalid(
                         "budget.server_max_connections",
@@ -468,8 +495,7 @@ impl Validator<'_> {
             Some(n) => self.int("MAX_INSTANCES", Some(n), 1, 1)?,
             None => self.int("budget.max_instances", b.max_instances, 1, 1)?,
         };
-        let reserved_connections =
-            self.int("budget.reserved_connections", b.reserved_connections, 5, 0)?;
+        let reserved_connections = self.int("budget.reserved_connections", b.reserved_connections, 5, 0)?;
         if let ServerMaxConnections::Fixed(n) = server_max_connections {
             if n <= reserved_connections {
                 return Err(self.invalid(
@@ -478,12 +504,7 @@ impl Validator<'_> {
                 ));
             }
         }
-        Ok(Budget {
-            server_max_connections,
-            reserved_connections,
-            max_instances,
-            env_overrides,
-        })
+        Ok(Budget { server_max_connections, reserved_connections, max_instances, env_overrides })
     }
 
     fn auth(&self, a: &raw::Auth, base: &Path) -> Result<Auth, ConfigError> {
@@ -492,27 +513,20 @@ impl Validator<'_> {
             Some("md5") => AuthType::Md5,
             Some("trust") => AuthType::Trust,
             Some(other) => {
-                return Err(self.invalid(
-                    "auth.type",
-                    format!("expected \"trust\", \"md5\" or \"scram-sha-256\", got {other:?}"),
-                ));
+                return Err(self
+                    .invalid("auth.type", format!("expected \"trust\", \"md5\" or \"scram-sha-256\", got {other:?}")));
             }
         };
         let file = self.string("auth.file", &a.file)?.map(|f| base.join(f));
         let users = match &file {
             Some(f) => {
-                let text = std::fs::read_to_string(f).map_err(|e| {
-                    self.invalid("auth.file", format!("cannot read {}: {e}", f.display()))
-                })?;
-                Userlist::parse(&text)
-                    .map_err(|e| self.invalid("auth.file", format!("{}: {e}", f.display())))?
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| self.invalid("auth.file", format!("cannot read {}: {e}", f.display())))?;
+                Userlist::parse(&text).map_err(|e| self.invalid("auth.file", format!("{}: {e}", f.display())))?
             }
             None if kind == AuthType::Trust => Userlist::default(),
             None => {
-                return Err(self.invalid(
-                    "auth.file",
-                    format!("required with auth.type = \"{}\"", kind.as_str()),
-                ));
+                return Err(self.invalid("auth.file", format!("required with auth.type = \"{}\"", kind.as_str())));
             }
         };
         Ok(Auth {
@@ -524,12 +538,7 @@ impl Validator<'_> {
         })
     }
 
-    fn database(
-        &self,
-        name: &str,
-        d: &raw::Database,
-        broker: &Broker,
-    ) -> Result<Database, ConfigError> {
+    fn database(&self, name: &str, d: &raw::Database, broker: &Broker) -> Result<Database, ConfigError> {
         let key = |k: &str| format!("databases.{name}.{k}");
         let mut host = self.string(&key("host"), &d.host)?;
         let mut port = d.port;
@@ -537,16 +546,8 @@ impl Validator<'_> {
         let mut user = self.string(&key("user"), &d.user)?;
         let mut password = self.string(&key("password"), &d.password)?;
         if let Some(url) = self.string(&key("url"), &d.url)? {
-            if host.is_some()
-                || port.is_some()
-                || dbname.is_some()
-                || user.is_some()
-                || password.is_some()
-            {
-                return Err(self.invalid(
-                    &key("url"),
-                    "give either url or host/port/dbname/user/password, not both",
-                ));
+            if host.is_some() || port.is_some() || dbname.is_some() || user.is_some() || password.is_some() {
+                return Err(self.invalid(&key("url"), "give either url or host/port/dbname/user/password, not both"));
             }
             let u = parse_pg_url(&url).map_err(|m| self.invalid(&key("url"), m))?;
             (host, dbname, user, password) = (u.host, u.dbname, u.user, u.password);
@@ -558,10 +559,16 @@ impl Validator<'_> {
             dbname: dbname.unwrap_or_else(|| name.to_string()),
             user,
             password,
-            pool_size: self.int(&key("pool_size"), d.pool_size, broker.default_pool_size, 1)?,
-            pool_mode: self
-                .pool_mode(&key("pool_mode"), &d.pool_mode)?
-                .unwrap_or(broker.pool_mode),
+            pool_size: d.pool_size.map(|n| self.int(&key("pool_size"), Some(n), 0, 1)).transpose()?,
+            pool_mode: self.pool_mode(&key("pool_mode"), &d.pool_mode)?.unwrap_or(broker.pool_mode),
+            min_pool_size: self.int(&key("min_pool_size"), d.min_pool_size, broker.min_pool_size, 0)?,
+            reserve_pool_size: self.int(&key("reserve_pool_size"), d.reserve_pool_size, broker.reserve_pool_size, 0)?,
+            max_db_connections: self.int(
+                &key("max_db_connections"),
+                d.max_db_connections,
+                broker.max_db_connections,
+                0,
+            )?,
         })
     }
 }

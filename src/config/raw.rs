@@ -43,6 +43,22 @@ pub struct Broker {
     pub server_reset_timeout: Option<NumOrStr>,
     pub max_packet_size: Option<i64>,
     pub tcp_keepalive: Option<bool>,
+    pub min_pool_size: Option<i64>,
+    pub reserve_pool_size: Option<i64>,
+    pub reserve_pool_timeout: Option<NumOrStr>,
+    pub max_db_connections: Option<i64>,
+    pub max_user_connections: Option<i64>,
+    pub server_lifetime: Option<NumOrStr>,
+    pub server_idle_timeout: Option<NumOrStr>,
+    pub server_max_uses: Option<i64>,
+    pub server_login_retry: Option<NumOrStr>,
+    pub server_check_query: Option<String>,
+    pub server_check_delay: Option<NumOrStr>,
+    pub max_client_conn_per_ip: Option<i64>,
+    pub client_idle_timeout: Option<NumOrStr>,
+    pub idle_transaction_timeout: Option<NumOrStr>,
+    pub transaction_timeout: Option<NumOrStr>,
+    pub track_extra_parameters: Option<Vec<String>>,
 }
 
 /// `[budget]`: the inputs of the per-instance server connection budget.
@@ -77,4 +93,7 @@ pub struct Database {
     pub password: Option<String>,
     pub pool_size: Option<i64>,
     pub pool_mode: Option<String>,
+    pub min_pool_size: Option<i64>,
+    pub reserve_pool_size: Option<i64>,
+    pub max_db_connections: Option<i64>,
 }

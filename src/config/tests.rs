@@ -35,11 +35,7 @@ fn no_env(_: &str) -> Option<String> {
 /// Writes `text` as pgbroker.toml next to a userlist and parses it.
 fn load_with(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("userlist.txt"),
-        "\"postgres\" \"postgres\"\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("userlist.txt"), "\"postgres\" \"postgres\"\n").unwrap();
     let path = dir.path().join("pgbroker.toml");
     Config::parse(text, Some(&path), env)
 }
@@ -57,7 +53,7 @@ fn the_documented_example_is_accepted_as_written() {
     assert_eq!(c.auth.kind, AuthType::ScramSha256);
     assert_eq!(c.auth.users.len(), 1);
     let db = &c.databases["bench"];
-    assert_eq!((db.port, db.pool_size), (5432, 20));
+    assert_eq!((db.port, db.pool_size), (5432, Some(20)));
     assert_eq!(db.user.as_deref(), Some("postgres"));
 }
 
@@ -81,20 +77,11 @@ fn unknown_key_is_named_with_its_line() {
 #[test]
 fn bad_values_name_the_key_and_what_was_expected() {
     let e = err_text("[broker]\nquery_wait_timeout = \"soon\"\n");
-    assert!(
-        e.contains("broker.query_wait_timeout") && e.contains("30s"),
-        "{e}"
-    );
+    assert!(e.contains("broker.query_wait_timeout") && e.contains("30s"), "{e}");
     let e = err_text("[broker]\npool_mode = \"sometimes\"\n");
-    assert!(
-        e.contains("broker.pool_mode") && e.contains("transaction"),
-        "{e}"
-    );
+    assert!(e.contains("broker.pool_mode") && e.contains("transaction"), "{e}");
     let e = err_text("[databases.x]\npool_size = 0\n");
-    assert!(
-        e.contains("databases.x.pool_size") && e.contains("at least 1"),
-        "{e}"
-    );
+    assert!(e.contains("databases.x.pool_size") && e.contains("at least 1"), "{e}");
     let e = err_text("[broker]\nlisten = \"nowhere\"\n");
     assert!(e.contains("broker.listen"), "{e}");
 }
@@ -119,11 +106,8 @@ fn durations_accept_units_and_integer_seconds() {
 #[test]
 fn string_values_expand_environment_variables() {
     let env = |k: &str| (k == "DB_PASSWORD").then(|| "from-env".to_string());
-    let c = load_with(
-        "[auth]\nfile = \"userlist.txt\"\n[databases.app]\npassword = \"${DB_PASSWORD}\"\n",
-        &env,
-    )
-    .unwrap();
+    let c =
+        load_with("[auth]\nfile = \"userlist.txt\"\n[databases.app]\npassword = \"${DB_PASSWORD}\"\n", &env).unwrap();
     assert_eq!(c.databases["app"].password.as_deref(), Some("from-env"));
     let e = load_with("[databases.app]\npassword = \"${NOPE}\"\n", &env).unwrap_err();
     assert!(e.to_string().contains("databases.app.password") && e.to_string().contains("NOPE"));
@@ -137,30 +121,20 @@ fn database_url_fills_connection_fields() {
     )
     .unwrap();
     let db = &c.databases["app"];
-    assert_eq!(
-        (db.host.as_str(), db.port, db.dbname.as_str()),
-        ("10.0.0.9", 6000, "real")
-    );
-    assert_eq!(
-        (db.user.as_deref(), db.password.as_deref()),
-        (Some("u"), Some("p"))
-    );
+    assert_eq!((db.host.as_str(), db.port, db.dbname.as_str()), ("10.0.0.9", 6000, "real"));
+    assert_eq!((db.user.as_deref(), db.password.as_deref()), (Some("u"), Some("p")));
     let e = err_text("[databases.app]\nurl = \"postgres://h/x\"\nport = 1\n");
     assert!(e.contains("databases.app.url"), "{e}");
 }
 
 #[test]
 fn database_defaults_follow_the_section_and_broker() {
-    let c = load_with(
-        "[broker]\ndefault_pool_size = 7\n[auth]\nfile = \"userlist.txt\"\n[databases.orders]\n",
-        &no_env,
-    )
-    .unwrap();
+    let c =
+        load_with("[broker]\ndefault_pool_size = 7\n[auth]\nfile = \"userlist.txt\"\n[databases.orders]\n", &no_env)
+            .unwrap();
     let db = &c.databases["orders"];
-    assert_eq!(
-        (db.dbname.as_str(), db.port, db.pool_size),
-        ("orders", 5432, 7)
-    );
+    assert_eq!((db.dbname.as_str(), db.port, db.pool_size), ("orders", 5432, None));
+    assert_eq!(c.broker.default_pool_size, Some(7));
     assert_eq!(db.user, None);
 }
 
@@ -173,21 +147,10 @@ fn environment_overrides_budget_inputs() {
     };
     let c = load_with(ISSUE_EXAMPLE, &env).unwrap();
     assert_eq!(c.budget.max_instances, 4);
-    assert_eq!(
-        c.budget.server_max_connections,
-        ServerMaxConnections::Fixed(300)
-    );
-    assert_eq!(
-        c.budget.env_overrides,
-        vec!["DB_MAX_CONNECTIONS", "MAX_INSTANCES"]
-    );
+    assert_eq!(c.budget.server_max_connections, ServerMaxConnections::Fixed(300));
+    assert_eq!(c.budget.env_overrides, vec!["DB_MAX_CONNECTIONS", "MAX_INSTANCES"]);
     let bad = |k: &str| (k == "MAX_INSTANCES").then(|| "many".to_string());
-    assert!(
-        load_with(ISSUE_EXAMPLE, &bad)
-            .unwrap_err()
-            .to_string()
-            .contains("MAX_INSTANCES")
-    );
+    assert!(load_with(ISSUE_EXAMPLE, &bad).unwrap_err().to_string().contains("MAX_INSTANCES"));
 }
 
 #[test]

@@ -5,13 +5,9 @@ use std::time::Duration;
 /// Parses `"250ms"`, `"30s"`, `"15m"`, `"1h"`, `"2d"` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("expected a duration such as \"30s\", got {s:?}"))?;
+    let value: f64 = num.parse().map_err(|_| format!("expected a duration such as \"30s\", got {s:?}"))?;
     let scale = match unit.trim() {
         "" | "s" => 1.0,
         "ms" => 0.001,
@@ -19,13 +15,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         "d" => 86_400.0,
         other => {
-            return Err(format!(
-                "unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
-            ));
+            return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)"));
         }
     };
-    Duration::try_from_secs_f64(value * scale)
-        .map_err(|_| format!("duration {s:?} is out of range"))
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("duration {s:?} is out of range"))
 }
 
 /// Replaces every `${NAME}` in `s` with the value `env` gives for NAME.
@@ -35,9 +28,7 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
         let name = &after[..end];
         let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(&value);
@@ -123,10 +114,8 @@ fn percent_decode(s: &str) -> Result<String, String> {
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {
         if b == b'%' {
-            let hex: String = [bytes.next(), bytes.next()]
-                .into_iter()
-                .map(|c| c.map(char::from).unwrap_or('?'))
-                .collect();
+            let hex: String =
+                [bytes.next(), bytes.next()].into_iter().map(|c| c.map(char::from).unwrap_or('?')).collect();
             let v = u8::from_str_radix(&hex, 16).map_err(|_| format!("bad %-escape in {s:?}"))?;
             out.push(v);
         } else {
@@ -156,22 +145,14 @@ mod tests {
     fn env_references_are_expanded() {
         let env = |k: &str| (k == "PW").then(|| "s3cret".to_string());
         assert_eq!(expand_env("a-${PW}-b", &env).unwrap(), "a-s3cret-b");
-        assert_eq!(
-            expand_env("no refs $ here", &env).unwrap(),
-            "no refs $ here"
-        );
-        assert!(
-            expand_env("${MISSING}", &env)
-                .unwrap_err()
-                .contains("MISSING")
-        );
+        assert_eq!(expand_env("no refs $ here", &env).unwrap(), "no refs $ here");
+        assert!(expand_env("${MISSING}", &env).unwrap_err().contains("MISSING"));
         assert!(expand_env("${PW", &env).is_err());
     }
 
     #[test]
     fn urls_give_host_port_db_and_credentials() {
-        let u =
-            parse_pg_url("postgres://app:p%40ss@db.internal:6543/orders?sslmode=disable").unwrap();
+        let u = parse_pg_url("postgres://app:p%40ss@db.internal:6543/orders?sslmode=disable").unwrap();
         assert_eq!(u.user.as_deref(), Some("app"));
         assert_eq!(u.password.as_deref(), Some("p@ss"));
         assert_eq!(u.host.as_deref(), Some("db.internal"));

@@ -119,18 +119,8 @@ impl Severity {
 }
 
 /// ErrorResponse (or NoticeResponse for `Severity::Notice`) with code, message and optional detail.
-pub fn error_response(
-    buf: &mut BytesMut,
-    severity: Severity,
-    code: SqlState,
-    text: &str,
-    detail: Option<&str>,
-) {
-    let tag = if severity == Severity::Notice {
-        b'N'
-    } else {
-        b'E'
-    };
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: SqlState, text: &str, detail: Option<&str>) {
+    let tag = if severity == Severity::Notice { b'N' } else { b'E' };
     message(buf, tag, |b| {
         for field in [b'S', b'V'] {
             b.put_u8(field);
@@ -168,18 +158,11 @@ mod tests {
             "database \"x\" does not exist",
             Some("configured: bench"),
         );
-        let Message::ErrorResponse(body) = parse_one(&mut b) else {
-            panic!("not an error")
-        };
+        let Message::ErrorResponse(body) = parse_one(&mut b) else { panic!("not an error") };
         use fallible_iterator::FallibleIterator;
         let fields: Vec<(u8, String)> = body
             .fields()
-            .map(|f| {
-                Ok((
-                    f.type_(),
-                    String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                ))
-            })
+            .map(|f| Ok((f.type_(), String::from_utf8_lossy(f.value_bytes()).into_owned())))
             .collect()
             .unwrap();
         assert!(fields.contains(&(b'S', "FATAL".into())));
@@ -195,17 +178,11 @@ mod tests {
         backend_key_data(&mut b, 42, -7);
         ready_for_query(&mut b, b'I');
         assert!(matches!(parse_one(&mut b), Message::AuthenticationOk));
-        let Message::ParameterStatus(p) = parse_one(&mut b) else {
-            panic!()
-        };
+        let Message::ParameterStatus(p) = parse_one(&mut b) else { panic!() };
         assert_eq!(p.name().unwrap(), "server_version");
-        let Message::BackendKeyData(k) = parse_one(&mut b) else {
-            panic!()
-        };
+        let Message::BackendKeyData(k) = parse_one(&mut b) else { panic!() };
         assert_eq!((k.process_id(), k.secret_key()), (42, -7));
-        let Message::ReadyForQuery(r) = parse_one(&mut b) else {
-            panic!()
-        };
+        let Message::ReadyForQuery(r) = parse_one(&mut b) else { panic!() };
         assert_eq!(r.status(), b'I');
         assert!(b.is_empty());
     }

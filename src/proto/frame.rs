@@ -36,11 +36,7 @@ pub enum FrameError {
 
 /// Renders a tag for error messages: printable ASCII as `'Q'`, anything else as hex.
 pub fn tag_name(tag: u8) -> String {
-    if tag.is_ascii_graphic() {
-        format!("'{}'", tag as char)
-    } else {
-        format!("0x{tag:02x}")
-    }
+    if tag.is_ascii_graphic() { format!("'{}'", tag as char) } else { format!("0x{tag:02x}") }
 }
 
 /// What the next bytes of the buffer are.
@@ -82,10 +78,7 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner refusing messages longer than `max_len` bytes (length field value).
     pub fn new(max_len: usize) -> Scanner {
-        Scanner {
-            body_left: 0,
-            max_len,
-        }
+        Scanner { body_left: 0, max_len }
     }
 
     /// True when a long message is half-way through.
@@ -115,11 +108,7 @@ impl Scanner {
         }
         let body_len = raw as usize;
         if body_len > self.max_len {
-            return Err(FrameError::TooLong {
-                tag,
-                len: body_len,
-                max: self.max_len,
-            });
+            return Err(FrameError::TooLong { tag, len: body_len, max: self.max_len });
         }
         let len = body_len + 1;
         if buf.len() >= len {
@@ -129,11 +118,7 @@ impl Scanner {
             return Ok(Step::NeedMore { need: len });
         }
         self.body_left = len - buf.len();
-        Ok(Step::Start {
-            tag,
-            len,
-            avail: buf.len(),
-        })
+        Ok(Step::Start { tag, len, avail: buf.len() })
     }
 }
 
@@ -153,32 +138,20 @@ mod tests {
     fn whole_message_is_reported_with_total_length() {
         let m = msg(b'Q', b"select 1\0");
         let mut s = Scanner::new(1 << 20);
-        assert_eq!(
-            s.next(&m, |_| false).unwrap(),
-            Step::Whole {
-                tag: b'Q',
-                len: m.len()
-            }
-        );
+        assert_eq!(s.next(&m, |_| false).unwrap(), Step::Whole { tag: b'Q', len: m.len() });
     }
 
     #[test]
     fn partial_header_needs_five_bytes() {
         let mut s = Scanner::new(1 << 20);
-        assert_eq!(
-            s.next(&[b'Q', 0, 0], |_| false).unwrap(),
-            Step::NeedMore { need: 5 }
-        );
+        assert_eq!(s.next(&[b'Q', 0, 0], |_| false).unwrap(), Step::NeedMore { need: 5 });
     }
 
     #[test]
     fn short_message_waits_until_whole() {
         let m = msg(b'Q', b"select 1\0");
         let mut s = Scanner::new(1 << 20);
-        assert_eq!(
-            s.next(&m[..7], |_| false).unwrap(),
-            Step::NeedMore { need: m.len() }
-        );
+        assert_eq!(s.next(&m[..7], |_| false).unwrap(), Step::NeedMore { need: m.len() });
     }
 
     #[test]
@@ -186,37 +159,21 @@ mod tests {
         let m = msg(b'd', &vec![7u8; STREAM_THRESHOLD * 2]);
         let mut s = Scanner::new(1 << 20);
         let first = 1000;
-        assert_eq!(
-            s.next(&m[..first], |_| false).unwrap(),
-            Step::Start {
-                tag: b'd',
-                len: m.len(),
-                avail: first
-            }
-        );
+        assert_eq!(s.next(&m[..first], |_| false).unwrap(), Step::Start { tag: b'd', len: m.len(), avail: first });
         assert!(s.in_message());
-        assert_eq!(
-            s.next(&m[first..first + 10], |_| false).unwrap(),
-            Step::Body(10)
-        );
+        assert_eq!(s.next(&m[first..first + 10], |_| false).unwrap(), Step::Body(10));
         let rest = m.len() - first - 10;
         let mut tail = m[first + 10..].to_vec();
         tail.extend_from_slice(&msg(b'c', b""));
         assert_eq!(s.next(&tail, |_| false).unwrap(), Step::Body(rest));
-        assert_eq!(
-            s.next(&tail[rest..], |_| false).unwrap(),
-            Step::Whole { tag: b'c', len: 5 }
-        );
+        assert_eq!(s.next(&tail[rest..], |_| false).unwrap(), Step::Whole { tag: b'c', len: 5 });
     }
 
     #[test]
     fn long_message_of_a_whole_tag_is_not_streamed() {
         let m = msg(b'P', &vec![b'x'; STREAM_THRESHOLD * 2]);
         let mut s = Scanner::new(1 << 20);
-        assert_eq!(
-            s.next(&m[..100], |t| t == b'P').unwrap(),
-            Step::NeedMore { need: m.len() }
-        );
+        assert_eq!(s.next(&m[..100], |t| t == b'P').unwrap(), Step::NeedMore { need: m.len() });
     }
 
     #[test]
@@ -224,9 +181,7 @@ mod tests {
         let mut s = Scanner::new(1 << 20);
         let err = s.next(&[b'Q', 0, 0, 0, 3], |_| false).unwrap_err();
         assert_eq!(err, FrameError::BadLength { tag: b'Q', len: 3 });
-        let err = s
-            .next(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_| false)
-            .unwrap_err();
+        let err = s.next(&[b'Q', 0xff, 0xff, 0xff, 0xff], |_| false).unwrap_err();
         assert_eq!(err, FrameError::BadLength { tag: b'Q', len: -1 });
     }
 
@@ -234,13 +189,6 @@ mod tests {
     fn length_over_maximum_is_rejected_before_buffering() {
         let mut s = Scanner::new(1000);
         let err = s.next(&[b'Q', 0, 0, 0x10, 0], |_| false).unwrap_err();
-        assert_eq!(
-            err,
-            FrameError::TooLong {
-                tag: b'Q',
-                len: 4096,
-                max: 1000
-            }
-        );
+        assert_eq!(err, FrameError::TooLong { tag: b'Q', len: 4096, max: 1000 });
     }
 }

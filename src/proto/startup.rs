@@ -46,10 +46,7 @@ pub struct Startup {
 impl Startup {
     /// The value of a startup parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -105,10 +102,7 @@ fn parse_cancel(rest: &[u8]) -> Result<Packet, StartupError> {
     let secret = rest.get(4..).ok_or(StartupError::Truncated)?;
     // Protocol 3.2 allows secrets of 4 to 256 bytes; ours are always 4.
     match secret.len() {
-        4 => Ok(Packet::Cancel(Some(CancelKey {
-            pid,
-            secret: read_i32(secret).ok_or(StartupError::Truncated)?,
-        }))),
+        4 => Ok(Packet::Cancel(Some(CancelKey { pid, secret: read_i32(secret).ok_or(StartupError::Truncated)? }))),
         5..=256 => Ok(Packet::Cancel(None)),
         _ => Err(StartupError::Truncated),
     }
@@ -119,10 +113,7 @@ fn parse_startup(code: i32, mut rest: &[u8]) -> Result<Startup, StartupError> {
     if major != PROTOCOL_MAJOR {
         return Err(StartupError::UnsupportedProtocol { major, minor });
     }
-    let mut startup = Startup {
-        minor: minor as u16,
-        ..Startup::default()
-    };
+    let mut startup = Startup { minor: minor as u16, ..Startup::default() };
     loop {
         let (name, after) = split_cstr(rest).ok_or(StartupError::Layout("missing terminator"))?;
         if name.is_empty() {
@@ -163,9 +154,7 @@ mod tests {
     #[test]
     fn startup_parameters_are_kept_in_order() {
         let body = startup_body(0, &[("user", "app"), ("database", "bench")]);
-        let Packet::Startup(s) = parse(&body).unwrap() else {
-            panic!("not a startup")
-        };
+        let Packet::Startup(s) = parse(&body).unwrap() else { panic!("not a startup") };
         assert_eq!(s.param("user"), Some("app"));
         assert_eq!(s.params[1].0, "database");
         assert_eq!(s.minor, 0);
@@ -174,9 +163,7 @@ mod tests {
     #[test]
     fn protocol_options_are_separated_from_parameters() {
         let body = startup_body(2, &[("user", "a"), ("_pq_.compression", "on")]);
-        let Packet::Startup(s) = parse(&body).unwrap() else {
-            panic!("not a startup")
-        };
+        let Packet::Startup(s) = parse(&body).unwrap() else { panic!("not a startup") };
         assert_eq!(s.minor, 2);
         assert_eq!(s.protocol_options, vec!["_pq_.compression".to_string()]);
         assert_eq!(s.params.len(), 1);
@@ -184,21 +171,12 @@ mod tests {
 
     #[test]
     fn ssl_gss_and_cancel_requests_are_recognised() {
-        assert_eq!(
-            parse(&SSL_REQUEST.to_be_bytes()).unwrap(),
-            Packet::SslRequest
-        );
-        assert_eq!(
-            parse(&GSSENC_REQUEST.to_be_bytes()).unwrap(),
-            Packet::GssEncRequest
-        );
+        assert_eq!(parse(&SSL_REQUEST.to_be_bytes()).unwrap(), Packet::SslRequest);
+        assert_eq!(parse(&GSSENC_REQUEST.to_be_bytes()).unwrap(), Packet::GssEncRequest);
         let mut c = CANCEL_REQUEST.to_be_bytes().to_vec();
         c.extend_from_slice(&7i32.to_be_bytes());
         c.extend_from_slice(&9i32.to_be_bytes());
-        assert_eq!(
-            parse(&c).unwrap(),
-            Packet::Cancel(Some(CancelKey { pid: 7, secret: 9 }))
-        );
+        assert_eq!(parse(&c).unwrap(), Packet::Cancel(Some(CancelKey { pid: 7, secret: 9 })));
         c.extend_from_slice(&[1; 28]);
         assert_eq!(parse(&c).unwrap(), Packet::Cancel(None));
     }
@@ -206,10 +184,7 @@ mod tests {
     #[test]
     fn wrong_major_version_is_refused() {
         let body = 0x0002_0000i32.to_be_bytes();
-        assert!(matches!(
-            parse(&body),
-            Err(StartupError::UnsupportedProtocol { major: 2, .. })
-        ));
+        assert!(matches!(parse(&body), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
     }
 
     #[test]

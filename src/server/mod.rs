@@ -64,18 +64,11 @@ impl Target {
 
     /// Opens a bare socket to the server (also used to send CancelRequest).
     pub async fn open(&self) -> Result<Stream, ServerError> {
-        let connect = |source| ServerError::Connect {
-            addr: self.addr(),
-            source,
-        };
+        let connect = |source| ServerError::Connect { addr: self.addr(), source };
         if self.is_unix() {
-            Ok(Stream::Unix(
-                UnixStream::connect(self.addr()).await.map_err(connect)?,
-            ))
+            Ok(Stream::Unix(UnixStream::connect(self.addr()).await.map_err(connect)?))
         } else {
-            let s = TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(connect)?;
+            let s = TcpStream::connect((self.host.as_str(), self.port)).await.map_err(connect)?;
             crate::net::tune(&s, self.keepalive);
             Ok(Stream::Tcp(s))
         }
@@ -136,9 +129,7 @@ impl ServerError {
         match self {
             ServerError::Refused { code, .. } => *code,
             ServerError::Connect { .. } | ServerError::Timeout { .. } => SqlState::CANNOT_CONNECT,
-            ServerError::NoPassword { .. } | ServerError::UnsupportedAuth(_) => {
-                SqlState::INVALID_AUTHORIZATION
-            }
+            ServerError::NoPassword { .. } | ServerError::UnsupportedAuth(_) => SqlState::INVALID_AUTHORIZATION,
             ServerError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
             ServerError::Io(_) | ServerError::Closed => SqlState::CONNECTION_FAILURE,
         }
@@ -173,6 +164,12 @@ pub struct ServerConn {
     pub status: TxnStatus,
     /// When the connection was opened.
     pub created: Instant,
+    /// When it was last returned to its pool.
+    pub last_used: Instant,
+    /// When it is retired (`server_lifetime`), if ever.
+    pub expires: Option<Instant>,
+    /// Checkouts so far (`server_max_uses`).
+    pub uses: u64,
 }
 
 /// A server's reply to one of the broker's own queries that failed.
@@ -186,29 +183,17 @@ pub struct QueryError {
 
 impl ServerConn {
     /// Connects and logs in, bounded by `timeout` in total.
-    pub async fn connect(
-        target: Arc<Target>,
-        timeout: Duration,
-    ) -> Result<ServerConn, ServerError> {
+    pub async fn connect(target: Arc<Target>, timeout: Duration) -> Result<ServerConn, ServerError> {
         match tokio::time::timeout(timeout, Self::connect_inner(target.clone())).await {
             Ok(r) => r,
-            Err(_) => Err(ServerError::Timeout {
-                addr: target.addr(),
-                after: timeout,
-            }),
+            Err(_) => Err(ServerError::Timeout { addr: target.addr(), after: timeout }),
         }
     }
 
     async fn connect_inner(target: Arc<Target>) -> Result<ServerConn, ServerError> {
         let mut stream = target.open().await?;
         let mut out = BytesMut::with_capacity(256);
-        frontend::startup_message(
-            [
-                ("user", target.user.as_str()),
-                ("database", target.dbname.as_str()),
-            ],
-            &mut out,
-        )?;
+        frontend::startup_message([("user", target.user.as_str()), ("database", target.dbname.as_str())], &mut out)?;
         stream.write_all(&out).await?;
         let mut rbuf = BytesMut::with_capacity(1024);
         let mut scram: Option<ScramSha256> = None;
@@ -222,11 +207,7 @@ impl ServerConn {
                     frontend::password_message(password(&target)?.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(
-                        target.user.as_bytes(),
-                        password(&target)?.as_bytes(),
-                        body.salt(),
-                    );
+                    let hash = md5_hash(target.user.as_bytes(), password(&target)?.as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -238,35 +219,24 @@ impl ServerConn {
                     if !found {
                         return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
                     }
-                    let s = ScramSha256::new(
-                        password(&target)?.as_bytes(),
-                        ChannelBinding::unsupported(),
-                    );
+                    let s = ScramSha256::new(password(&target)?.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| protocol("SASL continue before start"))?;
+                    let s = scram.as_mut().ok_or_else(|| protocol("SASL continue before start"))?;
                     s.update(body.data())?;
                     frontend::sasl_response(s.message(), &mut out)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| protocol("SASL final before start"))?;
+                    let s = scram.as_mut().ok_or_else(|| protocol("SASL final before start"))?;
                     s.finish(body.data())?;
                 }
-                Message::AuthenticationGss
-                | Message::AuthenticationGssContinue(_)
-                | Message::AuthenticationSspi => {
+                Message::AuthenticationGss | Message::AuthenticationGssContinue(_) | Message::AuthenticationSspi => {
                     return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"));
                 }
                 Message::AuthenticationKerberosV5 | Message::AuthenticationScmCredential => {
-                    return Err(ServerError::UnsupportedAuth(
-                        "Kerberos V5 / SCM credentials",
-                    ));
+                    return Err(ServerError::UnsupportedAuth("Kerberos V5 / SCM credentials"));
                 }
                 Message::ParameterStatus(body) => {
                     set_param(&mut params, body.name()?, body.value()?);
@@ -291,19 +261,45 @@ impl ServerConn {
             stream,
             id,
             params,
-            cancel: Arc::new(CancelTarget {
-                target,
-                pid,
-                secret,
-            }),
+            cancel: Arc::new(CancelTarget { target, pid, secret }),
             status: TxnStatus::Idle,
             created: Instant::now(),
+            last_used: Instant::now(),
+            expires: None,
+            uses: 0,
         })
     }
 
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, discarding rows and
     /// recording ParameterStatus changes. The outer error means the connection is unusable.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Result<(), QueryError>, ServerError> {
+        self.run(sql, |_| {}).await
+    }
+
+    /// Like `simple_query`, returning the first row's values as text.
+    pub async fn query_row(&mut self, sql: &str) -> Result<Result<Vec<Option<String>>, QueryError>, ServerError> {
+        let mut first: Option<Vec<Option<String>>> = None;
+        let r = self
+            .run(sql, |row| {
+                if first.is_none() {
+                    let buf = row.buffer();
+                    let mut values = Vec::new();
+                    let mut ranges = row.ranges();
+                    while let Ok(Some(range)) = ranges.next() {
+                        values.push(range.and_then(|r| buf.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()));
+                    }
+                    first = Some(values);
+                }
+            })
+            .await?;
+        Ok(r.map(|()| first.unwrap_or_default()))
+    }
+
+    async fn run(
+        &mut self,
+        sql: &str,
+        mut on_row: impl FnMut(&postgres_protocol::message::backend::DataRowBody),
+    ) -> Result<Result<(), QueryError>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
@@ -314,9 +310,8 @@ impl ServerConn {
                 Message::ErrorResponse(body) if first_error.is_none() => {
                     first_error = Some(error_fields(&body));
                 }
-                Message::ParameterStatus(body) => {
-                    set_param(&mut self.params, body.name()?, body.value()?)
-                }
+                Message::DataRow(row) => on_row(&row),
+                Message::ParameterStatus(body) => set_param(&mut self.params, body.name()?, body.value()?),
                 Message::ReadyForQuery(body) => {
                     self.status = TxnStatus::from_byte(body.status());
                     if !rbuf.is_empty() {
@@ -348,10 +343,7 @@ impl ServerConn {
 
     /// The value of a reported parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -359,10 +351,7 @@ impl ServerConn {
 pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let (name, rest) = crate::proto::split_cstr(body)?;
     let (value, _) = crate::proto::split_cstr(rest)?;
-    Some((
-        std::str::from_utf8(name).ok()?,
-        std::str::from_utf8(value).ok()?,
-    ))
+    Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?))
 }
 
 fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
@@ -377,12 +366,7 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
 }
 
 fn password(target: &Target) -> Result<&str, ServerError> {
-    target
-        .password
-        .as_deref()
-        .ok_or_else(|| ServerError::NoPassword {
-            user: target.user.clone(),
-        })
+    target.password.as_deref().ok_or_else(|| ServerError::NoPassword { user: target.user.clone() })
 }
 
 fn protocol(what: &str) -> ServerError {

@@ -20,23 +20,13 @@ pub struct ClientIo<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     /// Wraps a connected socket.
     pub fn new(stream: S) -> ClientIo<S> {
-        ClientIo {
-            stream,
-            rbuf: BytesMut::with_capacity(1024),
-            wbuf: BytesMut::with_capacity(1024),
-        }
+        ClientIo { stream, rbuf: BytesMut::with_capacity(1024), wbuf: BytesMut::with_capacity(1024) }
     }
 
     async fn fill(&mut self, need: usize) -> Result<(), SessionError> {
         while self.rbuf.len() < need {
             self.rbuf.reserve(need - self.rbuf.len());
-            if self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(SessionError::Io)?
-                == 0
-            {
+            if self.stream.read_buf(&mut self.rbuf).await.map_err(SessionError::Io)? == 0 {
                 return Err(SessionError::Disconnected);
             }
         }
@@ -75,10 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     /// Sends everything in the write buffer.
     pub async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.wbuf.is_empty() {
-            self.stream
-                .write_all(&self.wbuf)
-                .await
-                .map_err(SessionError::Io)?;
+            self.stream.write_all(&self.wbuf).await.map_err(SessionError::Io)?;
             self.wbuf.clear();
         }
         Ok(())

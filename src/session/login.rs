@@ -6,10 +6,9 @@ use crate::app::App;
 use crate::auth;
 use crate::config::{Config, Database, PoolMode};
 use crate::error::SqlState;
-use crate::pool::{Pool, PoolKey, PoolSettings};
+use crate::pool::Pool;
 use crate::proto::build;
 use crate::proto::startup::{Packet, Startup};
-use crate::server::Target;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
@@ -28,10 +27,7 @@ pub(super) struct Login {
 }
 
 /// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
-pub(super) async fn serve(
-    app: &Arc<App>,
-    io: &mut ClientIo<TcpStream>,
-) -> Result<(), SessionError> {
+pub(super) async fn serve(app: &Arc<App>, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
     let login = match tokio::time::timeout(limit, handshake(app, &cfg, io)).await {
@@ -58,41 +54,13 @@ pub(super) async fn serve(
 }
 
 fn pool_for(app: &App, cfg: &Config, login: &Login) -> Arc<Pool> {
-    let server_user = login.db.user.clone().unwrap_or_else(|| login.user.clone());
-    let key = PoolKey {
-        database: login.database.clone(),
-        user: server_user.clone(),
-    };
-    app.pools.get_or_create(&key, || {
-        let db = &login.db;
-        let target = Target {
-            host: db.host.clone(),
-            port: db.port,
-            dbname: db.dbname.clone(),
-            password: if db.user.is_some() {
-                db.password.clone()
-            } else {
-                login.password.clone()
-            },
-            user: server_user,
-            keepalive: cfg.broker.tcp_keepalive,
-        };
-        let settings = PoolSettings {
-            size: db.pool_size as usize,
-            connect_timeout: cfg.broker.server_connect_timeout,
-            reset_query: cfg.broker.server_reset_query.clone(),
-            reset_timeout: cfg.broker.server_reset_timeout,
-        };
-        Pool::new(key.clone(), target, settings)
-    })
+    let server_user = login.db.user.as_deref().unwrap_or(&login.user);
+    let password = if login.db.user.is_some() { login.db.password.clone() } else { login.password.clone() };
+    app.pool(cfg, &login.database, &login.db, server_user, password)
 }
 
 /// Startup packets and authentication. `None` means the connection only carried a cancel.
-async fn handshake(
-    app: &App,
-    cfg: &Config,
-    io: &mut ClientIo<TcpStream>,
-) -> Result<Option<Login>, SessionError> {
+async fn handshake(app: &App, cfg: &Config, io: &mut ClientIo<TcpStream>) -> Result<Option<Login>, SessionError> {
     let startup = loop {
         match io.read_startup().await? {
             Packet::SslRequest | Packet::GssEncRequest => {
@@ -127,20 +95,13 @@ async fn handshake(
             ));
         }
     };
-    if startup
-        .param("replication")
-        .is_some_and(|v| v != "false" && v != "0" && v != "off")
-    {
+    if startup.param("replication").is_some_and(|v| v != "false" && v != "0" && v != "off") {
         return Err(SessionError::fatal(
             SqlState::FEATURE_NOT_SUPPORTED,
             "replication connections are not supported by pgbroker",
         ));
     }
-    let database = startup
-        .param("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(&user)
-        .to_string();
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
     let authenticated = auth::authenticate(io, &cfg.auth, &user).await?;
     let Some(db) = cfg.databases.get(&database) else {
         return Err(SessionError::fatal(
@@ -149,11 +110,5 @@ async fn handshake(
         ));
     };
     build::auth_ok(&mut io.wbuf);
-    Ok(Some(Login {
-        db: db.clone(),
-        database,
-        user,
-        password: authenticated.password,
-        startup,
-    }))
+    Ok(Some(Login { db: db.clone(), database, user, password: authenticated.password, startup }))
 }

@@ -51,10 +51,7 @@ pub enum SessionError {
 impl SessionError {
     /// A refusal the client is told about.
     pub fn fatal(code: SqlState, message: impl Into<String>) -> SessionError {
-        SessionError::Fatal {
-            code,
-            message: message.into(),
-        }
+        SessionError::Fatal { code, message: message.into() }
     }
 
     /// What the client is told, if anything can still reach it.
@@ -102,11 +99,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// Tells the client why it is being disconnected, best effort.
-pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(
-    io: &mut ClientIo<S>,
-    code: SqlState,
-    message: &str,
-) {
+pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(io: &mut ClientIo<S>, code: SqlState, message: &str) {
     let mut buf = BytesMut::new();
     build::error_response(&mut buf, Severity::Fatal, code, message, None);
     let _ = io.stream.write_all(&buf).await;

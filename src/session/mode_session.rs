@@ -81,11 +81,7 @@ fn welcome(io: &mut ClientIo<TcpStream>, server: &ServerConn, pid: i32, secret: 
 }
 
 /// Relays until the client leaves or either side fails, then decides how the server goes back.
-async fn relay(
-    cfg: &Config,
-    io: &mut ClientIo<TcpStream>,
-    server: &mut Pooled,
-) -> Result<(), SessionError> {
+async fn relay(cfg: &Config, io: &mut ClientIo<TcpStream>, server: &mut Pooled) -> Result<(), SessionError> {
     let mut up = Pipe::new(cfg.broker.max_packet_size);
     let mut down = Pipe::new(MAX_SERVER_MESSAGE);
     let mut pending = Pending::default();
@@ -99,16 +95,7 @@ async fn relay(
         if client_data && scan_client(&mut up, &mut pending)? {
             break Ok(());
         }
-        let ev = match poll_fn(|cx| {
-            poll_relay(
-                cx,
-                &mut io.stream,
-                Some(&mut server.stream),
-                &mut up,
-                &mut down,
-            )
-        })
-        .await
+        let ev = match poll_fn(|cx| poll_relay(cx, &mut io.stream, Some(&mut server.stream), &mut up, &mut down)).await
         {
             Ok(ev) => ev,
             Err(RelayError::Client(e)) => break Err(SessionError::Io(e)),
@@ -125,20 +112,9 @@ async fn relay(
         }
         client_data = ev.client_data;
     };
-    let clean = pending.sync_points == 0
-        && !pending.unsynced
-        && up.ready().is_empty()
-        && !down.has_unscanned();
-    server.release = if outcome.is_ok()
-        || matches!(
-            outcome,
-            Err(SessionError::Disconnected | SessionError::Io(_))
-        ) {
-        if clean {
-            Release::Reset
-        } else {
-            Release::Close
-        }
+    let clean = pending.sync_points == 0 && !pending.unsynced && up.ready().is_empty() && !down.has_unscanned();
+    server.release = if outcome.is_ok() || matches!(outcome, Err(SessionError::Disconnected | SessionError::Io(_))) {
+        if clean { Release::Reset } else { Release::Close }
     } else {
         Release::Close
     };
@@ -167,11 +143,7 @@ fn scan_client(up: &mut Pipe, pending: &mut Pending) -> Result<bool, SessionErro
 
 /// Looks at server messages: ReadyForQuery settles a request, ParameterStatus updates the
 /// server's recorded settings.
-fn scan_server(
-    down: &mut Pipe,
-    server: &mut ServerConn,
-    pending: &mut Pending,
-) -> Result<(), SessionError> {
+fn scan_server(down: &mut Pipe, server: &mut ServerConn, pending: &mut Pending) -> Result<(), SessionError> {
     down.scan(
         |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS,
         |t, msg| {
@@ -187,26 +159,14 @@ fn scan_server(
             Action::Forward
         },
     )
-    .map_err(|e| {
-        SessionError::fatal(
-            SqlState::PROTOCOL_VIOLATION,
-            format!("server sent a bad message: {e}"),
-        )
-    })?;
+    .map_err(|e| SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("server sent a bad message: {e}")))?;
     Ok(())
 }
 
 /// Passes on what the server said before dying, and tells the client.
-async fn server_lost(
-    io: &mut ClientIo<TcpStream>,
-    down: &mut Pipe,
-    err: Option<std::io::Error>,
-) -> SessionError {
+async fn server_lost(io: &mut ClientIo<TcpStream>, down: &mut Pipe, err: Option<std::io::Error>) -> SessionError {
     let _ = io.stream.write_all(down.ready()).await;
     down.clear();
     tracing::warn!(error = ?err, "server connection lost");
-    SessionError::fatal(
-        SqlState::CONNECTION_FAILURE,
-        "server closed the connection unexpectedly",
-    )
+    SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
 }

@@ -9,12 +9,8 @@ const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
 /// The settings a client asked for at startup: every parameter that is not user/database,
 /// plus the `-c name=value` / `--name=value` switches inside `options`.
 pub fn startup_settings(startup: &Startup) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = startup
-        .params
-        .iter()
-        .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
-        .cloned()
-        .collect();
+    let mut out: Vec<(String, String)> =
+        startup.params.iter().filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str())).cloned().collect();
     if let Some(options) = startup.param("options") {
         out.extend(parse_options(options));
     }
@@ -78,13 +74,7 @@ pub fn set_config_sql(settings: &[(String, String)]) -> Option<String> {
     }
     let calls: Vec<String> = settings
         .iter()
-        .map(|(k, v)| {
-            format!(
-                "pg_catalog.set_config({}, {}, false)",
-                escape_literal(k),
-                escape_literal(v)
-            )
-        })
+        .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", escape_literal(k), escape_literal(v)))
         .collect();
     Some(format!("SELECT {}", calls.join(", ")))
 }
@@ -95,29 +85,20 @@ mod tests {
     use super::*;
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
     fn options_switches_become_settings() {
         assert_eq!(
             parse_options("-c search_path=app,public --statement-timeout=5s -cwork_mem=64MB"),
-            pairs(&[
-                ("search_path", "app,public"),
-                ("statement_timeout", "5s"),
-                ("work_mem", "64MB")
-            ])
+            pairs(&[("search_path", "app,public"), ("statement_timeout", "5s"), ("work_mem", "64MB")])
         );
     }
 
     #[test]
     fn backslash_escapes_spaces_in_option_values() {
-        assert_eq!(
-            parse_options(r"-c application_name=my\ app"),
-            pairs(&[("application_name", "my app")])
-        );
+        assert_eq!(parse_options(r"-c application_name=my\ app"), pairs(&[("application_name", "my app")]));
     }
 
     #[test]
@@ -139,21 +120,14 @@ mod tests {
         };
         assert_eq!(
             startup_settings(&s),
-            pairs(&[
-                ("application_name", "psql"),
-                ("extra_float_digits", "3"),
-                ("geqo", "off")
-            ])
+            pairs(&[("application_name", "psql"), ("extra_float_digits", "3"), ("geqo", "off")])
         );
     }
 
     #[test]
     fn set_config_quotes_names_and_values() {
         let sql = set_config_sql(&pairs(&[("application_name", "it's")])).unwrap();
-        assert_eq!(
-            sql,
-            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
-        );
+        assert_eq!(sql, "SELECT pg_catalog.set_config('application_name', 'it''s', false)");
         assert_eq!(set_config_sql(&[]), None);
     }
 }

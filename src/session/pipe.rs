@@ -35,13 +35,7 @@ pub struct Pipe {
 impl Pipe {
     /// An empty pipe accepting messages up to `max_len` bytes.
     pub fn new(max_len: usize) -> Pipe {
-        Pipe {
-            buf: BytesMut::new(),
-            ready: 0,
-            need: 0,
-            scanner: Scanner::new(max_len),
-            unflushed: false,
-        }
+        Pipe { buf: BytesMut::new(), ready: 0, need: 0, scanner: Scanner::new(max_len), unflushed: false }
     }
 
     /// Approved bytes waiting to be written.
@@ -185,11 +179,7 @@ mod tests {
         p.scan(
             |_| false,
             |t, _| {
-                if t == b'S' {
-                    Action::Drop
-                } else {
-                    Action::Forward
-                }
+                if t == b'S' { Action::Drop } else { Action::Forward }
             },
         )
         .unwrap();
@@ -201,17 +191,7 @@ mod tests {
         let mut p = Pipe::new(1 << 20);
         let (q, x) = (msg(b'Q', b"select\0"), msg(b'X', b""));
         feed(&mut p, &[q.clone(), x].concat());
-        assert!(
-            p.scan(
-                |_| false,
-                |t, _| if t == b'X' {
-                    Action::Stop
-                } else {
-                    Action::Forward
-                }
-            )
-            .unwrap()
-        );
+        assert!(p.scan(|_| false, |t, _| if t == b'X' { Action::Stop } else { Action::Forward }).unwrap());
         assert_eq!(p.ready(), &q[..]);
     }
 

@@ -40,11 +40,7 @@ pub enum RelayError {
 }
 
 /// Writes `pipe`'s approved bytes to `w` until done or `w` is not ready; true if it wrote any.
-fn poll_drain<W: AsyncWrite + Unpin>(
-    cx: &mut Context<'_>,
-    w: &mut W,
-    pipe: &mut Pipe,
-) -> Poll<io::Result<bool>> {
+fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut Pipe) -> Poll<io::Result<bool>> {
     let mut wrote = false;
     while !pipe.ready().is_empty() {
         match Pin::new(&mut *w).poll_write(cx, pipe.ready()) {
@@ -67,11 +63,7 @@ fn poll_drain<W: AsyncWrite + Unpin>(
 }
 
 /// Reads into `pipe` if it has room; returns (got data, closed).
-fn poll_fill<R: AsyncRead + Unpin>(
-    cx: &mut Context<'_>,
-    r: &mut R,
-    pipe: &mut Pipe,
-) -> io::Result<(bool, bool)> {
+fn poll_fill<R: AsyncRead + Unpin>(cx: &mut Context<'_>, r: &mut R, pipe: &mut Pipe) -> io::Result<(bool, bool)> {
     if !pipe.wants_read() {
         return Ok((false, false));
     }
@@ -111,11 +103,9 @@ where
                 Poll::Ready(r) => r.map_err(RelayError::Server)?,
                 Poll::Pending => false,
             };
-            (ev.server_data, ev.server_closed) =
-                poll_fill(cx, s, down).map_err(RelayError::Server)?;
+            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down).map_err(RelayError::Server)?;
         }
-        (ev.client_data, ev.client_closed) =
-            poll_fill(cx, client, up).map_err(RelayError::Client)?;
+        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up).map_err(RelayError::Client)?;
         if ev.any() {
             return Poll::Ready(Ok(ev));
         }

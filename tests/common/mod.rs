@@ -27,8 +27,7 @@ pub fn pg() -> &'static Cluster {
             ..ClusterOptions::default()
         };
         let c = Cluster::start(opts).expect("start PostgreSQL");
-        c.psql("postgres", "CREATE DATABASE bench")
-            .expect("create database");
+        c.psql("postgres", "CREATE DATABASE bench").expect("create database");
         c.psql(
             "postgres",
             "CREATE ROLE u_trust LOGIN;
@@ -109,22 +108,12 @@ pub async fn broker(config: Config) -> Broker {
 
 /// A libpq-style connection string through the broker.
 pub fn conninfo(addr: SocketAddr, user: &str, password: &str, db: &str) -> String {
-    format!(
-        "host={} port={} user={user} password={password} dbname={db} connect_timeout=10",
-        addr.ip(),
-        addr.port()
-    )
+    format!("host={} port={} user={user} password={password} dbname={db} connect_timeout=10", addr.ip(), addr.port())
 }
 
 /// Connects with tokio-postgres; the connection task runs in the background.
-pub async fn connect(
-    addr: SocketAddr,
-    user: &str,
-    password: &str,
-    db: &str,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) =
-        tokio_postgres::connect(&conninfo(addr, user, password, db), NoTls).await?;
+pub async fn connect(addr: SocketAddr, user: &str, password: &str, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(&conninfo(addr, user, password, db), NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -133,16 +122,12 @@ pub async fn connect(
 
 /// Connects as postgres to `bench` through the broker.
 pub async fn connect_bench(addr: SocketAddr) -> Client {
-    connect(addr, "postgres", "postgres", "bench")
-        .await
-        .unwrap()
+    connect(addr, "postgres", "postgres", "bench").await.unwrap()
 }
 
 /// The SQLSTATE of a failed tokio-postgres call.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code()
-        .map(|c| c.code().to_string())
-        .unwrap_or_else(|| format!("no code: {e}"))
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no code: {e}"))
 }
 
 /// A raw TCP connection to the broker for byte-level tests.

@@ -1,0 +1,154 @@
+//! A cap on open servers shared by several pools: the per-server budget, `max_db_connections`,
+//! `max_user_connections`. Pools blocked by a full limit queue on it in FIFO order and are
+//! offered capacity as it frees; a blocked pool may ask another pool to close an idle server.
+
+use super::Pool;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+#[derive(Default)]
+struct State {
+    used: usize,
+    /// Pools with clients waiting because this limit is full, oldest first.
+    waiting: VecDeque<Weak<Pool>>,
+    /// Every pool counted against this limit.
+    members: Vec<Weak<Pool>>,
+}
+
+/// A shared cap on open servers.
+pub struct Limit {
+    name: String,
+    cap: AtomicUsize,
+    /// Mirrors `waiting.len()` so checkin can test it without the lock.
+    waiting_count: AtomicUsize,
+    state: Mutex<State>,
+}
+
+impl Limit {
+    /// A limit of `cap` servers, named for error messages (e.g. `budget 10.0.0.5:5432`).
+    pub fn new(name: impl Into<String>, cap: usize) -> Arc<Limit> {
+        Arc::new(Limit {
+            name: name.into(),
+            cap: AtomicUsize::new(cap),
+            waiting_count: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The limit's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The cap.
+    pub fn cap(&self) -> usize {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// Servers counted now.
+    pub fn used(&self) -> usize {
+        self.lock().used
+    }
+
+    /// Changes the cap (live reload). Servers over a lowered cap close as they free up.
+    pub fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::Relaxed);
+        self.notify();
+    }
+
+    /// True if some pool is blocked on this limit.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting_count.load(Ordering::Relaxed) > 0
+    }
+
+    /// True if no capacity is left.
+    pub fn is_full(&self) -> bool {
+        self.lock().used >= self.cap()
+    }
+
+    pub(super) fn add_member(&self, pool: Weak<Pool>) {
+        let mut st = self.lock();
+        st.members.retain(|p| p.strong_count() > 0);
+        st.members.push(pool);
+    }
+
+    /// Takes one unit if there is room.
+    pub(super) fn try_acquire(&self) -> bool {
+        let mut st = self.lock();
+        if st.used < self.cap() {
+            st.used += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives one unit back without waking anyone; follow with `notify` once no pool lock is held.
+    pub(super) fn release_quiet(&self) {
+        let mut st = self.lock();
+        st.used = st.used.saturating_sub(1);
+    }
+
+    /// Queues `pool` (once) to be offered capacity.
+    pub(super) fn wait(&self, pool: &Arc<Pool>) {
+        let mut st = self.lock();
+        if !st.waiting.iter().any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(pool))) {
+            st.waiting.push_back(Arc::downgrade(pool));
+            self.waiting_count.store(st.waiting.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Offers free capacity to waiting pools, oldest first. Call with no pool lock held.
+    pub(super) fn notify(&self) {
+        let queued = {
+            let mut st = self.lock();
+            if st.used >= self.cap() || st.waiting.is_empty() {
+                return;
+            }
+            std::mem::take(&mut st.waiting)
+        };
+        let mut still = VecDeque::new();
+        for weak in queued {
+            let Some(pool) = weak.upgrade() else { continue };
+            if !self.is_full() {
+                pool.on_capacity();
+            }
+            if pool.has_blocked_waiters() {
+                still.push_back(weak);
+            }
+        }
+        let mut st = self.lock();
+        // Pools queued meanwhile go after the ones that were already waiting.
+        for w in std::mem::take(&mut st.waiting) {
+            if !still.iter().any(|s| s.ptr_eq(&w)) {
+                still.push_back(w);
+            }
+        }
+        st.waiting = still;
+        self.waiting_count.store(st.waiting.len(), Ordering::Relaxed);
+    }
+
+    /// Closes one idle server of another member pool (the one with most idle) so `requester`
+    /// can open one. True if a server was closed.
+    pub(super) fn evict_for(&self, requester: &Pool) -> bool {
+        let members: Vec<Arc<Pool>> = self.lock().members.iter().filter_map(Weak::upgrade).collect();
+        let victim = members
+            .into_iter()
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), requester))
+            .map(|p| (p.stats().idle, p))
+            .filter(|(idle, _)| *idle > 0)
+            .max_by_key(|(idle, _)| *idle);
+        match victim {
+            Some((_, pool)) => {
+                tracing::debug!(limit = %self.name, from = %pool.key(), to = %requester.key(), "closing an idle server to share the limit");
+                pool.close_one_idle()
+            }
+            None => false,
+        }
+    }
+}

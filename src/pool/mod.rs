@@ -1,0 +1,546 @@
+//! Server pools, one per (database, user): bounded by their own size and by shared limits
+//! (the budget), FIFO waiters, and an RAII checkout guard whose `Drop` returns, resets or
+//! closes the server. Knows nothing of client bytes.
+
+pub mod limit;
+mod maintenance;
+mod pooled;
+
+use crate::error::SqlState;
+use crate::server::{ServerConn, ServerError, Target};
+pub use limit::Limit;
+pub use pooled::{Pooled, Release};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// Identifies a pool: the client-facing database name and the server login user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    /// Database name as configured (`[databases.NAME]`).
+    pub database: String,
+    /// Server login user.
+    pub user: String,
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.database, self.user)
+    }
+}
+
+/// Why a checkout failed.
+#[derive(Debug, Error)]
+pub enum PoolError {
+    /// No server became free in time.
+    #[error("query_wait_timeout: no server connection available in pool {pool} within {waited:?} (pool_size {size})")]
+    Timeout {
+        /// Pool name.
+        pool: String,
+        /// The configured wait.
+        waited: Duration,
+        /// The pool's size.
+        size: usize,
+    },
+    /// Opening a new server failed.
+    #[error("cannot open a server connection for pool {pool}")]
+    Connect {
+        /// Pool name.
+        pool: String,
+        /// Cause.
+        #[source]
+        source: ServerError,
+    },
+    /// A recent login failure is being waited out (`server_login_retry`).
+    #[error("server login for pool {pool} failed recently ({message}); retrying in {retry_in:?}")]
+    Backoff {
+        /// Pool name.
+        pool: String,
+        /// The last failure.
+        message: String,
+        /// Its SQLSTATE.
+        code: SqlState,
+        /// Time left before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+impl PoolError {
+    /// The SQLSTATE a client sees.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            PoolError::Timeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            PoolError::Connect { source, .. } => source.sqlstate(),
+            PoolError::Backoff { code, .. } => *code,
+        }
+    }
+}
+
+/// Settings a pool is built with.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Most servers open at once (before the reserve).
+    pub size: usize,
+    /// Servers kept open even when idle.
+    pub min_size: usize,
+    /// Extra servers for clients waiting longer than `reserve_timeout`.
+    pub reserve_size: usize,
+    /// Wait after which the reserve may be used.
+    pub reserve_timeout: Duration,
+    /// Limit on connect + login.
+    pub connect_timeout: Duration,
+    /// Query run by `Release::Reset` (empty = none).
+    pub reset_query: String,
+    /// Limit on a reset or rollback; a slower server is closed.
+    pub reset_timeout: Duration,
+    /// Age after which a server is retired (0 = never), jittered ±10%.
+    pub lifetime: Duration,
+    /// Idle time after which a server beyond `min_size` is closed (0 = never).
+    pub idle_timeout: Duration,
+    /// Checkouts after which a server is retired (0 = unlimited).
+    pub max_uses: u64,
+    /// Longest wait between login attempts after failures.
+    pub login_retry: Duration,
+    /// Liveness query for servers idle longer than `check_delay`.
+    pub check_query: String,
+    /// Idle time after which a server is checked before use.
+    pub check_delay: Duration,
+}
+
+enum Grant {
+    /// An idle server, handed over directly.
+    Server(ServerConn),
+    /// Permission to open a new server; `open` and the limits already count it.
+    Slot,
+}
+
+struct Backoff {
+    until: Instant,
+    delay: Duration,
+    message: String,
+    code: SqlState,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: Vec<ServerConn>,
+    /// Servers open, being opened, in use or being reset.
+    open: usize,
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// Waiters that could be served by this pool's size but not by a shared limit.
+    blocked: bool,
+    backoff: Option<Backoff>,
+}
+
+/// The servers of one (database, user).
+pub struct Pool {
+    key: PoolKey,
+    target: Arc<Target>,
+    settings: PoolSettings,
+    limits: Vec<Arc<Limit>>,
+    inner: Mutex<Inner>,
+}
+
+/// A point-in-time view of a pool, for logs, tests and the admin console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Servers open (idle, in use, connecting or resetting).
+    pub open: usize,
+    /// Idle servers.
+    pub idle: usize,
+    /// Clients waiting for a server.
+    pub waiting: usize,
+}
+
+impl Pool {
+    /// An empty pool counted against `limits`; servers are opened on demand, and a
+    /// background task keeps `min_size` warm and retires old and idle servers.
+    pub fn new(key: PoolKey, target: Target, settings: PoolSettings, limits: Vec<Arc<Limit>>) -> Arc<Pool> {
+        let pool =
+            Arc::new(Pool { key, target: Arc::new(target), settings, limits, inner: Mutex::new(Inner::default()) });
+        for l in &pool.limits {
+            l.add_member(Arc::downgrade(&pool));
+        }
+        maintenance::spawn(&pool);
+        pool
+    }
+
+    /// This pool's key.
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    /// This pool's settings.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.lock();
+        PoolStats {
+            open: inner.open,
+            idle: inner.idle.len(),
+            waiting: inner.waiters.iter().filter(|w| !w.is_closed()).count(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic under this lock cannot leave the counts worse than losing the pool; recover
+        // rather than poison every later client.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes an idle server, opens a new one, or waits in FIFO order up to `wait`.
+    ///
+    /// # Cancel safety
+    /// Dropping the future gives back anything it was granted.
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Pooled, PoolError> {
+        let start = Instant::now();
+        let deadline = start + wait;
+        let mut reserve_at = (self.settings.reserve_size > 0).then(|| start + self.settings.reserve_timeout);
+        loop {
+            let next = {
+                let mut inner = self.lock();
+                if let Some(conn) = self.take_idle(&mut inner) {
+                    Ok(conn)
+                } else if let Some(e) = self.backoff_error(&inner) {
+                    return Err(e);
+                } else if self.reserve_slot(&mut inner, false) {
+                    Err(None)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.push_back(tx);
+                    inner.blocked |= inner.open < self.settings.size;
+                    Err(Some((rx, inner.blocked)))
+                }
+            };
+            let (mut rx, blocked) = match next {
+                Ok(conn) => match self.prepare(conn).await {
+                    Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
+                    None => continue,
+                },
+                Err(None) => return self.open_granted().await,
+                Err(Some(w)) => w,
+            };
+            if blocked {
+                self.request_capacity(true);
+            }
+            loop {
+                let until = reserve_at.filter(|r| *r < deadline).unwrap_or(deadline);
+                match tokio::time::timeout_at(until, &mut rx).await {
+                    Ok(Ok(Grant::Server(conn))) => match self.prepare(conn).await {
+                        Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
+                        None => break,
+                    },
+                    Ok(Ok(Grant::Slot)) => return self.open_granted().await,
+                    Ok(Err(_)) => break,
+                    Err(_) if until < deadline => {
+                        reserve_at = None;
+                        let reserved = self.reserve_slot(&mut self.lock(), true);
+                        if reserved {
+                            self.give_back(rx);
+                            tracing::info!(pool = %self.key, "using the reserve pool");
+                            return self.open_granted().await;
+                        }
+                    }
+                    Err(_) => {
+                        self.give_back(rx);
+                        return Err(PoolError::Timeout {
+                            pool: self.key.to_string(),
+                            waited: wait,
+                            size: self.settings.size,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Withdraws a waiter, returning anything granted to it in the meantime.
+    fn give_back(&self, mut rx: oneshot::Receiver<Grant>) {
+        rx.close();
+        match rx.try_recv() {
+            Ok(Grant::Server(conn)) => self.checkin(conn),
+            Ok(Grant::Slot) => self.release_slot(),
+            Err(_) => {}
+        }
+    }
+
+    fn backoff_error(&self, inner: &Inner) -> Option<PoolError> {
+        let b = inner.backoff.as_ref()?;
+        let now = Instant::now();
+        (now < b.until).then(|| PoolError::Backoff {
+            pool: self.key.to_string(),
+            message: b.message.clone(),
+            code: b.code,
+            retry_in: b.until - now,
+        })
+    }
+
+    /// Counts a new server against the pool size (plus the reserve if allowed) and every limit.
+    fn reserve_slot(&self, inner: &mut Inner, reserve: bool) -> bool {
+        let cap = self.settings.size + if reserve { self.settings.reserve_size } else { 0 };
+        if inner.open >= cap {
+            return false;
+        }
+        for (i, l) in self.limits.iter().enumerate() {
+            if !l.try_acquire() {
+                for taken in &self.limits[..i] {
+                    taken.release_quiet();
+                }
+                return false;
+            }
+        }
+        inner.open += 1;
+        true
+    }
+
+    /// Queues this pool on every full limit; with `evict`, asks another pool to give up an
+    /// idle server.
+    fn request_capacity(self: &Arc<Self>, evict: bool) {
+        for l in &self.limits {
+            if l.is_full() {
+                l.wait(self);
+                if evict {
+                    l.evict_for(self);
+                }
+            }
+        }
+    }
+
+    /// A limit has room: serve blocked waiters while it lasts.
+    pub(crate) fn on_capacity(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        if inner.backoff.as_ref().is_some_and(|b| Instant::now() < b.until) {
+            return;
+        }
+        while inner.waiters.iter().any(|w| !w.is_closed()) && self.reserve_slot(&mut inner, false) {
+            let mut served = false;
+            while let Some(tx) = inner.waiters.pop_front() {
+                if tx.send(Grant::Slot).is_ok() {
+                    served = true;
+                    break;
+                }
+            }
+            if !served {
+                inner.open -= 1;
+                for l in &self.limits {
+                    l.release_quiet();
+                }
+                break;
+            }
+        }
+        inner.blocked = inner.open < self.settings.size && inner.waiters.iter().any(|w| !w.is_closed());
+    }
+
+    /// True if clients wait for capacity a shared limit withholds.
+    pub(crate) fn has_blocked_waiters(&self) -> bool {
+        let inner = self.lock();
+        inner.blocked && inner.waiters.iter().any(|w| !w.is_closed())
+    }
+
+    fn take_idle(&self, inner: &mut Inner) -> Option<ServerConn> {
+        // Most recently used first: warm caches, and the least used age out.
+        while let Some(conn) = inner.idle.pop() {
+            if conn.is_idle_healthy() {
+                return Some(conn);
+            }
+            tracing::debug!(server = conn.id, pool = %self.key, "idle server closed or spoke; dropping it");
+            inner.open -= 1;
+            for l in &self.limits {
+                l.release_quiet();
+            }
+        }
+        None
+    }
+
+    /// Runs the liveness check on a server idle longer than `check_delay`. `None` = it failed
+    /// and was closed.
+    async fn prepare(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
+        conn.uses += 1;
+        if conn.last_used.elapsed() < self.settings.check_delay {
+            return Some(conn);
+        }
+        let check = tokio::time::timeout(self.settings.connect_timeout, conn.simple_query(&self.settings.check_query));
+        match check.await {
+            Ok(Ok(Ok(()))) => Some(conn),
+            _ => {
+                tracing::info!(server = conn.id, pool = %self.key, "server failed server_check_query; closing it");
+                self.discard(conn);
+                None
+            }
+        }
+    }
+
+    /// Opens a server for a slot already counted.
+    async fn open_granted(self: &Arc<Self>) -> Result<Pooled, PoolError> {
+        // If this future is dropped mid-connect the slot must still be returned.
+        let slot = SlotGuard(Some(self.clone()));
+        // While a login failure is waited out, fail fast instead of hammering the server.
+        if let Some(e) = self.backoff_error(&self.lock()) {
+            return Err(e);
+        }
+        match self.connect().await {
+            Ok(conn) => {
+                std::mem::forget(slot);
+                Ok(Pooled::new(self.clone(), conn))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Connects and logs in, recording success or failure for `server_login_retry`.
+    async fn connect(&self) -> Result<ServerConn, PoolError> {
+        match ServerConn::connect(self.target.clone(), self.settings.connect_timeout).await {
+            Ok(mut conn) => {
+                self.lock().backoff = None;
+                conn.expires = jittered(self.settings.lifetime).map(|d| conn.created + d);
+                conn.uses = 1;
+                Ok(conn)
+            }
+            Err(source) => {
+                let mut inner = self.lock();
+                let delay = match &inner.backoff {
+                    Some(b) => (b.delay * 2).min(self.settings.login_retry),
+                    None => self.settings.login_retry.min(Duration::from_secs(1)),
+                };
+                inner.backoff = Some(Backoff {
+                    until: Instant::now() + delay,
+                    delay,
+                    message: crate::error::chain(&source),
+                    code: source.sqlstate(),
+                });
+                drop(inner);
+                tracing::warn!(pool = %self.key, error = %crate::error::chain(&source), retry_in = ?delay, "server connection failed");
+                Err(PoolError::Connect { pool: self.key.to_string(), source })
+            }
+        }
+    }
+
+    /// Returns a clean idle server: to the first live waiter, else to the idle list, unless
+    /// it is due for retirement or another pool is starved of a shared limit.
+    fn checkin(&self, mut conn: ServerConn) {
+        let retire = conn.expires.is_some_and(|e| Instant::now() >= e)
+            || (self.settings.max_uses > 0 && conn.uses >= self.settings.max_uses);
+        if retire {
+            tracing::debug!(server = conn.id, pool = %self.key, uses = conn.uses, "retiring server");
+            return self.discard(conn);
+        }
+        conn.last_used = Instant::now();
+        let mut inner = self.lock();
+        while let Some(tx) = inner.waiters.pop_front() {
+            match tx.send(Grant::Server(conn)) {
+                Ok(()) => return,
+                Err(Grant::Server(c)) => conn = c,
+                Err(Grant::Slot) => return,
+            }
+        }
+        let over_cap = self.limits.iter().any(|l| l.used() > l.cap());
+        if over_cap || self.limits.iter().any(|l| l.has_waiters()) {
+            drop(inner);
+            return self.discard(conn);
+        }
+        inner.idle.push(conn);
+    }
+
+    /// Closes one idle server (oldest first) to free capacity for another pool.
+    pub(crate) fn close_one_idle(&self) -> bool {
+        let conn = {
+            let mut inner = self.lock();
+            if inner.idle.is_empty() {
+                return false;
+            }
+            inner.idle.remove(0)
+        };
+        self.discard(conn);
+        true
+    }
+
+    /// Closes a server and frees its slot for a waiter of this pool or another.
+    fn discard(&self, conn: ServerConn) {
+        tracing::debug!(server = conn.id, pool = %self.key, "closing server");
+        drop(conn);
+        self.release_slot();
+    }
+
+    fn release_slot(&self) {
+        {
+            let mut inner = self.lock();
+            let over_cap = self.limits.iter().any(|l| l.used() > l.cap());
+            if !over_cap {
+                // Own waiters first: the slot stays counted and passes to them.
+                while let Some(tx) = inner.waiters.pop_front() {
+                    if tx.send(Grant::Slot).is_ok() {
+                        return;
+                    }
+                }
+            }
+            inner.open -= 1;
+        }
+        for l in &self.limits {
+            l.release_quiet();
+        }
+        for l in &self.limits {
+            l.notify();
+        }
+    }
+}
+
+/// `d` ±10%, so a fleet started together does not reconnect together.
+fn jittered(d: Duration) -> Option<Duration> {
+    if d.is_zero() {
+        return None;
+    }
+    let factor = 0.9 + rand::random::<f64>() * 0.2;
+    Some(d.mul_f64(factor))
+}
+
+/// Frees a counted slot if a connect is abandoned or fails.
+struct SlotGuard(Option<Arc<Pool>>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.release_slot();
+        }
+    }
+}
+
+/// All pools, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool for `key`, created with `make` if it does not exist yet.
+    pub fn get_or_create(&self, key: &PoolKey, make: impl FnOnce() -> Arc<Pool>) -> Arc<Pool> {
+        let mut map = self.lock();
+        if let Some(p) = map.get(key) {
+            return p.clone();
+        }
+        let p = make();
+        map.insert(key.clone(), p.clone());
+        p
+    }
+
+    /// The pool for `key`, if any.
+    pub fn get(&self, key: &PoolKey) -> Option<Arc<Pool>> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Every pool, sorted by key.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> = self.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+}
