@@ -116,6 +116,7 @@ impl App {
                 login_retry: b.server_login_retry,
                 check_query: b.server_check_query.clone(),
                 check_delay: b.server_check_delay,
+                track_extra: b.track_extra_parameters.clone(),
             };
             tracing::debug!(pool = %key, size, "creating pool");
             Pool::new(key.clone(), target, settings, limits)

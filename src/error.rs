@@ -29,6 +29,12 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
     /// 0A000: a feature the broker does not support.
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
+    /// 57P05: a client idle longer than `client_idle_timeout`.
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState(*b"57P05");
+    /// 25P03: a client idle inside a transaction longer than `idle_transaction_timeout`.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P03");
+    /// 25P04: a transaction longer than `transaction_timeout`.
+    pub const TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P04");
     /// 58000: an internal broker failure.
     pub const SYSTEM_ERROR: SqlState = SqlState(*b"58000");
 

@@ -108,6 +108,8 @@ pub struct PoolSettings {
     pub check_query: String,
     /// Idle time after which a server is checked before use.
     pub check_delay: Duration,
+    /// Settings PostgreSQL does not report whose defaults are read from the first server.
+    pub track_extra: Vec<String>,
 }
 
 enum Grant {
@@ -142,6 +144,25 @@ pub struct Pool {
     settings: PoolSettings,
     limits: Vec<Arc<Limit>>,
     inner: Mutex<Inner>,
+    /// A fresh server's settings, learned from the first one opened.
+    defaults: Mutex<Option<Arc<Defaults>>>,
+}
+
+/// The settings a fresh server starts with: what it reports, and the tracked settings it does
+/// not report (read once).
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    /// ParameterStatus values after login.
+    pub reported: Vec<(String, String)>,
+    /// `track_extra_parameters` values (lowercase names).
+    pub unreported: Vec<(String, String)>,
+}
+
+impl Defaults {
+    /// Both lists in one.
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.reported.iter().chain(&self.unreported).cloned().collect()
+    }
 }
 
 /// A point-in-time view of a pool, for logs, tests and the admin console.
@@ -159,8 +180,14 @@ impl Pool {
     /// An empty pool counted against `limits`; servers are opened on demand, and a
     /// background task keeps `min_size` warm and retires old and idle servers.
     pub fn new(key: PoolKey, target: Target, settings: PoolSettings, limits: Vec<Arc<Limit>>) -> Arc<Pool> {
-        let pool =
-            Arc::new(Pool { key, target: Arc::new(target), settings, limits, inner: Mutex::new(Inner::default()) });
+        let pool = Arc::new(Pool {
+            key,
+            target: Arc::new(target),
+            settings,
+            limits,
+            inner: Mutex::new(Inner::default()),
+            defaults: Mutex::new(None),
+        });
         for l in &pool.limits {
             l.add_member(Arc::downgrade(&pool));
         }
@@ -176,6 +203,36 @@ impl Pool {
     /// This pool's settings.
     pub fn settings(&self) -> &PoolSettings {
         &self.settings
+    }
+
+    /// The settings a fresh server of this pool starts with, once one has been opened.
+    pub fn defaults(&self) -> Option<Arc<Defaults>> {
+        self.defaults.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a fresh server's settings as the pool's defaults, once.
+    async fn learn_defaults(&self, conn: &mut ServerConn) -> Result<(), ServerError> {
+        if self.defaults().is_some() {
+            return Ok(());
+        }
+        let mut unreported = Vec::new();
+        if !self.settings.track_extra.is_empty() {
+            let cols: Vec<String> = self
+                .settings
+                .track_extra
+                .iter()
+                .map(|e| format!("pg_catalog.current_setting({}, true)", postgres_protocol::escape::escape_literal(e)))
+                .collect();
+            let row = conn.query_row(&format!("SELECT {}", cols.join(", "))).await?.unwrap_or_default();
+            for (name, value) in self.settings.track_extra.iter().zip(row) {
+                if let Some(v) = value {
+                    unreported.push((name.to_lowercase(), v));
+                }
+            }
+        }
+        let d = Defaults { reported: conn.params.clone(), unreported };
+        self.defaults.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Arc::new(d));
+        Ok(())
     }
 
     /// Current counts.
@@ -395,7 +452,12 @@ impl Pool {
 
     /// Connects and logs in, recording success or failure for `server_login_retry`.
     async fn connect(&self) -> Result<ServerConn, PoolError> {
-        match ServerConn::connect(self.target.clone(), self.settings.connect_timeout).await {
+        let connect = async {
+            let mut conn = ServerConn::connect(self.target.clone(), self.settings.connect_timeout).await?;
+            self.learn_defaults(&mut conn).await?;
+            Ok::<_, ServerError>(conn)
+        };
+        match connect.await {
             Ok(mut conn) => {
                 self.lock().backoff = None;
                 conn.expires = jittered(self.settings.lifetime).map(|d| conn.created + d);

@@ -170,6 +170,8 @@ pub struct ServerConn {
     pub expires: Option<Instant>,
     /// Checkouts so far (`server_max_uses`).
     pub uses: u64,
+    /// Settings the broker applied that PostgreSQL does not report (lowercase name, value).
+    pub applied: Vec<(String, String)>,
 }
 
 /// A server's reply to one of the broker's own queries that failed.
@@ -267,6 +269,7 @@ impl ServerConn {
             last_used: Instant::now(),
             expires: None,
             uses: 0,
+            applied: Vec::new(),
         })
     }
 
@@ -344,6 +347,16 @@ impl ServerConn {
     /// The value of a reported parameter.
     pub fn param(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The value of a reported parameter, matching the name case-insensitively.
+    pub fn param_ci(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Records a non-reported setting the broker applied (lowercase name).
+    pub fn set_applied(&mut self, key: &str, value: &str) {
+        set_param(&mut self.applied, key, value);
     }
 }
 

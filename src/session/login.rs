@@ -1,7 +1,7 @@
 //! Login: startup packet exchange, authentication, then hand-off to the pool mode's loop.
 
 use super::io::ClientIo;
-use super::{SessionError, mode_session};
+use super::{SessionError, mode_session, mode_txn};
 use crate::app::App;
 use crate::auth;
 use crate::config::{Config, Database, PoolMode};
@@ -46,10 +46,8 @@ pub(super) async fn serve(app: &Arc<App>, io: &mut ClientIo<TcpStream>) -> Resul
     tracing::debug!(user = %login.user, database = %login.database, "client logged in");
     match login.db.pool_mode {
         PoolMode::Session => mode_session::run(app, &cfg, io, login, pool).await,
-        mode => Err(SessionError::fatal(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            format!("pool_mode {} is not available yet", mode.as_str()),
-        )),
+        PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false).await,
+        PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true).await,
     }
 }
 

@@ -6,9 +6,11 @@
 pub mod io;
 mod login;
 mod mode_session;
+mod mode_txn;
 mod params;
 pub mod pipe;
 pub mod relay;
+mod timers;
 
 use crate::app::App;
 use crate::error::{SqlState, is_disconnect};

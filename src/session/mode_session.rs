@@ -24,9 +24,29 @@ const MAX_SERVER_MESSAGE: usize = 1 << 30;
 /// Client requests the server still owes a ReadyForQuery for, and extended-protocol messages
 /// not yet closed by a Sync. A server goes back to the pool only when both are zero.
 #[derive(Debug, Default)]
-struct Pending {
-    sync_points: u32,
-    unsynced: bool,
+pub(super) struct Pending {
+    pub sync_points: u32,
+    pub unsynced: bool,
+}
+
+impl Pending {
+    /// Accounts for a client message and says what to do with it (Terminate stops the relay).
+    #[inline]
+    pub fn observe_client(&mut self, t: u8) -> Action {
+        match t {
+            tag::TERMINATE => Action::Stop,
+            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
+                self.sync_points += 1;
+                self.unsynced = false;
+                Action::Forward
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                self.unsynced = true;
+                Action::Forward
+            }
+            _ => Action::Forward,
+        }
+    }
 }
 
 pub(super) async fn run(
@@ -123,22 +143,7 @@ async fn relay(cfg: &Config, io: &mut ClientIo<TcpStream>, server: &mut Pooled) 
 
 /// Looks at client messages; true when the client said Terminate.
 fn scan_client(up: &mut Pipe, pending: &mut Pending) -> Result<bool, SessionError> {
-    Ok(up.scan(
-        |t| t == tag::TERMINATE,
-        |t, _| match t {
-            tag::TERMINATE => Action::Stop,
-            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
-                pending.sync_points += 1;
-                pending.unsynced = false;
-                Action::Forward
-            }
-            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
-                pending.unsynced = true;
-                Action::Forward
-            }
-            _ => Action::Forward,
-        },
-    )?)
+    Ok(up.scan(|t| t == tag::TERMINATE, |t, _, _| pending.observe_client(t))?)
 }
 
 /// Looks at server messages: ReadyForQuery settles a request, ParameterStatus updates the
@@ -146,7 +151,7 @@ fn scan_client(up: &mut Pipe, pending: &mut Pending) -> Result<bool, SessionErro
 fn scan_server(down: &mut Pipe, server: &mut ServerConn, pending: &mut Pending) -> Result<(), SessionError> {
     down.scan(
         |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS,
-        |t, msg| {
+        |t, msg, _| {
             let body = msg.get(HEADER_LEN..).unwrap_or_default();
             match t {
                 tag::READY_FOR_QUERY => {

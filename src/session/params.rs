@@ -1,7 +1,8 @@
 //! Startup parameters a client sent, turned into settings for its server session.
 
 use crate::proto::startup::Startup;
-use postgres_protocol::escape::escape_literal;
+use crate::server::ServerConn;
+use postgres_protocol::escape::{escape_identifier, escape_literal};
 
 /// Startup keys that are not settings.
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
@@ -79,6 +80,181 @@ pub fn set_config_sql(settings: &[(String, String)]) -> Option<String> {
     Some(format!("SELECT {}", calls.join(", ")))
 }
 
+/// Reported settings a client may change that follow it from server to server in
+/// transaction mode (lowercase), as PgBouncer tracks them.
+pub const SYNCED_REPORTED: [&str; 6] =
+    ["client_encoding", "datestyle", "intervalstyle", "timezone", "standard_conforming_strings", "application_name"];
+
+/// One setting of a client's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// Lowercase name, for comparisons (setting names are case-insensitive).
+    pub key: String,
+    /// Name as the server reports it (or as the client sent it).
+    pub name: String,
+    /// Value in the server's canonical form once a server has applied it.
+    pub value: String,
+}
+
+/// The settings a client's session should have on whichever server runs its transaction.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    items: Vec<Setting>,
+    /// Tracked settings the server does not report (lowercase), re-read after a transaction
+    /// that may have changed them.
+    extras: Vec<String>,
+}
+
+/// A pending sync: the statement to run and which settings it sets, in column order.
+#[derive(Debug)]
+pub struct SyncPlan {
+    /// SQL: one `SELECT set_config(..)` row, then `RESET`s.
+    pub sql: String,
+    /// Keys set by the SELECT, in column order.
+    pub set: Vec<String>,
+    /// Keys reset.
+    pub reset: Vec<String>,
+}
+
+fn value_in<'a>(list: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    list.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
+}
+
+impl ClientSettings {
+    /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
+    /// overlaid with the client's startup settings.
+    pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
+        let mut out = ClientSettings { items: Vec::new(), extras: extras.iter().map(|e| e.to_lowercase()).collect() };
+        let wanted: Vec<String> =
+            SYNCED_REPORTED.iter().map(|k| k.to_string()).chain(out.extras.iter().cloned()).collect();
+        for key in wanted {
+            if let Some((name, value)) = defaults.iter().find(|(n, _)| n.eq_ignore_ascii_case(&key)) {
+                out.set(name, value);
+            }
+        }
+        for (name, value) in startup {
+            out.set(name, value);
+        }
+        out
+    }
+
+    fn set(&mut self, name: &str, value: &str) {
+        let key = name.to_lowercase();
+        match self.items.iter_mut().find(|s| s.key == key) {
+            Some(s) => value.clone_into(&mut s.value),
+            None => self.items.push(Setting { key, name: name.to_string(), value: value.to_string() }),
+        }
+    }
+
+    /// The value the client has for `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let key = name.to_lowercase();
+        self.items.iter().find(|s| s.key == key).map(|s| s.value.as_str())
+    }
+
+    /// Records a ParameterStatus from the client's server: the client changed a setting.
+    /// Returns true if it is one the client carries between servers.
+    pub fn observe(&mut self, name: &str, value: &str) -> bool {
+        match self.items.iter_mut().find(|s| s.key.eq_ignore_ascii_case(name)) {
+            Some(s) => {
+                if s.value != value {
+                    value.clone_into(&mut s.value);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tracked settings the server does not report.
+    pub fn extras(&self) -> &[String] {
+        &self.extras
+    }
+
+    /// True if a client statement may change a tracked setting the server does not report:
+    /// it names one, or resets everything. Conservative; a false alarm costs one query.
+    pub fn may_change_extras(&self, sql: &[u8]) -> bool {
+        let has = |needle: &[u8]| sql.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
+        !self.extras.is_empty()
+            && (self.extras.iter().any(|e| has(e.as_bytes())) || has(b"reset all") || has(b"discard all"))
+    }
+
+    /// The statement that makes `server` match this client, if they differ. `defaults` are the
+    /// pool's: a setting the server never had applied still has its default.
+    pub fn plan_sync(&self, server: &ServerConn, defaults: &[(String, String)]) -> Option<SyncPlan> {
+        let mut set = Vec::new();
+        let mut calls = Vec::new();
+        for s in &self.items {
+            let current = server
+                .param_ci(&s.key)
+                .or_else(|| value_in(&server.applied, &s.key))
+                .or_else(|| value_in(defaults, &s.key));
+            if current != Some(s.value.as_str()) {
+                calls.push(format!(
+                    "pg_catalog.set_config({}, {}, false)",
+                    escape_literal(&s.name),
+                    escape_literal(&s.value)
+                ));
+                set.push(s.key.clone());
+            }
+        }
+        let reset: Vec<String> =
+            server.applied.iter().filter(|(k, _)| self.get(k).is_none()).map(|(k, _)| k.clone()).collect();
+        if set.is_empty() && reset.is_empty() {
+            return None;
+        }
+        let mut sql = if calls.is_empty() { String::new() } else { format!("SELECT {};", calls.join(", ")) };
+        for k in &reset {
+            sql.push_str(&format!("RESET {};", escape_identifier(k)));
+        }
+        Some(SyncPlan { sql, set, reset })
+    }
+
+    /// Takes the canonical values `set_config` returned; records non-reported ones as applied
+    /// on the server. Returns the reported settings whose value changed (to tell the client).
+    pub fn apply_sync(&mut self, plan: &SyncPlan, row: &[Option<String>], server: &mut ServerConn) -> Vec<Setting> {
+        let mut changed = Vec::new();
+        for (key, value) in plan.set.iter().zip(row) {
+            let Some(value) = value else { continue };
+            let reported = server.param_ci(key).is_some();
+            if let Some(s) = self.items.iter_mut().find(|s| &s.key == key) {
+                if &s.value != value {
+                    value.clone_into(&mut s.value);
+                    if reported {
+                        changed.push(s.clone());
+                    }
+                }
+            }
+            if !reported {
+                server.set_applied(key, value);
+            }
+        }
+        server.applied.retain(|(k, _)| !plan.reset.contains(k));
+        changed
+    }
+
+    /// The query reading the extras back after a transaction that may have changed them.
+    pub fn extras_query(&self) -> Option<String> {
+        if self.extras.is_empty() {
+            return None;
+        }
+        let cols: Vec<String> =
+            self.extras.iter().map(|e| format!("pg_catalog.current_setting({}, true)", escape_literal(e))).collect();
+        Some(format!("SELECT {}", cols.join(", ")))
+    }
+
+    /// Records the extras read back from the client's server.
+    pub fn apply_extras(&mut self, row: &[Option<String>], server: &mut ServerConn) {
+        let extras = self.extras.clone();
+        for (key, value) in extras.iter().zip(row) {
+            if let Some(v) = value {
+                self.set(key, v);
+                server.set_applied(key, v);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -122,6 +298,41 @@ mod tests {
             startup_settings(&s),
             pairs(&[("application_name", "psql"), ("extra_float_digits", "3"), ("geqo", "off")])
         );
+    }
+
+    fn defaults() -> Vec<(String, String)> {
+        pairs(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("server_version", "15.0"), ("search_path", "public")])
+    }
+
+    #[test]
+    fn client_settings_overlay_startup_values_on_pool_defaults() {
+        let c = ClientSettings::new(
+            &defaults(),
+            &pairs(&[("datestyle", "German"), ("statement_timeout", "5s")]),
+            &["search_path".into()],
+        );
+        assert_eq!(c.get("DateStyle"), Some("German"));
+        assert_eq!(c.get("timezone"), Some("UTC"));
+        assert_eq!(c.get("statement_timeout"), Some("5s"));
+        assert_eq!(c.get("search_path"), Some("public"));
+        assert_eq!(c.get("server_version"), None, "not a setting clients carry");
+    }
+
+    #[test]
+    fn observed_parameter_status_updates_only_carried_settings() {
+        let mut c = ClientSettings::new(&defaults(), &[], &[]);
+        assert!(c.observe("TimeZone", "Europe/Paris"));
+        assert_eq!(c.get("timezone"), Some("Europe/Paris"));
+        assert!(!c.observe("is_superuser", "on"));
+    }
+
+    #[test]
+    fn extras_changes_are_suspected_from_statement_text() {
+        let c = ClientSettings::new(&defaults(), &[], &["search_path".into()]);
+        assert!(c.may_change_extras(b"SET SEARCH_PATH TO app"));
+        assert!(c.may_change_extras(b"discard all"));
+        assert!(!c.may_change_extras(b"SELECT 1"));
+        assert!(!ClientSettings::new(&defaults(), &[], &[]).may_change_extras(b"SET search_path TO x"));
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum Action {
     Forward,
     /// Remove it from the stream (whole messages only).
     Drop,
+    /// Put the bytes written to the scratch buffer in its place (whole messages only).
+    Replace,
     /// Stop scanning; the message and everything after it stay unapproved.
     Stop,
 }
@@ -30,12 +32,21 @@ pub struct Pipe {
     scanner: Scanner,
     /// Written bytes may sit in the writer's buffer until flushed.
     pub(super) unflushed: bool,
+    /// Replacement bytes written by a scan callback.
+    scratch: BytesMut,
 }
 
 impl Pipe {
     /// An empty pipe accepting messages up to `max_len` bytes.
     pub fn new(max_len: usize) -> Pipe {
-        Pipe { buf: BytesMut::new(), ready: 0, need: 0, scanner: Scanner::new(max_len), unflushed: false }
+        Pipe {
+            buf: BytesMut::new(),
+            ready: 0,
+            need: 0,
+            scanner: Scanner::new(max_len),
+            unflushed: false,
+            scratch: BytesMut::new(),
+        }
     }
 
     /// Approved bytes waiting to be written.
@@ -79,25 +90,33 @@ impl Pipe {
     }
 
     /// Scans the unapproved bytes, calling `on` with each message's tag and bytes (the whole
-    /// message, or only its header for a long message streamed through in pieces). Returns
-    /// true if `on` asked to stop.
+    /// message, or only its header for a long message streamed through in pieces) and a
+    /// scratch buffer for `Action::Replace`. Returns true if `on` asked to stop.
     #[inline]
     pub fn scan(
         &mut self,
         whole: impl Fn(u8) -> bool,
-        mut on: impl FnMut(u8, &[u8]) -> Action,
+        mut on: impl FnMut(u8, &[u8], &mut BytesMut) -> Action,
     ) -> Result<bool, FrameError> {
         loop {
             let rest = &self.buf[self.ready..];
             match self.scanner.next(rest, &whole)? {
-                Step::Whole { tag, len } => match on(tag, &rest[..len]) {
+                Step::Whole { tag, len } => match on(tag, &rest[..len], &mut self.scratch) {
                     Action::Forward => self.ready += len,
                     Action::Drop => self.cut(len),
+                    Action::Replace => {
+                        let with = std::mem::take(&mut self.scratch);
+                        self.cut(len);
+                        self.insert(&with);
+                        self.scratch = with;
+                        self.scratch.clear();
+                    }
                     Action::Stop => return Ok(true),
                 },
                 Step::Start { tag, avail, .. } => {
                     // Too long to hold: it can only be forwarded.
-                    let stop = on(tag, &rest[..HEADER_LEN]) == Action::Stop;
+                    let stop = on(tag, &rest[..HEADER_LEN], &mut self.scratch) == Action::Stop;
+                    self.scratch.clear();
                     self.ready += avail;
                     if stop {
                         return Ok(true);
@@ -121,6 +140,25 @@ impl Pipe {
             self.buf.copy_within(at + len.., at);
             self.buf.truncate(self.buf.len() - len);
         }
+    }
+
+    /// Inserts bytes of the broker's own right after the approved prefix, approved.
+    pub fn insert(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.ready == self.buf.len() {
+            self.buf.extend_from_slice(bytes);
+        } else {
+            // Rare (a message replaced mid-buffer): rebuild around the insertion point.
+            let tail = self.buf.split_off(self.ready);
+            self.buf.extend_from_slice(bytes);
+            self.buf.unsplit(tail);
+        }
+        if self.need > self.ready {
+            self.need += bytes.len();
+        }
+        self.ready += bytes.len();
     }
 
     /// Drops everything buffered.
@@ -157,7 +195,7 @@ mod tests {
         assert!(
             !p.scan(
                 |_| false,
-                |t, _| {
+                |t, _, _| {
                     seen.push(t);
                     Action::Forward
                 }
@@ -178,7 +216,7 @@ mod tests {
         }
         p.scan(
             |_| false,
-            |t, _| {
+            |t, _, _| {
                 if t == b'S' { Action::Drop } else { Action::Forward }
             },
         )
@@ -187,11 +225,50 @@ mod tests {
     }
 
     #[test]
+    fn replaced_messages_are_swapped_in_place() {
+        let mut p = Pipe::new(1 << 20);
+        let (a, z, b) = (msg(b'C', b"BEGIN\0"), msg(b'Z', b"T"), msg(b'N', b"x\0"));
+        for m in [&a, &z, &b] {
+            feed(&mut p, m);
+        }
+        let err = msg(b'E', b"Sfoo\0\0");
+        let idle = msg(b'Z', b"I");
+        p.scan(
+            |_| false,
+            |t, _, out| {
+                if t == b'Z' {
+                    out.extend_from_slice(&err);
+                    out.extend_from_slice(&idle);
+                    Action::Replace
+                } else {
+                    Action::Forward
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(p.ready(), [a, err, idle, b].concat().as_slice());
+        assert!(!p.has_unscanned());
+    }
+
+    #[test]
+    fn inserted_bytes_go_after_the_approved_prefix() {
+        let mut p = Pipe::new(1 << 20);
+        let (a, b) = (msg(b'1', b""), msg(b'2', b""));
+        feed(&mut p, &a);
+        p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
+        feed(&mut p, &b[..3]);
+        p.insert(b"ins");
+        feed(&mut p, &b[3..]);
+        p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
+        assert_eq!(p.ready(), [a.as_slice(), b"ins", b.as_slice()].concat().as_slice());
+    }
+
+    #[test]
     fn stop_leaves_the_message_unapproved() {
         let mut p = Pipe::new(1 << 20);
         let (q, x) = (msg(b'Q', b"select\0"), msg(b'X', b""));
         feed(&mut p, &[q.clone(), x].concat());
-        assert!(p.scan(|_| false, |t, _| if t == b'X' { Action::Stop } else { Action::Forward }).unwrap());
+        assert!(p.scan(|_| false, |t, _, _| if t == b'X' { Action::Stop } else { Action::Forward }).unwrap());
         assert_eq!(p.ready(), &q[..]);
     }
 
@@ -200,7 +277,7 @@ mod tests {
         let mut p = Pipe::new(1 << 20);
         let q = msg(b'Q', b"select 1\0");
         feed(&mut p, &q);
-        p.scan(|_| false, |_, _| Action::Forward).unwrap();
+        p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
         p.consume(4);
         assert_eq!(p.ready(), &q[4..]);
         p.consume(q.len() - 4);
@@ -215,7 +292,7 @@ mod tests {
         let mut tags = vec![];
         p.scan(
             |_| false,
-            |t, m| {
+            |t, m, _| {
                 tags.push((t, m.len()));
                 Action::Forward
             },
@@ -225,7 +302,7 @@ mod tests {
         assert_eq!(p.ready().len(), 20_000);
         p.consume(20_000);
         feed(&mut p, &big[20_000..]);
-        p.scan(|_| false, |_, _| Action::Forward).unwrap();
+        p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
         assert_eq!(p.ready().len(), big.len() - 20_000);
         assert!(!p.has_unscanned());
     }

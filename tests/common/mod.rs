@@ -189,3 +189,45 @@ pub fn error_code(bytes: &[u8]) -> Option<String> {
 pub async fn send(s: &mut TcpStream, bytes: &[u8]) {
     s.write_all(bytes).await.unwrap();
 }
+
+/// The default config with database `bench` in `mode` and a pool of `size`.
+pub fn mode_config(mode: pgbroker::config::PoolMode, size: u32) -> Config {
+    let mut cfg = config();
+    let db = cfg.databases.get_mut("bench").unwrap();
+    db.pool_mode = mode;
+    db.pool_size = Some(size);
+    cfg
+}
+
+/// Runs a simple query and returns the first column of every row as text.
+pub async fn col(c: &Client, sql: &str) -> Vec<String> {
+    c.simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("NULL").to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first column of the first row, as text.
+pub async fn one(c: &Client, sql: &str) -> String {
+    col(c, sql).await.into_iter().next().expect("a row")
+}
+
+/// A direct connection to the test cluster (not through a broker).
+pub async fn direct(db: &str) -> Client {
+    let pg = pg();
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=postgres password=postgres dbname={db}", pg.port()),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
