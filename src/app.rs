@@ -11,7 +11,7 @@ use crate::session;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -36,6 +36,8 @@ pub struct App {
     pub budgets: BTreeMap<String, (Derivation, Arc<Limit>)>,
     /// `max_db_connections` and `max_user_connections` limits, created on first use.
     shared_limits: Mutex<HashMap<String, Arc<Limit>>>,
+    /// Clients per IP address, for `max_client_conn_per_ip`.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Why the broker could not start.
@@ -156,6 +158,7 @@ impl Broker {
         let app = Arc::new(App {
             budgets,
             shared_limits: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),
@@ -197,45 +200,83 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, tracker: TaskTracker)
             _ = app.shutdown.cancelled() => return,
             r = listener.accept() => r,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                crate::net::tune(&stream, app.config().broker.tcp_keepalive);
-                match app.client_slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let app = app.clone();
-                        let shutdown = app.shutdown.clone();
-                        tracker.spawn(async move {
-                            tokio::select! {
-                                _ = session::run(app, stream, peer) => {}
-                                _ = shutdown.cancelled() => {}
-                            }
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "max_client_conn reached; refusing client");
-                        tokio::spawn(refuse(stream, app.config().broker.max_client_conn));
-                    }
-                }
-            }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cfg = app.config();
+        crate::net::tune(&stream, cfg.broker.tcp_keepalive);
+        let Ok(permit) = app.client_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "max_client_conn reached; refusing client");
+            let msg = format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn);
+            tokio::spawn(refuse(stream, msg));
+            continue;
+        };
+        let Ok(per_ip) = IpSlot::take(&app, peer.ip(), cfg.broker.max_client_conn_per_ip) else {
+            tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
+            let msg = format!(
+                "too many connections from {} (max_client_conn_per_ip = {})",
+                peer.ip(),
+                cfg.broker.max_client_conn_per_ip
+            );
+            tokio::spawn(refuse(stream, msg));
+            continue;
+        };
+        let app = app.clone();
+        let shutdown = app.shutdown.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = session::run(app, stream, peer) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            drop((permit, per_ip));
+        });
+    }
+}
+
+/// One client's count against `max_client_conn_per_ip`; released on drop.
+struct IpSlot {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    /// Counts a client from `ip` (`Ok(None)`: no limit, nothing counted); `Err` if that
+    /// would exceed `limit`.
+    fn take(app: &Arc<App>, ip: IpAddr, limit: usize) -> Result<Option<IpSlot>, ()> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut map = app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(IpSlot { app: app.clone(), ip }))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream, limit: usize) {
+async fn refuse(mut stream: TcpStream, message: String) {
     let mut buf = BytesMut::new();
-    build::error_response(
-        &mut buf,
-        Severity::Fatal,
-        SqlState::TOO_MANY_CONNECTIONS,
-        &format!("no more connections allowed (max_client_conn = {limit})"),
-        None,
-    );
+    build::error_response(&mut buf, Severity::Fatal, SqlState::TOO_MANY_CONNECTIONS, &message, None);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&buf).await;
         let _ = stream.shutdown().await;

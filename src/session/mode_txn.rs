@@ -156,11 +156,10 @@ impl Txn<'_> {
     /// Checks out a server for the transaction the client just started and brings it to the
     /// client's settings.
     async fn attach(&mut self) -> Result<(), SessionError> {
-        let mut server = self
-            .pool
-            .checkout(self.cfg.broker.query_wait_timeout)
-            .await
-            .map_err(|e| SessionError::fatal(e.sqlstate(), chain(&e)))?;
+        let mut server = match self.pool.checkout(self.cfg.broker.query_wait_timeout).await {
+            Ok(s) => s,
+            Err(e) => return self.refuse_requests(e.sqlstate(), &chain(&e)),
+        };
         if let Some(plan) = self.settings.plan_sync(&server, &self.defaults) {
             match server.query_row(&plan.sql).await {
                 Ok(Ok(row)) => {
@@ -181,6 +180,25 @@ impl Txn<'_> {
         self.registration.slot.set(Some(server.cancel.clone()));
         self.timers.attached();
         self.server = Some(server);
+        Ok(())
+    }
+
+    /// No server for the client's requests: answer each with the error and stay connected,
+    /// as a server that refused them would. Requests not yet closed by a Sync cannot be
+    /// answered cleanly, so then the client is disconnected.
+    fn refuse_requests(&mut self, code: SqlState, message: &str) -> Result<(), SessionError> {
+        if self.pending.unsynced || self.up.in_message() || self.pending.sync_points == 0 {
+            return Err(SessionError::fatal(code, message));
+        }
+        tracing::info!(error = %message, "no server for the client's request");
+        let mut out = BytesMut::new();
+        for _ in 0..self.pending.sync_points {
+            build::error_response(&mut out, Severity::Error, code, message, None);
+            build::ready_for_query(&mut out, b'I');
+        }
+        self.up.discard_ready();
+        self.pending.sync_points = 0;
+        self.down.insert(&out);
         Ok(())
     }
 

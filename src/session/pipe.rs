@@ -73,6 +73,17 @@ impl Pipe {
         self.buf.len() > self.ready || self.scanner.in_message()
     }
 
+    /// True when a long message is half-way through the scanner.
+    pub fn in_message(&self) -> bool {
+        self.scanner.in_message()
+    }
+
+    /// Drops the approved bytes without writing them.
+    pub fn discard_ready(&mut self) {
+        let n = self.ready;
+        self.consume(n);
+    }
+
     /// True when another read fits within the buffering limit.
     #[inline]
     pub fn wants_read(&self) -> bool {
