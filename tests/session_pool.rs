@@ -289,3 +289,20 @@ async fn psql_connects_end_to_end_with_sslmode_prefer() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via pgbroker");
 }
+
+#[tokio::test]
+async fn idle_transaction_timeout_applies_in_session_mode_too() {
+    let mut cfg = single_server_config();
+    cfg.broker.idle_transaction_timeout = Duration::from_millis(300);
+    let b = broker(cfg).await;
+    let c = connect_bench(b.local_addr()).await;
+    c.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.simple_query("SELECT 1").await.expect("idle outside a transaction is fine");
+    c.simple_query("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(c.simple_query("SELECT 1").await.is_err(), "idle inside a transaction ends the client");
+    let next = connect_bench(b.local_addr()).await;
+    let row = next.query_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0), "the server was rolled back");
+}

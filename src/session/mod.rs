@@ -3,11 +3,13 @@
 //! Login (startup packet, authentication) happens here; then one loop per pool mode relays
 //! bytes between the client and a server checked out from its pool.
 
+mod client_loop;
 pub mod io;
 mod login;
 mod mode_session;
 mod mode_txn;
 mod params;
+mod pending;
 pub mod pipe;
 pub mod relay;
 mod timers;

@@ -1,0 +1,336 @@
+//! The relay loop every pool mode runs once a client is logged in. In session mode the
+//! server is attached for good; in transaction mode from the first message of a transaction
+//! to the ReadyForQuery that ends it; in statement mode to the end of each statement. Bytes
+//! pass unchanged; only tags (and ReadyForQuery / ParameterStatus bodies) are read.
+
+use super::SessionError;
+use super::io::ClientIo;
+use super::params::ClientSettings;
+use super::pending::Pending;
+use super::pipe::{Action, Pipe};
+use super::relay::{RelayError, poll_relay};
+use super::timers::{Expired, Held, Timers};
+use crate::cancel::Registration;
+use crate::config::{Config, PoolMode};
+use crate::error::{SqlState, chain};
+use crate::pool::{Pool, Pooled, Release};
+use crate::proto::build::{self, Severity};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::{TxnStatus, tag};
+use bytes::BytesMut;
+use std::future::poll_fn;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// A logged-in client and, when attached, its server.
+pub(super) struct ClientLoop<'a> {
+    cfg: &'a Config,
+    mode: PoolMode,
+    pool: Arc<Pool>,
+    defaults: Vec<(String, String)>,
+    settings: ClientSettings,
+    registration: Registration,
+    server: Option<Pooled>,
+    up: Pipe,
+    down: Pipe,
+    pending: Pending,
+    /// A statement in the current transaction may have changed an unreported tracked setting.
+    recheck: bool,
+    timers: Timers,
+}
+
+impl<'a> ClientLoop<'a> {
+    /// A loop for a client; `server` is attached from the start in session mode.
+    pub fn new(
+        cfg: &'a Config,
+        mode: PoolMode,
+        pool: Arc<Pool>,
+        defaults: Vec<(String, String)>,
+        settings: ClientSettings,
+        registration: Registration,
+        server: Option<Pooled>,
+    ) -> ClientLoop<'a> {
+        if let Some(s) = &server {
+            registration.slot.set(Some(s.cancel.clone()));
+        }
+        ClientLoop {
+            cfg,
+            mode,
+            pool,
+            defaults,
+            settings,
+            registration,
+            server,
+            up: Pipe::new(cfg.broker.max_packet_size),
+            down: Pipe::new(MAX_SERVER_MESSAGE),
+            pending: Pending::default(),
+            recheck: false,
+            timers: Timers::new(&cfg.broker),
+        }
+    }
+
+    /// Relays until the client leaves or fails, then returns the server as its state allows.
+    pub async fn run(mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+        let result = self.relay(io).await;
+        self.finish();
+        result
+    }
+
+    async fn relay(&mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+        // Bytes the client sent right behind its startup packet belong to the relay.
+        let mut client_data = !io.rbuf.is_empty();
+        if client_data {
+            self.up.read_buf().extend_from_slice(&io.rbuf);
+            io.rbuf.clear();
+        }
+        let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
+        let mut armed = None;
+        let mut was_held = false;
+        loop {
+            if client_data && self.scan_client()? {
+                return Ok(());
+            }
+            if self.server.is_none() && !self.up.ready().is_empty() {
+                self.attach().await?;
+            }
+            let held = self.held();
+            if held.is_some() && !was_held {
+                self.timers.attached();
+            }
+            was_held = held.is_some();
+            if let Some(d) = self.timers.deadline(held) {
+                if armed.is_none_or(|a| d < a) {
+                    timer.as_mut().reset(d);
+                    armed = Some(d);
+                }
+            }
+            let relayed = tokio::select! {
+                biased;
+                r = poll_fn(|cx| {
+                    let server = self.server.as_mut().map(|s| &mut s.stream);
+                    poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
+                }) => r,
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.check_timers()?;
+                    client_data = false;
+                    continue;
+                }
+            };
+            let ev = match relayed {
+                Ok(ev) => ev,
+                Err(RelayError::Client(e)) => return Err(SessionError::Io(e)),
+                Err(RelayError::Server(e)) => return Err(self.server_lost(io, Some(e)).await),
+            };
+            if ev.server_data {
+                self.timers.activity();
+                self.scan_server()?;
+                self.detach_if_done(io).await?;
+            }
+            if ev.server_closed {
+                return Err(self.server_lost(io, None).await);
+            }
+            if ev.client_closed {
+                return Err(SessionError::Disconnected);
+            }
+            if ev.client_data {
+                self.timers.activity();
+            }
+            client_data = ev.client_data;
+        }
+    }
+
+    /// Checks out a server for the transaction the client just started and brings it to the
+    /// client's settings.
+    async fn attach(&mut self) -> Result<(), SessionError> {
+        let mut server = match self.pool.checkout(self.cfg.broker.query_wait_timeout).await {
+            Ok(s) => s,
+            Err(e) => return self.refuse_requests(e.sqlstate(), &chain(&e)),
+        };
+        if let Some(plan) = self.settings.plan_sync(&server, &self.defaults) {
+            match server.query_row(&plan.sql).await {
+                Ok(Ok(row)) => {
+                    let mut told = BytesMut::new();
+                    for s in self.settings.apply_sync(&plan, &row, &mut server) {
+                        build::parameter_status(&mut told, &s.name, &s.value);
+                    }
+                    self.down.insert(&told);
+                }
+                Ok(Err(e)) => {
+                    // Only the client's setting was refused; the server is fine.
+                    server.release = Release::Reuse;
+                    return Err(SessionError::fatal(e.code, e.message));
+                }
+                Err(e) => return Err(SessionError::fatal(e.sqlstate(), chain(&e))),
+            }
+        }
+        self.registration.slot.set(Some(server.cancel.clone()));
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// No server for the client's requests: answer each with the error and stay connected,
+    /// as a server that refused them would. Requests not yet closed by a Sync cannot be
+    /// answered cleanly, so then the client is disconnected.
+    fn refuse_requests(&mut self, code: SqlState, message: &str) -> Result<(), SessionError> {
+        if self.pending.unsynced || self.up.in_message() || self.pending.sync_points == 0 {
+            return Err(SessionError::fatal(code, message));
+        }
+        tracing::info!(error = %message, "no server for the client's request");
+        let mut out = BytesMut::new();
+        for _ in 0..self.pending.sync_points {
+            build::error_response(&mut out, Severity::Error, code, message, None);
+            build::ready_for_query(&mut out, b'I');
+        }
+        self.up.discard_ready();
+        self.pending.sync_points = 0;
+        self.down.insert(&out);
+        Ok(())
+    }
+
+    /// Gives the server back once the transaction is over and nothing more is owed.
+    async fn detach_if_done(&mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let done = self.mode != PoolMode::Session
+            && self.pending.is_settled()
+            && self.up.ready().is_empty()
+            && !self.down.has_unscanned()
+            && (self.mode == PoolMode::Statement || server.status == TxnStatus::Idle);
+        if !done {
+            return Ok(());
+        }
+        if self.recheck {
+            self.recheck = false;
+            if let Some(sql) = self.settings.extras_query() {
+                // The client's reply is complete: let it have it before this extra round trip.
+                io.stream.write_all(self.down.ready()).await.map_err(SessionError::Io)?;
+                let n = self.down.ready().len();
+                self.down.consume(n);
+                match server.query_row(&sql).await {
+                    Ok(Ok(row)) => self.settings.apply_extras(&row, server),
+                    Ok(Err(e)) => tracing::warn!(error = %e.message, "cannot read tracked settings"),
+                    Err(e) => return Err(self.server_lost(io, Some(std::io::Error::other(e))).await),
+                }
+            }
+        }
+        self.release(Release::Reuse);
+        Ok(())
+    }
+
+    fn release(&mut self, how: Release) {
+        if let Some(mut server) = self.server.take() {
+            server.release = how;
+        }
+        self.registration.slot.set(None);
+    }
+
+    /// On the way out: a server whose state is known goes back (rolled back if needed, and
+    /// reset after a whole session), anything else is closed.
+    fn finish(&mut self) {
+        let clean = self.pending.is_settled() && self.up.ready().is_empty();
+        self.release(match (clean, self.mode) {
+            (false, _) => Release::Close,
+            (true, PoolMode::Session) => Release::Reset,
+            (true, _) => Release::Reuse,
+        });
+    }
+
+    /// Looks at client messages; true when the client said Terminate.
+    fn scan_client(&mut self) -> Result<bool, SessionError> {
+        let pending = &mut self.pending;
+        let settings = &self.settings;
+        let recheck = &mut self.recheck;
+        let inspect = !settings.extras().is_empty();
+        Ok(self.up.scan(
+            |t| t == tag::TERMINATE || (inspect && (t == tag::QUERY || t == tag::PARSE)),
+            |t, msg, _| {
+                if inspect && (t == tag::QUERY || t == tag::PARSE) {
+                    // Streamed (huge) statements cannot be read: assume the worst.
+                    let body = msg.get(HEADER_LEN..).unwrap_or_default();
+                    *recheck |= body.is_empty() || settings.may_change_extras(body);
+                }
+                pending.observe_client(t)
+            },
+        )?)
+    }
+
+    /// Looks at server messages: ReadyForQuery settles a request (and in statement mode
+    /// refuses a transaction block), ParameterStatus follows the client's settings.
+    fn scan_server(&mut self) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let pending = &mut self.pending;
+        let settings = &mut self.settings;
+        let statement = self.mode == PoolMode::Statement;
+        self.down
+            .scan(
+                |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS,
+                |t, msg, out| {
+                    let body = msg.get(HEADER_LEN..).unwrap_or_default();
+                    match t {
+                        tag::READY_FOR_QUERY => {
+                            pending.sync_points = pending.sync_points.saturating_sub(1);
+                            server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
+                            if statement && server.status != TxnStatus::Idle {
+                                refuse_transaction(out);
+                                return Action::Replace;
+                            }
+                        }
+                        tag::PARAMETER_STATUS => {
+                            server.observe_parameter_status(body);
+                            if let Some((name, value)) = crate::server::parse_parameter_status(body) {
+                                settings.observe(name, value);
+                            }
+                        }
+                        _ => {}
+                    }
+                    Action::Forward
+                },
+            )
+            .map_err(|e| {
+                SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("server sent a bad message: {e}"))
+            })?;
+        Ok(())
+    }
+
+    /// What the timers see: a server running or inside a transaction for this client.
+    fn held(&self) -> Held {
+        let s = self.server.as_deref()?;
+        if self.mode == PoolMode::Session && s.status == TxnStatus::Idle && self.pending.is_settled() {
+            return None;
+        }
+        Some((s.status, self.pending.sync_points))
+    }
+
+    fn check_timers(&mut self) -> Result<(), SessionError> {
+        match self.timers.expired(self.held()) {
+            None => Ok(()),
+            Some(Expired { code, message }) => Err(SessionError::fatal(code, message)),
+        }
+    }
+
+    /// Passes on what the server said before dying, and tells the client.
+    async fn server_lost(&mut self, io: &mut ClientIo<TcpStream>, err: Option<std::io::Error>) -> SessionError {
+        let _ = io.stream.write_all(self.down.ready()).await;
+        self.down.clear();
+        self.release(Release::Close);
+        tracing::warn!(error = ?err, "server connection lost");
+        SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
+    }
+}
+
+/// Statement mode: the statement opened a transaction block. The client gets an error and an
+/// idle ReadyForQuery; the server is rolled back when it goes back to the pool.
+fn refuse_transaction(out: &mut BytesMut) {
+    build::error_response(
+        out,
+        Severity::Error,
+        SqlState::FEATURE_NOT_SUPPORTED,
+        "transaction blocks are not allowed in statement pooling mode",
+        Some("pool_mode = \"statement\" runs each statement on its own; the transaction was rolled back"),
+    );
+    build::ready_for_query(out, b'I');
+}
