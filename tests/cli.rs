@@ -123,3 +123,17 @@ fn demo_serves_psql_with_scram_and_cleans_up_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn run_refuses_to_start_when_the_budget_is_below_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("users.txt"), "").unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    let text = "[broker]\nlisten = \"127.0.0.1:0\"\n[budget]\nserver_max_connections = 10\nreserved_connections = 5\n\
+                max_instances = 6\n[auth]\nfile = \"users.txt\"\n[databases.app]\n";
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN).args(["--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("below 1") && err.contains("floor((max_connections 10"), "{err}");
+}
