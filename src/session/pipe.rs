@@ -113,8 +113,15 @@ impl Pipe {
             let rest = &self.buf[self.ready..];
             match self.scanner.next(rest, &whole)? {
                 Step::Whole { tag, len } => match on(tag, &rest[..len], &mut self.scratch) {
-                    Action::Forward => self.ready += len,
-                    Action::Drop => self.cut(len),
+                    // Bytes left in the scratch buffer count only with Replace.
+                    Action::Forward => {
+                        self.scratch.clear();
+                        self.ready += len;
+                    }
+                    Action::Drop => {
+                        self.scratch.clear();
+                        self.cut(len);
+                    }
                     Action::Replace => {
                         let with = std::mem::take(&mut self.scratch);
                         self.cut(len);
@@ -122,7 +129,10 @@ impl Pipe {
                         self.scratch = with;
                         self.scratch.clear();
                     }
-                    Action::Stop => return Ok(true),
+                    Action::Stop => {
+                        self.scratch.clear();
+                        return Ok(true);
+                    }
                 },
                 Step::Start { tag, avail, .. } => {
                     // Too long to hold: it can only be forwarded.
