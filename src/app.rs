@@ -38,6 +38,8 @@ pub struct App {
     shared_limits: Mutex<HashMap<String, Arc<Limit>>>,
     /// Clients per IP address, for `max_client_conn_per_ip`.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Prepared statement definitions shared by all clients.
+    pub statements: Arc<crate::session::prepared::Registry>,
 }
 
 /// Why the broker could not start.
@@ -159,6 +161,7 @@ impl Broker {
             budgets,
             shared_limits: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
+            statements: Arc::default(),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),

@@ -175,6 +175,8 @@ pub struct Broker {
     pub transaction_timeout: Duration,
     /// Settings PostgreSQL does not report that are tracked per client in transaction mode.
     pub track_extra_parameters: Vec<String>,
+    /// Named prepared statements kept per server in transaction mode (0 = pass-through).
+    pub max_prepared_statements: usize,
 }
 
 /// Inputs of the per-instance server connection budget.
@@ -304,6 +306,7 @@ impl Config {
             ("max_user_connections", b.max_user_connections.into()),
             ("server_max_uses", b.server_max_uses),
             ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
+            ("max_prepared_statements", b.max_prepared_statements as u64),
         ] {
             let _ = writeln!(s, "{k} = {n}");
         }
@@ -458,6 +461,7 @@ impl Validator<'_> {
             )?,
             transaction_timeout: self.duration("broker.transaction_timeout", &b.transaction_timeout, 0)?,
             track_extra_parameters: b.track_extra_parameters.clone().unwrap_or_else(|| vec!["search_path".to_string()]),
+            max_prepared_statements: self.int("broker.max_prepared_statements", b.max_prepared_statements, 200, 0)?,
         })
     }
 

@@ -59,6 +59,7 @@ pub struct Broker {
     pub idle_transaction_timeout: Option<NumOrStr>,
     pub transaction_timeout: Option<NumOrStr>,
     pub track_extra_parameters: Option<Vec<String>>,
+    pub max_prepared_statements: Option<i64>,
 }
 
 /// `[budget]`: the inputs of the per-instance server connection budget.

@@ -112,6 +112,8 @@ pub struct PoolSettings {
     pub track_extra: Vec<String>,
 }
 
+// Moved once per handoff; boxing the server would allocate on every checkout instead.
+#[allow(clippy::large_enum_variant)]
 enum Grant {
     /// An idle server, handed over directly.
     Server(ServerConn),

@@ -2,6 +2,7 @@
 //! broker's own small queries (reset, parameter setup). Clients' bytes never pass through here;
 //! the session relays them on `stream` directly.
 
+pub mod statements;
 pub mod stream;
 
 use crate::error::SqlState;
@@ -172,6 +173,8 @@ pub struct ServerConn {
     pub uses: u64,
     /// Settings the broker applied that PostgreSQL does not report (lowercase name, value).
     pub applied: Vec<(String, String)>,
+    /// Broker-named prepared statements this server holds (transaction mode).
+    pub statements: statements::Statements,
 }
 
 /// A server's reply to one of the broker's own queries that failed.
@@ -270,6 +273,7 @@ impl ServerConn {
             expires: None,
             uses: 0,
             applied: Vec::new(),
+            statements: statements::Statements::default(),
         })
     }
 

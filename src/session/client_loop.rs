@@ -8,6 +8,7 @@ use super::io::ClientIo;
 use super::params::ClientSettings;
 use super::pending::Pending;
 use super::pipe::{Action, Pipe};
+use super::prepared::Prepared;
 use super::relay::{RelayError, poll_relay};
 use super::timers::{Expired, Held, Timers};
 use crate::cancel::Registration;
@@ -26,6 +27,24 @@ use tokio::net::TcpStream;
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
+/// What a pool mode hands the client loop after login.
+pub(super) struct Setup {
+    /// The pool mode.
+    pub mode: PoolMode,
+    /// The client's pool.
+    pub pool: Arc<Pool>,
+    /// The pool's default settings (empty in session mode).
+    pub defaults: Vec<(String, String)>,
+    /// The client's settings (tracked in transaction and statement mode).
+    pub settings: ClientSettings,
+    /// The client's cancel key.
+    pub registration: Registration,
+    /// The server, attached from the start in session mode.
+    pub server: Option<Pooled>,
+    /// Named prepared statement handling (transaction and statement mode).
+    pub prepared: Option<Prepared>,
+}
+
 /// A logged-in client and, when attached, its server.
 pub(super) struct ClientLoop<'a> {
     cfg: &'a Config,
@@ -41,19 +60,14 @@ pub(super) struct ClientLoop<'a> {
     /// A statement in the current transaction may have changed an unreported tracked setting.
     recheck: bool,
     timers: Timers,
+    /// Named prepared statements across servers (transaction and statement mode).
+    prepared: Option<Prepared>,
 }
 
 impl<'a> ClientLoop<'a> {
-    /// A loop for a client; `server` is attached from the start in session mode.
-    pub fn new(
-        cfg: &'a Config,
-        mode: PoolMode,
-        pool: Arc<Pool>,
-        defaults: Vec<(String, String)>,
-        settings: ClientSettings,
-        registration: Registration,
-        server: Option<Pooled>,
-    ) -> ClientLoop<'a> {
+    /// A loop for a client.
+    pub fn new(cfg: &'a Config, setup: Setup) -> ClientLoop<'a> {
+        let Setup { mode, pool, defaults, settings, registration, server, prepared } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
         }
@@ -70,6 +84,7 @@ impl<'a> ClientLoop<'a> {
             pending: Pending::default(),
             recheck: false,
             timers: Timers::new(&cfg.broker),
+            prepared,
         }
     }
 
@@ -91,11 +106,25 @@ impl<'a> ClientLoop<'a> {
         let mut armed = None;
         let mut was_held = false;
         loop {
-            if client_data && self.scan_client()? {
-                return Ok(());
+            // Without a server, a transaction starts with the client's next message (which
+            // the client loop reads only once it knows which server the bytes go to).
+            let mut scan = client_data;
+            if self.server.is_none() && self.answer_alone()? {
+                client_data = false;
+                continue;
             }
-            if self.server.is_none() && !self.up.ready().is_empty() {
-                self.attach().await?;
+            if self.server.is_none() {
+                match self.up.peek_tag() {
+                    Some(tag::TERMINATE) => return Ok(()),
+                    Some(_) => {
+                        self.attach().await?;
+                        scan = true;
+                    }
+                    None => {}
+                }
+            }
+            if scan && self.scan_client()? {
+                return Ok(());
             }
             let held = self.held();
             if held.is_some() && !was_held {
@@ -149,7 +178,10 @@ impl<'a> ClientLoop<'a> {
     async fn attach(&mut self) -> Result<(), SessionError> {
         let mut server = match self.pool.checkout(self.cfg.broker.query_wait_timeout).await {
             Ok(s) => s,
-            Err(e) => return self.refuse_requests(e.sqlstate(), &chain(&e)),
+            Err(e) => {
+                self.scan_client()?;
+                return self.refuse_requests(e.sqlstate(), &chain(&e));
+            }
         };
         if let Some(plan) = self.settings.plan_sync(&server, &self.defaults) {
             match server.query_row(&plan.sql).await {
@@ -171,6 +203,28 @@ impl<'a> ClientLoop<'a> {
         self.registration.slot.set(Some(server.cancel.clone()));
         self.server = Some(server);
         Ok(())
+    }
+
+    /// Answers a batch of Parses and Closes of known statements without a server. True if
+    /// it did (the bytes are consumed and the replies queued for the client).
+    fn answer_alone(&mut self) -> Result<bool, SessionError> {
+        let Some(p) = self.prepared.as_mut() else { return Ok(false) };
+        if !p.can_answer_alone(self.up.whole_messages()) {
+            return Ok(false);
+        }
+        let mut synced = false;
+        self.up.scan(Prepared::needs_whole, |t, msg, _| {
+            if synced {
+                return Action::Stop;
+            }
+            synced = t == tag::SYNC;
+            p.answer_alone(t, msg);
+            Action::Drop
+        })?;
+        let mut mine = BytesMut::new();
+        p.due(&mut mine, TxnStatus::Idle);
+        self.down.insert(&mine);
+        Ok(true)
     }
 
     /// No server for the client's requests: answer each with the error and stay connected,
@@ -217,6 +271,9 @@ impl<'a> ClientLoop<'a> {
                 }
             }
         }
+        if let Some(p) = self.prepared.as_mut() {
+            p.reset_in_flight();
+        }
         self.release(Release::Reuse);
         Ok(())
     }
@@ -245,39 +302,56 @@ impl<'a> ClientLoop<'a> {
         let settings = &self.settings;
         let recheck = &mut self.recheck;
         let inspect = !settings.extras().is_empty();
-        Ok(self.up.scan(
-            |t| t == tag::TERMINATE || (inspect && (t == tag::QUERY || t == tag::PARSE)),
-            |t, msg, _| {
+        let mut prepared = self.prepared.as_mut().zip(self.server.as_deref_mut().map(|s| &mut s.statements));
+        let track = prepared.is_some();
+        let stopped = self.up.scan(
+            |t| {
+                t == tag::TERMINATE
+                    || (inspect && (t == tag::QUERY || t == tag::PARSE))
+                    || (track && Prepared::needs_whole(t))
+            },
+            |t, msg, out| {
                 if inspect && (t == tag::QUERY || t == tag::PARSE) {
                     // Streamed (huge) statements cannot be read: assume the worst.
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     *recheck |= body.is_empty() || settings.may_change_extras(body);
                 }
-                pending.observe_client(t)
+                match (pending.observe_client(t), prepared.as_mut()) {
+                    (Action::Forward, Some((p, statements))) => p.on_client(t, msg, out, statements),
+                    (action, _) => action,
+                }
             },
-        )?)
+        )?;
+        // Replies the broker owes with nothing outstanding before them go out now.
+        if let (Some(p), Some(server)) = (self.prepared.as_mut(), self.server.as_deref()) {
+            let mut mine = BytesMut::new();
+            if p.due(&mut mine, server.status) {
+                self.down.insert(&mine);
+            }
+        }
+        Ok(stopped)
     }
 
     /// Looks at server messages: ReadyForQuery settles a request (and in statement mode
     /// refuses a transaction block), ParameterStatus follows the client's settings.
     fn scan_server(&mut self) -> Result<(), SessionError> {
-        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let Some(server) = self.server.as_deref_mut() else { return Ok(()) };
         let pending = &mut self.pending;
         let settings = &mut self.settings;
+        let prepared = &mut self.prepared;
         let statement = self.mode == PoolMode::Statement;
+        let track = prepared.is_some();
         self.down
             .scan(
-                |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS,
+                |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS || (track && t == b'C'),
                 |t, msg, out| {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
+                    let mut refuse = false;
                     match t {
                         tag::READY_FOR_QUERY => {
                             pending.sync_points = pending.sync_points.saturating_sub(1);
                             server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
-                            if statement && server.status != TxnStatus::Idle {
-                                refuse_transaction(out);
-                                return Action::Replace;
-                            }
+                            refuse = statement && server.status != TxnStatus::Idle;
                         }
                         tag::PARAMETER_STATUS => {
                             server.observe_parameter_status(body);
@@ -287,7 +361,20 @@ impl<'a> ClientLoop<'a> {
                         }
                         _ => {}
                     }
-                    Action::Forward
+                    let action = match prepared.as_mut() {
+                        Some(p) => p.on_server(t, msg, out, &mut server.statements, server.status),
+                        None => Action::Forward,
+                    };
+                    if !refuse {
+                        return action;
+                    }
+                    // Statement mode: the ReadyForQuery (first in `out` when replaced) becomes
+                    // an error and an idle ReadyForQuery.
+                    let mine = if action == Action::Replace { out.split_off(msg.len()) } else { BytesMut::new() };
+                    out.clear();
+                    refuse_transaction(out);
+                    out.unsplit(mine);
+                    Action::Replace
                 },
             )
             .map_err(|e| {
@@ -317,6 +404,9 @@ impl<'a> ClientLoop<'a> {
         let _ = io.stream.write_all(self.down.ready()).await;
         self.down.clear();
         self.release(Release::Close);
+        if let Some(p) = self.prepared.as_mut() {
+            p.reset_in_flight();
+        }
         tracing::warn!(error = ?err, "server connection lost");
         SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
     }

@@ -11,6 +11,7 @@ mod mode_txn;
 mod params;
 mod pending;
 pub mod pipe;
+pub mod prepared;
 pub mod relay;
 mod timers;
 

@@ -1,7 +1,7 @@
 //! Session pooling: the client gets its server at login, with its startup settings applied,
 //! and keeps it until it leaves; then the server is reset for the next client.
 
-use super::client_loop::ClientLoop;
+use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
 use super::login::Login;
 use super::params::ClientSettings;
@@ -33,9 +33,17 @@ pub(super) async fn run(
     let registration = app.cancels.register();
     welcome(io, &server, registration.key.pid, registration.key.secret);
     io.flush().await?;
-    ClientLoop::new(cfg, PoolMode::Session, pool, Vec::new(), ClientSettings::default(), registration, Some(server))
-        .run(io)
-        .await
+    let setup = Setup {
+        mode: PoolMode::Session,
+        pool,
+        defaults: Vec::new(),
+        settings: ClientSettings::default(),
+        registration,
+        server: Some(server),
+        // The client keeps its server: its statements stay where it made them.
+        prepared: None,
+    };
+    ClientLoop::new(cfg, setup).run(io).await
 }
 
 /// Applies the client's startup parameters to its server session.

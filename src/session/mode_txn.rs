@@ -2,10 +2,11 @@
 //! one), then the client loop attaches a server per transaction (or statement).
 
 use super::SessionError;
-use super::client_loop::ClientLoop;
+use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
 use super::login::Login;
 use super::params::{self, ClientSettings};
+use super::prepared::Prepared;
 use crate::app::App;
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
@@ -34,7 +35,10 @@ pub(super) async fn run(
     io.flush().await?;
 
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
-    ClientLoop::new(cfg, mode, pool, defaults.all(), settings, registration, None).run(io).await
+    let max = cfg.broker.max_prepared_statements;
+    let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
+    let setup = Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared };
+    ClientLoop::new(cfg, setup).run(io).await
 }
 
 /// The pool's defaults; the first client of a pool opens a server to learn them.

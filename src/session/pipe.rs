@@ -73,6 +73,29 @@ impl Pipe {
         self.buf.len() > self.ready || self.scanner.in_message()
     }
 
+    /// The tag of the next unscanned message once its header is buffered.
+    pub fn peek_tag(&self) -> Option<u8> {
+        if self.scanner.in_message() {
+            return None;
+        }
+        let rest = self.buf.get(self.ready..)?;
+        (rest.len() >= HEADER_LEN).then(|| rest[0])
+    }
+
+    /// The whole messages buffered after the approved prefix (none while a long message is
+    /// half-way through), without scanning them.
+    pub fn whole_messages(&self) -> impl Iterator<Item = (u8, &[u8])> {
+        let mut rest = if self.scanner.in_message() { &[][..] } else { self.buf.get(self.ready..).unwrap_or_default() };
+        std::iter::from_fn(move || {
+            let header = rest.get(..HEADER_LEN)?;
+            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+            let total = usize::try_from(len).ok().filter(|l| *l >= 4)? + 1;
+            let (msg, after) = (rest.get(..total)?, rest.get(total..)?);
+            rest = after;
+            Some((msg[0], msg))
+        })
+    }
+
     /// True when a long message is half-way through the scanner.
     pub fn in_message(&self) -> bool {
         self.scanner.in_message()

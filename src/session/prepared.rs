@@ -1,0 +1,505 @@
+//! Named prepared statements in transaction mode. A client's statement names map to
+//! broker-owned server names derived from the statement's content, so one server-side
+//! statement serves every client that lands there. Statements a server lacks are prepared
+//! on the fly; replies the client did not ask for are hidden, and replies for messages the
+//! broker answers itself are put in their place in the reply stream.
+
+use super::pipe::Action;
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::{TxnStatus, build, split_cstr, tag};
+use crate::server::statements::Statements;
+use bytes::{BufMut, BytesMut};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Content identity of a statement: SHA-256 of its query text and parameter types, truncated.
+type StmtId = [u8; 16];
+
+/// A statement definition, shared by every client that prepares the same text and types.
+#[derive(Debug)]
+pub struct StmtDef {
+    id: StmtId,
+    /// Bumped when a server reports the cached plan stale; part of the server-side name, so
+    /// every server prepares the statement afresh.
+    version: AtomicU32,
+
+    /// The Parse body after the statement name: query text, parameter count and types.
+    body: Box<[u8]>,
+}
+
+impl StmtDef {
+    fn server_name(&self, version: u32) -> Arc<str> {
+        let mut name = String::with_capacity(48);
+        name.push_str("pgb_");
+        for b in self.id {
+            let _ = write!(name, "{b:02x}");
+        }
+        let _ = write!(name, "_{version}");
+        name.into()
+    }
+}
+
+/// Interns statement definitions so that clients share their version counter.
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: Mutex<HashMap<StmtId, Weak<StmtDef>>>,
+}
+
+fn stmt_id(body: &[u8]) -> StmtId {
+    let digest = Sha256::digest(body);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+impl Registry {
+    fn intern(&self, body: &[u8]) -> Arc<StmtDef> {
+        let id = stmt_id(body);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(def) = map.get(&id).and_then(Weak::upgrade) {
+            return def;
+        }
+        if map.len() > 1024 {
+            map.retain(|_, w| w.strong_count() > 0);
+        }
+        let def = Arc::new(StmtDef { id, version: AtomicU32::new(0), body: body.into() });
+        map.insert(id, Arc::downgrade(&def));
+        def
+    }
+}
+
+/// A client's statement: its definition and the server-side name of the version it knows.
+struct Entry {
+    def: Arc<StmtDef>,
+    version: u32,
+    name: Arc<str>,
+}
+
+impl Entry {
+    fn new(def: Arc<StmtDef>) -> Entry {
+        let version = def.version.load(Ordering::Relaxed);
+        let name = def.server_name(version);
+        Entry { def, version, name }
+    }
+
+    #[inline]
+    fn current(&mut self) -> &Arc<str> {
+        let v = self.def.version.load(Ordering::Relaxed);
+        if v != self.version {
+            self.version = v;
+            self.name = self.def.server_name(v);
+        }
+        &self.name
+    }
+}
+
+/// A reply the server owes for a message sent to it, or one the broker owes itself.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete; `hide` for Parses the broker injected. `name` is the server-side name,
+    /// forgotten again if the Parse fails or is skipped.
+    Parse {
+        name: Option<Arc<str>>,
+        hide: bool,
+    },
+    Bind,
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    DescribePortal,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// CloseComplete; `evicted` for Closes the broker injected to evict a statement.
+    Close {
+        evicted: Option<Arc<str>>,
+    },
+    Sync,
+    /// A simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query,
+    /// Replies the broker makes itself once every earlier reply has passed.
+    Mine(Mine),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mine {
+    ParseComplete,
+    CloseComplete,
+    /// `DEALLOCATE name` answered from the client's own map.
+    Deallocate,
+    /// ReadyForQuery for a Sync answered without a server.
+    Ready,
+}
+
+/// A client's named statements and the replies in flight on its server.
+pub struct Prepared {
+    registry: Arc<Registry>,
+    max_on_server: usize,
+    client: HashMap<Box<[u8]>, Entry>,
+    expect: VecDeque<Expect>,
+    /// The server reported an extended-protocol error and ignores messages until Sync.
+    skipping: bool,
+}
+
+impl Prepared {
+    /// Statements for one client; servers keep at most `max_on_server` of them.
+    pub fn new(registry: Arc<Registry>, max_on_server: usize) -> Prepared {
+        Prepared { registry, max_on_server, client: HashMap::new(), expect: VecDeque::new(), skipping: false }
+    }
+
+    /// Tags whose whole message this module needs to read.
+    pub fn needs_whole(t: u8) -> bool {
+        matches!(t, tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::QUERY)
+    }
+
+    /// True when no reply is outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.expect.is_empty()
+    }
+
+    /// Handles one client message bound for `server`: rewrites statement names, prepares
+    /// what the server lacks, answers Close and Parse itself where it can.
+    pub fn on_client(&mut self, t: u8, msg: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+        let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        match t {
+            tag::PARSE => self.parse(body, out, server),
+            tag::BIND => self.bind(body, out, server),
+            tag::DESCRIBE => self.describe(body, out, server),
+            tag::CLOSE => self.close(body),
+            tag::EXECUTE => self.expect(Expect::Execute),
+            tag::SYNC => {
+                self.skipping = false;
+                self.expect.push_back(Expect::Sync);
+                Action::Forward
+            }
+            tag::QUERY => self.query(body),
+            tag::FUNCTION_CALL => self.expect(Expect::Query),
+            _ => Action::Forward,
+        }
+    }
+
+    fn expect(&mut self, e: Expect) -> Action {
+        if !self.skipping {
+            self.expect.push_back(e);
+        }
+        Action::Forward
+    }
+
+    fn mine(&mut self, m: Mine) -> Action {
+        if !self.skipping {
+            self.expect.push_back(Expect::Mine(m));
+        }
+        Action::Drop
+    }
+
+    /// Writes a Parse of `name` (and a Close of the statement it evicts) unless the server
+    /// has it. Returns true if it wrote anything.
+    fn ensure(
+        &mut self,
+        name: &Arc<str>,
+        def: &StmtDef,
+        out: &mut BytesMut,
+        server: &mut Statements,
+        hide: bool,
+    ) -> bool {
+        if server.touch(name) || self.skipping {
+            return false;
+        }
+        if let Some(victim) = server.insert(name.clone(), self.max_on_server) {
+            write_message(out, tag::CLOSE, |b| {
+                b.put_u8(b'S');
+                put_cstr(b, victim.as_bytes());
+            });
+            self.expect.push_back(Expect::Close { evicted: Some(victim) });
+        }
+        write_message(out, tag::PARSE, |b| {
+            put_cstr(b, name.as_bytes());
+            b.put_slice(&def.body);
+        });
+        self.expect.push_back(Expect::Parse { name: Some(name.clone()), hide });
+        true
+    }
+
+    fn parse(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+        let unnamed = Expect::Parse { name: None, hide: false };
+        let Some((name, rest)) = split_cstr(body) else { return self.expect(unnamed) };
+        if name.is_empty() {
+            return self.expect(unnamed);
+        }
+        let mut entry = Entry::new(self.registry.intern(rest));
+        let server_name = entry.current().clone();
+        let def = entry.def.clone();
+        self.client.insert(name.into(), entry);
+        if self.ensure(&server_name, &def, out, server, false) {
+            Action::Replace
+        } else {
+            // The server has it already: the client still gets its ParseComplete.
+            self.mine(Mine::ParseComplete)
+        }
+    }
+
+    fn bind(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+        let named = split_cstr(body).and_then(|(portal, rest)| Some((portal, split_cstr(rest)?)));
+        let Some((portal, (stmt, rest))) = named else { return self.expect(Expect::Bind) };
+        let Some(entry) = self.client.get_mut(stmt) else {
+            // Unnamed, or unknown: the server gives the right answer (or error) itself.
+            return self.expect(Expect::Bind);
+        };
+        let name = entry.current().clone();
+        let def = entry.def.clone();
+        self.ensure(&name, &def, out, server, true);
+        write_message(out, tag::BIND, |b| {
+            put_cstr(b, portal);
+            put_cstr(b, name.as_bytes());
+            b.put_slice(rest);
+        });
+        self.expect(Expect::Bind);
+        Action::Replace
+    }
+
+    fn describe(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+        let (kind, name) = (body.first().copied(), body.get(1..).and_then(split_cstr).map(|(n, _)| n));
+        if kind != Some(b'S') {
+            return self.expect(Expect::DescribePortal);
+        }
+        let Some(entry) = name.and_then(|n| self.client.get_mut(n)) else {
+            return self.expect(Expect::DescribeStatement);
+        };
+        let server_name = entry.current().clone();
+        let def = entry.def.clone();
+        self.ensure(&server_name, &def, out, server, true);
+        write_message(out, tag::DESCRIBE, |b| {
+            b.put_u8(b'S');
+            put_cstr(b, server_name.as_bytes());
+        });
+        self.expect(Expect::DescribeStatement);
+        Action::Replace
+    }
+
+    fn close(&mut self, body: &[u8]) -> Action {
+        let (kind, name) = (body.first().copied(), body.get(1..).and_then(split_cstr).map(|(n, _)| n));
+        match (kind, name) {
+            (Some(b'S'), Some(n)) if !n.is_empty() => {
+                // The client's name goes; the server keeps the statement for others.
+                self.client.remove(n);
+                self.mine(Mine::CloseComplete)
+            }
+            _ => self.expect(Expect::Close { evicted: None }),
+        }
+    }
+
+    fn query(&mut self, body: &[u8]) -> Action {
+        if let Some(name) = deallocate_target(body) {
+            if self.client.remove(name.as_bytes()).is_some() {
+                return self.mine(Mine::Deallocate);
+            }
+        }
+        self.expect(Expect::Query)
+    }
+
+    /// Handles one server message: hides replies to the broker's own messages and puts the
+    /// broker's replies in their place. `status` is the server's last transaction status.
+    pub fn on_server(
+        &mut self,
+        t: u8,
+        msg: &[u8],
+        out: &mut BytesMut,
+        server: &mut Statements,
+        status: TxnStatus,
+    ) -> Action {
+        let mut hide = false;
+        match t {
+            tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS | tag::NOTIFICATION => return Action::Forward,
+            b'1' => {
+                if let Some(Expect::Parse { hide: h, .. }) = self.expect.front() {
+                    hide = *h;
+                    self.expect.pop_front();
+                }
+            }
+            b'3' => {
+                if let Some(Expect::Close { evicted }) = self.expect.front() {
+                    hide = evicted.is_some();
+                    self.expect.pop_front();
+                }
+            }
+            b'2' => self.pop_if(|e| matches!(e, Expect::Bind)),
+            b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal)),
+            b'C' | b'I' | b's' => {
+                self.pop_if(|e| matches!(e, Expect::Execute));
+                let cmd = msg.get(HEADER_LEN..).unwrap_or_default();
+                if cmd.starts_with(b"DISCARD ALL\0") || cmd.starts_with(b"DEALLOCATE ALL\0") {
+                    server.clear();
+                    self.client.clear();
+                }
+            }
+            tag::ERROR_RESPONSE => self.on_error(server),
+            tag::READY_FOR_QUERY => self.on_ready(server),
+            _ => {}
+        }
+        if self.due(out, status) {
+            if !hide {
+                // The server's message first, then the broker's own replies behind it.
+                let mine = out.split();
+                out.put_slice(msg);
+                out.unsplit(mine);
+            }
+            return Action::Replace;
+        }
+        if hide { Action::Drop } else { Action::Forward }
+    }
+
+    fn pop_if(&mut self, f: impl Fn(&Expect) -> bool) {
+        if self.expect.front().is_some_and(f) {
+            self.expect.pop_front();
+        }
+    }
+
+    /// An error: in a simple Query, ReadyForQuery follows; in the extended protocol the server
+    /// skips everything up to the next Sync, so those replies will never come.
+    fn on_error(&mut self, server: &mut Statements) {
+        if matches!(self.expect.front(), Some(Expect::Query)) {
+            return;
+        }
+        while let Some(e) = self.expect.front() {
+            if matches!(e, Expect::Sync) {
+                return;
+            }
+            let e = self.expect.pop_front();
+            forget_unrun(e, server);
+        }
+        self.skipping = true;
+    }
+
+    fn on_ready(&mut self, server: &mut Statements) {
+        while let Some(e) = self.expect.pop_front() {
+            if matches!(e, Expect::Sync | Expect::Query) {
+                return;
+            }
+            forget_unrun(Some(e), server);
+        }
+    }
+
+    /// Writes the broker's own replies that are due (nothing from the server before them).
+    /// Returns true if it wrote any.
+    pub fn due(&mut self, out: &mut BytesMut, status: TxnStatus) -> bool {
+        let mut wrote = false;
+        while let Some(Expect::Mine(m)) = self.expect.front() {
+            match m {
+                Mine::ParseComplete => write_message(out, b'1', |_| {}),
+                Mine::CloseComplete => write_message(out, b'3', |_| {}),
+                Mine::Deallocate => {
+                    write_message(out, b'C', |b| put_cstr(b, b"DEALLOCATE"));
+                    build::ready_for_query(out, status.as_byte());
+                }
+                Mine::Ready => build::ready_for_query(out, b'I'),
+            }
+            self.expect.pop_front();
+            wrote = true;
+        }
+        wrote
+    }
+
+    /// True if a client without a server can be answered by the broker alone: the messages
+    /// are named Parses and Closes, ending with a Sync, which is what `PQprepare` sends.
+    /// Answering them here needs no server, so a client that prepares synchronously while
+    /// its other connections hold every server cannot deadlock the pool. The statement is
+    /// checked by the server at its first Bind or Describe, which reports any error.
+    pub fn can_answer_alone<'m>(&self, messages: impl Iterator<Item = (u8, &'m [u8])>) -> bool {
+        let mut synced = false;
+        for (t, msg) in messages {
+            if synced {
+                return false;
+            }
+            let body = msg.get(HEADER_LEN..).unwrap_or_default();
+            let ok = match t {
+                tag::PARSE => split_cstr(body).is_some_and(|(name, _)| !name.is_empty()),
+                tag::CLOSE => {
+                    body.first() == Some(&b'S')
+                        && body.get(1..).and_then(split_cstr).is_some_and(|(n, _)| !n.is_empty())
+                }
+                tag::SYNC => {
+                    synced = true;
+                    true
+                }
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        synced
+    }
+
+    /// Answers one message of a batch `can_answer_alone` accepted.
+    pub fn answer_alone(&mut self, t: u8, msg: &[u8]) {
+        let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        match t {
+            tag::PARSE => {
+                if let Some((name, rest)) = split_cstr(body) {
+                    self.client.insert(name.into(), Entry::new(self.registry.intern(rest)));
+                }
+                self.expect.push_back(Expect::Mine(Mine::ParseComplete));
+            }
+            tag::CLOSE => {
+                self.close(body);
+            }
+            tag::SYNC => self.expect.push_back(Expect::Mine(Mine::Ready)),
+            _ => {}
+        }
+    }
+
+    /// Forgets in-flight bookkeeping when the server goes away mid-request.
+    pub fn reset_in_flight(&mut self) {
+        self.expect.clear();
+        self.skipping = false;
+    }
+}
+
+/// A message the server skipped (or that failed): undo what sending it assumed.
+fn forget_unrun(e: Option<Expect>, server: &mut Statements) {
+    match e {
+        Some(Expect::Parse { name: Some(n), .. }) => server.remove(&n),
+        Some(Expect::Close { evicted: Some(n) }) => server.restore(n),
+        _ => {}
+    }
+}
+
+fn put_cstr(b: &mut BytesMut, s: &[u8]) {
+    b.put_slice(s);
+    b.put_u8(0);
+}
+
+fn write_message(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(t);
+    let at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The statement a simple query `DEALLOCATE [PREPARE] name` names, if that is all it is.
+fn deallocate_target(sql: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(split_cstr(sql)?.0).ok()?.trim().trim_end_matches(';').trim_end();
+    let mut words = text.splitn(2, char::is_whitespace);
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut rest = words.next()?.trim_start();
+    if let Some(after) = rest.get(..7).filter(|w| w.eq_ignore_ascii_case("prepare")).and_then(|_| rest.get(7..)) {
+        if after.starts_with(char::is_whitespace) {
+            rest = after.trim_start();
+        }
+    }
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        return (!inner.replace("\"\"", "").contains('"')).then(|| inner.replace("\"\"", "\""));
+    }
+    let is_ident = !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    // `DEALLOCATE ALL` goes to the server, which drops everything; the reply clears our maps.
+    (is_ident && !rest.eq_ignore_ascii_case("all")).then(|| rest.to_lowercase())
+}
+
+#[cfg(test)]
+mod tests;

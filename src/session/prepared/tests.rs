@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+
+fn msg(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![t];
+    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = format!("{name}\0{sql}\0").into_bytes();
+    b.extend_from_slice(&[0, 0]);
+    msg(b'P', &b)
+}
+
+fn bind(stmt: &str) -> Vec<u8> {
+    let mut b = format!("\0{stmt}\0").into_bytes();
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    msg(b'B', &b)
+}
+
+fn tags(bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        out.push(rest[0]);
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        rest = &rest[1 + len..];
+    }
+    out
+}
+
+/// Feeds client messages; returns what goes to the server.
+fn client(p: &mut Prepared, server: &mut Statements, msgs: &[Vec<u8>]) -> Vec<u8> {
+    let mut sent = vec![];
+    for m in msgs {
+        let mut out = BytesMut::new();
+        match p.on_client(m[0], m, &mut out, server) {
+            Action::Forward => sent.extend_from_slice(m),
+            Action::Replace => sent.extend_from_slice(&out),
+            Action::Drop | Action::Stop => {}
+        }
+    }
+    sent
+}
+
+/// Feeds server replies; returns what reaches the client (plus replies due up front).
+fn server_replies(p: &mut Prepared, server: &mut Statements, msgs: &[Vec<u8>]) -> Vec<u8> {
+    let mut got = vec![];
+    let mut due = BytesMut::new();
+    if p.due(&mut due, TxnStatus::Idle) {
+        got.extend_from_slice(&due);
+    }
+    for m in msgs {
+        let mut out = BytesMut::new();
+        match p.on_server(m[0], m, &mut out, server, TxnStatus::Idle) {
+            Action::Forward => got.extend_from_slice(m),
+            Action::Replace => got.extend_from_slice(&out),
+            Action::Drop | Action::Stop => {}
+        }
+    }
+    got
+}
+
+fn prepared() -> Prepared {
+    Prepared::new(Arc::new(Registry::default()), 200)
+}
+
+#[test]
+fn first_parse_is_renamed_and_its_reply_passes() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    let sent = client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"PS");
+    assert!(String::from_utf8_lossy(&sent).contains("pgb_"), "renamed");
+    assert!(!String::from_utf8_lossy(&sent).contains("s1\0"));
+    let got = server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"1Z");
+    assert!(p.is_idle());
+}
+
+#[test]
+fn parse_of_a_statement_the_server_has_is_answered_by_the_broker_in_order() {
+    let (mut a, mut s) = (prepared(), Statements::default());
+    let reg = a.registry.clone();
+    client(&mut a, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut a, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let mut b = Prepared::new(reg, 200);
+    let sent = client(&mut b, &mut s, &[bind(""), parse("other", "SELECT 1"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"BS", "the Parse is not sent again");
+    let got = server_replies(&mut b, &mut s, &[msg(b'2', b""), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"21Z", "ParseComplete after BindComplete, before ReadyForQuery");
+}
+
+#[test]
+fn bind_on_a_server_lacking_the_statement_prepares_it_and_hides_the_reply() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let mut fresh = Statements::default();
+    let sent = client(&mut p, &mut fresh, &[bind("s1"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"PBES");
+    let got = server_replies(
+        &mut p,
+        &mut fresh,
+        &[msg(b'1', b""), msg(b'2', b""), msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")],
+    );
+    assert_eq!(tags(&got), b"2CZ");
+}
+
+#[test]
+fn close_is_answered_by_the_broker_and_the_name_forgotten() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[msg(b'C', b"Ss1\0"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"S");
+    let got = server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"3Z");
+    let sent = client(&mut p, &mut s, &[bind("s1")]);
+    assert!(String::from_utf8_lossy(&sent).contains("s1\0"), "unknown names go to the server as they are");
+}
+
+#[test]
+fn failed_injected_parse_reaches_the_client_and_is_forgotten() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT * FROM gone"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let mut fresh = Statements::default();
+    client(&mut p, &mut fresh, &[bind("s1"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")]);
+    let got = server_replies(&mut p, &mut fresh, &[msg(b'E', b"SERROR\0C42P01\0\0"), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"EZ");
+    assert!(fresh.is_empty(), "the failed statement is not recorded as prepared");
+    assert!(p.is_idle());
+}
+
+#[test]
+fn absorbed_replies_after_an_error_are_dropped_like_the_server_skips() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[bind("nope"), msg(b'C', b"Ss1\0"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"BS");
+    let got = server_replies(&mut p, &mut s, &[msg(b'E', b"SERROR\0C26000\0\0"), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"EZ", "no CloseComplete for a skipped Close");
+}
+
+#[test]
+fn deallocate_of_a_client_statement_is_answered_by_the_broker() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[msg(b'Q', b"DEALLOCATE s1;\0")]);
+    assert!(sent.is_empty());
+    let got = server_replies(&mut p, &mut s, &[]);
+    assert_eq!(tags(&got), b"CZ");
+}
+
+#[test]
+fn discard_all_forgets_every_statement() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    client(&mut p, &mut s, &[msg(b'Q', b"DISCARD ALL\0")]);
+    server_replies(&mut p, &mut s, &[msg(b'C', b"DISCARD ALL\0"), msg(b'Z', b"I")]);
+    assert!(s.is_empty());
+    let sent = client(&mut p, &mut s, &[bind("s1")]);
+    assert!(String::from_utf8_lossy(&sent).contains("s1\0"), "the client's name is gone too");
+}
+
+#[test]
+fn eviction_past_the_limit_closes_the_oldest_and_hides_the_reply() {
+    let mut p = Prepared::new(Arc::new(Registry::default()), 1);
+    let mut s = Statements::default();
+    client(&mut p, &mut s, &[parse("a", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[parse("b", "SELECT 2"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"CPS");
+    let got = server_replies(&mut p, &mut s, &[msg(b'3', b""), msg(b'1', b""), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"1Z");
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn deallocate_statements_are_recognised() {
+    assert_eq!(deallocate_target(b"DEALLOCATE s1\0").as_deref(), Some("s1"));
+    assert_eq!(deallocate_target(b"  deallocate prepare Foo ;\0").as_deref(), Some("foo"));
+    assert_eq!(deallocate_target(b"DEALLOCATE \"Mixed\"\"Q\"\0").as_deref(), Some("Mixed\"Q"));
+    assert_eq!(deallocate_target(b"DEALLOCATE ALL\0"), None);
+    assert_eq!(deallocate_target(b"SELECT 1\0"), None);
+    assert_eq!(deallocate_target(b"DEALLOCATE a; SELECT 1\0"), None);
+}

@@ -1,0 +1,277 @@
+//! Named prepared statements through transaction mode, with fewer servers than clients so
+//! that every client keeps landing on servers it has not used before.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use pgbroker::config::PoolMode;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drivers_prepare_and_execute_across_rotating_servers() {
+    let b = broker(mode_config(PoolMode::Transaction, 3)).await;
+    let addr = b.local_addr();
+    let tasks: Vec<_> = (0..24)
+        .map(|id: i32| {
+            tokio::spawn(async move {
+                let c = connect_bench(addr).await;
+                // The same text in every client, and one of its own.
+                let shared = c.prepare("SELECT $1::int + 1000").await.unwrap();
+                let own = c.prepare(&format!("SELECT $1::int * {}", id + 1)).await.unwrap();
+                let mut pids = HashSet::new();
+                for i in 0..60 {
+                    let a: i32 = c.query_one(&shared, &[&i]).await.unwrap().get(0);
+                    let m: i32 = c.query_one(&own, &[&i]).await.unwrap().get(0);
+                    assert_eq!((a, m), (i + 1000, i * (id + 1)), "client {id} iteration {i}");
+                    if i % 10 == 0 {
+                        // A fresh, short-lived statement: tokio-postgres closes it on drop.
+                        let tmp = c.prepare("SELECT pg_backend_pid()").await.unwrap();
+                        pids.insert(c.query_one(&tmp, &[]).await.unwrap().get::<_, i32>(0));
+                    }
+                }
+                pids.len()
+            })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(tasks)).await.unwrap();
+    let moved = results.into_iter().map(|r| r.unwrap()).filter(|n| *n > 1).count();
+    assert!(moved > 0, "clients ran on several servers");
+}
+
+#[tokio::test]
+async fn pipelined_prepared_queries_complete_in_order() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let c = connect_bench(b.local_addr()).await;
+    let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
+    let futs = (0..50).map(|i| {
+        let (c, stmt) = (&c, &stmt);
+        async move { c.query_one(stmt, &[&i]).await.unwrap().get::<_, i32>(0) }
+    });
+    let got = futures_util::future::join_all(futs).await;
+    assert_eq!(got, (0..50).map(|i| i * 2).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn prepared_statement_survives_a_transaction_on_another_server() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let addr = b.local_addr();
+    let c = connect_bench(addr).await;
+    let other = connect_bench(addr).await;
+    let stmt = c.prepare("SELECT pg_backend_pid()").await.unwrap();
+    let first: i32 = c.query_one(&stmt, &[]).await.unwrap().get(0);
+    // Hold the server `c` used, so its next transaction must run elsewhere.
+    other.simple_query("BEGIN").await.unwrap();
+    let held: i32 = other.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let second: i32 = c.query_one(&stmt, &[]).await.unwrap().get(0);
+    if held == first {
+        assert_ne!(second, first, "ran on the other server");
+    }
+    other.simple_query("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_of_a_dropped_table_reach_the_client_and_the_connection_recovers() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let c = connect_bench(b.local_addr()).await;
+    c.simple_query(
+        "DROP TABLE IF EXISTS ps_dropped; CREATE TABLE ps_dropped (id int); INSERT INTO ps_dropped VALUES (7)",
+    )
+    .await
+    .unwrap();
+    let stmt = c.prepare("SELECT id FROM ps_dropped").await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 7);
+    c.simple_query("DROP TABLE ps_dropped").await.unwrap();
+    let e = c.query(&stmt, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42P01");
+    c.simple_query("CREATE TABLE ps_dropped (id int); INSERT INTO ps_dropped VALUES (8)").await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 8, "recreated table, same statement");
+    assert_eq!(one(&c, "SELECT 1").await, "1");
+}
+
+#[tokio::test]
+async fn statement_errors_inside_a_transaction_keep_the_connection_usable() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let c = connect_bench(b.local_addr()).await;
+    let div = c.prepare("SELECT 1 / $1::int").await.unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    assert_eq!(sqlstate(&c.query(&div, &[&0i32]).await.unwrap_err()), "22012");
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(c.query_one(&div, &[&1i32]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+/// A raw logged-in connection (trust auth) to a transaction-mode broker.
+async fn raw_session(b: &pgbroker::app::Broker) -> tokio::net::TcpStream {
+    let mut s = raw(b.local_addr()).await;
+    send(&mut s, &startup_packet(&[("user", "postgres"), ("database", "bench")])).await;
+    read_until_idle(&mut s).await;
+    s
+}
+
+async fn read_until_idle(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = format!("{name}\0{sql}\0").into_bytes();
+    body.extend_from_slice(&[0, 0]);
+    msg(b'P', &body)
+}
+
+fn bind_execute(stmt: &str) -> Vec<u8> {
+    let mut bind = format!("\0{stmt}\0").into_bytes();
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    [msg(b'B', &bind), msg(b'E', &[0, 0, 0, 0, 0])].concat()
+}
+
+/// Message tags in a reply, in order.
+fn tags(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        out.push(rest[0] as char);
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        rest = &rest[1 + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn close_then_parse_of_the_same_name_with_new_text() {
+    let mut cfg = mode_config(PoolMode::Transaction, 2);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let mut s = raw_session(&b).await;
+    send(&mut s, &[parse("st", "SELECT 'one'"), bind_execute("st"), msg(b'S', b"")].concat()).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "12DCZ");
+    assert!(String::from_utf8_lossy(&r).contains("one"));
+    let mut close = vec![b'S'];
+    close.extend_from_slice(b"st\0");
+    send(&mut s, &[msg(b'C', &close), parse("st", "SELECT 'two'"), bind_execute("st"), msg(b'S', b"")].concat()).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "312DCZ", "CloseComplete, ParseComplete, then the new statement's result");
+    assert!(String::from_utf8_lossy(&r).contains("two"));
+}
+
+#[tokio::test]
+async fn pipeline_of_parse_bind_execute_times_n_then_one_sync() {
+    let mut cfg = mode_config(PoolMode::Transaction, 2);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let mut s = raw_session(&b).await;
+    let mut batch = Vec::new();
+    for i in 0..20 {
+        batch.extend(parse(&format!("p{i}"), &format!("SELECT {i} AS n")));
+        batch.extend(bind_execute(&format!("p{i}")));
+    }
+    batch.extend(msg(b'S', b""));
+    send(&mut s, &batch).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), format!("{}Z", "12DC".repeat(20)));
+    // Again on a connection whose server may differ: the names still work, with no new Parse.
+    let mut again = Vec::new();
+    for i in 0..20 {
+        again.extend(bind_execute(&format!("p{i}")));
+    }
+    again.extend(msg(b'S', b""));
+    send(&mut s, &again).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), format!("{}Z", "2DC".repeat(20)));
+}
+
+#[tokio::test]
+async fn deallocate_sql_acts_on_the_clients_own_statements() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let c = connect_bench(b.local_addr()).await;
+    // Kept alive: tokio-postgres closes a statement when it is dropped.
+    let _s0 = c.prepare("SELECT 1").await.unwrap();
+    // tokio-postgres names its statements s0, s1, ...
+    c.simple_query("DEALLOCATE s0").await.unwrap();
+    let e = c.simple_query("DEALLOCATE s0").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "26000", "gone from the client's map, so the server says it does not exist");
+    c.simple_query("DEALLOCATE ALL").await.unwrap();
+    let stmt = c.prepare("SELECT 2").await.unwrap();
+    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+#[tokio::test]
+async fn prepared_statements_off_passes_names_through() {
+    let mut cfg = mode_config(PoolMode::Transaction, 1);
+    cfg.broker.max_prepared_statements = 0;
+    let b = broker(cfg).await;
+    let c = connect_bench(b.local_addr()).await;
+    let _s0 = c.prepare("SELECT 1").await.unwrap();
+    let names = col(&c, "SELECT name FROM pg_prepared_statements").await;
+    // tokio-postgres's own name (s<N>), not a broker name: the statement was passed through.
+    assert!(names.len() == 1 && names[0].starts_with('s') && !names[0].starts_with("pgb_"), "{names:?}");
+}
+
+#[tokio::test]
+async fn pgbench_prepared_with_100_clients_has_no_failures() {
+    let pg = pg();
+    let exists = pg.psql("postgres", "SELECT count(*) FROM pg_database WHERE datname = 'ps_bench'").unwrap();
+    if exists == "0" {
+        pg.psql("postgres", "CREATE DATABASE ps_bench").unwrap();
+    }
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port().to_string(), "-U", "postgres", "ps_bench"])
+        .env("PGPASSWORD", "postgres")
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mut cfg = mode_config(PoolMode::Transaction, 10);
+    let mut db = cfg.databases["bench"].clone();
+    db.dbname = "ps_bench".into();
+    cfg.databases.insert("ps_bench".into(), db);
+    let b = broker(cfg).await;
+    let addr = b.local_addr();
+    let out = tokio::process::Command::new("pgbench")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-n"])
+        .args(["-c", "100", "-j", "2", "-t", "20", "-M", "prepared", "ps_bench"])
+        .env("PGPASSWORD", "postgres")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("number of transactions actually processed: 2000/2000"), "{text}");
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+}
+
+#[tokio::test]
+async fn parse_and_sync_alone_is_answered_without_a_server_and_errors_come_at_first_use() {
+    let mut cfg = mode_config(PoolMode::Transaction, 1);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    // The only server is held by another client's open transaction...
+    let holder = connect_bench(b.local_addr()).await;
+    holder.simple_query("BEGIN").await.unwrap();
+    // ...yet a PQprepare-style Parse + Sync is answered at once.
+    let mut s = raw_session(&b).await;
+    send(&mut s, &[parse("bad", "SELEC oops"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "1Z");
+    holder.simple_query("COMMIT").await.unwrap();
+    // The syntax error surfaces at the first execution, and the connection carries on.
+    send(&mut s, &[bind_execute("bad"), msg(b'S', b"")].concat()).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "EZ");
+    assert!(String::from_utf8_lossy(&r).contains("42601"));
+    send(&mut s, &[parse("good", "SELECT 5"), bind_execute("good"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "12DCZ");
+}
