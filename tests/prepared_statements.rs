@@ -197,17 +197,28 @@ async fn pipeline_of_parse_bind_execute_times_n_then_one_sync() {
 
 #[tokio::test]
 async fn deallocate_sql_acts_on_the_clients_own_statements() {
-    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
-    let c = connect_bench(b.local_addr()).await;
-    // Kept alive: tokio-postgres closes a statement when it is dropped.
-    let _s0 = c.prepare("SELECT 1").await.unwrap();
-    // tokio-postgres names its statements s0, s1, ...
-    c.simple_query("DEALLOCATE s0").await.unwrap();
-    let e = c.simple_query("DEALLOCATE s0").await.unwrap_err();
-    assert_eq!(sqlstate(&e), "26000", "gone from the client's map, so the server says it does not exist");
-    c.simple_query("DEALLOCATE ALL").await.unwrap();
-    let stmt = c.prepare("SELECT 2").await.unwrap();
-    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 2);
+    let mut cfg = mode_config(PoolMode::Transaction, 2);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let mut s = raw_session(&b).await;
+    send(&mut s, &[parse("mystmt", "SELECT 1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "1Z");
+    send(&mut s, &msg(b'Q', b"DEALLOCATE mystmt\0")).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "CZ");
+    assert!(String::from_utf8_lossy(&r).contains("DEALLOCATE"));
+    // Gone from the client's map: the server's own answer comes back for the unknown name.
+    send(&mut s, &[bind_execute("mystmt"), msg(b'S', b"")].concat()).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "EZ");
+    assert!(String::from_utf8_lossy(&r).contains("26000"));
+    send(&mut s, &[parse("again", "SELECT 2"), msg(b'S', b""), msg(b'Q', b"DEALLOCATE ALL\0")].concat()).await;
+    let r = read_until_idle(&mut s).await;
+    assert!(tags(&r).starts_with("1Z"), "{}", tags(&r));
+    let r = if tags(&r).ends_with("CZ") { r } else { read_until_idle(&mut s).await };
+    assert!(String::from_utf8_lossy(&r).contains("DEALLOCATE ALL"));
+    send(&mut s, &[bind_execute("again"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "EZ", "DEALLOCATE ALL dropped the client's statements");
 }
 
 #[tokio::test]
@@ -274,4 +285,65 @@ async fn parse_and_sync_alone_is_answered_without_a_server_and_errors_come_at_fi
     assert!(String::from_utf8_lossy(&r).contains("42601"));
     send(&mut s, &[parse("good", "SELECT 5"), bind_execute("good"), msg(b'S', b"")].concat()).await;
     assert_eq!(tags(&read_until_idle(&mut s).await), "12DCZ");
+}
+
+#[tokio::test]
+async fn added_column_under_select_star_is_handled_invisibly_outside_a_transaction() {
+    let mut cfg = mode_config(PoolMode::Transaction, 2);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let admin = direct("bench").await;
+    admin
+        .simple_query("DROP TABLE IF EXISTS ps_alter; CREATE TABLE ps_alter (id int); INSERT INTO ps_alter VALUES (1)")
+        .await
+        .unwrap();
+    let mut s = raw_session(&b).await;
+    let describe_portal = msg(b'D', b"P\0");
+    let run = |stmt: &str| {
+        let mut bind = format!("\0{stmt}\0").into_bytes();
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        [msg(b'B', &bind), describe_portal.clone(), msg(b'E', &[0, 0, 0, 0, 0]), msg(b'S', b"")].concat()
+    };
+    send(&mut s, &[parse("star", "SELECT * FROM ps_alter"), run("star")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "12TDCZ");
+    admin.simple_query("ALTER TABLE ps_alter ADD COLUMN note text DEFAULT 'new'").await.unwrap();
+    // The server now answers the cached statement with 0A000; the client never sees it.
+    send(&mut s, &run("star")).await;
+    let r = read_until_idle(&mut s).await;
+    assert_eq!(tags(&r), "2TDCZ", "{:?}", String::from_utf8_lossy(&r));
+    assert!(String::from_utf8_lossy(&r).contains("note"), "the new column is described");
+    // Other clients on other servers get the fresh statement too.
+    let c = connect(b.local_addr(), "postgres", "postgres", "bench").await.unwrap();
+    let stmt = c.prepare("SELECT * FROM ps_alter").await.unwrap();
+    assert_eq!(stmt.columns().len(), 2);
+    assert_eq!(c.query_one(&stmt, &[]).await.unwrap().get::<_, String>(1), "new");
+}
+
+#[tokio::test]
+async fn stale_plan_inside_a_transaction_reaches_the_client_and_is_fixed_afterwards() {
+    let b = broker(mode_config(PoolMode::Transaction, 2)).await;
+    let admin = direct("bench").await;
+    admin
+        .simple_query(
+            "DROP TABLE IF EXISTS ps_alter_tx; CREATE TABLE ps_alter_tx (id int); INSERT INTO ps_alter_tx VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let c = connect_bench(b.local_addr()).await;
+    let stmt = c.prepare("SELECT * FROM ps_alter_tx").await.unwrap();
+    c.query(&stmt, &[]).await.unwrap();
+    admin.simple_query("ALTER TABLE ps_alter_tx ADD COLUMN extra int DEFAULT 2").await.unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    let e = c.query(&stmt, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000");
+    c.simple_query("ROLLBACK").await.unwrap();
+    // No server keeps using the stale statement: preparing the same text again, from this
+    // client or another, gets the new shape wherever it runs.
+    for client in [&c, &connect_bench(b.local_addr()).await] {
+        let fresh = client.prepare("SELECT * FROM ps_alter_tx").await.unwrap();
+        assert_eq!(fresh.columns().len(), 2);
+        let row = client.query_one(&fresh, &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(1), 2);
+    }
+    drop(stmt);
 }

@@ -39,6 +39,20 @@ pub fn tag_name(tag: u8) -> String {
     if tag.is_ascii_graphic() { format!("'{}'", tag as char) } else { format!("0x{tag:02x}") }
 }
 
+/// The whole messages at the front of `buf`, as (tag, message bytes), stopping at the first
+/// incomplete or malformed one. For buffers the broker built or already framed.
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let header = rest.get(..HEADER_LEN)?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let total = usize::try_from(len).ok().filter(|l| *l >= 4)? + 1;
+        let (msg, after) = (rest.get(..total)?, rest.get(total..)?);
+        rest = after;
+        Some((msg[0], msg))
+    })
+}
+
 /// What the next bytes of the buffer are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {

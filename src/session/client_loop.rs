@@ -158,6 +158,7 @@ impl<'a> ClientLoop<'a> {
             if ev.server_data {
                 self.timers.activity();
                 self.scan_server()?;
+                self.replay();
                 self.detach_if_done(io).await?;
             }
             if ev.server_closed {
@@ -205,7 +206,26 @@ impl<'a> ClientLoop<'a> {
         Ok(())
     }
 
-    /// Answers a batch of Parses and Closes of known statements without a server. True if
+    /// Sends a batch again after the server found a cached plan stale (see `prepared`).
+    fn replay(&mut self) {
+        let (Some(p), Some(server)) = (self.prepared.as_mut(), self.server.as_deref_mut()) else { return };
+        let Some(batch) = p.take_replay() else { return };
+        tracing::info!("statement result changed under a cached plan; preparing it afresh and running the batch again");
+        let mut to_server = BytesMut::new();
+        let mut out = BytesMut::new();
+        for (t, msg) in crate::proto::frame::messages(&batch) {
+            self.pending.observe_client(t);
+            match p.on_client(t, msg, &mut out, &mut server.statements) {
+                Action::Forward => to_server.extend_from_slice(msg),
+                Action::Replace => to_server.extend_from_slice(&out),
+                Action::Drop | Action::Stop => {}
+            }
+            out.clear();
+        }
+        self.up.insert(&to_server);
+    }
+
+    /// Answers a batch of Parses and Closes (ending in Sync) without a server. True if
     /// it did (the bytes are consumed and the replies queued for the client).
     fn answer_alone(&mut self) -> Result<bool, SessionError> {
         let Some(p) = self.prepared.as_mut() else { return Ok(false) };

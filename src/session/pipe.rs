@@ -85,15 +85,8 @@ impl Pipe {
     /// The whole messages buffered after the approved prefix (none while a long message is
     /// half-way through), without scanning them.
     pub fn whole_messages(&self) -> impl Iterator<Item = (u8, &[u8])> {
-        let mut rest = if self.scanner.in_message() { &[][..] } else { self.buf.get(self.ready..).unwrap_or_default() };
-        std::iter::from_fn(move || {
-            let header = rest.get(..HEADER_LEN)?;
-            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-            let total = usize::try_from(len).ok().filter(|l| *l >= 4)? + 1;
-            let (msg, after) = (rest.get(..total)?, rest.get(total..)?);
-            rest = after;
-            Some((msg[0], msg))
-        })
+        let rest = if self.scanner.in_message() { &[][..] } else { self.buf.get(self.ready..).unwrap_or_default() };
+        crate::proto::frame::messages(rest)
     }
 
     /// True when a long message is half-way through the scanner.

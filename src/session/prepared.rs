@@ -9,92 +9,9 @@ use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, build, split_cstr, tag};
 use crate::server::statements::Statements;
 use bytes::{BufMut, BytesMut};
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-
-/// Content identity of a statement: SHA-256 of its query text and parameter types, truncated.
-type StmtId = [u8; 16];
-
-/// A statement definition, shared by every client that prepares the same text and types.
-#[derive(Debug)]
-pub struct StmtDef {
-    id: StmtId,
-    /// Bumped when a server reports the cached plan stale; part of the server-side name, so
-    /// every server prepares the statement afresh.
-    version: AtomicU32,
-
-    /// The Parse body after the statement name: query text, parameter count and types.
-    body: Box<[u8]>,
-}
-
-impl StmtDef {
-    fn server_name(&self, version: u32) -> Arc<str> {
-        let mut name = String::with_capacity(48);
-        name.push_str("pgb_");
-        for b in self.id {
-            let _ = write!(name, "{b:02x}");
-        }
-        let _ = write!(name, "_{version}");
-        name.into()
-    }
-}
-
-/// Interns statement definitions so that clients share their version counter.
-#[derive(Debug, Default)]
-pub struct Registry {
-    map: Mutex<HashMap<StmtId, Weak<StmtDef>>>,
-}
-
-fn stmt_id(body: &[u8]) -> StmtId {
-    let digest = Sha256::digest(body);
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    id
-}
-
-impl Registry {
-    fn intern(&self, body: &[u8]) -> Arc<StmtDef> {
-        let id = stmt_id(body);
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(def) = map.get(&id).and_then(Weak::upgrade) {
-            return def;
-        }
-        if map.len() > 1024 {
-            map.retain(|_, w| w.strong_count() > 0);
-        }
-        let def = Arc::new(StmtDef { id, version: AtomicU32::new(0), body: body.into() });
-        map.insert(id, Arc::downgrade(&def));
-        def
-    }
-}
-
-/// A client's statement: its definition and the server-side name of the version it knows.
-struct Entry {
-    def: Arc<StmtDef>,
-    version: u32,
-    name: Arc<str>,
-}
-
-impl Entry {
-    fn new(def: Arc<StmtDef>) -> Entry {
-        let version = def.version.load(Ordering::Relaxed);
-        let name = def.server_name(version);
-        Entry { def, version, name }
-    }
-
-    #[inline]
-    fn current(&mut self) -> &Arc<str> {
-        let v = self.def.version.load(Ordering::Relaxed);
-        if v != self.version {
-            self.version = v;
-            self.name = self.def.server_name(v);
-        }
-        &self.name
-    }
-}
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// A reply the server owes for a message sent to it, or one the broker owes itself.
 #[derive(Debug)]
@@ -105,7 +22,9 @@ enum Expect {
         name: Option<Arc<str>>,
         hide: bool,
     },
-    Bind,
+    /// BindComplete. For a named statement, its definition and the version bound, in case
+    /// the server reports the cached plan stale.
+    Bind(Option<(Arc<StmtDef>, u32)>, bool),
     /// ParameterDescription, then RowDescription or NoData.
     DescribeStatement,
     DescribePortal,
@@ -140,12 +59,54 @@ pub struct Prepared {
     expect: VecDeque<Expect>,
     /// The server reported an extended-protocol error and ignores messages until Sync.
     skipping: bool,
+    /// The current batch, from its first Bind of a named statement, kept for one replay if
+    /// the server finds the cached plan stale (a migration changed a table under it).
+    batch: Batch,
+    recorded: BytesMut,
+    /// An Execute ran earlier in this batch: replaying would repeat it, so no replay.
+    executed: bool,
+    /// A stale-plan error held back from the client until the batch's ReadyForQuery.
+    held_error: Option<BytesMut>,
+    /// A batch to send again, taken by the client loop.
+    replay: Option<BytesMut>,
+    /// The batch in flight is a replay; it is not replayed again.
+    replaying: bool,
+}
+
+/// Where the recording of the current batch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    Off,
+    Recording,
+    /// Recorded up to its Sync; kept until its ReadyForQuery.
+    Complete,
+}
+
+/// Largest batch kept for a replay; bigger ones just pass the error on.
+const MAX_REPLAY: usize = 1024 * 1024;
+
+/// PostgreSQL's answer when a statement's result columns changed under it.
+fn is_stale_plan(error: &[u8]) -> bool {
+    let has = |needle: &[u8]| error.windows(needle.len()).any(|w| w == needle);
+    has(b"\0C0A000\0") && has(b"cached plan must not change result type")
 }
 
 impl Prepared {
     /// Statements for one client; servers keep at most `max_on_server` of them.
     pub fn new(registry: Arc<Registry>, max_on_server: usize) -> Prepared {
-        Prepared { registry, max_on_server, client: HashMap::new(), expect: VecDeque::new(), skipping: false }
+        Prepared {
+            registry,
+            max_on_server,
+            client: HashMap::new(),
+            expect: VecDeque::new(),
+            skipping: false,
+            batch: Batch::Off,
+            recorded: BytesMut::new(),
+            executed: false,
+            held_error: None,
+            replay: None,
+            replaying: false,
+        }
     }
 
     /// Tags whose whole message this module needs to read.
@@ -162,14 +123,28 @@ impl Prepared {
     /// what the server lacks, answers Close and Parse itself where it can.
     pub fn on_client(&mut self, t: u8, msg: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
         let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        if self.batch == Batch::Recording {
+            self.recorded.extend_from_slice(msg);
+            if self.recorded.len() > MAX_REPLAY {
+                self.batch = Batch::Off;
+                self.recorded.clear();
+            }
+        }
         match t {
             tag::PARSE => self.parse(body, out, server),
-            tag::BIND => self.bind(body, out, server),
+            tag::BIND => self.bind(msg, body, out, server),
             tag::DESCRIBE => self.describe(body, out, server),
             tag::CLOSE => self.close(body),
-            tag::EXECUTE => self.expect(Expect::Execute),
+            tag::EXECUTE => {
+                self.executed |= self.batch == Batch::Off;
+                self.expect(Expect::Execute)
+            }
             tag::SYNC => {
                 self.skipping = false;
+                self.executed = false;
+                if self.batch == Batch::Recording {
+                    self.batch = Batch::Complete;
+                }
                 self.expect.push_back(Expect::Sync);
                 Action::Forward
             }
@@ -239,22 +214,30 @@ impl Prepared {
         }
     }
 
-    fn bind(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+    fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
         let named = split_cstr(body).and_then(|(portal, rest)| Some((portal, split_cstr(rest)?)));
-        let Some((portal, (stmt, rest))) = named else { return self.expect(Expect::Bind) };
+        let Some((portal, (stmt, rest))) = named else { return self.expect(Expect::Bind(None, false)) };
         let Some(entry) = self.client.get_mut(stmt) else {
             // Unnamed, or unknown: the server gives the right answer (or error) itself.
-            return self.expect(Expect::Bind);
+            return self.expect(Expect::Bind(None, false));
         };
         let name = entry.current().clone();
-        let def = entry.def.clone();
+        let (def, version) = (entry.def.clone(), entry.version);
         self.ensure(&name, &def, out, server, true);
         write_message(out, tag::BIND, |b| {
             put_cstr(b, portal);
             put_cstr(b, name.as_bytes());
             b.put_slice(rest);
         });
-        self.expect(Expect::Bind);
+        // A batch that starts by binding a named statement can be replayed if the server finds
+        // the cached plan stale: nothing in it has run yet.
+        let first = self.batch == Batch::Off && !self.executed && !self.replaying;
+        if first {
+            self.batch = Batch::Recording;
+            self.recorded.clear();
+            self.recorded.extend_from_slice(msg);
+        }
+        self.expect(Expect::Bind(Some((def, version)), first));
         Action::Replace
     }
 
@@ -323,7 +306,7 @@ impl Prepared {
                     self.expect.pop_front();
                 }
             }
-            b'2' => self.pop_if(|e| matches!(e, Expect::Bind)),
+            b'2' => self.pop_if(|e| matches!(e, Expect::Bind(..))),
             b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal)),
             b'C' | b'I' | b's' => {
                 self.pop_if(|e| matches!(e, Expect::Execute));
@@ -333,8 +316,30 @@ impl Prepared {
                     self.client.clear();
                 }
             }
-            tag::ERROR_RESPONSE => self.on_error(server),
-            tag::READY_FOR_QUERY => self.on_ready(server),
+            tag::ERROR_RESPONSE => {
+                hide = self.hold_stale_plan_error(msg, status);
+                self.on_error(server);
+            }
+            tag::READY_FOR_QUERY => {
+                self.on_ready(server);
+                if let Some(error) = self.held_error.take() {
+                    if self.expect.is_empty() {
+                        // Nothing else in flight: run the batch again on the fresh statement.
+                        self.replay = Some(std::mem::take(&mut self.recorded));
+                        self.replaying = true;
+                        hide = true;
+                    } else {
+                        // The client pipelined more: it gets the error after all, in its place.
+                        out.put_slice(&error);
+                        out.put_slice(msg);
+                        self.due(out, status);
+                        return Action::Replace;
+                    }
+                } else {
+                    self.replaying = false;
+                }
+                self.batch = Batch::Off;
+            }
             _ => {}
         }
         if self.due(out, status) {
@@ -353,6 +358,29 @@ impl Prepared {
         if self.expect.front().is_some_and(f) {
             self.expect.pop_front();
         }
+    }
+
+    /// A stale cached plan at the first Bind of a recorded batch outside a transaction: the
+    /// statement gets a new server-side name for every client, and the error is held back so
+    /// the batch can run again. True if held.
+    fn hold_stale_plan_error(&mut self, msg: &[u8], status: TxnStatus) -> bool {
+        let Some(Expect::Bind(Some((def, version)), first)) = self.expect.front() else { return false };
+        if !is_stale_plan(msg) {
+            return false;
+        }
+        // Whoever sees it first renames it; every server then prepares it afresh.
+        let _ = def.version.compare_exchange(*version, version + 1, Ordering::Relaxed, Ordering::Relaxed);
+        let alone = self.expect.iter().skip_while(|e| !matches!(e, Expect::Sync)).nth(1).is_none();
+        let retry = *first && alone && self.batch == Batch::Complete && status == TxnStatus::Idle && !self.replaying;
+        if retry {
+            self.held_error = Some(BytesMut::from(msg));
+        }
+        retry
+    }
+
+    /// The batch to send again after a stale plan, once.
+    pub fn take_replay(&mut self) -> Option<BytesMut> {
+        self.replay.take()
     }
 
     /// An error: in a simple Query, ReadyForQuery follows; in the extended protocol the server
@@ -453,6 +481,12 @@ impl Prepared {
     pub fn reset_in_flight(&mut self) {
         self.expect.clear();
         self.skipping = false;
+        self.batch = Batch::Off;
+        self.recorded.clear();
+        self.executed = false;
+        self.held_error = None;
+        self.replay = None;
+        self.replaying = false;
     }
 }
 
@@ -501,5 +535,9 @@ fn deallocate_target(sql: &[u8]) -> Option<String> {
     (is_ident && !rest.eq_ignore_ascii_case("all")).then(|| rest.to_lowercase())
 }
 
+mod registry;
 #[cfg(test)]
 mod tests;
+
+pub use registry::Registry;
+use registry::{Entry, StmtDef};
