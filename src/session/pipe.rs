@@ -140,8 +140,7 @@ impl Pipe {
                     }
                     Action::Replace => {
                         let with = std::mem::take(&mut self.scratch);
-                        self.cut(len);
-                        self.insert(&with);
+                        self.splice(len, &with);
                         self.scratch = with;
                         self.scratch.clear();
                     }
@@ -181,21 +180,27 @@ impl Pipe {
 
     /// Inserts bytes of the broker's own right after the approved prefix, approved.
     pub fn insert(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
+        self.splice(0, bytes);
+    }
+
+    /// Replaces the `old` bytes right after the approved prefix with `with`, approved, moving
+    /// the rest of the buffer in place (no allocation beyond the buffer's own growth).
+    fn splice(&mut self, old: usize, with: &[u8]) {
+        let at = self.ready;
+        let end = self.buf.len();
+        if with.len() > old {
+            let grow = with.len() - old;
+            self.buf.resize(end + grow, 0);
+            self.buf.copy_within(at + old..end, at + with.len());
+        } else if with.len() < old {
+            self.buf.copy_within(at + old..end, at + with.len());
+            self.buf.truncate(end - (old - with.len()));
         }
-        if self.ready == self.buf.len() {
-            self.buf.extend_from_slice(bytes);
-        } else {
-            // Rare (a message replaced mid-buffer): rebuild around the insertion point.
-            let tail = self.buf.split_off(self.ready);
-            self.buf.extend_from_slice(bytes);
-            self.buf.unsplit(tail);
+        self.buf[at..at + with.len()].copy_from_slice(with);
+        if self.need > at {
+            self.need = (self.need + with.len()).saturating_sub(old);
         }
-        if self.need > self.ready {
-            self.need += bytes.len();
-        }
-        self.ready += bytes.len();
+        self.ready += with.len();
     }
 
     /// Drops everything buffered.
