@@ -11,7 +11,11 @@ use tokio::io::AsyncReadExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drivers_prepare_and_execute_across_rotating_servers() {
-    let b = broker(mode_config(PoolMode::Transaction, 3)).await;
+    // A budget of 3 servers for 24 clients.
+    let mut cfg = mode_config(PoolMode::Transaction, 3);
+    cfg.budget.server_max_connections = pgbroker::config::ServerMaxConnections::Fixed(8);
+    cfg.budget.reserved_connections = 5;
+    let b = broker(cfg).await;
     let addr = b.local_addr();
     let tasks: Vec<_> = (0..24)
         .map(|id: i32| {
