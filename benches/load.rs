@@ -129,7 +129,7 @@ fn median(mut v: Vec<Sample>) -> Sample {
 fn broker_config(pg: &Cluster, pool: u32, dir: &Path) -> Config {
     std::fs::write(dir.join("users.txt"), "\"postgres\" \"postgres\"\n").unwrap();
     let text = format!(
-        "[broker]\nlisten = \"127.0.0.1:0\"\npool_mode = \"transaction\"\nmax_client_conn = 20000\n\
+        "[broker]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\nmax_client_conn = 20000\n\
          [budget]\nserver_max_connections = {max}\nreserved_connections = 5\n\
          [auth]\ntype = \"trust\"\nfile = \"users.txt\"\n\
          [databases.bench]\nport = {port}\nuser = \"postgres\"\npassword = \"postgres\"\npool_size = {pool}\n",

@@ -4,6 +4,7 @@ use crate::budget::{self, BudgetError, Derivation};
 use crate::cancel::CancelRegistry;
 use crate::config::{Config, Database};
 use crate::error::SqlState;
+use crate::notify::Hub;
 use crate::pool::{Limit, Pool, PoolKey, PoolSettings, Pools};
 use crate::proto::build::{self, Severity};
 use crate::server::Target;
@@ -40,6 +41,10 @@ pub struct App {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Prepared statement definitions shared by all clients.
     pub statements: Arc<crate::session::prepared::Registry>,
+    /// LISTEN/NOTIFY hubs by database.
+    pub hubs: crate::notify::Hubs,
+    /// Open WebSocket connections.
+    pub ws: crate::notify::ws::WsCounts,
 }
 
 /// Why the broker could not start.
@@ -127,6 +132,25 @@ impl App {
         })
     }
 
+    /// The LISTEN/NOTIFY hub of `database`, started on first use. Its listener connection
+    /// logs in as the database's configured user and counts against the budget.
+    pub fn hub(&self, cfg: &Config, database: &str) -> Result<Arc<Hub>, String> {
+        let db = cfg.databases.get(database).ok_or_else(|| format!("database \"{database}\" is not configured"))?;
+        let user = db
+            .user
+            .as_deref()
+            .ok_or_else(|| format!("LISTEN/NOTIFY for database \"{database}\" needs databases.{database}.user (and password) for the listener connection"))?;
+        let mut listener_db = db.clone();
+        listener_db.pool_size = Some(1);
+        listener_db.min_pool_size = 0;
+        listener_db.reserve_pool_size = 0;
+        let listener_key = format!("{database} (listener)");
+        Ok(self.hubs.get_or_start(database, || {
+            let pool = self.pool(cfg, &listener_key, &listener_db, user, db.password.clone());
+            Hub::start(database, pool, &db.channels, self.shutdown.clone())
+        }))
+    }
+
     fn shared_limit(&self, name: String, cap: u32) -> Arc<Limit> {
         let mut map = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap as usize)).clone()
@@ -137,6 +161,7 @@ impl App {
 pub struct Broker {
     app: Arc<App>,
     addr: SocketAddr,
+    http_addr: SocketAddr,
     tracker: TaskTracker,
 }
 
@@ -157,11 +182,20 @@ impl Broker {
         let bind_err = |source| StartError::Listen { addr: listen, source };
         let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
+        let http_listen = config.broker.http_listen;
+        let http_err = |source| StartError::Listen { addr: http_listen, source };
+        let http_listener = TcpListener::bind(http_listen).await.map_err(http_err)?;
+        let http_addr = http_listener.local_addr().map_err(http_err)?;
+        if !http_addr.ip().is_loopback() && config.websocket.tokens.is_empty() {
+            tracing::warn!(%http_addr, "the WebSocket bridge listens beyond loopback with no tokens: anyone who can reach it may subscribe");
+        }
         let app = Arc::new(App {
             budgets,
             shared_limits: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
             statements: Arc::default(),
+            hubs: Default::default(),
+            ws: Default::default(),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),
@@ -170,13 +204,28 @@ impl Broker {
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(app.clone(), listener, tracker.clone()));
-        tracing::info!(%addr, "listening for PostgreSQL clients");
-        Ok(Broker { app, addr, tracker })
+        tracker.spawn(crate::http::serve(app.clone(), http_listener));
+        // Databases with fixed channels listen from the start.
+        let cfg = app.config();
+        for (name, db) in &cfg.databases {
+            if !db.channels.is_empty() {
+                if let Err(e) = app.hub(&cfg, name) {
+                    tracing::warn!(database = %name, error = %e, "cannot start the notification listener");
+                }
+            }
+        }
+        tracing::info!(%addr, %http_addr, "listening for PostgreSQL clients and HTTP");
+        Ok(Broker { app, addr, http_addr, tracker })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP address (WebSocket bridge).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The shared state.

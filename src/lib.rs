@@ -13,6 +13,8 @@
 //! - [`budget`]: the per-instance server connection budget and its derivation.
 //! - [`session`]: the task serving one client: login, then the relay loop of its pool mode.
 //! - [`cancel`]: client cancel keys mapped to the server running their query.
+//! - [`notify`]: LISTEN/NOTIFY fan-out to WebSocket clients and pooled SQL clients.
+//! - [`http`]: the HTTP listener (WebSocket bridge).
 //! - [`app`]: wiring, accept loop and signals.
 //! - [`cluster`]: a throwaway PostgreSQL cluster for `pgbroker demo`, tests and benchmarks.
 
@@ -24,7 +26,9 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod net;
+pub mod notify;
 pub mod pool;
 pub mod proto;
 pub mod server;

@@ -113,6 +113,46 @@ pub struct Config {
     pub auth: Auth,
     /// `[databases.*]` by client-facing name.
     pub databases: BTreeMap<String, Database>,
+    /// `[websocket]`: the LISTEN/NOTIFY bridge.
+    pub websocket: WebSocket,
+}
+
+/// Settings of the LISTEN/NOTIFY to WebSocket bridge.
+#[derive(Debug, Clone)]
+pub struct WebSocket {
+    /// URL path of the endpoint.
+    pub path: String,
+    /// Interval between WebSocket pings.
+    pub ping_interval: Duration,
+    /// A client that does not answer a ping within this is closed.
+    pub pong_timeout: Duration,
+    /// A connection without subscriptions for this long is closed (0 = never).
+    pub idle_timeout: Duration,
+    /// Most WebSocket connections at once.
+    pub max_ws_connections: usize,
+    /// Most WebSocket connections from one IP address.
+    pub max_ws_connections_per_ip: usize,
+    /// Notifications queued per client before it is closed as too slow.
+    pub ws_send_queue: usize,
+    /// Origins allowed to connect (empty = any).
+    pub allowed_origins: Vec<String>,
+    /// Bearer tokens; empty = no token needed.
+    pub tokens: Vec<Token>,
+}
+
+/// A bearer token and the channels (glob patterns) it may subscribe to.
+#[derive(Clone)]
+pub struct Token {
+    /// The secret.
+    pub token: String,
+    /// Channel patterns, `*` matching any run of characters.
+    pub channels: Vec<String>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token").field("token", &"<redacted>").field("channels", &self.channels).finish()
+    }
 }
 
 /// Listener, pooling and timeout settings.
@@ -230,6 +270,8 @@ pub struct Database {
     pub reserve_pool_size: u32,
     /// Most servers for this database across users (0 = no limit).
     pub max_db_connections: u32,
+    /// Channels the bridge always LISTENs on (besides those subscribers ask for).
+    pub channels: Vec<String>,
 }
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -257,6 +299,7 @@ impl Config {
             .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
         Ok(Config {
             path: path.map(Path::to_path_buf),
+            websocket: v.websocket(&file.websocket)?,
             budget: v.budget(&file.budget)?,
             auth: v.auth(&file.auth, &base)?,
             broker,
@@ -465,6 +508,38 @@ impl Validator<'_> {
         })
     }
 
+    fn websocket(&self, w: &raw::WebSocket) -> Result<WebSocket, ConfigError> {
+        let path = self.string("websocket.path", &w.path)?.unwrap_or_else(|| "/ws".to_string());
+        if !path.starts_with('/') {
+            return Err(self.invalid("websocket.path", format!("must start with /, got {path:?}")));
+        }
+        let mut tokens = Vec::new();
+        for (i, t) in w.tokens.iter().flatten().enumerate() {
+            let key = format!("websocket.tokens[{i}]");
+            let token = self
+                .string(&format!("{key}.token"), &t.token)?
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| self.invalid(&format!("{key}.token"), "a non-empty token is required"))?;
+            tokens.push(Token { token, channels: t.channels.clone().unwrap_or_default() });
+        }
+        Ok(WebSocket {
+            path,
+            ping_interval: self.duration("websocket.ping_interval", &w.ping_interval, 30)?,
+            pong_timeout: self.duration("websocket.pong_timeout", &w.pong_timeout, 10)?,
+            idle_timeout: self.duration("websocket.idle_timeout", &w.idle_timeout, 300)?,
+            max_ws_connections: self.int("websocket.max_ws_connections", w.max_ws_connections, 1000, 1)?,
+            max_ws_connections_per_ip: self.int(
+                "websocket.max_ws_connections_per_ip",
+                w.max_ws_connections_per_ip,
+                10,
+                1,
+            )?,
+            ws_send_queue: self.int("websocket.ws_send_queue", w.ws_send_queue, 1024, 1)?,
+            allowed_origins: w.allowed_origins.clone().unwrap_or_default(),
+            tokens,
+        })
+    }
+
     fn budget(&self, b: &raw::Budget) -> Result<Budget, ConfigError> {
         let mut env_overrides = Vec::new();
         let env_num = |name: &'static str, overrides: &mut Vec<&'static str>| -> Result<Option<i64>, ConfigError> {
@@ -573,6 +648,7 @@ impl Validator<'_> {
                 broker.max_db_connections,
                 0,
             )?,
+            channels: d.channels.clone().unwrap_or_default(),
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct File {
     pub auth: Auth,
     /// `[databases.NAME]`
     pub databases: BTreeMap<String, Database>,
+    /// `[websocket]`
+    pub websocket: WebSocket,
 }
 
 /// `[broker]`: listeners, pooling and timeouts.
@@ -97,4 +99,28 @@ pub struct Database {
     pub min_pool_size: Option<i64>,
     pub reserve_pool_size: Option<i64>,
     pub max_db_connections: Option<i64>,
+    pub channels: Option<Vec<String>>,
+}
+
+/// `[websocket]`: the LISTEN/NOTIFY bridge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocket {
+    pub path: Option<String>,
+    pub ping_interval: Option<NumOrStr>,
+    pub pong_timeout: Option<NumOrStr>,
+    pub idle_timeout: Option<NumOrStr>,
+    pub max_ws_connections: Option<i64>,
+    pub max_ws_connections_per_ip: Option<i64>,
+    pub ws_send_queue: Option<i64>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub tokens: Option<Vec<Token>>,
+}
+
+/// `[[websocket.tokens]]`: a bearer token and the channels it may subscribe to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Token {
+    pub token: Option<String>,
+    pub channels: Option<Vec<String>>,
 }

@@ -175,6 +175,21 @@ pub struct ServerConn {
     pub applied: Vec<(String, String)>,
     /// Broker-named prepared statements this server holds (transaction mode).
     pub statements: statements::Statements,
+    /// Bytes read from the server by the broker's own queries and not consumed yet.
+    pub rbuf: BytesMut,
+    /// Notifications that arrived during the broker's own queries (listener connections).
+    pub notifications: std::collections::VecDeque<Notification>,
+}
+
+/// A NotificationResponse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The notifying backend's process id.
+    pub pid: i32,
+    /// The channel.
+    pub channel: String,
+    /// The payload.
+    pub payload: String,
 }
 
 /// A server's reply to one of the broker's own queries that failed.
@@ -274,6 +289,8 @@ impl ServerConn {
             uses: 0,
             applied: Vec::new(),
             statements: statements::Statements::default(),
+            rbuf: BytesMut::new(),
+            notifications: std::collections::VecDeque::new(),
         })
     }
 
@@ -310,26 +327,55 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(sql, &mut out)?;
         self.stream.write_all(&out).await?;
-        let mut rbuf = BytesMut::with_capacity(1024);
         let mut first_error = None;
         loop {
-            match read_message(&mut self.stream, &mut rbuf).await? {
+            match read_message(&mut self.stream, &mut self.rbuf).await? {
                 Message::ErrorResponse(body) if first_error.is_none() => {
                     first_error = Some(error_fields(&body));
                 }
                 Message::DataRow(row) => on_row(&row),
                 Message::ParameterStatus(body) => set_param(&mut self.params, body.name()?, body.value()?),
+                Message::NotificationResponse(body) => self.notifications.push_back(Notification {
+                    pid: body.process_id(),
+                    channel: body.channel()?.to_string(),
+                    payload: body.message()?.to_string(),
+                }),
                 Message::ReadyForQuery(body) => {
+                    // Anything after it (a notification) stays in `rbuf` for whoever reads next.
                     self.status = TxnStatus::from_byte(body.status());
-                    if !rbuf.is_empty() {
-                        return Err(protocol("data after ReadyForQuery"));
-                    }
                     return Ok(first_error.map_or(Ok(()), Err));
                 }
                 Message::CopyInResponse(_) | Message::CopyOutResponse(_) => {
                     return Err(protocol("COPY in a broker query"));
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Waits for the next notification on an idle (listening) connection. Notices and
+    /// ParameterStatus are skipped; anything else means the connection is confused.
+    ///
+    /// # Cancel safety
+    /// Bytes read are kept in `rbuf`; dropping the future loses nothing.
+    pub async fn next_notification(&mut self) -> Result<Notification, ServerError> {
+        loop {
+            if let Some(n) = self.notifications.pop_front() {
+                return Ok(n);
+            }
+            match read_message(&mut self.stream, &mut self.rbuf).await? {
+                Message::NotificationResponse(body) => self.notifications.push_back(Notification {
+                    pid: body.process_id(),
+                    channel: body.channel()?.to_string(),
+                    payload: body.message()?.to_string(),
+                }),
+                Message::NoticeResponse(_) => {}
+                Message::ParameterStatus(body) => set_param(&mut self.params, body.name()?, body.value()?),
+                Message::ErrorResponse(body) => {
+                    let QueryError { code, message } = error_fields(&body);
+                    return Err(ServerError::Refused { code, message });
+                }
+                _ => return Err(protocol("unexpected message on a listening connection")),
             }
         }
     }

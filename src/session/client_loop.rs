@@ -202,7 +202,16 @@ impl<'a> ClientLoop<'a> {
             }
         }
         self.registration.slot.set(Some(server.cancel.clone()));
+        // Bytes the server sent after the broker's own last query belong to the relay.
+        let leftover = !server.rbuf.is_empty();
+        if leftover {
+            self.down.read_buf().extend_from_slice(&server.rbuf);
+            server.rbuf.clear();
+        }
         self.server = Some(server);
+        if leftover {
+            self.scan_server()?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,120 @@
+//! The hub's listener connection: LISTEN/UNLISTEN as subscribers come and go, notifications
+//! in, and reconnection with backoff (re-LISTENing everything and telling subscribers).
+
+use super::{Cmd, Hub};
+use crate::pool::Release;
+use crate::server::{ServerConn, ServerError};
+use postgres_protocol::escape::escape_identifier;
+use std::sync::Weak;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs until `shutdown` or until the hub is gone.
+pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut connected_before = false;
+    loop {
+        let Some(pool) = hub.upgrade().map(|h| h.pool.clone()) else { return };
+        let checkout = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pool.checkout(Duration::from_secs(30)) => r,
+        };
+        let error = match checkout {
+            Ok(mut server) => {
+                server.release = Release::Close;
+                backoff = FIRST_BACKOFF;
+                // Commands queued while disconnected are covered by LISTENing on the wanted set.
+                while cmds.try_recv().is_ok() {}
+                let Some(h) = hub.upgrade() else { return };
+                let wanted = h.wanted();
+                drop(h);
+                let mut result = Ok(());
+                for ch in &wanted {
+                    result = command(&mut server, "LISTEN", ch).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                match result {
+                    Ok(()) => {
+                        if let Some(h) = hub.upgrade() {
+                            tracing::info!(database = %h.database, channels = wanted.len(), "notification listener connected");
+                            if connected_before {
+                                h.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                h.resync("the listener connection was re-established; notifications sent meanwhile may have been missed");
+                            }
+                        }
+                        connected_before = true;
+                        match serve(&hub, &mut server, &mut cmds, &shutdown).await {
+                            None => return,
+                            Some(e) => e.to_string(),
+                        }
+                    }
+                    Err(e) => crate::error::chain(&e),
+                }
+            }
+            Err(e) => crate::error::chain(&e),
+        };
+        let database = hub.upgrade().map(|h| h.database.clone()).unwrap_or_default();
+        tracing::warn!(%database, error = %error, retry_in = ?backoff, "notification listener lost its connection");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Relays commands and notifications until the connection fails (`Some(error)`) or the
+/// broker stops (`None`).
+async fn serve(
+    hub: &Weak<Hub>,
+    server: &mut ServerConn,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    shutdown: &CancellationToken,
+) -> Option<ServerError> {
+    loop {
+        deliver(hub, server)?;
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            cmd = cmds.recv() => match cmd {
+                None => return None,
+                Some(Cmd::Listen(ch)) => command(server, "LISTEN", &ch).await,
+                Some(Cmd::Unlisten(ch)) => command(server, "UNLISTEN", &ch).await,
+            },
+            n = server.next_notification() => n.map(|n| server.notifications.push_front(n)),
+        };
+        if let Err(e) = result {
+            return Some(e);
+        }
+    }
+}
+
+/// Hands queued notifications to the hub; `None` if the hub is gone.
+fn deliver(hub: &Weak<Hub>, server: &mut ServerConn) -> Option<()> {
+    if server.notifications.is_empty() {
+        return Some(());
+    }
+    let h = hub.upgrade()?;
+    while let Some(n) = server.notifications.pop_front() {
+        h.dispatch(n.pid, n.channel, n.payload);
+    }
+    Some(())
+}
+
+/// Runs `LISTEN "ch"` or `UNLISTEN "ch"` (the name quoted as an identifier).
+async fn command(server: &mut ServerConn, verb: &str, channel: &str) -> Result<(), ServerError> {
+    let sql = format!("{verb} {}", escape_identifier(channel));
+    match server.simple_query(&sql).await? {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // A refused channel name is the subscriber's problem, not the connection's.
+            tracing::warn!(channel, error = %e.message, "{verb} refused");
+            Ok(())
+        }
+    }
+}

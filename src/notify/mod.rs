@@ -1,0 +1,371 @@
+//! LISTEN/NOTIFY fan-out: per database, one hub with one listener server connection that
+//! LISTENs on exactly the channels some subscriber (a WebSocket client, or a SQL client in
+//! transaction mode) wants, and hands each notification to their bounded queues.
+
+mod json;
+mod listener;
+pub mod ws;
+
+use crate::pool::Pool;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
+pub const MAX_CHANNEL_LEN: usize = 63;
+
+/// One notification, shared by every subscriber it goes to.
+#[derive(Debug)]
+pub struct Notification {
+    /// The channel.
+    pub channel: String,
+    /// The payload as sent.
+    pub payload: String,
+    /// The notifying backend's process id.
+    pub pid: i32,
+    /// Monotonic per database, so a client can see gaps.
+    pub message_id: u64,
+    /// When the broker received it.
+    pub received_at: SystemTime,
+    json: OnceLock<String>,
+}
+
+impl Notification {
+    /// The bridge's JSON for it, built once however many clients get it.
+    pub fn json(&self) -> &str {
+        self.json.get_or_init(|| json::notification(self))
+    }
+}
+
+/// What a subscriber's queue carries.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A notification on one of its channels.
+    Notify(Arc<Notification>),
+    /// The listener connection was re-established: notifications in between may be lost.
+    Resync(Arc<str>),
+}
+
+/// Why a channel name cannot be listened on.
+pub fn check_channel(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("channel name is empty");
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err("channel name is longer than 63 bytes");
+    }
+    if name.contains('\0') {
+        return Err("channel name contains a NUL byte");
+    }
+    Ok(())
+}
+
+enum Cmd {
+    Listen(String),
+    Unlisten(String),
+}
+
+struct Sub {
+    tx: mpsc::Sender<Event>,
+    kicked: CancellationToken,
+    channels: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    subs: HashMap<u64, Sub>,
+    channels: HashMap<String, HashSet<u64>>,
+    fixed: HashSet<String>,
+}
+
+/// Counters for the admin console and metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Notifications received from the server.
+    pub received: AtomicU64,
+    /// Deliveries queued to subscribers.
+    pub delivered: AtomicU64,
+    /// Subscribers closed because their queue was full.
+    pub dropped_slow: AtomicU64,
+    /// Times the listener connection was re-established.
+    pub reconnects: AtomicU64,
+}
+
+/// The fan-out point of one database.
+pub struct Hub {
+    database: String,
+    pool: Arc<Pool>,
+    inner: Mutex<Inner>,
+    next_sub: AtomicU64,
+    next_message: AtomicU64,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    /// Counters.
+    pub stats: HubStats,
+}
+
+/// A subscriber's end: its queue, and a token cancelled when the hub cut it off for being
+/// too slow. Dropping it unsubscribes everything.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    /// Subscriber id (the WebSocket `connectionId`).
+    pub id: u64,
+    /// Events for this subscriber.
+    pub rx: mpsc::Receiver<Event>,
+    /// Cancelled when the queue overflowed and the subscriber was removed.
+    pub kicked: CancellationToken,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(self.id);
+    }
+}
+
+impl Subscription {
+    /// Subscribes to `channels` (already checked); returns every channel now subscribed.
+    pub fn subscribe(&self, channels: &[String]) -> Vec<String> {
+        self.hub.subscribe(self.id, channels)
+    }
+
+    /// Unsubscribes from `channels` (`None` = all); returns those still subscribed.
+    pub fn unsubscribe(&self, channels: Option<&[String]>) -> Vec<String> {
+        self.hub.unsubscribe(self.id, channels)
+    }
+}
+
+impl Hub {
+    /// A hub for `database` whose listener connection comes from `pool` (size 1, counted in
+    /// the budget). Channels in `fixed` are always listened on. The listener task ends with
+    /// `shutdown` or when the hub is dropped.
+    pub fn start(database: &str, pool: Arc<Pool>, fixed: &[String], shutdown: CancellationToken) -> Arc<Hub> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub {
+            database: database.to_string(),
+            pool,
+            inner: Mutex::new(Inner { fixed: fixed.iter().cloned().collect(), ..Inner::default() }),
+            next_sub: AtomicU64::new(1),
+            next_message: AtomicU64::new(1),
+            cmds: tx,
+            stats: HubStats::default(),
+        });
+        tokio::spawn(listener::run(Arc::downgrade(&hub), rx, shutdown));
+        hub
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The database this hub listens on.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Registers a subscriber with a queue of `queue` events.
+    pub fn register(self: &Arc<Self>, queue: usize) -> Subscription {
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let kicked = CancellationToken::new();
+        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: HashSet::new() });
+        Subscription { hub: self.clone(), id, rx, kicked }
+    }
+
+    /// Channels the listener must be LISTENing on now.
+    fn wanted(&self) -> Vec<String> {
+        let inner = self.lock();
+        inner.channels.keys().chain(inner.fixed.iter()).cloned().collect::<HashSet<_>>().into_iter().collect()
+    }
+
+    /// Channels subscriber `id` is subscribed to.
+    fn subscriptions(&self, id: u64) -> usize {
+        self.lock().subs.get(&id).map_or(0, |s| s.channels.len())
+    }
+
+    /// Subscribers on a channel, for tests and the admin console.
+    pub fn subscribers(&self, channel: &str) -> usize {
+        self.lock().channels.get(channel).map_or(0, HashSet::len)
+    }
+
+    fn subscribe(&self, id: u64, channels: &[String]) -> Vec<String> {
+        let mut inner = self.lock();
+        for ch in channels {
+            let first = !inner.channels.contains_key(ch) && !inner.fixed.contains(ch);
+            inner.channels.entry(ch.clone()).or_default().insert(id);
+            if let Some(sub) = inner.subs.get_mut(&id) {
+                sub.channels.insert(ch.clone());
+            }
+            if first {
+                let _ = self.cmds.send(Cmd::Listen(ch.clone()));
+            }
+        }
+        sorted(inner.subs.get(&id).map(|s| &s.channels))
+    }
+
+    fn unsubscribe(&self, id: u64, channels: Option<&[String]>) -> Vec<String> {
+        let mut inner = self.lock();
+        let names: Vec<String> = match channels {
+            Some(c) => c.to_vec(),
+            None => inner.subs.get(&id).map(|s| s.channels.iter().cloned().collect()).unwrap_or_default(),
+        };
+        for ch in &names {
+            if let Some(sub) = inner.subs.get_mut(&id) {
+                sub.channels.remove(ch);
+            }
+            self.drop_from_channel(&mut inner, id, ch);
+        }
+        sorted(inner.subs.get(&id).map(|s| &s.channels))
+    }
+
+    fn drop_from_channel(&self, inner: &mut Inner, id: u64, ch: &str) {
+        if let Some(set) = inner.channels.get_mut(ch) {
+            set.remove(&id);
+            if set.is_empty() {
+                inner.channels.remove(ch);
+                if !inner.fixed.contains(ch) {
+                    let _ = self.cmds.send(Cmd::Unlisten(ch.to_string()));
+                }
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let mut inner = self.lock();
+        if let Some(sub) = inner.subs.remove(&id) {
+            for ch in sub.channels {
+                self.drop_from_channel(&mut inner, id, &ch);
+            }
+        }
+    }
+
+    /// Hands a notification to every subscriber of its channel. A subscriber whose queue is
+    /// full is cut off (its `kicked` token fires) rather than slowing anyone else.
+    fn dispatch(&self, pid: i32, channel: String, payload: String) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let n = Arc::new(Notification {
+            message_id: self.next_message.fetch_add(1, Ordering::Relaxed),
+            received_at: SystemTime::now(),
+            channel,
+            payload,
+            pid,
+            json: OnceLock::new(),
+        });
+        let mut inner = self.lock();
+        let Some(ids) = inner.channels.get(&n.channel) else { return };
+        let mut slow = Vec::new();
+        for id in ids {
+            let Some(sub) = inner.subs.get(id) else { continue };
+            match sub.tx.try_send(Event::Notify(n.clone())) {
+                Ok(()) => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        for id in slow {
+            self.stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(database = %self.database, subscriber = id, "notification queue full; closing slow subscriber");
+            if let Some(sub) = inner.subs.remove(&id) {
+                sub.kicked.cancel();
+                for ch in sub.channels {
+                    self.drop_from_channel(&mut inner, id, &ch);
+                }
+            }
+        }
+    }
+
+    /// Tells every subscriber that notifications may have been lost.
+    fn resync(&self, reason: &str) {
+        let reason: Arc<str> = reason.into();
+        let inner = self.lock();
+        for sub in inner.subs.values() {
+            // A full queue will be cut off at the next notification anyway.
+            let _ = sub.tx.try_send(Event::Resync(reason.clone()));
+        }
+    }
+}
+
+fn sorted(set: Option<&HashSet<String>>) -> Vec<String> {
+    let mut v: Vec<String> = set.map(|s| s.iter().cloned().collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Hubs by database, created on first use.
+#[derive(Default)]
+pub struct Hubs {
+    map: Mutex<HashMap<String, Weak<Hub>>>,
+    keep: Mutex<Vec<Arc<Hub>>>,
+}
+
+impl Hubs {
+    /// The hub for `database`, started with `make` if there is none.
+    pub fn get_or_start(&self, database: &str, make: impl FnOnce() -> Arc<Hub>) -> Arc<Hub> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(database).and_then(Weak::upgrade) {
+            return h;
+        }
+        let hub = make();
+        map.insert(database.to_string(), Arc::downgrade(&hub));
+        // Hubs live as long as the broker: their listener keeps fixed channels and clients
+        // come and go.
+        self.keep.lock().unwrap_or_else(|e| e.into_inner()).push(hub.clone());
+        hub
+    }
+
+    /// Every hub.
+    pub fn all(&self) -> Vec<Arc<Hub>> {
+        self.keep.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// True if `name` matches `pattern`, where `*` matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_runs_of_characters() {
+        assert!(glob_match("orders.*", "orders.created"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("orders.*", "users.created"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(glob_match("exact", "exact"));
+    }
+
+    #[test]
+    fn channel_names_are_checked() {
+        assert!(check_channel("employee_changes").is_ok());
+        assert!(check_channel("").is_err());
+        assert!(check_channel(&"x".repeat(64)).is_err());
+        assert!(check_channel("a\0b").is_err());
+    }
+}

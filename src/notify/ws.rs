@@ -1,0 +1,257 @@
+//! The WebSocket endpoint: admission (origin, token, limits), then one task per connection
+//! running subscribe/unsubscribe commands, notifications out, heartbeats and timeouts.
+
+use super::{Event, Subscription, check_channel, glob_match, json};
+use crate::app::App;
+use crate::config::Config;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+/// WebSocket close code for "try again later": the client was too slow.
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+/// Close code when the server goes away (broker shutting down, heartbeat missed).
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// Largest client message accepted.
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// Open WebSocket connections, in total and per IP.
+#[derive(Default)]
+pub struct WsCounts {
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct Admission {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.app.ws.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl WsCounts {
+    /// Connections open now.
+    pub fn total(&self) -> usize {
+        self.per_ip.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+    }
+}
+
+/// Query parameters of the endpoint.
+#[derive(Debug, Deserialize)]
+pub struct Params {
+    database: Option<String>,
+    token: Option<String>,
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, format!("{message}\n")).into_response()
+}
+
+/// `GET <websocket.path>`: checks the request, then upgrades.
+pub async fn handler(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let cfg = app.config();
+    let w = &cfg.websocket;
+    if !w.allowed_origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !w.allowed_origins.iter().any(|o| o == "*" || o == origin) {
+            return refuse(StatusCode::FORBIDDEN, "origin not allowed");
+        }
+    }
+    let allowed = match token_channels(&cfg, &headers, params.token.as_deref()) {
+        Ok(a) => a,
+        Err(()) => return refuse(StatusCode::UNAUTHORIZED, "missing or unknown bearer token"),
+    };
+    let database = match (&params.database, cfg.databases.len()) {
+        (Some(d), _) if cfg.databases.contains_key(d) => d.clone(),
+        (Some(d), _) => return refuse(StatusCode::NOT_FOUND, &format!("database \"{d}\" is not configured")),
+        (None, 1) => cfg.databases.keys().next().cloned().unwrap_or_default(),
+        (None, _) => return refuse(StatusCode::BAD_REQUEST, "several databases are configured: add ?database=NAME"),
+    };
+    let Some(admission) = admit(&app, &cfg, peer.ip()) else {
+        return if app.ws.total() >= w.max_ws_connections {
+            refuse(StatusCode::SERVICE_UNAVAILABLE, &format!("max_ws_connections ({}) reached", w.max_ws_connections))
+        } else {
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("max_ws_connections_per_ip ({}) reached for {}", w.max_ws_connections_per_ip, peer.ip()),
+            )
+        };
+    };
+    let hub = match app.hub(&cfg, &database) {
+        Ok(h) => h,
+        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e),
+    };
+    let sub = hub.register(w.ws_send_queue);
+    upgrade
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| session(socket, sub, allowed, cfg, admission, app.shutdown.clone()))
+}
+
+/// The channel patterns the request's token allows; `None` = no tokens configured, anything
+/// goes. `Err` = a token is required and this one is missing or unknown.
+fn token_channels(cfg: &Config, headers: &HeaderMap, query: Option<&str>) -> Result<Option<Vec<String>>, ()> {
+    let tokens = &cfg.websocket.tokens;
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or(query)
+        .ok_or(())?;
+    tokens
+        .iter()
+        .find(|t| crate::auth::md5::ct_eq(t.token.as_bytes(), bearer.as_bytes()))
+        .map(|t| Some(t.channels.clone()))
+        .ok_or(())
+}
+
+fn admit(app: &Arc<App>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
+    let w = &cfg.websocket;
+    let mut map = app.ws.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+    let total: usize = map.values().sum();
+    let here = map.entry(ip).or_insert(0);
+    if total >= w.max_ws_connections || *here >= w.max_ws_connections_per_ip {
+        if *here == 0 {
+            map.remove(&ip);
+        }
+        return None;
+    }
+    *here += 1;
+    Some(Admission { app: app.clone(), ip })
+}
+
+#[derive(Deserialize)]
+struct Command {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+}
+
+/// One connection, from the ack to the close.
+async fn session(
+    mut socket: WebSocket,
+    mut sub: Subscription,
+    allowed: Option<Vec<String>>,
+    cfg: Arc<Config>,
+    _admission: Admission,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let w = &cfg.websocket;
+    if socket.send(Message::Text(json::ack(sub.id).into())).await.is_err() {
+        return;
+    }
+    let mut ping = tokio::time::interval_at(Instant::now() + w.ping_interval, w.ping_interval);
+    let mut pong_deadline: Option<Instant> = None;
+    let mut idle_since = Some(Instant::now());
+    let close = loop {
+        let idle_deadline = idle_since.filter(|_| !w.idle_timeout.is_zero()).map(|t| t + w.idle_timeout);
+        let wake = [pong_deadline, idle_deadline].into_iter().flatten().min();
+        tokio::select! {
+            biased;
+            _ = sub.kicked.cancelled() => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
+            _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "pgbroker is shutting down")),
+            ev = sub.rx.recv() => {
+                let text = match ev {
+                    Some(Event::Notify(n)) => n.json().to_string(),
+                    Some(Event::Resync(reason)) => json::resync(&reason),
+                    None => break None,
+                };
+                // A client that stops reading must not hold this task: the hub cuts it off
+                // once its queue is full, and that must be noticed mid-send.
+                tokio::select! {
+                    r = socket.send(Message::Text(text.into())) => if r.is_err() { break None },
+                    _ = sub.kicked.cancelled() => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    let reply = command(&sub, allowed.as_deref(), &text);
+                    idle_since = if sub.hub.subscriptions(sub.id) == 0 { idle_since.or(Some(Instant::now())) } else { None };
+                    if socket.send(Message::Text(reply.into())).await.is_err() {
+                        break None;
+                    }
+                }
+                Some(Ok(Message::Pong(_))) => pong_deadline = None,
+                Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
+                Some(Ok(Message::Binary(_))) => {
+                    if socket.send(Message::Text(json::error("bad_request", "send JSON text messages").into())).await.is_err() {
+                        break None;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+            },
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break None;
+                }
+                pong_deadline.get_or_insert(Instant::now() + w.pong_timeout);
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                let now = Instant::now();
+                if pong_deadline.is_some_and(|d| now >= d) {
+                    break Some((CLOSE_GOING_AWAY, "no pong within pong_timeout"));
+                }
+                if idle_deadline.is_some_and(|d| now >= d) {
+                    break Some((CLOSE_GOING_AWAY, "idle_timeout: no subscriptions"));
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = tokio::time::timeout(w.pong_timeout, socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// Runs one JSON command and returns the reply.
+fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> String {
+    let Ok(cmd) = serde_json::from_str::<Command>(text) else {
+        return json::error("bad_request", "expected {\"type\":\"subscribe\"|\"unsubscribe\",\"channels\":[...]}");
+    };
+    match cmd.kind.as_str() {
+        "subscribe" => {
+            let wanted = cmd.channels.unwrap_or_default();
+            if wanted.is_empty() {
+                return json::error("bad_request", "subscribe needs a non-empty \"channels\" list");
+            }
+            for ch in &wanted {
+                if let Err(why) = check_channel(ch) {
+                    return json::error("bad_channel", &format!("{ch:?}: {why}"));
+                }
+                if let Some(patterns) = allowed {
+                    if !patterns.iter().any(|p| glob_match(p, ch)) {
+                        return json::error("forbidden_channel", &format!("the token does not allow channel {ch:?}"));
+                    }
+                }
+            }
+            json::channels("subscribed", &sub.subscribe(&wanted))
+        }
+        "unsubscribe" => json::channels("unsubscribed", &sub.unsubscribe(cmd.channels.as_deref())),
+        "ping" => json::pong(),
+        other => json::error("bad_request", &format!("unknown message type {other:?}")),
+    }
+}
