@@ -83,7 +83,13 @@ async fn serve(
             _ = shutdown.cancelled() => return None,
             cmd = cmds.recv() => match cmd {
                 None => return None,
-                Some(Cmd::Listen(ch)) => command(server, "LISTEN", &ch).await,
+                Some(Cmd::Listen(ch, ack)) => {
+                    let r = command(server, "LISTEN", &ch).await;
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
+                    r
+                }
                 Some(Cmd::Unlisten(ch)) => command(server, "UNLISTEN", &ch).await,
             },
             n = server.next_notification() => n.map(|n| server.notifications.push_front(n)),

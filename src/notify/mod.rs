@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::SystemTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
@@ -64,9 +64,13 @@ pub fn check_channel(name: &str) -> Result<(), &'static str> {
 }
 
 enum Cmd {
-    Listen(String),
+    /// LISTEN, then tell the subscriber waiting for it (if any).
+    Listen(String, Option<oneshot::Sender<()>>),
     Unlisten(String),
 }
+
+/// How long `subscribe` waits for the listener to confirm a new LISTEN.
+const LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Sub {
     tx: mpsc::Sender<Event>,
@@ -125,9 +129,16 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
-    /// Subscribes to `channels` (already checked); returns every channel now subscribed.
-    pub fn subscribe(&self, channels: &[String]) -> Vec<String> {
-        self.hub.subscribe(self.id, channels)
+    /// Subscribes to `channels` (already checked) and waits until the listener LISTENs on
+    /// the new ones, so that every notification sent after this returns is delivered.
+    /// Returns every channel now subscribed.
+    pub async fn subscribe(&self, channels: &[String]) -> Vec<String> {
+        let (now, acks) = self.hub.subscribe(self.id, channels);
+        for ack in acks {
+            // On timeout or a lost connection the LISTEN still happens at reconnect.
+            let _ = tokio::time::timeout(LISTEN_WAIT, ack).await;
+        }
+        now
     }
 
     /// Unsubscribes from `channels` (`None` = all); returns those still subscribed.
@@ -189,8 +200,9 @@ impl Hub {
         self.lock().channels.get(channel).map_or(0, HashSet::len)
     }
 
-    fn subscribe(&self, id: u64, channels: &[String]) -> Vec<String> {
+    fn subscribe(&self, id: u64, channels: &[String]) -> (Vec<String>, Vec<oneshot::Receiver<()>>) {
         let mut inner = self.lock();
+        let mut acks = Vec::new();
         for ch in channels {
             let first = !inner.channels.contains_key(ch) && !inner.fixed.contains(ch);
             inner.channels.entry(ch.clone()).or_default().insert(id);
@@ -198,10 +210,12 @@ impl Hub {
                 sub.channels.insert(ch.clone());
             }
             if first {
-                let _ = self.cmds.send(Cmd::Listen(ch.clone()));
+                let (tx, rx) = oneshot::channel();
+                acks.push(rx);
+                let _ = self.cmds.send(Cmd::Listen(ch.clone(), Some(tx)));
             }
         }
-        sorted(inner.subs.get(&id).map(|s| &s.channels))
+        (sorted(inner.subs.get(&id).map(|s| &s.channels)), acks)
     }
 
     fn unsubscribe(&self, id: u64, channels: Option<&[String]>) -> Vec<String> {

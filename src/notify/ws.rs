@@ -20,6 +20,8 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// Largest client message accepted.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Most bytes buffered for writing to one client; its queue holds the rest.
+const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
 /// Open WebSocket connections, in total and per IP.
 #[derive(Default)]
@@ -105,6 +107,8 @@ pub async fn handler(
     let sub = hub.register(w.ws_send_queue);
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
+        // Bound what a client that stops reading can pin in memory besides its queue.
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| session(socket, sub, allowed, cfg, admission, app.shutdown.clone()))
 }
 
@@ -189,7 +193,7 @@ async fn session(
             }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = command(&sub, allowed.as_deref(), &text);
+                    let reply = command(&sub, allowed.as_deref(), &text).await;
                     idle_since = if sub.hub.subscriptions(sub.id) == 0 { idle_since.or(Some(Instant::now())) } else { None };
                     if socket.send(Message::Text(reply.into())).await.is_err() {
                         break None;
@@ -228,7 +232,7 @@ async fn session(
 }
 
 /// Runs one JSON command and returns the reply.
-fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> String {
+async fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> String {
     let Ok(cmd) = serde_json::from_str::<Command>(text) else {
         return json::error("bad_request", "expected {\"type\":\"subscribe\"|\"unsubscribe\",\"channels\":[...]}");
     };
@@ -248,7 +252,7 @@ fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> String
                     }
                 }
             }
-            json::channels("subscribed", &sub.subscribe(&wanted))
+            json::channels("subscribed", &sub.subscribe(&wanted).await)
         }
         "unsubscribe" => json::channels("unsubscribed", &sub.unsubscribe(cmd.channels.as_deref())),
         "ping" => json::pong(),
