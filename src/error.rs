@@ -35,6 +35,12 @@ impl SqlState {
     pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P03");
     /// 25P04: a transaction longer than `transaction_timeout`.
     pub const TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P04");
+    /// 22023: a value (here, a channel name) is not acceptable.
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
+    /// 01000: a warning, sent as a notice.
+    pub const WARNING: SqlState = SqlState(*b"01000");
+    /// 53400: a limit of the broker's own was exceeded (a listening client's queue).
+    pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState(*b"53400");
     /// 58000: an internal broker failure.
     pub const SYSTEM_ERROR: SqlState = SqlState(*b"58000");
 

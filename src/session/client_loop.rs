@@ -5,15 +5,18 @@
 
 use super::SessionError;
 use super::io::ClientIo;
+use super::listen::{self, Listens};
 use super::params::ClientSettings;
 use super::pending::Pending;
 use super::pipe::{Action, Pipe};
 use super::prepared::Prepared;
 use super::relay::{RelayError, poll_relay};
+use super::sql;
 use super::timers::{Expired, Held, Timers};
 use crate::cancel::Registration;
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
+use crate::notify::Event;
 use crate::pool::{Pool, Pooled, Release};
 use crate::proto::build::{self, Severity};
 use crate::proto::frame::HEADER_LEN;
@@ -43,6 +46,8 @@ pub(super) struct Setup {
     pub server: Option<Pooled>,
     /// Named prepared statement handling (transaction and statement mode).
     pub prepared: Option<Prepared>,
+    /// LISTEN served by the broker (transaction and statement mode).
+    pub listens: Option<Listens>,
 }
 
 /// A logged-in client and, when attached, its server.
@@ -62,12 +67,14 @@ pub(super) struct ClientLoop<'a> {
     timers: Timers,
     /// Named prepared statements across servers (transaction and statement mode).
     prepared: Option<Prepared>,
+    /// LISTEN served by the broker (transaction and statement mode).
+    listens: Option<Listens>,
 }
 
 impl<'a> ClientLoop<'a> {
     /// A loop for a client.
     pub fn new(cfg: &'a Config, setup: Setup) -> ClientLoop<'a> {
-        let Setup { mode, pool, defaults, settings, registration, server, prepared } = setup;
+        let Setup { mode, pool, defaults, settings, registration, server, prepared, listens } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
         }
@@ -85,6 +92,7 @@ impl<'a> ClientLoop<'a> {
             recheck: false,
             timers: Timers::new(&cfg.broker),
             prepared,
+            listens,
         }
     }
 
@@ -109,6 +117,10 @@ impl<'a> ClientLoop<'a> {
             // Without a server, a transaction starts with the client's next message (which
             // the client loop reads only once it knows which server the bytes go to).
             let mut scan = client_data;
+            if self.server.is_none() && self.answer_listen().await? {
+                client_data = false;
+                continue;
+            }
             if self.server.is_none() && self.answer_alone()? {
                 client_data = false;
                 continue;
@@ -146,6 +158,11 @@ impl<'a> ClientLoop<'a> {
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.check_timers()?;
+                    client_data = false;
+                    continue;
+                }
+                ev = next_event(&mut self.listens), if self.server.is_none() => {
+                    self.deliver(ev)?;
                     client_data = false;
                     continue;
                 }
@@ -212,6 +229,42 @@ impl<'a> ClientLoop<'a> {
         if leftover {
             self.scan_server()?;
         }
+        Ok(())
+    }
+
+    /// `LISTEN` / `UNLISTEN` alone, between transactions: answered by the broker, whose
+    /// listener does the listening. True if it did.
+    async fn answer_listen(&mut self) -> Result<bool, SessionError> {
+        let Some(listens) = self.listens.as_mut() else { return Ok(false) };
+        let cmd = {
+            let mut msgs = self.up.whole_messages();
+            match (msgs.next(), msgs.next()) {
+                (Some((tag::QUERY, msg)), None) => sql::parse(msg.get(HEADER_LEN..).unwrap_or_default()),
+                _ => None,
+            }
+        };
+        let Some(cmd @ (sql::Command::Listen(_) | sql::Command::Unlisten(_))) = cmd else { return Ok(false) };
+        self.up.scan(|_| true, |_, _, _| Action::Drop)?;
+        let mut reply = BytesMut::new();
+        listens.answer(self.cfg, cmd, &mut reply).await;
+        self.down.insert(&reply);
+        Ok(true)
+    }
+
+    /// Hands a notification to the client between transactions.
+    fn deliver(&mut self, ev: Option<Event>) -> Result<(), SessionError> {
+        let Some(ev) = ev else {
+            return Err(SessionError::fatal(
+                SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
+                    self.cfg.websocket.ws_send_queue
+                ),
+            ));
+        };
+        let mut out = BytesMut::new();
+        listen::write_event(&ev, &mut out);
+        self.down.insert(&out);
         Ok(())
     }
 
@@ -438,6 +491,14 @@ impl<'a> ClientLoop<'a> {
         }
         tracing::warn!(error = ?err, "server connection lost");
         SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
+    }
+}
+
+/// The next event of a listening client; pending forever for one that does not listen.
+async fn next_event(listens: &mut Option<Listens>) -> Option<Event> {
+    match listens.as_mut() {
+        Some(l) if l.is_active() => l.next().await,
+        _ => std::future::pending().await,
     }
 }
 

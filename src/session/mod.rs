@@ -5,6 +5,7 @@
 
 mod client_loop;
 pub mod io;
+mod listen;
 mod login;
 mod mode_session;
 mod mode_txn;
@@ -13,6 +14,7 @@ mod pending;
 pub mod pipe;
 pub mod prepared;
 pub mod relay;
+mod sql;
 mod timers;
 
 use crate::app::App;

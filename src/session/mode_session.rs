@@ -40,8 +40,9 @@ pub(super) async fn run(
         settings: ClientSettings::default(),
         registration,
         server: Some(server),
-        // The client keeps its server: its statements stay where it made them.
+        // The client keeps its server: its statements and LISTENs stay where it made them.
         prepared: None,
+        listens: None,
     };
     ClientLoop::new(cfg, setup).run(io).await
 }

@@ -4,6 +4,7 @@
 use super::SessionError;
 use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
+use super::listen::Listens;
 use super::login::Login;
 use super::params::{self, ClientSettings};
 use super::prepared::Prepared;
@@ -37,7 +38,8 @@ pub(super) async fn run(
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
     let max = cfg.broker.max_prepared_statements;
     let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
-    let setup = Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared };
+    let listens = Some(Listens::new(app.clone(), login.database.clone()));
+    let setup = Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared, listens };
     ClientLoop::new(cfg, setup).run(io).await
 }
 

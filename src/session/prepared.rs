@@ -273,7 +273,8 @@ impl Prepared {
     }
 
     fn query(&mut self, body: &[u8]) -> Action {
-        if let Some(name) = deallocate_target(body) {
+        // `DEALLOCATE ALL` goes to the server, which drops everything; its reply clears our maps.
+        if let Some(super::sql::Command::Deallocate(Some(name))) = super::sql::parse(body) {
             if self.client.remove(name.as_bytes()).is_some() {
                 return self.mine(Mine::Deallocate);
             }
@@ -511,28 +512,6 @@ fn write_message(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
     body(out);
     let len = (out.len() - at) as i32;
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-/// The statement a simple query `DEALLOCATE [PREPARE] name` names, if that is all it is.
-fn deallocate_target(sql: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(split_cstr(sql)?.0).ok()?.trim().trim_end_matches(';').trim_end();
-    let mut words = text.splitn(2, char::is_whitespace);
-    if !words.next()?.eq_ignore_ascii_case("deallocate") {
-        return None;
-    }
-    let mut rest = words.next()?.trim_start();
-    if let Some(after) = rest.get(..7).filter(|w| w.eq_ignore_ascii_case("prepare")).and_then(|_| rest.get(7..)) {
-        if after.starts_with(char::is_whitespace) {
-            rest = after.trim_start();
-        }
-    }
-    if let Some(quoted) = rest.strip_prefix('"') {
-        let inner = quoted.strip_suffix('"')?;
-        return (!inner.replace("\"\"", "").contains('"')).then(|| inner.replace("\"\"", "\""));
-    }
-    let is_ident = !rest.is_empty() && rest.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$');
-    // `DEALLOCATE ALL` goes to the server, which drops everything; the reply clears our maps.
-    (is_ident && !rest.eq_ignore_ascii_case("all")).then(|| rest.to_lowercase())
 }
 
 mod registry;

@@ -181,13 +181,3 @@ fn eviction_past_the_limit_closes_the_oldest_and_hides_the_reply() {
     assert_eq!(tags(&got), b"1Z");
     assert_eq!(s.len(), 1);
 }
-
-#[test]
-fn deallocate_statements_are_recognised() {
-    assert_eq!(deallocate_target(b"DEALLOCATE s1\0").as_deref(), Some("s1"));
-    assert_eq!(deallocate_target(b"  deallocate prepare Foo ;\0").as_deref(), Some("foo"));
-    assert_eq!(deallocate_target(b"DEALLOCATE \"Mixed\"\"Q\"\0").as_deref(), Some("Mixed\"Q"));
-    assert_eq!(deallocate_target(b"DEALLOCATE ALL\0"), None);
-    assert_eq!(deallocate_target(b"SELECT 1\0"), None);
-    assert_eq!(deallocate_target(b"DEALLOCATE a; SELECT 1\0"), None);
-}
