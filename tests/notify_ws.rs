@@ -276,3 +276,37 @@ async fn bad_requests_get_error_messages_and_the_connection_stays() {
     assert_eq!(refused_status(format!("ws://{}/ws?database=nope", b.http_addr())).await, 404);
     assert_eq!(refused_status(format!("ws://{}/ws", b.http_addr())).await, 400);
 }
+
+#[tokio::test]
+async fn a_connection_without_subscriptions_is_closed_after_idle_timeout() {
+    let mut cfg = ws_config();
+    cfg.websocket.idle_timeout = Duration::from_millis(300);
+    let b = broker(cfg).await;
+    let mut ws = open(&url(&b, "")).await;
+    next_json(&mut ws).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, Some(1001));
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed() {
+    let mut cfg = ws_config();
+    cfg.websocket.ping_interval = Duration::from_millis(200);
+    cfg.websocket.pong_timeout = Duration::from_millis(200);
+    let b = broker(cfg).await;
+    let ws = open(&url(&b, "")).await;
+    // Never read, so never answer a ping: the broker gives up and closes the TCP connection.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(b.app().ws.total(), 0, "the connection was dropped");
+    drop(ws);
+}

@@ -371,6 +371,20 @@ impl Config {
         if !bu.env_overrides.is_empty() {
             let _ = writeln!(s, "# from the environment: {}", bu.env_overrides.join(", "));
         }
+        let w = &self.websocket;
+        let _ = writeln!(s, "\n[websocket]\npath = {:?}", w.path);
+        for (k, d) in
+            [("ping_interval", w.ping_interval), ("pong_timeout", w.pong_timeout), ("idle_timeout", w.idle_timeout)]
+        {
+            let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
+        }
+        let _ = writeln!(s, "max_ws_connections = {}", w.max_ws_connections);
+        let _ = writeln!(s, "max_ws_connections_per_ip = {}", w.max_ws_connections_per_ip);
+        let _ = writeln!(s, "ws_send_queue = {}", w.ws_send_queue);
+        let _ = writeln!(s, "allowed_origins = {:?}", w.allowed_origins);
+        for t in &w.tokens {
+            let _ = writeln!(s, "# token <redacted>: channels {:?}", t.channels);
+        }
         let a = &self.auth;
         let _ = writeln!(s, "\n[auth]\ntype = \"{}\"", a.kind.as_str());
         if let Some(f) = &a.file {
@@ -403,8 +417,8 @@ impl Config {
             let _ = writeln!(s, "pool_mode = \"{}\"", d.pool_mode.as_str());
             let _ = writeln!(
                 s,
-                "min_pool_size = {}\nreserve_pool_size = {}\nmax_db_connections = {}",
-                d.min_pool_size, d.reserve_pool_size, d.max_db_connections
+                "min_pool_size = {}\nreserve_pool_size = {}\nmax_db_connections = {}\nchannels = {:?}",
+                d.min_pool_size, d.reserve_pool_size, d.max_db_connections, d.channels
             );
         }
         s

@@ -166,3 +166,16 @@ fn describe_redacts_passwords() {
     assert!(d.contains("[databases.bench]") && d.contains("<redacted>"));
     assert!(!d.contains("password = \"postgres\""));
 }
+
+#[test]
+fn websocket_tokens_are_read_and_redacted() {
+    let text = format!(
+        "{ISSUE_EXAMPLE}\n[websocket]\nmax_ws_connections_per_ip = 3\n[[websocket.tokens]]\ntoken = \"tok-1\"\nchannels = [\"orders.*\"]\n"
+    );
+    let c = load_with(&text, &no_env).unwrap();
+    assert_eq!(c.websocket.max_ws_connections_per_ip, 3);
+    assert_eq!(c.websocket.tokens[0].channels, vec!["orders.*".to_string()]);
+    let d = c.describe();
+    assert!(d.contains("[websocket]") && !d.contains("tok-1"), "{d}");
+    assert!(format!("{:?}", c.websocket.tokens[0]).contains("<redacted>"));
+}
