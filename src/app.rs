@@ -23,6 +23,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Period of SHOW STATS averages (PgBouncer's `stats_period`).
+const STATS_PERIOD: Duration = Duration::from_secs(15);
+
 /// State shared by every task of one broker. Passed as a handle so tests can run several.
 pub struct App {
     live: ArcSwap<Config>,
@@ -45,6 +48,14 @@ pub struct App {
     pub hubs: crate::notify::Hubs,
     /// Open WebSocket connections.
     pub ws: crate::notify::ws::WsCounts,
+    /// Logged-in clients.
+    pub clients: Arc<crate::clients::Clients>,
+    /// Per database: the counters at the last stats period and the averages over it.
+    pub(crate) averages: Mutex<HashMap<String, (crate::stats::Snapshot, crate::stats::Averages)>>,
+    /// Successful config reloads.
+    pub reloads: std::sync::atomic::AtomicU64,
+    /// Rejected config reloads.
+    pub reload_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Why the broker could not start.
@@ -68,6 +79,11 @@ impl App {
     /// The current configuration snapshot. Take it once per unit of work and keep the `Arc`.
     pub fn config(&self) -> Arc<Config> {
         self.live.load_full()
+    }
+
+    /// Makes `config` the one new work sees.
+    pub fn store_config(&self, config: Config) {
+        self.live.store(Arc::new(config));
     }
 
     /// Clients connected now (including those still logging in).
@@ -196,6 +212,10 @@ impl Broker {
             statements: Arc::default(),
             hubs: Default::default(),
             ws: Default::default(),
+            clients: Arc::default(),
+            averages: Mutex::new(HashMap::new()),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),
@@ -205,6 +225,7 @@ impl Broker {
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(app.clone(), listener, tracker.clone()));
         tracker.spawn(crate::http::serve(app.clone(), http_listener));
+        tracker.spawn(crate::admin::stats_task(app.clone(), STATS_PERIOD));
         // Databases with fixed channels listen from the start.
         let cfg = app.config();
         for (name, db) in &cfg.databases {
@@ -339,7 +360,10 @@ async fn refuse(mut stream: TcpStream, message: String) {
 /// Runs the broker until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let broker = Broker::start(config).await?;
-    wait_for_stop_signal().await?;
+    tokio::select! {
+        r = wait_for_stop_signal() => r?,
+        _ = broker.app().shutdown.cancelled() => {}
+    }
     tracing::info!("stopping");
     broker.stop();
     Ok(())

@@ -41,6 +41,12 @@ impl SqlState {
     pub const WARNING: SqlState = SqlState(*b"01000");
     /// 53400: a limit of the broker's own was exceeded (a listening client's queue).
     pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState(*b"53400");
+    /// 42501: the user may not run this admin command.
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
+    /// F0000: the config file is invalid.
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState(*b"F0000");
+    /// 55000: the command cannot run in the current state.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState(*b"55000");
     /// 58000: an internal broker failure.
     pub const SYSTEM_ERROR: SqlState = SqlState(*b"58000");
 

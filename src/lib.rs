@@ -15,13 +15,17 @@
 //! - [`cancel`]: client cancel keys mapped to the server running their query.
 //! - [`notify`]: LISTEN/NOTIFY fan-out to WebSocket clients and pooled SQL clients.
 //! - [`http`]: the HTTP listener (WebSocket bridge).
+//! - [`admin`]: the admin console (virtual database `pgbroker`).
+//! - [`stats`], [`clients`]: counters and the client registry behind it.
 //! - [`app`]: wiring, accept loop and signals.
 //! - [`cluster`]: a throwaway PostgreSQL cluster for `pgbroker demo`, tests and benchmarks.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cancel;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod demo;
@@ -33,3 +37,4 @@ pub mod pool;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod stats;

@@ -3,6 +3,7 @@
 //! transaction mode) wants, and hands each notification to their bounded queues.
 
 mod json;
+pub use json::rfc3339;
 mod listener;
 pub mod ws;
 

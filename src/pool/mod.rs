@@ -5,6 +5,7 @@
 pub mod limit;
 mod maintenance;
 mod pooled;
+mod view;
 
 use crate::error::SqlState;
 use crate::server::{ServerConn, ServerError, Target};
@@ -16,6 +17,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+pub use view::{PoolStats, Pools, ServerView};
 
 /// Identifies a pool: the client-facing database name and the server login user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +123,24 @@ enum Grant {
     Slot,
 }
 
+struct Waiter {
+    tx: oneshot::Sender<Grant>,
+    since: Instant,
+}
+
+/// A checked-out server as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct ActiveServer {
+    /// Server id.
+    pub id: u64,
+    /// Its backend process id.
+    pub pid: i32,
+    /// When it connected.
+    pub connected_at: std::time::SystemTime,
+    /// When it was checked out.
+    pub since: Instant,
+}
+
 struct Backoff {
     until: Instant,
     delay: Duration,
@@ -133,7 +153,9 @@ struct Inner {
     idle: Vec<ServerConn>,
     /// Servers open, being opened, in use or being reset.
     open: usize,
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    waiters: VecDeque<Waiter>,
+    /// Servers checked out, for the admin console.
+    active: HashMap<u64, ActiveServer>,
     /// Waiters that could be served by this pool's size but not by a shared limit.
     blocked: bool,
     backoff: Option<Backoff>,
@@ -148,6 +170,10 @@ pub struct Pool {
     inner: Mutex<Inner>,
     /// A fresh server's settings, learned from the first one opened.
     defaults: Mutex<Option<Arc<Defaults>>>,
+    /// Traffic counters (SHOW STATS, /metrics).
+    pub counters: crate::stats::Counters,
+    /// While set (admin PAUSE), no server is handed out.
+    paused: tokio::sync::watch::Sender<bool>,
 }
 
 /// The settings a fresh server starts with: what it reports, and the tracked settings it does
@@ -167,17 +193,6 @@ impl Defaults {
     }
 }
 
-/// A point-in-time view of a pool, for logs, tests and the admin console.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStats {
-    /// Servers open (idle, in use, connecting or resetting).
-    pub open: usize,
-    /// Idle servers.
-    pub idle: usize,
-    /// Clients waiting for a server.
-    pub waiting: usize,
-}
-
 impl Pool {
     /// An empty pool counted against `limits`; servers are opened on demand, and a
     /// background task keeps `min_size` warm and retires old and idle servers.
@@ -189,6 +204,8 @@ impl Pool {
             limits,
             inner: Mutex::new(Inner::default()),
             defaults: Mutex::new(None),
+            counters: crate::stats::Counters::default(),
+            paused: tokio::sync::watch::Sender::new(false),
         });
         for l in &pool.limits {
             l.add_member(Arc::downgrade(&pool));
@@ -237,16 +254,6 @@ impl Pool {
         Ok(())
     }
 
-    /// Current counts.
-    pub fn stats(&self) -> PoolStats {
-        let inner = self.lock();
-        PoolStats {
-            open: inner.open,
-            idle: inner.idle.len(),
-            waiting: inner.waiters.iter().filter(|w| !w.is_closed()).count(),
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic under this lock cannot leave the counts worse than losing the pool; recover
         // rather than poison every later client.
@@ -260,6 +267,13 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Pooled, PoolError> {
         let start = Instant::now();
         let deadline = start + wait;
+        if *self.paused.borrow() {
+            let mut rx = self.paused.subscribe();
+            let resumed = tokio::time::timeout_at(deadline, rx.wait_for(|p| !*p)).await;
+            if resumed.is_err() {
+                return Err(PoolError::Timeout { pool: self.key.to_string(), waited: wait, size: self.settings.size });
+            }
+        }
         let mut reserve_at = (self.settings.reserve_size > 0).then(|| start + self.settings.reserve_timeout);
         loop {
             let next = {
@@ -272,7 +286,7 @@ impl Pool {
                     Err(None)
                 } else {
                     let (tx, rx) = oneshot::channel();
-                    inner.waiters.push_back(tx);
+                    inner.waiters.push_back(Waiter { tx, since: Instant::now() });
                     inner.blocked |= inner.open < self.settings.size;
                     Err(Some((rx, inner.blocked)))
                 }
@@ -377,10 +391,10 @@ impl Pool {
         if inner.backoff.as_ref().is_some_and(|b| Instant::now() < b.until) {
             return;
         }
-        while inner.waiters.iter().any(|w| !w.is_closed()) && self.reserve_slot(&mut inner, false) {
+        while inner.waiters.iter().any(|w| !w.tx.is_closed()) && self.reserve_slot(&mut inner, false) {
             let mut served = false;
-            while let Some(tx) = inner.waiters.pop_front() {
-                if tx.send(Grant::Slot).is_ok() {
+            while let Some(w) = inner.waiters.pop_front() {
+                if w.tx.send(Grant::Slot).is_ok() {
                     served = true;
                     break;
                 }
@@ -393,13 +407,13 @@ impl Pool {
                 break;
             }
         }
-        inner.blocked = inner.open < self.settings.size && inner.waiters.iter().any(|w| !w.is_closed());
+        inner.blocked = inner.open < self.settings.size && inner.waiters.iter().any(|w| !w.tx.is_closed());
     }
 
     /// True if clients wait for capacity a shared limit withholds.
     pub(crate) fn has_blocked_waiters(&self) -> bool {
         let inner = self.lock();
-        inner.blocked && inner.waiters.iter().any(|w| !w.is_closed())
+        inner.blocked && inner.waiters.iter().any(|w| !w.tx.is_closed())
     }
 
     fn take_idle(&self, inner: &mut Inner) -> Option<ServerConn> {
@@ -496,8 +510,8 @@ impl Pool {
         }
         conn.last_used = Instant::now();
         let mut inner = self.lock();
-        while let Some(tx) = inner.waiters.pop_front() {
-            match tx.send(Grant::Server(conn)) {
+        while let Some(w) = inner.waiters.pop_front() {
+            match w.tx.send(Grant::Server(conn)) {
                 Ok(()) => return,
                 Err(Grant::Server(c)) => conn = c,
                 Err(Grant::Slot) => return,
@@ -537,8 +551,8 @@ impl Pool {
             let over_cap = self.limits.iter().any(|l| l.used() > l.cap());
             if !over_cap {
                 // Own waiters first: the slot stays counted and passes to them.
-                while let Some(tx) = inner.waiters.pop_front() {
-                    if tx.send(Grant::Slot).is_ok() {
+                while let Some(w) = inner.waiters.pop_front() {
+                    if w.tx.send(Grant::Slot).is_ok() {
                         return;
                     }
                 }
@@ -571,40 +585,5 @@ impl Drop for SlotGuard {
         if let Some(pool) = self.0.take() {
             pool.release_slot();
         }
-    }
-}
-
-/// All pools, created on first use.
-#[derive(Default)]
-pub struct Pools {
-    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-}
-
-impl Pools {
-    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The pool for `key`, created with `make` if it does not exist yet.
-    pub fn get_or_create(&self, key: &PoolKey, make: impl FnOnce() -> Arc<Pool>) -> Arc<Pool> {
-        let mut map = self.lock();
-        if let Some(p) = map.get(key) {
-            return p.clone();
-        }
-        let p = make();
-        map.insert(key.clone(), p.clone());
-        p
-    }
-
-    /// The pool for `key`, if any.
-    pub fn get(&self, key: &PoolKey) -> Option<Arc<Pool>> {
-        self.lock().get(key).cloned()
-    }
-
-    /// Every pool, sorted by key.
-    pub fn all(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<Arc<Pool>> = self.lock().values().cloned().collect();
-        v.sort_by(|a, b| a.key.cmp(&b.key));
-        v
     }
 }

@@ -29,6 +29,7 @@ pub struct Pooled {
 
 impl Pooled {
     pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Pooled {
+        pool.track_active(conn.id, conn.cancel.pid, conn.connected_at);
         Pooled { conn: Some(conn), pool, release: Release::Close }
     }
 
@@ -55,6 +56,7 @@ impl DerefMut for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            self.pool.untrack_active(conn.id);
             self.pool.release(conn, self.release);
         }
     }

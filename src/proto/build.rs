@@ -97,6 +97,56 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unrecognized: 
     });
 }
 
+/// Type OID of a result column the broker makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// `text` (OID 25).
+    Text,
+    /// `int8` (OID 20).
+    Int8,
+}
+
+/// RowDescription for text-format columns.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
+    message(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for (name, ty) in columns {
+            put_cstr(b, name.as_bytes());
+            b.put_i32(0); // table OID
+            b.put_i16(0); // column number
+            let (oid, len) = match ty {
+                ColumnType::Text => (25, -1),
+                ColumnType::Int8 => (20, 8),
+            };
+            b.put_i32(oid);
+            b.put_i16(len);
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values (`None` = NULL).
+pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
+    message(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.as_ref().len() as i32);
+                    b.put_slice(v.as_ref().as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+/// CommandComplete with its tag (e.g. `SHOW`, `SELECT 3`).
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| put_cstr(b, tag.as_bytes()));
+}
+
 /// Severity of a broker-made ErrorResponse or NoticeResponse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
@@ -185,6 +235,23 @@ mod tests {
         let Message::ReadyForQuery(r) = parse_one(&mut b) else { panic!() };
         assert_eq!(r.status(), b'I');
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn result_sets_parse_with_postgres_protocol() {
+        let mut b = BytesMut::new();
+        row_description(&mut b, &[("name", ColumnType::Text), ("n", ColumnType::Int8)]);
+        data_row(&mut b, &[Some("a"), None]);
+        command_complete(&mut b, "SHOW");
+        let Message::RowDescription(rd) = parse_one(&mut b) else { panic!() };
+        use fallible_iterator::FallibleIterator;
+        let names: Vec<String> = rd.fields().map(|f| Ok(f.name().to_string())).collect().unwrap();
+        assert_eq!(names, ["name", "n"]);
+        let Message::DataRow(row) = parse_one(&mut b) else { panic!() };
+        let ranges: Vec<_> = row.ranges().collect().unwrap();
+        assert_eq!(ranges.len(), 2);
+        assert!(ranges[1].is_none());
+        assert!(matches!(parse_one(&mut b), Message::CommandComplete(_)));
     }
 
     #[test]

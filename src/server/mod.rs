@@ -165,6 +165,8 @@ pub struct ServerConn {
     pub status: TxnStatus,
     /// When the connection was opened.
     pub created: Instant,
+    /// The same, as wall-clock time (for display).
+    pub connected_at: std::time::SystemTime,
     /// When it was last returned to its pool.
     pub last_used: Instant,
     /// When it is retired (`server_lifetime`), if ever.
@@ -284,6 +286,7 @@ impl ServerConn {
             cancel: Arc::new(CancelTarget { target, pid, secret }),
             status: TxnStatus::Idle,
             created: Instant::now(),
+            connected_at: std::time::SystemTime::now(),
             last_used: Instant::now(),
             expires: None,
             uses: 0,

@@ -4,6 +4,7 @@
 //! pass unchanged; only tags (and ReadyForQuery / ParameterStatus bodies) are read.
 
 use super::SessionError;
+use super::accounting::{self, Accounting};
 use super::io::ClientIo;
 use super::listen::{self, Listens};
 use super::params::ClientSettings;
@@ -14,6 +15,7 @@ use super::relay::{RelayError, poll_relay};
 use super::sql;
 use super::timers::{Expired, Held, Timers};
 use crate::cancel::Registration;
+use crate::clients::{Client, State as ClientState};
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
 use crate::notify::Event;
@@ -21,6 +23,7 @@ use crate::pool::{Pool, Pooled, Release};
 use crate::proto::build::{self, Severity};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, tag};
+use crate::stats::Counters;
 use bytes::BytesMut;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -48,6 +51,8 @@ pub(super) struct Setup {
     pub prepared: Option<Prepared>,
     /// LISTEN served by the broker (transaction and statement mode).
     pub listens: Option<Listens>,
+    /// The client's entry in the registry (state, KILL).
+    pub client: Arc<Client>,
 }
 
 /// A logged-in client and, when attached, its server.
@@ -69,14 +74,17 @@ pub(super) struct ClientLoop<'a> {
     prepared: Option<Prepared>,
     /// LISTEN served by the broker (transaction and statement mode).
     listens: Option<Listens>,
+    client: Arc<Client>,
+    acct: Accounting,
 }
 
 impl<'a> ClientLoop<'a> {
     /// A loop for a client.
     pub fn new(cfg: &'a Config, setup: Setup) -> ClientLoop<'a> {
-        let Setup { mode, pool, defaults, settings, registration, server, prepared, listens } = setup;
+        let Setup { mode, pool, defaults, settings, registration, server, prepared, listens, client } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
+            client.set_state(ClientState::Active);
         }
         ClientLoop {
             cfg,
@@ -93,6 +101,8 @@ impl<'a> ClientLoop<'a> {
             timers: Timers::new(&cfg.broker),
             prepared,
             listens,
+            client,
+            acct: Accounting::default(),
         }
     }
 
@@ -161,6 +171,9 @@ impl<'a> ClientLoop<'a> {
                     client_data = false;
                     continue;
                 }
+                _ = self.client.kill.cancelled() => {
+                    return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
+                }
                 ev = next_event(&mut self.listens), if self.server.is_none() => {
                     self.deliver(ev)?;
                     client_data = false;
@@ -194,13 +207,19 @@ impl<'a> ClientLoop<'a> {
     /// Checks out a server for the transaction the client just started and brings it to the
     /// client's settings.
     async fn attach(&mut self) -> Result<(), SessionError> {
-        let mut server = match self.pool.checkout(self.cfg.broker.query_wait_timeout).await {
+        let since = tokio::time::Instant::now();
+        self.client.set_state(ClientState::Waiting);
+        let checkout = self.pool.checkout(self.cfg.broker.query_wait_timeout).await;
+        Accounting::waited(&self.pool.counters, since);
+        let mut server = match checkout {
             Ok(s) => s,
             Err(e) => {
+                self.client.set_state(ClientState::Idle);
                 self.scan_client()?;
                 return self.refuse_requests(e.sqlstate(), &chain(&e));
             }
         };
+        self.client.set_state(ClientState::Active);
         if let Some(plan) = self.settings.plan_sync(&server, &self.defaults) {
             match server.query_row(&plan.sql).await {
                 Ok(Ok(row)) => {
@@ -365,6 +384,10 @@ impl<'a> ClientLoop<'a> {
             server.release = how;
         }
         self.registration.slot.set(None);
+        self.client.set_state(ClientState::Idle);
+        let c = &self.pool.counters;
+        Counters::add(&c.bytes_received, self.up.take_written());
+        Counters::add(&c.bytes_sent, self.down.take_written());
     }
 
     /// On the way out: a server whose state is known goes back (rolled back if needed, and
@@ -404,6 +427,7 @@ impl<'a> ClientLoop<'a> {
                 }
             },
         )?;
+        self.acct.sent(self.pending.sync_points);
         // Replies the broker owes with nothing outstanding before them go out now.
         if let (Some(p), Some(server)) = (self.prepared.as_mut(), self.server.as_deref()) {
             let mut mine = BytesMut::new();
@@ -423,14 +447,27 @@ impl<'a> ClientLoop<'a> {
         let prepared = &mut self.prepared;
         let statement = self.mode == PoolMode::Statement;
         let track = prepared.is_some();
+        let counters = &self.pool.counters;
+        let mut answered = 0;
         self.down
             .scan(
-                |t| t == tag::READY_FOR_QUERY || t == tag::PARAMETER_STATUS || (track && t == b'C'),
+                |t| {
+                    t == tag::READY_FOR_QUERY
+                        || t == tag::PARAMETER_STATUS
+                        || t == tag::ERROR_RESPONSE
+                        || (track && t == b'C')
+                },
                 |t, msg, out| {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     let mut refuse = false;
                     match t {
+                        tag::ERROR_RESPONSE => {
+                            if let Some(code) = accounting::error_code(msg) {
+                                counters.error(code);
+                            }
+                        }
                         tag::READY_FOR_QUERY => {
+                            answered += 1;
                             pending.sync_points = pending.sync_points.saturating_sub(1);
                             server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
                             refuse = statement && server.status != TxnStatus::Idle;
@@ -462,6 +499,8 @@ impl<'a> ClientLoop<'a> {
             .map_err(|e| {
                 SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("server sent a bad message: {e}"))
             })?;
+        let over = server.status == TxnStatus::Idle && self.pending.is_settled();
+        self.acct.answered(counters, answered, self.pending.sync_points, over);
         Ok(())
     }
 

@@ -4,6 +4,7 @@ use super::io::ClientIo;
 use super::{SessionError, mode_session, mode_txn};
 use crate::app::App;
 use crate::auth;
+use crate::clients::NewClient;
 use crate::config::{Config, Database, PoolMode};
 use crate::error::SqlState;
 use crate::pool::Pool;
@@ -18,8 +19,8 @@ pub(super) struct Login {
     pub startup: Startup,
     /// Client-facing database name.
     pub database: String,
-    /// The database's settings.
-    pub db: Database,
+    /// The database's settings; `None` for the admin console.
+    pub db: Option<Database>,
     /// Client user name.
     pub user: String,
     /// The client's plain password, if the auth file has one.
@@ -27,7 +28,12 @@ pub(super) struct Login {
 }
 
 /// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
-pub(super) async fn serve(app: &Arc<App>, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+pub(super) async fn serve(
+    app: &Arc<App>,
+    io: &mut ClientIo<TcpStream>,
+    id: u64,
+    peer: std::net::SocketAddr,
+) -> Result<(), SessionError> {
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
     let login = match tokio::time::timeout(limit, handshake(app, &cfg, io)).await {
@@ -42,19 +48,41 @@ pub(super) async fn serve(app: &Arc<App>, io: &mut ClientIo<TcpStream>) -> Resul
     let Some(login) = login else {
         return Ok(());
     };
-    let pool = pool_for(app, &cfg, &login);
-    tracing::debug!(user = %login.user, database = %login.database, "client logged in");
-    match login.db.pool_mode {
-        PoolMode::Session => mode_session::run(app, &cfg, io, login, pool).await,
-        PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false).await,
-        PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true).await,
+    let application_name = login.startup.param("application_name").unwrap_or_default().to_string();
+    let Some(db) = login.db.clone() else {
+        let registered = app.clients.register(NewClient {
+            id,
+            user: login.user.clone(),
+            database: login.database.clone(),
+            pool: None,
+            addr: peer,
+            application_name,
+        });
+        tracing::info!(user = %login.user, "admin console login");
+        return crate::admin::serve(app, io, &login.user, &registered.client).await;
+    };
+    let pool = pool_for(app, &cfg, &login, &db);
+    let registered = app.clients.register(NewClient {
+        id,
+        user: login.user.clone(),
+        database: login.database.clone(),
+        pool: Some(pool.key().clone()),
+        addr: peer,
+        application_name,
+    });
+    let client = registered.client.clone();
+    tracing::info!(user = %login.user, database = %login.database, "client logged in");
+    match db.pool_mode {
+        PoolMode::Session => mode_session::run(app, &cfg, io, login, pool, client).await,
+        PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false, client).await,
+        PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true, client).await,
     }
 }
 
-fn pool_for(app: &App, cfg: &Config, login: &Login) -> Arc<Pool> {
-    let server_user = login.db.user.as_deref().unwrap_or(&login.user);
-    let password = if login.db.user.is_some() { login.db.password.clone() } else { login.password.clone() };
-    app.pool(cfg, &login.database, &login.db, server_user, password)
+fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> {
+    let server_user = db.user.as_deref().unwrap_or(&login.user);
+    let password = if db.user.is_some() { db.password.clone() } else { login.password.clone() };
+    app.pool(cfg, &login.database, db, server_user, password)
 }
 
 /// Startup packets and authentication. `None` means the connection only carried a cancel.
@@ -101,12 +129,23 @@ async fn handshake(app: &App, cfg: &Config, io: &mut ClientIo<TcpStream>) -> Res
     }
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
     let authenticated = auth::authenticate(io, &cfg.auth, &user).await?;
-    let Some(db) = cfg.databases.get(&database) else {
-        return Err(SessionError::fatal(
-            SqlState::INVALID_CATALOG_NAME,
-            format!("database \"{database}\" does not exist"),
-        ));
+    let db = if crate::admin::is_console(&database) {
+        if !cfg.auth.admin_users.contains(&user) && !cfg.auth.stats_users.contains(&user) {
+            return Err(SessionError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("user \"{user}\" is not allowed on the admin console (auth.admin_users, auth.stats_users)"),
+            ));
+        }
+        None
+    } else {
+        let Some(db) = cfg.databases.get(&database) else {
+            return Err(SessionError::fatal(
+                SqlState::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" does not exist"),
+            ));
+        };
+        Some(db.clone())
     };
     build::auth_ok(&mut io.wbuf);
-    Ok(Some(Login { db: db.clone(), database, user, password: authenticated.password, startup }))
+    Ok(Some(Login { db, database, user, password: authenticated.password, startup }))
 }

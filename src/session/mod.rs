@@ -3,6 +3,7 @@
 //! Login (startup packet, authentication) happens here; then one loop per pool mode relays
 //! bytes between the client and a server checked out from its pool.
 
+pub(crate) mod accounting;
 mod client_loop;
 pub mod io;
 mod listen;
@@ -89,7 +90,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     let span = tracing::debug_span!("session", id, %peer);
     async move {
         let mut io = ClientIo::new(stream);
-        let result = login::serve(&app, &mut io).await;
+        let result = login::serve(&app, &mut io, id, peer).await;
         if let Err(e) = result {
             if e.is_quiet() {
                 tracing::debug!(reason = %e, "session ended");

@@ -7,6 +7,7 @@ use super::login::Login;
 use super::params::ClientSettings;
 use super::{SessionError, params};
 use crate::app::App;
+use crate::clients::Client;
 use crate::config::{Config, PoolMode};
 use crate::pool::{Pool, Pooled, Release};
 use crate::proto::build;
@@ -20,11 +21,13 @@ pub(super) async fn run(
     io: &mut ClientIo<TcpStream>,
     login: Login,
     pool: Arc<Pool>,
+    client: Arc<Client>,
 ) -> Result<(), SessionError> {
-    let mut server = pool
-        .checkout(cfg.broker.query_wait_timeout)
-        .await
-        .map_err(|e| SessionError::fatal(e.sqlstate(), crate::error::chain(&e)))?;
+    let since = tokio::time::Instant::now();
+    client.set_state(crate::clients::State::Waiting);
+    let checkout = pool.checkout(cfg.broker.query_wait_timeout).await;
+    crate::session::accounting::Accounting::waited(&pool.counters, since);
+    let mut server = checkout.map_err(|e| SessionError::fatal(e.sqlstate(), crate::error::chain(&e)))?;
     // Until the startup settings are applied and the relay knows the state, close on drop.
     server.release = Release::Close;
     apply_settings(&mut server, &login).await?;
@@ -43,6 +46,7 @@ pub(super) async fn run(
         // The client keeps its server: its statements and LISTENs stay where it made them.
         prepared: None,
         listens: None,
+        client,
     };
     ClientLoop::new(cfg, setup).run(io).await
 }

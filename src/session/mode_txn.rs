@@ -9,6 +9,7 @@ use super::login::Login;
 use super::params::{self, ClientSettings};
 use super::prepared::Prepared;
 use crate::app::App;
+use crate::clients::Client;
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
 use crate::pool::{Defaults, Pool, Release};
@@ -23,6 +24,7 @@ pub(super) async fn run(
     login: Login,
     pool: Arc<Pool>,
     statement: bool,
+    client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let defaults = pool_defaults(&pool, cfg).await?;
     let startup = params::startup_settings(&login.startup);
@@ -39,7 +41,8 @@ pub(super) async fn run(
     let max = cfg.broker.max_prepared_statements;
     let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
     let listens = Some(Listens::new(app.clone(), login.database.clone()));
-    let setup = Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared, listens };
+    let setup =
+        Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared, listens, client };
     ClientLoop::new(cfg, setup).run(io).await
 }
 

@@ -34,6 +34,8 @@ pub struct Pipe {
     pub(super) unflushed: bool,
     /// Replacement bytes written by a scan callback.
     scratch: BytesMut,
+    /// Bytes written out since `take_written`.
+    written: u64,
 }
 
 impl Pipe {
@@ -46,6 +48,7 @@ impl Pipe {
             scanner: Scanner::new(max_len),
             unflushed: false,
             scratch: BytesMut::new(),
+            written: 0,
         }
     }
 
@@ -58,6 +61,7 @@ impl Pipe {
     /// Marks `n` approved bytes as written.
     #[inline]
     pub fn consume(&mut self, n: usize) {
+        self.written += n as u64;
         self.buf.advance(n);
         self.ready -= n;
         self.need = self.need.saturating_sub(n);
@@ -94,10 +98,17 @@ impl Pipe {
         self.scanner.in_message()
     }
 
+    /// Bytes written since the last call.
+    pub fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.written)
+    }
+
     /// Drops the approved bytes without writing them.
     pub fn discard_ready(&mut self) {
         let n = self.ready;
-        self.consume(n);
+        self.buf.advance(n);
+        self.ready = 0;
+        self.need = self.need.saturating_sub(n);
     }
 
     /// True when another read fits within the buffering limit.

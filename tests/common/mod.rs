@@ -69,6 +69,8 @@ client_login_timeout = "3s"
 [auth]
 type = "{auth_type}"
 file = "userlist.txt"
+admin_users = ["postgres"]
+stats_users = ["app"]
 
 [databases.bench]
 host = "127.0.0.1"

@@ -1,0 +1,159 @@
+//! Connected clients, for the admin console (SHOW CLIENTS, KILL) and health: who is
+//! connected, to which pool, in which state.
+
+use crate::pool::PoolKey;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// What a client is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Holds no server.
+    Idle = 0,
+    /// Holds a server.
+    Active = 1,
+    /// Waits for a server.
+    Waiting = 2,
+}
+
+impl State {
+    /// The admin console's name for it (PgBouncer's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Active => "active",
+            State::Waiting => "waiting",
+        }
+    }
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct Client {
+    /// Session id.
+    pub id: u64,
+    /// Client-facing user.
+    pub user: String,
+    /// Client-facing database.
+    pub database: String,
+    /// The pool it uses (`None` for the admin console).
+    pub pool: Option<PoolKey>,
+    /// Peer address.
+    pub addr: SocketAddr,
+    /// When it connected.
+    pub connect_time: SystemTime,
+    /// Its application_name at login.
+    pub application_name: String,
+    /// Cancelled to disconnect it (KILL, database removed).
+    pub kill: CancellationToken,
+    state: AtomicU8,
+    /// Unix microseconds of the last state change.
+    since_us: AtomicU64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+impl Client {
+    /// Changes its state.
+    #[inline]
+    pub fn set_state(&self, s: State) {
+        if self.state.swap(s as u8, Relaxed) != s as u8 {
+            self.since_us.store(now_us(), Relaxed);
+        }
+    }
+
+    /// Its state.
+    pub fn state(&self) -> State {
+        match self.state.load(Relaxed) {
+            1 => State::Active,
+            2 => State::Waiting,
+            _ => State::Idle,
+        }
+    }
+
+    /// Microseconds in the current state.
+    pub fn in_state_us(&self) -> u64 {
+        now_us().saturating_sub(self.since_us.load(Relaxed))
+    }
+}
+
+/// Every connected client.
+#[derive(Default)]
+pub struct Clients {
+    map: Mutex<HashMap<u64, Arc<Client>>>,
+}
+
+/// A client's registration; dropping it unregisters the client.
+pub struct Registered {
+    clients: Arc<Clients>,
+    /// The client.
+    pub client: Arc<Client>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.clients.lock().remove(&self.client.id);
+    }
+}
+
+/// What a client registers with.
+pub struct NewClient {
+    /// Session id.
+    pub id: u64,
+    /// User.
+    pub user: String,
+    /// Database.
+    pub database: String,
+    /// Pool.
+    pub pool: Option<PoolKey>,
+    /// Peer.
+    pub addr: SocketAddr,
+    /// application_name at login.
+    pub application_name: String,
+}
+
+impl Clients {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Client>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a logged-in client.
+    pub fn register(self: &Arc<Self>, c: NewClient) -> Registered {
+        let client = Arc::new(Client {
+            id: c.id,
+            user: c.user,
+            database: c.database,
+            pool: c.pool,
+            addr: c.addr,
+            connect_time: SystemTime::now(),
+            application_name: c.application_name,
+            kill: CancellationToken::new(),
+            state: AtomicU8::new(State::Idle as u8),
+            since_us: AtomicU64::new(now_us()),
+        });
+        self.lock().insert(client.id, client.clone());
+        Registered { clients: self.clone(), client }
+    }
+
+    /// Every client, by id.
+    pub fn all(&self) -> Vec<Arc<Client>> {
+        let mut v: Vec<Arc<Client>> = self.lock().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Disconnects every client of `database`; returns how many.
+    pub fn kill_database(&self, database: &str) -> usize {
+        let victims: Vec<Arc<Client>> = self.lock().values().filter(|c| c.database == database).cloned().collect();
+        for c in &victims {
+            c.kill.cancel();
+        }
+        victims.len()
+    }
+}
