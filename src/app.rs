@@ -56,6 +56,12 @@ pub struct App {
     pub reloads: std::sync::atomic::AtomicU64,
     /// Rejected config reloads.
     pub reload_failures: std::sync::atomic::AtomicU64,
+    /// Refused client connections by reason.
+    pub refusals: crate::stats::Refusals,
+    /// Prometheus recorder.
+    pub metrics: crate::metrics::Metrics,
+    /// Operational events (logs and `$pgbroker.events`).
+    pub events: Arc<crate::events::Events>,
 }
 
 /// Why the broker could not start.
@@ -142,6 +148,8 @@ impl App {
                 check_query: b.server_check_query.clone(),
                 check_delay: b.server_check_delay,
                 track_extra: b.track_extra_parameters.clone(),
+                metrics: self.metrics.pool(database, server_user),
+                events: Some(self.events.clone()),
             };
             tracing::debug!(pool = %key, size, "creating pool");
             Pool::new(key.clone(), target, settings, limits)
@@ -216,6 +224,9 @@ impl Broker {
             averages: Mutex::new(HashMap::new()),
             reloads: Default::default(),
             reload_failures: Default::default(),
+            refusals: Default::default(),
+            metrics: Default::default(),
+            events: Arc::default(),
             client_slots: Arc::new(Semaphore::new(config.broker.max_client_conn)),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),
@@ -226,6 +237,7 @@ impl Broker {
         tracker.spawn(accept_loop(app.clone(), listener, tracker.clone()));
         tracker.spawn(crate::http::serve(app.clone(), http_listener));
         tracker.spawn(crate::admin::stats_task(app.clone(), STATS_PERIOD));
+        tracker.spawn(crate::health::monitor(app.clone()));
         // Databases with fixed channels listen from the start.
         let cfg = app.config();
         for (name, db) in &cfg.databases {
@@ -285,12 +297,14 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, tracker: TaskTracker)
         let cfg = app.config();
         crate::net::tune(&stream, cfg.broker.tcp_keepalive);
         let Ok(permit) = app.client_slots.clone().try_acquire_owned() else {
+            app.refusals.max_client_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, "max_client_conn reached; refusing client");
             let msg = format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn);
             tokio::spawn(refuse(stream, msg));
             continue;
         };
         let Ok(per_ip) = IpSlot::take(&app, peer.ip(), cfg.broker.max_client_conn_per_ip) else {
+            app.refusals.max_client_conn_per_ip.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
             let msg = format!(
                 "too many connections from {} (max_client_conn_per_ip = {})",

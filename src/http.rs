@@ -1,17 +1,58 @@
-//! The HTTP listener on `broker.http_listen`: the WebSocket bridge (and, later, metrics and
-//! health).
+//! The HTTP listener on `broker.http_listen`: the WebSocket bridge, `/metrics`, `/health`
+//! (and `/health/live`, `/health/ready`), and the status page at `/`.
 
 use crate::app::App;
 use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// The status page, embedded in the binary (no CDN, no external assets).
+const STATUS_PAGE: &str = include_str!("../assets/status.html");
+
 /// The routes served on `http_listen`.
 pub fn router(app: Arc<App>) -> Router {
-    let path = app.config().websocket.path.clone();
-    Router::new().route(&path, get(crate::notify::ws::handler)).with_state(app)
+    let ws_path = app.config().websocket.path.clone();
+    Router::new()
+        .route(&ws_path, get(crate::notify::ws::handler))
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/", get(status_page))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.metrics.render(&app);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let h = crate::health::assess(&app);
+    let code = StatusCode::from_u16(h.status.http_code()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let body = serde_json::to_string(&h).unwrap_or_default();
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn live() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], r#"{"status":"alive"}"#).into_response()
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let (code, body) = match crate::health::ready(&app).await {
+        Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not ready", "message": why})),
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn status_page() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], STATUS_PAGE).into_response()
 }
 
 /// Serves `router` on `listener` until the broker stops.

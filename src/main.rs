@@ -30,17 +30,29 @@ enum Command {
     },
 }
 
+/// Logs to stderr: human lines, or JSON objects with `log_format = "json"`. `RUST_LOG`
+/// filters (default `info`).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match cli.command.unwrap_or(Command::Run) {
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Run = command {
+        let config = Config::load(&cli.config)?;
+        init_logging(config.broker.log_format == pgbroker::config::LogFormat::Json);
+        return runtime()?.block_on(pgbroker::app::run(config));
+    }
+    init_logging(false);
+    match command {
         Command::Check => {
             let config = Config::load(&cli.config)?;
             print!("{}", config.describe());
@@ -53,10 +65,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}: OK", cli.config.display());
             Ok(())
         }
-        Command::Run => {
-            let config = Config::load(&cli.config)?;
-            runtime()?.block_on(pgbroker::app::run(config))
-        }
+        Command::Run => Ok(()),
         Command::Demo { listen } => runtime()?.block_on(pgbroker::demo::run(listen)),
     }
 }

@@ -167,3 +167,39 @@ mod tests {
         assert_eq!(c.errors(), vec![("23".to_string(), 2), ("42".to_string(), 1)]);
     }
 }
+
+/// Client connections refused, by reason.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// `max_client_conn` reached.
+    pub max_client_conn: AtomicU64,
+    /// `max_client_conn_per_ip` reached.
+    pub max_client_conn_per_ip: AtomicU64,
+    /// Wrong password, unknown user, not allowed.
+    pub auth: AtomicU64,
+    /// Unknown database.
+    pub unknown_database: AtomicU64,
+    /// Login not finished within `client_login_timeout`.
+    pub login_timeout: AtomicU64,
+    /// Malformed startup or messages during login.
+    pub protocol: AtomicU64,
+}
+
+impl Refusals {
+    /// Every reason with its count.
+    pub fn all(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("max_client_conn", self.max_client_conn.load(Relaxed)),
+            ("max_client_conn_per_ip", self.max_client_conn_per_ip.load(Relaxed)),
+            ("auth", self.auth.load(Relaxed)),
+            ("unknown_database", self.unknown_database.load(Relaxed)),
+            ("login_timeout", self.login_timeout.load(Relaxed)),
+            ("protocol", self.protocol.load(Relaxed)),
+        ]
+    }
+
+    /// Sum over all reasons.
+    pub fn total(&self) -> u64 {
+        self.all().iter().map(|(_, n)| n).sum()
+    }
+}

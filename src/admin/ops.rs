@@ -126,7 +126,10 @@ pub async fn stats_task(app: Arc<App>, period: Duration) {
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => return,
-            _ = tick.tick() => app.roll_stats(period),
+            _ = tick.tick() => {
+                app.roll_stats(period);
+                app.metrics.upkeep();
+            }
         }
     }
 }

@@ -115,6 +115,34 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     /// `[websocket]`: the LISTEN/NOTIFY bridge.
     pub websocket: WebSocket,
+    /// `[health]`: thresholds of /health and alerts.
+    pub health: Health,
+}
+
+/// Thresholds of /health and of the alert events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// Budget use (0..1) at which status becomes `degraded`.
+    pub degraded_utilization: f64,
+    /// Share of requests failing with a server error at which status becomes `degraded`.
+    pub degraded_error_rate: f64,
+    /// Oldest client wait at which status becomes `overloaded`.
+    pub overloaded_wait: Duration,
+    /// Waiting clients at which status becomes `overloaded`.
+    pub overloaded_waiting_clients: usize,
+    /// Budget use (0..1) that raises the `budget_high` alert (cleared 10 points below).
+    pub alert_utilization: f64,
+    /// Waiting clients that raise the `clients_waiting` alert (cleared at half).
+    pub alert_waiting_clients: usize,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for collectors.
+    Json,
 }
 
 /// Settings of the LISTEN/NOTIFY to WebSocket bridge.
@@ -217,6 +245,12 @@ pub struct Broker {
     pub track_extra_parameters: Vec<String>,
     /// Named prepared statements kept per server in transaction mode (0 = pass-through).
     pub max_prepared_statements: usize,
+    /// Log format (restart required).
+    pub log_format: LogFormat,
+    /// Log each client login (PgBouncer's `log_connections`).
+    pub log_connections: bool,
+    /// Log each client disconnect with its reason (`log_disconnections`).
+    pub log_disconnections: bool,
 }
 
 /// Inputs of the per-instance server connection budget.
@@ -300,6 +334,7 @@ impl Config {
         Ok(Config {
             path: path.map(Path::to_path_buf),
             websocket: v.websocket(&file.websocket)?,
+            health: v.health(&file.health)?,
             budget: v.budget(&file.budget)?,
             auth: v.auth(&file.auth, &base)?,
             broker,
@@ -519,6 +554,17 @@ impl Validator<'_> {
             transaction_timeout: self.duration("broker.transaction_timeout", &b.transaction_timeout, 0)?,
             track_extra_parameters: b.track_extra_parameters.clone().unwrap_or_else(|| vec!["search_path".to_string()]),
             max_prepared_statements: self.int("broker.max_prepared_statements", b.max_prepared_statements, 200, 0)?,
+            log_format: match self.string("broker.log_format", &b.log_format)?.as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(
+                        self.invalid("broker.log_format", format!("expected \"text\" or \"json\", got {other:?}"))
+                    );
+                }
+            },
+            log_connections: b.log_connections.unwrap_or(true),
+            log_disconnections: b.log_disconnections.unwrap_or(true),
         })
     }
 
@@ -551,6 +597,30 @@ impl Validator<'_> {
             ws_send_queue: self.int("websocket.ws_send_queue", w.ws_send_queue, 1024, 1)?,
             allowed_origins: w.allowed_origins.clone().unwrap_or_default(),
             tokens,
+        })
+    }
+
+    fn ratio(&self, key: &str, v: Option<f64>, default: f64) -> Result<f64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(r) if (0.0..=1.0).contains(&r) => Ok(r),
+            Some(r) => Err(self.invalid(key, format!("must be between 0 and 1, got {r}"))),
+        }
+    }
+
+    fn health(&self, h: &raw::Health) -> Result<Health, ConfigError> {
+        Ok(Health {
+            degraded_utilization: self.ratio("health.degraded_utilization", h.degraded_utilization, 0.8)?,
+            degraded_error_rate: self.ratio("health.degraded_error_rate", h.degraded_error_rate, 0.05)?,
+            overloaded_wait: self.duration("health.overloaded_wait", &h.overloaded_wait, 1)?,
+            overloaded_waiting_clients: self.int(
+                "health.overloaded_waiting_clients",
+                h.overloaded_waiting_clients,
+                100,
+                1,
+            )?,
+            alert_utilization: self.ratio("health.alert_utilization", h.alert_utilization, 0.8)?,
+            alert_waiting_clients: self.int("health.alert_waiting_clients", h.alert_waiting_clients, 10, 1)?,
         })
     }
 

@@ -27,6 +27,20 @@ pub struct File {
     pub databases: BTreeMap<String, Database>,
     /// `[websocket]`
     pub websocket: WebSocket,
+    /// `[health]`
+    pub health: Health,
+}
+
+/// `[health]`: thresholds of /health and the alerts.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub degraded_utilization: Option<f64>,
+    pub degraded_error_rate: Option<f64>,
+    pub overloaded_wait: Option<NumOrStr>,
+    pub overloaded_waiting_clients: Option<i64>,
+    pub alert_utilization: Option<f64>,
+    pub alert_waiting_clients: Option<i64>,
 }
 
 /// `[broker]`: listeners, pooling and timeouts.
@@ -62,6 +76,9 @@ pub struct Broker {
     pub transaction_timeout: Option<NumOrStr>,
     pub track_extra_parameters: Option<Vec<String>>,
     pub max_prepared_statements: Option<i64>,
+    pub log_format: Option<String>,
+    pub log_connections: Option<bool>,
+    pub log_disconnections: Option<bool>,
 }
 
 /// `[budget]`: the inputs of the per-instance server connection budget.

@@ -4,6 +4,7 @@
 use super::{Event, Subscription, check_channel, glob_match, json};
 use crate::app::App;
 use crate::config::Config;
+use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 /// WebSocket close code for "try again later": the client was too slow.
@@ -109,7 +111,7 @@ pub async fn handler(
         .max_message_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .on_upgrade(move |socket| session(socket, sub, allowed, cfg, admission, app.shutdown.clone()))
+        .on_upgrade(move |socket| session(socket, sub, allowed, cfg, admission, app))
 }
 
 /// The channel patterns the request's token allows; `None` = no tokens configured, anything
@@ -162,9 +164,11 @@ async fn session(
     allowed: Option<Vec<String>>,
     cfg: Arc<Config>,
     _admission: Admission,
-    shutdown: tokio_util::sync::CancellationToken,
+    app: Arc<App>,
 ) {
     let w = &cfg.websocket;
+    let shutdown = app.shutdown.clone();
+    let mut reserved = Reserved::default();
     if socket.send(Message::Text(json::ack(sub.id).into())).await.is_err() {
         return;
     }
@@ -191,10 +195,21 @@ async fn session(
                     _ = sub.kicked.cancelled() => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
                 }
             }
+            r = recv_reserved(&mut reserved.events) => {
+                if socket.send(Message::Text(reserved_text(r, &mut reserved.events).into())).await.is_err() {
+                    break None;
+                }
+            }
+            r = recv_reserved(&mut reserved.metrics) => {
+                if socket.send(Message::Text(reserved_text(r, &mut reserved.metrics).into())).await.is_err() {
+                    break None;
+                }
+            }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = command(&sub, allowed.as_deref(), &text).await;
-                    idle_since = if sub.hub.subscriptions(sub.id) == 0 { idle_since.or(Some(Instant::now())) } else { None };
+                    let reply = command(&sub, &app, &mut reserved, allowed.as_deref(), &text).await;
+                    let subscribed = sub.hub.subscriptions(sub.id) + reserved.count();
+                    idle_since = if subscribed == 0 { idle_since.or(Some(Instant::now())) } else { None };
                     if socket.send(Message::Text(reply.into())).await.is_err() {
                         break None;
                     }
@@ -231,8 +246,74 @@ async fn session(
     }
 }
 
+/// Subscriptions to the broker's own channels (`$pgbroker.events`, `$pgbroker.metrics`).
+#[derive(Default)]
+struct Reserved {
+    events: Option<broadcast::Receiver<Arc<str>>>,
+    metrics: Option<broadcast::Receiver<Arc<str>>>,
+}
+
+impl Reserved {
+    fn slot(&mut self, channel: &str) -> Option<&mut Option<broadcast::Receiver<Arc<str>>>> {
+        match channel {
+            EVENTS_CHANNEL => Some(&mut self.events),
+            METRICS_CHANNEL => Some(&mut self.metrics),
+            _ => None,
+        }
+    }
+
+    fn count(&self) -> usize {
+        usize::from(self.events.is_some()) + usize::from(self.metrics.is_some())
+    }
+
+    fn names(&self) -> impl Iterator<Item = String> {
+        [(EVENTS_CHANNEL, self.events.is_some()), (METRICS_CHANNEL, self.metrics.is_some())]
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string())
+    }
+}
+
+/// The next message on a reserved channel; pending forever when not subscribed.
+async fn recv_reserved(
+    rx: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> Result<Arc<str>, broadcast::error::RecvError> {
+    match rx.as_mut() {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reserved_text(
+    r: Result<Arc<str>, broadcast::error::RecvError>,
+    rx: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> String {
+    match r {
+        Ok(text) => text.to_string(),
+        Err(broadcast::error::RecvError::Lagged(n)) => {
+            json::resync(&format!("{n} broker events were dropped: the client read too slowly"))
+        }
+        Err(broadcast::error::RecvError::Closed) => {
+            *rx = None;
+            json::error("closed", "the broker's event stream ended")
+        }
+    }
+}
+
+fn all_channels(reserved: &Reserved, hub: Vec<String>) -> Vec<String> {
+    let mut v: Vec<String> = hub.into_iter().chain(reserved.names()).collect();
+    v.sort();
+    v
+}
+
 /// Runs one JSON command and returns the reply.
-async fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> String {
+async fn command(
+    sub: &Subscription,
+    app: &App,
+    reserved: &mut Reserved,
+    allowed: Option<&[String]>,
+    text: &str,
+) -> String {
     let Ok(cmd) = serde_json::from_str::<Command>(text) else {
         return json::error("bad_request", "expected {\"type\":\"subscribe\"|\"unsubscribe\",\"channels\":[...]}");
     };
@@ -243,6 +324,12 @@ async fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> 
                 return json::error("bad_request", "subscribe needs a non-empty \"channels\" list");
             }
             for ch in &wanted {
+                if ch.starts_with("$pgbroker.") && reserved.slot(ch).is_none() {
+                    return json::error(
+                        "bad_channel",
+                        &format!("{ch:?}: unknown broker channel (use {EVENTS_CHANNEL} or {METRICS_CHANNEL})"),
+                    );
+                }
                 if let Err(why) = check_channel(ch) {
                     return json::error("bad_channel", &format!("{ch:?}: {why}"));
                 }
@@ -252,9 +339,32 @@ async fn command(sub: &Subscription, allowed: Option<&[String]>, text: &str) -> 
                     }
                 }
             }
-            json::channels("subscribed", &sub.subscribe(&wanted).await)
+            let (mine, theirs): (Vec<String>, Vec<String>) =
+                wanted.into_iter().partition(|c| c.starts_with("$pgbroker."));
+            for ch in &mine {
+                if let Some(slot) = reserved.slot(ch) {
+                    if slot.is_none() {
+                        *slot = app.events.subscribe(ch);
+                    }
+                }
+            }
+            let hub = if theirs.is_empty() { sub.unsubscribe(Some(&[])) } else { sub.subscribe(&theirs).await };
+            json::channels("subscribed", &all_channels(reserved, hub))
         }
-        "unsubscribe" => json::channels("unsubscribed", &sub.unsubscribe(cmd.channels.as_deref())),
+        "unsubscribe" => {
+            match cmd.channels.as_deref() {
+                None => *reserved = Reserved::default(),
+                Some(chs) => {
+                    for ch in chs {
+                        if let Some(slot) = reserved.slot(ch) {
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+            let hub = sub.unsubscribe(cmd.channels.as_deref());
+            json::channels("unsubscribed", &all_channels(reserved, hub))
+        }
         "ping" => json::pong(),
         other => json::error("bad_request", &format!("unknown message type {other:?}")),
     }

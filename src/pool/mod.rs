@@ -112,6 +112,10 @@ pub struct PoolSettings {
     pub check_delay: Duration,
     /// Settings PostgreSQL does not report whose defaults are read from the first server.
     pub track_extra: Vec<String>,
+    /// Histograms of this pool.
+    pub metrics: crate::metrics::PoolMetrics,
+    /// Where pool events go (none in unit tests).
+    pub events: Option<Arc<crate::events::Events>>,
 }
 
 // Moved once per handoff; boxing the server would allocate on every checkout instead.
@@ -158,6 +162,8 @@ struct Inner {
     active: HashMap<u64, ActiveServer>,
     /// Waiters that could be served by this pool's size but not by a shared limit.
     blocked: bool,
+    /// `pool_limit_reached` was reported and clients still wait (reported once per episode).
+    limit_reported: bool,
     backoff: Option<Backoff>,
 }
 
@@ -254,6 +260,22 @@ impl Pool {
         Ok(())
     }
 
+    /// Reports a pool event (log line and `$pgbroker.events`).
+    fn event(&self, kind: &str, extra: serde_json::Value) {
+        if let Some(events) = &self.settings.events {
+            let mut fields = serde_json::json!({"database": self.key.database, "user": self.key.user});
+            if let (Some(f), serde_json::Value::Object(e)) = (fields.as_object_mut(), extra) {
+                f.extend(e);
+            }
+            events.emit(kind, fields);
+        }
+    }
+
+    /// True while a recent server login failure is being waited out.
+    pub fn is_failing(&self) -> bool {
+        self.backoff_error(&self.lock()).is_some()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic under this lock cannot leave the counts worse than losing the pool; recover
         // rather than poison every later client.
@@ -288,7 +310,17 @@ impl Pool {
                     let (tx, rx) = oneshot::channel();
                     inner.waiters.push_back(Waiter { tx, since: Instant::now() });
                     inner.blocked |= inner.open < self.settings.size;
-                    Err(Some((rx, inner.blocked)))
+                    let report = !inner.limit_reported;
+                    inner.limit_reported = true;
+                    let blocked = inner.blocked;
+                    drop(inner);
+                    if report {
+                        self.event(
+                            "pool_limit_reached",
+                            serde_json::json!({"poolSize": self.settings.size, "blockedByBudget": blocked}),
+                        );
+                    }
+                    Err(Some((rx, blocked)))
                 }
             };
             let (mut rx, blocked) = match next {
@@ -322,6 +354,7 @@ impl Pool {
                     }
                     Err(_) => {
                         self.give_back(rx);
+                        self.event("connection_timeout", serde_json::json!({"waitedMs": wait.as_millis() as u64}));
                         return Err(PoolError::Timeout {
                             pool: self.key.to_string(),
                             waited: wait,
@@ -478,6 +511,7 @@ impl Pool {
                 self.lock().backoff = None;
                 conn.expires = jittered(self.settings.lifetime).map(|d| conn.created + d);
                 conn.uses = 1;
+                self.event("connection_added", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
                 Ok(conn)
             }
             Err(source) => {
@@ -494,6 +528,10 @@ impl Pool {
                 });
                 drop(inner);
                 tracing::warn!(pool = %self.key, error = %crate::error::chain(&source), retry_in = ?delay, "server connection failed");
+                self.event(
+                    "connection_error",
+                    serde_json::json!({"error": crate::error::chain(&source), "retryInMs": delay.as_millis() as u64}),
+                );
                 Err(PoolError::Connect { pool: self.key.to_string(), source })
             }
         }
@@ -541,6 +579,7 @@ impl Pool {
     /// Closes a server and frees its slot for a waiter of this pool or another.
     fn discard(&self, conn: ServerConn) {
         tracing::debug!(server = conn.id, pool = %self.key, "closing server");
+        self.event("connection_removed", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
         drop(conn);
         self.release_slot();
     }

@@ -36,7 +36,11 @@ pub struct ServerView {
 impl Pool {
     /// Current counts.
     pub fn stats(&self) -> PoolStats {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        if inner.waiters.iter().all(|w| w.tx.is_closed()) {
+            // The episode that reported `pool_limit_reached` is over.
+            inner.limit_reported = false;
+        }
         PoolStats {
             open: inner.open,
             idle: inner.idle.len(),

@@ -1,6 +1,7 @@
 //! Times and counts a client's requests and transactions into its pool's counters. Clock
 //! reads happen only at request and transaction boundaries.
 
+use crate::metrics::PoolMetrics;
 use crate::stats::Counters;
 use std::sync::atomic::AtomicU64;
 use tokio::time::Instant;
@@ -30,7 +31,7 @@ impl Accounting {
     /// `done` requests were answered (ReadyForQuery); `pending` are still owed;
     /// `transaction_over` when the server is idle with nothing owed.
     #[inline]
-    pub fn answered(&mut self, counters: &Counters, done: u32, pending: u32, transaction_over: bool) {
+    pub fn answered(&mut self, counters: &Counters, m: &PoolMetrics, done: u32, pending: u32, transaction_over: bool) {
         if done == 0 {
             return;
         }
@@ -38,6 +39,7 @@ impl Accounting {
         Counters::add(&counters.query_count, u64::from(done));
         if let Some(start) = self.query_start.take() {
             add_us(&counters.query_time_us, start, now);
+            m.query.record(now.duration_since(start).as_secs_f64());
         }
         if pending > 0 {
             self.query_start = Some(now);
@@ -46,14 +48,17 @@ impl Accounting {
             if let Some(start) = self.xact_start.take() {
                 Counters::add(&counters.xact_count, 1);
                 add_us(&counters.xact_time_us, start, now);
+                m.transaction.record(now.duration_since(start).as_secs_f64());
             }
         }
     }
 
     /// A checkout that started at `since` finished.
-    pub fn waited(counters: &Counters, since: Instant) {
+    pub fn waited(counters: &Counters, m: &PoolMetrics, since: Instant) {
+        let waited = since.elapsed();
         Counters::add(&counters.wait_count, 1);
-        add_us(&counters.wait_time_us, since, Instant::now());
+        Counters::add(&counters.wait_time_us, waited.as_micros() as u64);
+        m.wait.record(waited.as_secs_f64());
     }
 }
 
@@ -82,9 +87,10 @@ mod tests {
     fn requests_and_transactions_are_counted() {
         let c = Counters::default();
         let mut a = Accounting::default();
+        let m = PoolMetrics::default();
         a.sent(2);
-        a.answered(&c, 1, 1, false);
-        a.answered(&c, 1, 0, true);
+        a.answered(&c, &m, 1, 1, false);
+        a.answered(&c, &m, 1, 0, true);
         assert_eq!(c.query_count.load(Relaxed), 2);
         assert_eq!(c.xact_count.load(Relaxed), 1);
     }

@@ -210,7 +210,7 @@ impl<'a> ClientLoop<'a> {
         let since = tokio::time::Instant::now();
         self.client.set_state(ClientState::Waiting);
         let checkout = self.pool.checkout(self.cfg.broker.query_wait_timeout).await;
-        Accounting::waited(&self.pool.counters, since);
+        Accounting::waited(&self.pool.counters, &self.pool.settings().metrics, since);
         let mut server = match checkout {
             Ok(s) => s,
             Err(e) => {
@@ -500,7 +500,7 @@ impl<'a> ClientLoop<'a> {
                 SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("server sent a bad message: {e}"))
             })?;
         let over = server.status == TxnStatus::Idle && self.pending.is_settled();
-        self.acct.answered(counters, answered, self.pending.sync_points, over);
+        self.acct.answered(counters, &self.pool.settings().metrics, answered, self.pending.sync_points, over);
         Ok(())
     }
 

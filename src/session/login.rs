@@ -37,8 +37,13 @@ pub(super) async fn serve(
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
     let login = match tokio::time::timeout(limit, handshake(app, &cfg, io)).await {
-        Ok(r) => r?,
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            count_refusal(app, &e);
+            return Err(e);
+        }
         Err(_) => {
+            app.refusals.login_timeout.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(SessionError::fatal(
                 SqlState::PROTOCOL_VIOLATION,
                 format!("client_login_timeout: login not completed within {limit:?}"),
@@ -71,12 +76,30 @@ pub(super) async fn serve(
         application_name,
     });
     let client = registered.client.clone();
-    tracing::info!(user = %login.user, database = %login.database, "client logged in");
+    if cfg.broker.log_connections {
+        tracing::info!(user = %login.user, database = %login.database, "client logged in");
+    }
     match db.pool_mode {
         PoolMode::Session => mode_session::run(app, &cfg, io, login, pool, client).await,
         PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false, client).await,
         PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true, client).await,
     }
+}
+
+fn count_refusal(app: &App, e: &SessionError) {
+    let r = &app.refusals;
+    let counter = match e {
+        SessionError::Fatal { code, .. }
+            if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION =>
+        {
+            &r.auth
+        }
+        SessionError::Fatal { code, .. } if *code == SqlState::INVALID_CATALOG_NAME => &r.unknown_database,
+        SessionError::Frame(_) | SessionError::Startup(_) => &r.protocol,
+        SessionError::Fatal { code, .. } if *code == SqlState::PROTOCOL_VIOLATION => &r.protocol,
+        _ => return,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> {

@@ -91,12 +91,15 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     async move {
         let mut io = ClientIo::new(stream);
         let result = login::serve(&app, &mut io, id, peer).await;
-        if let Err(e) = result {
-            if e.is_quiet() {
-                tracing::debug!(reason = %e, "session ended");
-            } else {
-                tracing::info!(error = %e, source = ?std::error::Error::source(&e), "session ended with an error");
+        let log = app.config().broker.log_disconnections;
+        match &result {
+            Ok(()) if log => tracing::info!(reason = "client close request", "client disconnected"),
+            Err(e) if log || !e.is_quiet() => {
+                tracing::info!(reason = %crate::error::chain(e), "client disconnected")
             }
+            _ => {}
+        }
+        if let Err(e) = result {
             if let Some((code, message)) = e.client_message() {
                 send_fatal(&mut io, code, &message).await;
             }
