@@ -51,8 +51,33 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-async fn status_page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], STATUS_PAGE).into_response()
+/// The page, pointed at this broker's bridge (its path, and the first database, since the
+/// bridge needs one even for the broker's own channels).
+async fn status_page(State(app): State<Arc<App>>) -> Response {
+    let cfg = app.config();
+    // Prefer a database the bridge can listen on (one with a configured login).
+    let db = cfg
+        .databases
+        .iter()
+        .find(|(_, d)| d.user.is_some())
+        .or_else(|| cfg.databases.iter().next())
+        .map(|(n, _)| n.clone())
+        .unwrap_or_default();
+    let ws = format!("{}?database={}", cfg.websocket.path, percent_encode(&db));
+    let page = STATUS_PAGE.replace("{{WS_PATH}}", &ws);
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Serves `router` on `listener` until the broker stops.

@@ -29,6 +29,7 @@ const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 #[derive(Default)]
 pub struct WsCounts {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 struct Admission {
@@ -49,6 +50,11 @@ impl Drop for Admission {
 }
 
 impl WsCounts {
+    /// A new `connectionId`.
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
     /// Connections open now.
     pub fn total(&self) -> usize {
         self.per_ip.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
@@ -102,16 +108,17 @@ pub async fn handler(
             )
         };
     };
-    let hub = match app.hub(&cfg, &database) {
-        Ok(h) => h,
-        Err(e) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &e),
+    // Without a listener for this database the broker's own channels still work; database
+    // channels then answer with the reason.
+    let (sub, hub_error) = match app.hub(&cfg, &database) {
+        Ok(h) => (Some(h.register(w.ws_send_queue)), None),
+        Err(e) => (None, Some(e)),
     };
-    let sub = hub.register(w.ws_send_queue);
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .on_upgrade(move |socket| session(socket, sub, allowed, cfg, admission, app))
+        .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
 }
 
 /// The channel patterns the request's token allows; `None` = no tokens configured, anything
@@ -160,7 +167,7 @@ struct Command {
 /// One connection, from the ack to the close.
 async fn session(
     mut socket: WebSocket,
-    mut sub: Subscription,
+    mut sub: Hubbed,
     allowed: Option<Vec<String>>,
     cfg: Arc<Config>,
     _admission: Admission,
@@ -169,7 +176,9 @@ async fn session(
     let w = &cfg.websocket;
     let shutdown = app.shutdown.clone();
     let mut reserved = Reserved::default();
-    if socket.send(Message::Text(json::ack(sub.id).into())).await.is_err() {
+    let kicked = sub.sub.as_ref().map(|s| s.kicked.clone());
+    let id = app.ws.next_id();
+    if socket.send(Message::Text(json::ack(id).into())).await.is_err() {
         return;
     }
     let mut ping = tokio::time::interval_at(Instant::now() + w.ping_interval, w.ping_interval);
@@ -180,9 +189,9 @@ async fn session(
         let wake = [pong_deadline, idle_deadline].into_iter().flatten().min();
         tokio::select! {
             biased;
-            _ = sub.kicked.cancelled() => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
+            _ = cancelled(&kicked) => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
             _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "pgbroker is shutting down")),
-            ev = sub.rx.recv() => {
+            ev = sub.recv() => {
                 let text = match ev {
                     Some(Event::Notify(n)) => n.json().to_string(),
                     Some(Event::Resync(reason)) => json::resync(&reason),
@@ -192,7 +201,7 @@ async fn session(
                 // once its queue is full, and that must be noticed mid-send.
                 tokio::select! {
                     r = socket.send(Message::Text(text.into())) => if r.is_err() { break None },
-                    _ = sub.kicked.cancelled() => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
+                    _ = cancelled(&kicked) => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
                 }
             }
             r = recv_reserved(&mut reserved.events) => {
@@ -208,7 +217,7 @@ async fn session(
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
                     let reply = command(&sub, &app, &mut reserved, allowed.as_deref(), &text).await;
-                    let subscribed = sub.hub.subscriptions(sub.id) + reserved.count();
+                    let subscribed = sub.sub.as_ref().map_or(0, |s| s.hub.subscriptions(s.id)) + reserved.count();
                     idle_since = if subscribed == 0 { idle_since.or(Some(Instant::now())) } else { None };
                     if socket.send(Message::Text(reply.into())).await.is_err() {
                         break None;
@@ -243,6 +252,30 @@ async fn session(
     if let Some((code, reason)) = close {
         let frame = CloseFrame { code, reason: reason.into() };
         let _ = tokio::time::timeout(w.pong_timeout, socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// The connection's database subscriptions, when its database has a listener.
+struct Hubbed {
+    sub: Option<Subscription>,
+    /// Why there is no listener.
+    error: Option<String>,
+}
+
+/// Waits for a token that may not exist (then forever).
+async fn cancelled(token: &Option<tokio_util::sync::CancellationToken>) {
+    match token {
+        Some(t) => t.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Hubbed {
+    async fn recv(&mut self) -> Option<Event> {
+        match self.sub.as_mut() {
+            Some(s) => s.rx.recv().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -307,13 +340,7 @@ fn all_channels(reserved: &Reserved, hub: Vec<String>) -> Vec<String> {
 }
 
 /// Runs one JSON command and returns the reply.
-async fn command(
-    sub: &Subscription,
-    app: &App,
-    reserved: &mut Reserved,
-    allowed: Option<&[String]>,
-    text: &str,
-) -> String {
+async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Option<&[String]>, text: &str) -> String {
     let Ok(cmd) = serde_json::from_str::<Command>(text) else {
         return json::error("bad_request", "expected {\"type\":\"subscribe\"|\"unsubscribe\",\"channels\":[...]}");
     };
@@ -348,7 +375,12 @@ async fn command(
                     }
                 }
             }
-            let hub = if theirs.is_empty() { sub.unsubscribe(Some(&[])) } else { sub.subscribe(&theirs).await };
+            let hub = match (&sub.sub, theirs.is_empty()) {
+                (Some(s), true) => s.unsubscribe(Some(&[])),
+                (Some(s), false) => s.subscribe(&theirs).await,
+                (None, true) => Vec::new(),
+                (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
+            };
             json::channels("subscribed", &all_channels(reserved, hub))
         }
         "unsubscribe" => {
@@ -362,7 +394,7 @@ async fn command(
                     }
                 }
             }
-            let hub = sub.unsubscribe(cmd.channels.as_deref());
+            let hub = sub.sub.as_ref().map(|s| s.unsubscribe(cmd.channels.as_deref())).unwrap_or_default();
             json::channels("unsubscribed", &all_channels(reserved, hub))
         }
         "ping" => json::pong(),
