@@ -88,6 +88,7 @@ pub async fn serve(
         let (t, body) = tokio::select! {
             m = io.read_message(MAX_COMMAND) => m?,
             _ = client.kill.cancelled() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator")),
+            _ = client.drain.cancelled() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, client.drain_reason().to_string())),
         };
         match t {
             tag::TERMINATE => return Ok(()),
@@ -99,7 +100,8 @@ pub async fn serve(
                 build::ready_for_query(&mut io.wbuf, b'I');
                 io.flush().await?;
                 if shutdown {
-                    app.shutdown.cancel();
+                    // The process (app::run) sees the drain start and stops gracefully.
+                    app.draining.cancel();
                     return Ok(());
                 }
             }
@@ -149,7 +151,7 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
             Some(t) => Reply::Rows(t),
             None => Reply::Error(SqlState::SYNTAX_ERROR, format!("unknown SHOW {what}; try SHOW HELP")),
         },
-        ["reload"] => match app.reload() {
+        ["reload"] => match app.reload().await {
             Ok(()) => Reply::Done("RELOAD".into()),
             Err(e) => Reply::Error(SqlState::CONFIG_FILE_ERROR, e),
         },

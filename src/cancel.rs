@@ -97,6 +97,16 @@ impl CancelRegistry {
     }
 }
 
+/// Sends a CancelRequest for the query running on `target`, bounded in time; failures are
+/// logged.
+pub async fn send(target: &CancelTarget) {
+    match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(target)).await {
+        Ok(Ok(())) => tracing::debug!(server_pid = target.pid, "cancel request forwarded"),
+        Ok(Err(e)) => tracing::warn!(error = %e, addr = %target.target.addr(), "cannot forward cancel request"),
+        Err(_) => tracing::warn!(addr = %target.target.addr(), "cancel request timed out"),
+    }
+}
+
 async fn send_cancel(target: &CancelTarget) -> Result<(), crate::server::ServerError> {
     let mut stream = target.target.open().await?;
     let mut buf = BytesMut::with_capacity(16);

@@ -48,8 +48,14 @@ pub struct Client {
     pub connect_time: SystemTime,
     /// Its application_name at login.
     pub application_name: String,
-    /// Cancelled to disconnect it (KILL, database removed).
+    /// Cancelled to disconnect it at once (KILL).
     pub kill: CancellationToken,
+    /// Cancelled to disconnect it at its next transaction boundary (shutdown, database
+    /// removed); the reason it is told is in `drain_reason`.
+    pub drain: CancellationToken,
+    drain_reason: std::sync::OnceLock<String>,
+    /// Connected after a drain started: it gets its first transaction before leaving.
+    pub late: bool,
     state: AtomicU8,
     /// Unix microseconds of the last state change.
     since_us: AtomicU64,
@@ -77,6 +83,17 @@ impl Client {
         }
     }
 
+    /// Asks the client to leave at its next transaction boundary, telling it `reason`.
+    pub fn drain(&self, reason: &str) {
+        let _ = self.drain_reason.set(reason.to_string());
+        self.drain.cancel();
+    }
+
+    /// Why it was asked to leave.
+    pub fn drain_reason(&self) -> &str {
+        self.drain_reason.get().map_or("pgbroker is shutting down", String::as_str)
+    }
+
     /// Microseconds in the current state.
     pub fn in_state_us(&self) -> u64 {
         now_us().saturating_sub(self.since_us.load(Relaxed))
@@ -87,6 +104,8 @@ impl Client {
 #[derive(Default)]
 pub struct Clients {
     map: Mutex<HashMap<u64, Arc<Client>>>,
+    /// Set once a graceful stop began: new clients are drained from birth.
+    draining: std::sync::OnceLock<String>,
 }
 
 /// A client's registration; dropping it unregisters the client.
@@ -125,7 +144,11 @@ impl Clients {
 
     /// Registers a logged-in client.
     pub fn register(self: &Arc<Self>, c: NewClient) -> Registered {
+        let late = self.draining.get().cloned();
         let client = Arc::new(Client {
+            drain: CancellationToken::new(),
+            drain_reason: std::sync::OnceLock::new(),
+            late: late.is_some(),
             id: c.id,
             user: c.user,
             database: c.database,
@@ -137,6 +160,9 @@ impl Clients {
             state: AtomicU8::new(State::Idle as u8),
             since_us: AtomicU64::new(now_us()),
         });
+        if let Some(reason) = late {
+            client.drain(&reason);
+        }
         self.lock().insert(client.id, client.clone());
         Registered { clients: self.clone(), client }
     }
@@ -146,6 +172,22 @@ impl Clients {
         let mut v: Vec<Arc<Client>> = self.lock().values().cloned().collect();
         v.sort_by_key(|c| c.id);
         v
+    }
+
+    /// Asks every client to leave at its next transaction boundary; clients that log in from
+    /// now on get one transaction and leave too.
+    pub fn drain_all(&self, reason: &str) {
+        let _ = self.draining.set(reason.to_string());
+        for c in self.all() {
+            c.drain(reason);
+        }
+    }
+
+    /// Asks the clients of `database` to leave at their next transaction boundary.
+    pub fn drain_database(&self, database: &str, reason: &str) {
+        for c in self.all().into_iter().filter(|c| c.database == database) {
+            c.drain(reason);
+        }
     }
 
     /// Disconnects every client of `database`; returns how many.

@@ -62,7 +62,7 @@ pub fn assess(app: &App) -> Health {
     let cfg = app.config();
     let h = &cfg.health;
     let (mut used, mut max, mut utilization) = (0usize, 0usize, 0.0f64);
-    for (_, limit) in app.budgets.values() {
+    for (_, limit) in app.budgets().values() {
         used += limit.used();
         max += limit.cap();
         utilization = utilization.max(limit.used() as f64 / limit.cap().max(1) as f64);
@@ -83,7 +83,7 @@ pub fn assess(app: &App) -> Health {
     }
     let average_response_time = if qrate > 0.0 { qtime / qrate / 1000.0 } else { 0.0 };
     let failing = !pools.is_empty() && pools.iter().all(|p| p.is_failing());
-    let (status, message) = if app.shutdown.is_cancelled() {
+    let (status, message) = if app.draining.is_cancelled() {
         (Status::Unavailable, "shutting down".to_string())
     } else if failing {
         (Status::Unavailable, "no database reachable: every pool's last server login failed".to_string())
@@ -126,7 +126,7 @@ pub fn assess(app: &App) -> Health {
 /// Readiness: listeners are bound (we are answering), not draining, and every configured
 /// server accepts a TCP connection (or has its Unix socket).
 pub async fn ready(app: &App) -> Result<(), String> {
-    if app.shutdown.is_cancelled() {
+    if app.draining.is_cancelled() {
         return Err("shutting down".into());
     }
     for db in app.config().databases.values() {
@@ -167,7 +167,7 @@ pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
         })
         .collect();
     let budgets: Vec<Value> = app
-        .budgets
+        .budgets()
         .iter()
         .map(|(server, (d, l))| json!({"server": server, "budget": d.budget, "used": l.used()}))
         .collect();

@@ -38,6 +38,7 @@ pub mod net;
 pub mod notify;
 pub mod pool;
 pub mod proto;
+pub mod sdnotify;
 pub mod server;
 pub mod session;
 pub mod stats;

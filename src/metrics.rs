@@ -145,7 +145,7 @@ impl Metrics {
                 self.counter("pgbroker_server_errors_total", &labels(Some(("class", class))), n);
             }
         }
-        for (server, (d, limit)) in &app.budgets {
+        for (server, (d, limit)) in app.budgets().iter() {
             self.gauge("pgbroker_budget_connections", &[("server", server.clone())], f64::from(d.budget));
             self.gauge("pgbroker_budget_used_connections", &[("server", server.clone())], limit.used() as f64);
         }

@@ -127,7 +127,8 @@ async fn idle_servers_of_another_pool_make_room_within_the_budget() {
     let started = Instant::now();
     assert_eq!(one(&other, "SELECT current_user").await, "app");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let (_, budget) = b.app().budgets.values().next().unwrap();
+    let budgets = b.app().budgets();
+    let (_, budget) = budgets.values().next().unwrap();
     assert!(budget.used() <= 2);
     assert_eq!(bench.stats().open, 1);
 }
@@ -339,6 +340,7 @@ async fn pgbench_simple_and_extended_with_200_clients_on_a_budget_of_20() {
             b.app().pools.all().iter().map(|p| p.stats()).collect::<Vec<_>>()
         );
     }
-    let (_, budget) = b.app().budgets.values().next().unwrap();
+    let budgets = b.app().budgets();
+    let (_, budget) = budgets.values().next().unwrap();
     assert!(budget.used() <= 20);
 }

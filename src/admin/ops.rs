@@ -2,50 +2,14 @@
 //! the per-database statistics it shows.
 
 use crate::app::App;
-use crate::config::Config;
 use crate::stats::{Averages, Snapshot};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 /// How long PAUSE waits for active servers before giving up (pools stay paused).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);
 
 impl App {
-    /// Re-reads the config file (and the auth file it names). An invalid file is rejected as
-    /// a whole and the running config stays. Listen addresses only change at restart.
-    pub fn reload(&self) -> Result<(), String> {
-        let old = self.config();
-        let Some(path) = old.path.clone() else {
-            return Err("this broker was not started from a config file".into());
-        };
-        let mut new = match Config::load(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Relaxed);
-                let msg = crate::error::chain(&e);
-                tracing::error!(error = %msg, "config reload rejected; the running config stays");
-                return Err(msg);
-            }
-        };
-        for (key, changed) in [
-            ("broker.listen", new.broker.listen != old.broker.listen),
-            ("broker.http_listen", new.broker.http_listen != old.broker.http_listen),
-            ("websocket.path", new.websocket.path != old.websocket.path),
-        ] {
-            if changed {
-                tracing::warn!(key, "setting changed in the file; needs restart, left alone");
-            }
-        }
-        new.broker.listen = old.broker.listen;
-        new.broker.http_listen = old.broker.http_listen;
-        new.websocket.path = old.websocket.path.clone();
-        self.store_config(new);
-        self.reloads.fetch_add(1, Relaxed);
-        tracing::info!(path = %path.display(), "configuration reloaded");
-        Ok(())
-    }
-
     /// Stops handing out servers for `database` (all if `None`) and waits until none is in use.
     pub async fn pause(&self, database: Option<&str>) -> Result<(), String> {
         let pools: Vec<_> =

@@ -330,7 +330,7 @@ fn budget(app: &Arc<App>) -> Table {
         ("instances", Int8),
         ("derivation", Text),
     ]);
-    for (server, (d, limit)) in &app.budgets {
+    for (server, (d, limit)) in app.budgets().iter() {
         let source = match d.source {
             Source::Config => "config",
             Source::Env => "DB_MAX_CONNECTIONS",

@@ -247,6 +247,8 @@ pub struct Broker {
     pub max_prepared_statements: usize,
     /// Log format (restart required).
     pub log_format: LogFormat,
+    /// How long a graceful stop waits for transactions before cancelling them.
+    pub shutdown_timeout: Duration,
     /// Log each client login (PgBouncer's `log_connections`).
     pub log_connections: bool,
     /// Log each client disconnect with its reason (`log_disconnections`).
@@ -373,6 +375,7 @@ impl Config {
             ("client_idle_timeout", b.client_idle_timeout),
             ("idle_transaction_timeout", b.idle_transaction_timeout),
             ("transaction_timeout", b.transaction_timeout),
+            ("shutdown_timeout", b.shutdown_timeout),
         ] {
             let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
         }
@@ -563,6 +566,7 @@ impl Validator<'_> {
                     );
                 }
             },
+            shutdown_timeout: self.duration("broker.shutdown_timeout", &b.shutdown_timeout, 30)?,
             log_connections: b.log_connections.unwrap_or(true),
             log_disconnections: b.log_disconnections.unwrap_or(true),
         })

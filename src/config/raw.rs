@@ -77,6 +77,7 @@ pub struct Broker {
     pub track_extra_parameters: Option<Vec<String>>,
     pub max_prepared_statements: Option<i64>,
     pub log_format: Option<String>,
+    pub shutdown_timeout: Option<NumOrStr>,
     pub log_connections: Option<bool>,
     pub log_disconnections: Option<bool>,
 }

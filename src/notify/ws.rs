@@ -174,7 +174,7 @@ async fn session(
     app: Arc<App>,
 ) {
     let w = &cfg.websocket;
-    let shutdown = app.shutdown.clone();
+    let shutdown = app.draining.clone();
     let mut reserved = Reserved::default();
     let kicked = sub.sub.as_ref().map(|s| s.kicked.clone());
     let id = app.ws.next_id();

@@ -133,6 +133,15 @@ impl Limit {
         self.waiting_count.store(st.waiting.len(), Ordering::Relaxed);
     }
 
+    /// Closes idle servers of member pools while more are counted than the cap allows (busy
+    /// ones are closed as they come back).
+    pub fn shrink_to_cap(&self) {
+        let members: Vec<Arc<Pool>> = self.lock().members.iter().filter_map(Weak::upgrade).collect();
+        for pool in members {
+            while self.used() > self.cap() && pool.close_one_idle() {}
+        }
+    }
+
     /// Closes one idle server of another member pool (the one with most idle) so `requester`
     /// can open one. True if a server was closed.
     pub(super) fn evict_for(&self, requester: &Pool) -> bool {

@@ -44,9 +44,9 @@ impl Pool {
             inner.idle.sort_by_key(|c| c.last_used);
             for conn in inner.idle.drain(..) {
                 let expired = conn.expires.is_some_and(|e| now >= e);
-                let idle_long = !self.settings.idle_timeout.is_zero()
-                    && now.duration_since(conn.last_used) >= self.settings.idle_timeout
-                    && open > self.settings.min_size;
+                let idle_long = !self.settings().idle_timeout.is_zero()
+                    && now.duration_since(conn.last_used) >= self.settings().idle_timeout
+                    && open > self.settings().min_size;
                 if expired || idle_long || !conn.is_idle_healthy() {
                     open -= 1;
                     stale.push(conn);
@@ -64,13 +64,13 @@ impl Pool {
 
     /// Opens servers up to `min_size`, one at a time, within the limits.
     async fn fill_min(self: &Arc<Self>) {
-        if self.settings.min_size == 0 {
+        if self.settings().min_size == 0 {
             return;
         }
         loop {
             let reserved = {
                 let mut inner = self.lock();
-                inner.open < self.settings.min_size
+                inner.open < self.settings().min_size
                     && self.backoff_error(&inner).is_none()
                     && self.reserve_slot(&mut inner, false)
             };

@@ -9,9 +9,11 @@ mod view;
 
 use crate::error::SqlState;
 use crate::server::{ServerConn, ServerError, Target};
+use arc_swap::ArcSwap;
 pub use limit::Limit;
 pub use pooled::{Pooled, Release};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
@@ -139,6 +141,8 @@ pub struct ActiveServer {
     pub id: u64,
     /// Its backend process id.
     pub pid: i32,
+    /// How to cancel its running query.
+    pub cancel: Arc<crate::server::CancelTarget>,
     /// When it connected.
     pub connected_at: std::time::SystemTime,
     /// When it was checked out.
@@ -170,8 +174,11 @@ struct Inner {
 /// The servers of one (database, user).
 pub struct Pool {
     key: PoolKey,
-    target: Arc<Target>,
-    settings: PoolSettings,
+    target: ArcSwap<Target>,
+    /// Live: a reload swaps them; each use loads the current ones.
+    settings: ArcSwap<PoolSettings>,
+    /// Bumped when the server address or login changes: older servers close when returned.
+    generation: AtomicU64,
     limits: Vec<Arc<Limit>>,
     inner: Mutex<Inner>,
     /// A fresh server's settings, learned from the first one opened.
@@ -205,8 +212,9 @@ impl Pool {
     pub fn new(key: PoolKey, target: Target, settings: PoolSettings, limits: Vec<Arc<Limit>>) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             key,
-            target: Arc::new(target),
-            settings,
+            target: ArcSwap::from_pointee(target),
+            settings: ArcSwap::from_pointee(settings),
+            generation: AtomicU64::new(0),
             limits,
             inner: Mutex::new(Inner::default()),
             defaults: Mutex::new(None),
@@ -226,8 +234,23 @@ impl Pool {
     }
 
     /// This pool's settings.
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
+    }
+
+    /// Applies reloaded settings: a smaller pool closes idle servers now and busy ones as
+    /// they come back; a bigger one serves waiters at once. A changed server address or
+    /// login retires every existing server.
+    pub fn reconfigure(self: &Arc<Self>, settings: PoolSettings, target: Target) {
+        if **self.target.load() != target {
+            self.target.store(Arc::new(target));
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            self.close_idle();
+        }
+        let size = settings.size;
+        self.settings.store(Arc::new(settings));
+        while self.stats().open > size && self.close_one_idle() {}
+        self.on_capacity();
     }
 
     /// The settings a fresh server of this pool starts with, once one has been opened.
@@ -241,15 +264,15 @@ impl Pool {
             return Ok(());
         }
         let mut unreported = Vec::new();
-        if !self.settings.track_extra.is_empty() {
-            let cols: Vec<String> = self
-                .settings
+        let settings = self.settings();
+        if !settings.track_extra.is_empty() {
+            let cols: Vec<String> = settings
                 .track_extra
                 .iter()
                 .map(|e| format!("pg_catalog.current_setting({}, true)", postgres_protocol::escape::escape_literal(e)))
                 .collect();
             let row = conn.query_row(&format!("SELECT {}", cols.join(", "))).await?.unwrap_or_default();
-            for (name, value) in self.settings.track_extra.iter().zip(row) {
+            for (name, value) in settings.track_extra.iter().zip(row) {
                 if let Some(v) = value {
                     unreported.push((name.to_lowercase(), v));
                 }
@@ -262,7 +285,7 @@ impl Pool {
 
     /// Reports a pool event (log line and `$pgbroker.events`).
     fn event(&self, kind: &str, extra: serde_json::Value) {
-        if let Some(events) = &self.settings.events {
+        if let Some(events) = &self.settings().events {
             let mut fields = serde_json::json!({"database": self.key.database, "user": self.key.user});
             if let (Some(f), serde_json::Value::Object(e)) = (fields.as_object_mut(), extra) {
                 f.extend(e);
@@ -293,10 +316,14 @@ impl Pool {
             let mut rx = self.paused.subscribe();
             let resumed = tokio::time::timeout_at(deadline, rx.wait_for(|p| !*p)).await;
             if resumed.is_err() {
-                return Err(PoolError::Timeout { pool: self.key.to_string(), waited: wait, size: self.settings.size });
+                return Err(PoolError::Timeout {
+                    pool: self.key.to_string(),
+                    waited: wait,
+                    size: self.settings().size,
+                });
             }
         }
-        let mut reserve_at = (self.settings.reserve_size > 0).then(|| start + self.settings.reserve_timeout);
+        let mut reserve_at = (self.settings().reserve_size > 0).then(|| start + self.settings().reserve_timeout);
         loop {
             let next = {
                 let mut inner = self.lock();
@@ -309,7 +336,7 @@ impl Pool {
                 } else {
                     let (tx, rx) = oneshot::channel();
                     inner.waiters.push_back(Waiter { tx, since: Instant::now() });
-                    inner.blocked |= inner.open < self.settings.size;
+                    inner.blocked |= inner.open < self.settings().size;
                     let report = !inner.limit_reported;
                     inner.limit_reported = true;
                     let blocked = inner.blocked;
@@ -317,7 +344,7 @@ impl Pool {
                     if report {
                         self.event(
                             "pool_limit_reached",
-                            serde_json::json!({"poolSize": self.settings.size, "blockedByBudget": blocked}),
+                            serde_json::json!({"poolSize": self.settings().size, "blockedByBudget": blocked}),
                         );
                     }
                     Err(Some((rx, blocked)))
@@ -358,7 +385,7 @@ impl Pool {
                         return Err(PoolError::Timeout {
                             pool: self.key.to_string(),
                             waited: wait,
-                            size: self.settings.size,
+                            size: self.settings().size,
                         });
                     }
                 }
@@ -389,7 +416,7 @@ impl Pool {
 
     /// Counts a new server against the pool size (plus the reserve if allowed) and every limit.
     fn reserve_slot(&self, inner: &mut Inner, reserve: bool) -> bool {
-        let cap = self.settings.size + if reserve { self.settings.reserve_size } else { 0 };
+        let cap = self.settings().size + if reserve { self.settings().reserve_size } else { 0 };
         if inner.open >= cap {
             return false;
         }
@@ -440,7 +467,7 @@ impl Pool {
                 break;
             }
         }
-        inner.blocked = inner.open < self.settings.size && inner.waiters.iter().any(|w| !w.tx.is_closed());
+        inner.blocked = inner.open < self.settings().size && inner.waiters.iter().any(|w| !w.tx.is_closed());
     }
 
     /// True if clients wait for capacity a shared limit withholds.
@@ -468,10 +495,11 @@ impl Pool {
     /// and was closed.
     async fn prepare(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
         conn.uses += 1;
-        if conn.last_used.elapsed() < self.settings.check_delay {
+        if conn.last_used.elapsed() < self.settings().check_delay {
             return Some(conn);
         }
-        let check = tokio::time::timeout(self.settings.connect_timeout, conn.simple_query(&self.settings.check_query));
+        let settings = self.settings();
+        let check = tokio::time::timeout(settings.connect_timeout, conn.simple_query(&settings.check_query));
         match check.await {
             Ok(Ok(Ok(()))) => Some(conn),
             _ => {
@@ -502,14 +530,15 @@ impl Pool {
     /// Connects and logs in, recording success or failure for `server_login_retry`.
     async fn connect(&self) -> Result<ServerConn, PoolError> {
         let connect = async {
-            let mut conn = ServerConn::connect(self.target.clone(), self.settings.connect_timeout).await?;
+            let mut conn = ServerConn::connect(self.target.load_full(), self.settings().connect_timeout).await?;
             self.learn_defaults(&mut conn).await?;
             Ok::<_, ServerError>(conn)
         };
         match connect.await {
             Ok(mut conn) => {
                 self.lock().backoff = None;
-                conn.expires = jittered(self.settings.lifetime).map(|d| conn.created + d);
+                conn.expires = jittered(self.settings().lifetime).map(|d| conn.created + d);
+                conn.generation = self.generation.load(Ordering::Relaxed);
                 conn.uses = 1;
                 self.event("connection_added", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
                 Ok(conn)
@@ -517,8 +546,8 @@ impl Pool {
             Err(source) => {
                 let mut inner = self.lock();
                 let delay = match &inner.backoff {
-                    Some(b) => (b.delay * 2).min(self.settings.login_retry),
-                    None => self.settings.login_retry.min(Duration::from_secs(1)),
+                    Some(b) => (b.delay * 2).min(self.settings().login_retry),
+                    None => self.settings().login_retry.min(Duration::from_secs(1)),
                 };
                 inner.backoff = Some(Backoff {
                     until: Instant::now() + delay,
@@ -540,8 +569,10 @@ impl Pool {
     /// Returns a clean idle server: to the first live waiter, else to the idle list, unless
     /// it is due for retirement or another pool is starved of a shared limit.
     fn checkin(&self, mut conn: ServerConn) {
+        let settings = self.settings();
         let retire = conn.expires.is_some_and(|e| Instant::now() >= e)
-            || (self.settings.max_uses > 0 && conn.uses >= self.settings.max_uses);
+            || (settings.max_uses > 0 && conn.uses >= settings.max_uses)
+            || conn.generation != self.generation.load(Ordering::Relaxed);
         if retire {
             tracing::debug!(server = conn.id, pool = %self.key, uses = conn.uses, "retiring server");
             return self.discard(conn);
@@ -555,7 +586,8 @@ impl Pool {
                 Err(Grant::Slot) => return,
             }
         }
-        let over_cap = self.limits.iter().any(|l| l.used() > l.cap());
+        let over_cap =
+            self.limits.iter().any(|l| l.used() > l.cap()) || inner.open > settings.size + settings.reserve_size;
         if over_cap || self.limits.iter().any(|l| l.has_waiters()) {
             drop(inner);
             return self.discard(conn);

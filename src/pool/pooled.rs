@@ -29,7 +29,7 @@ pub struct Pooled {
 
 impl Pooled {
     pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Pooled {
-        pool.track_active(conn.id, conn.cancel.pid, conn.connected_at);
+        pool.track_active(&conn);
         Pooled { conn: Some(conn), pool, release: Release::Close }
     }
 
@@ -87,15 +87,15 @@ impl Pool {
                     return Ok(false);
                 }
             }
-            if reset && !self.settings.reset_query.is_empty() {
-                if let Err(e) = conn.simple_query(&self.settings.reset_query).await? {
+            if reset && !self.settings().reset_query.is_empty() {
+                if let Err(e) = conn.simple_query(&self.settings().reset_query).await? {
                     tracing::warn!(pool = %self.key, code = ?e.code, error = %e.message, "server_reset_query failed");
                     return Ok(false);
                 }
             }
             Ok::<bool, ServerError>(conn.status == TxnStatus::Idle)
         };
-        match tokio::time::timeout(self.settings.reset_timeout, clean).await {
+        match tokio::time::timeout(self.settings().reset_timeout, clean).await {
             Ok(Ok(true)) => self.checkin(conn),
             Ok(Ok(false)) => self.discard(conn),
             Ok(Err(e)) => {

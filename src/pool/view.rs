@@ -96,8 +96,30 @@ impl Pool {
         while self.close_one_idle() {}
     }
 
-    pub(super) fn track_active(&self, id: u64, pid: i32, connected_at: std::time::SystemTime) {
-        self.lock().active.insert(id, ActiveServer { id, pid, connected_at, since: Instant::now() });
+    pub(super) fn track_active(&self, conn: &crate::server::ServerConn) {
+        let a = ActiveServer {
+            id: conn.id,
+            pid: conn.cancel.pid,
+            cancel: conn.cancel.clone(),
+            connected_at: conn.connected_at,
+            since: Instant::now(),
+        };
+        self.lock().active.insert(conn.id, a);
+    }
+
+    /// Cancels the query running on every checked-out server (shutdown after the timeout).
+    pub async fn cancel_active(&self) {
+        let targets: Vec<_> = self.lock().active.values().map(|a| a.cancel.clone()).collect();
+        for t in targets {
+            crate::cancel::send(&t).await;
+        }
+    }
+
+    /// Takes the pool out of service (its database was removed): idle servers close now,
+    /// busy ones when they come back.
+    pub fn retire(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.close_idle();
     }
 
     pub(super) fn untrack_active(&self, id: u64) {
@@ -130,6 +152,11 @@ impl Pools {
     /// The pool for `key`, if any.
     pub fn get(&self, key: &PoolKey) -> Option<Arc<Pool>> {
         self.lock().get(key).cloned()
+    }
+
+    /// Forgets a pool (its database was removed).
+    pub fn remove(&self, key: &PoolKey) {
+        self.lock().remove(key);
     }
 
     /// Every pool, sorted by key.

@@ -173,6 +173,8 @@ pub struct ServerConn {
     pub expires: Option<Instant>,
     /// Checkouts so far (`server_max_uses`).
     pub uses: u64,
+    /// The pool configuration generation it was opened under.
+    pub generation: u64,
     /// Settings the broker applied that PostgreSQL does not report (lowercase name, value).
     pub applied: Vec<(String, String)>,
     /// Broker-named prepared statements this server holds (transaction mode).
@@ -290,6 +292,7 @@ impl ServerConn {
             last_used: Instant::now(),
             expires: None,
             uses: 0,
+            generation: 0,
             applied: Vec::new(),
             statements: statements::Statements::default(),
             rbuf: BytesMut::new(),

@@ -14,6 +14,7 @@ use super::prepared::Prepared;
 use super::relay::{RelayError, poll_relay};
 use super::sql;
 use super::timers::{Expired, Held, Timers};
+use crate::app::App;
 use crate::cancel::Registration;
 use crate::clients::{Client, State as ClientState};
 use crate::config::{Config, PoolMode};
@@ -56,8 +57,12 @@ pub(super) struct Setup {
 }
 
 /// A logged-in client and, when attached, its server.
-pub(super) struct ClientLoop<'a> {
-    cfg: &'a Config,
+pub(super) struct ClientLoop {
+    /// The config this client runs under; refreshed at each new transaction (live reload).
+    cfg: Arc<Config>,
+    app: Arc<App>,
+    /// The server answered at least one request for this client.
+    served: bool,
     mode: PoolMode,
     pool: Arc<Pool>,
     defaults: Vec<(String, String)>,
@@ -78,27 +83,30 @@ pub(super) struct ClientLoop<'a> {
     acct: Accounting,
 }
 
-impl<'a> ClientLoop<'a> {
+impl ClientLoop {
     /// A loop for a client.
-    pub fn new(cfg: &'a Config, setup: Setup) -> ClientLoop<'a> {
+    pub fn new(app: Arc<App>, setup: Setup) -> ClientLoop {
+        let cfg = app.config();
         let Setup { mode, pool, defaults, settings, registration, server, prepared, listens, client } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
             client.set_state(ClientState::Active);
         }
         ClientLoop {
+            served: false,
+            timers: Timers::new(&cfg.broker),
+            up: Pipe::new(cfg.broker.max_packet_size),
+            down: Pipe::new(MAX_SERVER_MESSAGE),
             cfg,
+            app,
             mode,
             pool,
             defaults,
             settings,
             registration,
             server,
-            up: Pipe::new(cfg.broker.max_packet_size),
-            down: Pipe::new(MAX_SERVER_MESSAGE),
             pending: Pending::default(),
             recheck: false,
-            timers: Timers::new(&cfg.broker),
             prepared,
             listens,
             client,
@@ -174,6 +182,11 @@ impl<'a> ClientLoop<'a> {
                 _ = self.client.kill.cancelled() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
                 }
+                // Leaving (shutdown, database removed): between transactions only, and a client
+                // that arrived during the drain gets its first transaction served.
+                _ = self.client.drain.cancelled(), if held.is_none() && (!self.client.late || self.served) => {
+                    return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
+                }
                 ev = next_event(&mut self.listens), if self.server.is_none() => {
                     self.deliver(ev)?;
                     client_data = false;
@@ -207,6 +220,8 @@ impl<'a> ClientLoop<'a> {
     /// Checks out a server for the transaction the client just started and brings it to the
     /// client's settings.
     async fn attach(&mut self) -> Result<(), SessionError> {
+        self.cfg = self.app.config();
+        self.timers.set_limits(&self.cfg.broker);
         let since = tokio::time::Instant::now();
         self.client.set_state(ClientState::Waiting);
         let checkout = self.pool.checkout(self.cfg.broker.query_wait_timeout).await;
@@ -265,7 +280,7 @@ impl<'a> ClientLoop<'a> {
         let Some(cmd @ (sql::Command::Listen(_) | sql::Command::Unlisten(_))) = cmd else { return Ok(false) };
         self.up.scan(|_| true, |_, _, _| Action::Drop)?;
         let mut reply = BytesMut::new();
-        listens.answer(self.cfg, cmd, &mut reply).await;
+        listens.answer(&self.cfg, cmd, &mut reply).await;
         self.down.insert(&reply);
         Ok(true)
     }
@@ -499,6 +514,7 @@ impl<'a> ClientLoop<'a> {
             .map_err(|e| {
                 SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("server sent a bad message: {e}"))
             })?;
+        self.served |= answered > 0;
         let over = server.status == TxnStatus::Idle && self.pending.is_settled();
         self.acct.answered(counters, &self.pool.settings().metrics, answered, self.pending.sync_points, over);
         Ok(())

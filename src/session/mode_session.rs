@@ -48,7 +48,7 @@ pub(super) async fn run(
         listens: None,
         client,
     };
-    ClientLoop::new(cfg, setup).run(io).await
+    ClientLoop::new(app.clone(), setup).run(io).await
 }
 
 /// Applies the client's startup parameters to its server session.

@@ -43,7 +43,7 @@ pub(super) async fn run(
     let listens = Some(Listens::new(app.clone(), login.database.clone()));
     let setup =
         Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared, listens, client };
-    ClientLoop::new(cfg, setup).run(io).await
+    ClientLoop::new(app.clone(), setup).run(io).await
 }
 
 /// The pool's defaults; the first client of a pool opens a server to learn them.

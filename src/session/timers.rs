@@ -43,6 +43,13 @@ impl Timers {
         }
     }
 
+    /// Takes reloaded limits.
+    pub fn set_limits(&mut self, b: &Broker) {
+        self.client_idle = b.client_idle_timeout;
+        self.idle_transaction = b.idle_transaction_timeout;
+        self.transaction = b.transaction_timeout;
+    }
+
     fn enabled(&self) -> bool {
         !(self.client_idle.is_zero() && self.idle_transaction.is_zero() && self.transaction.is_zero())
     }

@@ -1,0 +1,136 @@
+//! The accept loop: client limits at the door, one task per client, and a last sweep of the
+//! accept queue when a graceful stop closes the listener.
+
+use super::App;
+use crate::error::SqlState;
+use crate::proto::build::{self, Severity};
+use crate::session;
+use bytes::BytesMut;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+pub(super) async fn accept_loop(app: Arc<App>, listener: TcpListener, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            _ = app.draining.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(&app, stream, peer, &tracker),
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Connections already queued on the socket would be reset when it closes: take them in
+    // (they get served their first transaction) rather than refuse them.
+    while let Some(Ok((stream, peer))) = std::future::poll_fn(|cx| match listener.poll_accept(cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+    {
+        admit(&app, stream, peer, &tracker);
+    }
+    tracing::info!("stopped accepting clients");
+}
+
+fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTracker) {
+    let cfg = app.config();
+    crate::net::tune(&stream, cfg.broker.tcp_keepalive);
+    let Some(slot) = ClientSlot::take(app, cfg.broker.max_client_conn) else {
+        app.refusals.max_client_conn.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, "max_client_conn reached; refusing client");
+        let msg = format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn);
+        tokio::spawn(refuse(stream, msg));
+        return;
+    };
+    let Ok(per_ip) = IpSlot::take(app, peer.ip(), cfg.broker.max_client_conn_per_ip) else {
+        app.refusals.max_client_conn_per_ip.fetch_add(1, Relaxed);
+        tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
+        let msg = format!(
+            "too many connections from {} (max_client_conn_per_ip = {})",
+            peer.ip(),
+            cfg.broker.max_client_conn_per_ip
+        );
+        tokio::spawn(refuse(stream, msg));
+        return;
+    };
+    let app = app.clone();
+    let shutdown = app.shutdown.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = session::run(app, stream, peer) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        drop((slot, per_ip));
+    });
+}
+
+/// One client's count against `max_client_conn`; released on drop.
+struct ClientSlot(Arc<App>);
+
+impl ClientSlot {
+    fn take(app: &Arc<App>, limit: usize) -> Option<ClientSlot> {
+        let counted = app.clients_open.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1));
+        counted.ok().map(|_| ClientSlot(app.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients_open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One client's count against `max_client_conn_per_ip`; released on drop.
+struct IpSlot {
+    app: Arc<App>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    /// Counts a client from `ip` (`Ok(None)`: no limit, nothing counted); `Err` if that
+    /// would exceed `limit`.
+    fn take(app: &Arc<App>, ip: IpAddr, limit: usize) -> Result<Option<IpSlot>, ()> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        let mut map = app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some(IpSlot { app: app.clone(), ip }))
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.app.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, message: String) {
+    let mut buf = BytesMut::new();
+    build::error_response(&mut buf, Severity::Fatal, SqlState::TOO_MANY_CONNECTIONS, &message, None);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&buf).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,158 @@
+//! Starting a broker: budgets, listeners (bound with SO_REUSEPORT, or taken from systemd
+//! socket activation), background tasks; and stopping it, gracefully or at once.
+
+use super::{App, Budgets, STATS_PERIOD, StartError};
+use crate::budget;
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::pool::{Limit, Pools};
+use arc_swap::ArcSwap;
+use socket2::{Domain, Socket, Type};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A running broker: its listeners, sessions and background tasks.
+pub struct Broker {
+    app: Arc<App>,
+    addr: SocketAddr,
+    http_addr: SocketAddr,
+    tracker: TaskTracker,
+}
+
+/// Binds a listener that another pgbroker may share (SO_REUSEPORT), so a new process can
+/// start on the same port while the old one drains.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Sockets passed by systemd (`LISTEN_FDS`): the first is the PostgreSQL listener, the
+/// second (if any) the HTTP listener.
+fn activated() -> (Option<TcpListener>, Option<TcpListener>) {
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut take = |i| {
+        let l = fds.take_tcp_listener(i).ok().flatten()?;
+        l.set_nonblocking(true).ok()?;
+        TcpListener::from_std(l).ok()
+    };
+    (take(0), take(1))
+}
+
+async fn bind_listener(passed: Option<TcpListener>, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    match passed {
+        Some(l) => {
+            tracing::info!(addr = ?l.local_addr().ok(), "using a socket passed by systemd");
+            Ok(l)
+        }
+        None => bind_shared(addr).map_err(|source| StartError::Listen { addr, source }),
+    }
+}
+
+impl Broker {
+    /// Derives the budgets (reading servers for `auto`), binds `broker.listen` and
+    /// `broker.http_listen` (port 0 picks free ports) and starts serving.
+    pub async fn start(config: Config) -> Result<Broker, StartError> {
+        let derivations = budget::derive_all(&config).await.map_err(StartError::Budget)?;
+        let budgets: Budgets = derivations
+            .into_iter()
+            .map(|(server, d)| {
+                tracing::info!("{d}");
+                let limit = Limit::new(format!("budget {server}"), d.budget as usize);
+                (server, (d, limit))
+            })
+            .collect();
+        let (pg_fd, http_fd) = activated();
+        let listener = bind_listener(pg_fd, config.broker.listen).await?;
+        let http_listener = bind_listener(http_fd, config.broker.http_listen).await?;
+        let err = |addr| move |source| StartError::Listen { addr, source };
+        let addr = listener.local_addr().map_err(err(config.broker.listen))?;
+        let http_addr = http_listener.local_addr().map_err(err(config.broker.http_listen))?;
+        if !http_addr.ip().is_loopback() && config.websocket.tokens.is_empty() {
+            tracing::warn!(%http_addr, "the WebSocket bridge listens beyond loopback with no tokens: anyone who can reach it may subscribe");
+        }
+        let app = Arc::new(App {
+            budgets: ArcSwap::from_pointee(budgets),
+            origins: Mutex::new(HashMap::new()),
+            shared_limits: Mutex::new(HashMap::new()),
+            per_ip: Mutex::new(HashMap::new()),
+            statements: Arc::default(),
+            hubs: Default::default(),
+            ws: Default::default(),
+            clients: Arc::default(),
+            averages: Mutex::new(HashMap::new()),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
+            refusals: Default::default(),
+            metrics: Default::default(),
+            events: Arc::default(),
+            clients_open: AtomicUsize::new(0),
+            live: ArcSwap::from_pointee(config),
+            pools: Pools::default(),
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
+        });
+        let tracker = TaskTracker::new();
+        tracker.spawn(super::accept::accept_loop(app.clone(), listener, tracker.clone()));
+        tracker.spawn(crate::http::serve(app.clone(), http_listener));
+        tracker.spawn(crate::admin::stats_task(app.clone(), STATS_PERIOD));
+        tracker.spawn(crate::health::monitor(app.clone()));
+        // Databases with fixed channels listen from the start.
+        let cfg = app.config();
+        for (name, db) in &cfg.databases {
+            if !db.channels.is_empty() {
+                if let Err(e) = app.hub(&cfg, name) {
+                    tracing::warn!(database = %name, error = %e, "cannot start the notification listener");
+                }
+            }
+        }
+        tracing::info!(%addr, %http_addr, "listening for PostgreSQL clients and HTTP");
+        Ok(Broker { app, addr, http_addr, tracker })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The HTTP address (metrics, health, WebSocket bridge).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The shared state.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Stops at once: every session and task ends.
+    pub fn stop(&self) {
+        self.app.draining.cancel();
+        self.app.shutdown.cancel();
+        self.tracker.close();
+    }
+
+    /// Stops gracefully: see [`App::drain`]; then everything ends.
+    pub async fn drain(&self, timeout: Duration) {
+        self.app.drain(timeout).await;
+        self.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

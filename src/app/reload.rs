@@ -1,0 +1,113 @@
+//! Live reload: a new config file is validated whole (budget included) and then swapped in.
+//! Pools take their new sizes and timeouts in place (a smaller pool closes idle servers now
+//! and busy ones when they come back), budgets change their caps, databases removed from the
+//! file have their clients finish their transaction and leave. Listen addresses need a
+//! restart and are left alone.
+
+use super::{App, Budgets};
+use crate::budget;
+use crate::config::Config;
+use crate::pool::Limit;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+impl App {
+    /// Re-reads the config file (and the auth file it names) and applies it. An invalid file
+    /// or one whose budget comes out below 1 is rejected as a whole and the running config
+    /// stays. Returns the reason on rejection.
+    pub async fn reload(&self) -> Result<(), String> {
+        match self.try_reload().await {
+            Ok(()) => {
+                self.reloads.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "config reload rejected; the running config stays");
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_reload(&self) -> Result<(), String> {
+        let old = self.config();
+        let Some(path) = old.path.clone() else {
+            return Err("this broker was not started from a config file".into());
+        };
+        let load_path = path.clone();
+        let mut new = tokio::task::spawn_blocking(move || Config::load(&load_path))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| crate::error::chain(&e))?;
+        let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
+        for (key, changed) in [
+            ("broker.listen", new.broker.listen != old.broker.listen),
+            ("broker.http_listen", new.broker.http_listen != old.broker.http_listen),
+            ("broker.log_format", new.broker.log_format != old.broker.log_format),
+            ("websocket.path", new.websocket.path != old.websocket.path),
+        ] {
+            if changed {
+                tracing::warn!(key, "setting changed in the file; needs restart, left alone");
+            }
+        }
+        new.broker.listen = old.broker.listen;
+        new.broker.http_listen = old.broker.http_listen;
+        new.broker.log_format = old.broker.log_format;
+        new.websocket.path = old.websocket.path.clone();
+
+        // Budgets: same limits with new caps, new ones for new servers.
+        let current = self.budgets();
+        let mut budgets = Budgets::new();
+        for (server, d) in derivations {
+            let limit = match current.get(&server) {
+                Some((_, l)) => l.clone(),
+                None => Limit::new(format!("budget {server}"), d.budget as usize),
+            };
+            if limit.cap() != d.budget as usize {
+                tracing::info!("{d}");
+            }
+            budgets.insert(server, (d, limit));
+        }
+        self.budgets.store(Arc::new(budgets));
+        self.store_config(new);
+        let cfg = self.config();
+        for (_, (d, limit)) in self.budgets().iter() {
+            limit.set_cap(d.budget as usize);
+            limit.shrink_to_cap();
+        }
+        self.reconfigure_pools(&cfg);
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    /// Gives every pool its settings under `cfg`; retires pools of removed databases.
+    fn reconfigure_pools(&self, cfg: &Config) {
+        let origins = self.origins.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for pool in self.pools.all() {
+            let Some(origin) = origins.get(pool.key()) else { continue };
+            let Some(db) = cfg.databases.get(&origin.database) else {
+                tracing::warn!(database = %origin.database, "database removed from the config: its clients leave after their transaction");
+                self.clients.drain_database(
+                    &origin.database,
+                    &format!("database \"{}\" was removed from pgbroker's configuration", origin.database),
+                );
+                pool.retire();
+                self.pools.remove(pool.key());
+                continue;
+            };
+            let password = if db.user.is_some() {
+                db.password.clone()
+            } else {
+                cfg.auth.users.get(&origin.user).and_then(|e| e.password()).map(str::to_owned)
+            };
+            let (target, settings) = self.pool_setup(cfg, origin, db, password);
+            if db.max_db_connections > 0 {
+                self.shared_limit(format!("max_db_connections {}", origin.database), db.max_db_connections);
+            }
+            if cfg.broker.max_user_connections > 0 {
+                self.shared_limit(format!("max_user_connections {}", origin.user), cfg.broker.max_user_connections);
+            }
+            pool.reconfigure(settings, target);
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! systemd's notification protocol (`Type=notify`): datagrams to `$NOTIFY_SOCKET`, and the
+//! watchdog pings. A few lines over a Unix datagram socket; nothing to do outside systemd.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// Sends `state` (e.g. `READY=1`) if systemd asked for notifications. Errors are logged:
+/// a broken notification socket must not stop the broker.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let result = (|| {
+        let sock = UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            // An abstract socket name.
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(state.as_bytes(), &path)?;
+        }
+        Ok::<(), std::io::Error>(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC` systemd wants next to it.
+pub fn reloading() {
+    match monotonic_usec() {
+        Some(us) => notify(&format!("RELOADING=1\nMONOTONIC_USEC={us}")),
+        None => notify("RELOADING=1"),
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds. std's `Instant` is CLOCK_MONOTONIC on Linux but does not
+/// expose its value except through `Debug`; read it there rather than add unsafe code.
+fn monotonic_usec() -> Option<u64> {
+    let text = format!("{:?}", std::time::Instant::now());
+    let num = |key: &str| -> Option<u64> {
+        let rest = text.split(key).nth(1)?;
+        rest.trim_start_matches([':', ' ']).split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some(num("tv_sec")? * 1_000_000 + num("tv_nsec")? / 1000)
+}
+
+/// The watchdog interval systemd set for this process (`WatchdogSec=`), if any.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_is_read() {
+        let a = monotonic_usec().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = monotonic_usec().unwrap();
+        assert!(b > a && b - a >= 2000 && b - a < 1_000_000, "{a} {b}");
+    }
+}
