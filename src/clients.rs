@@ -54,8 +54,6 @@ pub struct Client {
     /// removed); the reason it is told is in `drain_reason`.
     pub drain: CancellationToken,
     drain_reason: std::sync::OnceLock<String>,
-    /// Connected after a drain started: it gets its first transaction before leaving.
-    pub late: bool,
     state: AtomicU8,
     /// Unix microseconds of the last state change.
     since_us: AtomicU64,
@@ -148,7 +146,6 @@ impl Clients {
         let client = Arc::new(Client {
             drain: CancellationToken::new(),
             drain_reason: std::sync::OnceLock::new(),
-            late: late.is_some(),
             id: c.id,
             user: c.user,
             database: c.database,

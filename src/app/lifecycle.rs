@@ -14,6 +14,11 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the broker until it is stopped by a signal or the admin console.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGHUP right after READY=1 must reload, not kill (its default action).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut quit = signal(SignalKind::quit())?;
     let broker = Broker::start(config).await?;
     let app = broker.app().clone();
     sdnotify::notify("READY=1");
@@ -30,10 +35,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -88,15 +89,16 @@ impl App {
         self.draining.cancel();
         self.clients.drain_all("pgbroker is shutting down");
         let deadline = Instant::now() + timeout;
-        while !self.clients.all().is_empty() || self.ws.total() > 0 {
+        // Count connections, not logged-in clients: one still logging in must not be cut off.
+        while self.client_count() > 0 || self.ws.total() > 0 {
             if Instant::now() >= deadline {
-                let left = self.clients.all().len();
+                let left = self.client_count();
                 tracing::warn!(clients = left, "shutdown_timeout reached: cancelling running queries");
                 for p in self.pools.all() {
                     p.cancel_active().await;
                 }
                 let grace = Instant::now() + CANCEL_GRACE;
-                while !self.clients.all().is_empty() && Instant::now() < grace {
+                while self.client_count() > 0 && Instant::now() < grace {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 break;

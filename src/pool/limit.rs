@@ -66,6 +66,11 @@ impl Limit {
         self.waiting_count.load(Ordering::Relaxed) > 0
     }
 
+    /// True if a pool other than `pool` is blocked on this limit.
+    pub(super) fn has_other_waiters(&self, pool: &Pool) -> bool {
+        self.has_waiters() && self.lock().waiting.iter().any(|w| !std::ptr::eq(w.as_ptr(), pool))
+    }
+
     /// True if no capacity is left.
     pub fn is_full(&self) -> bool {
         self.lock().used >= self.cap()

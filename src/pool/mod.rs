@@ -579,16 +579,20 @@ impl Pool {
         }
         conn.last_used = Instant::now();
         let mut inner = self.lock();
-        while let Some(w) = inner.waiters.pop_front() {
-            match w.tx.send(Grant::Server(conn)) {
-                Ok(()) => return,
-                Err(Grant::Server(c)) => conn = c,
-                Err(Grant::Slot) => return,
-            }
-        }
+        // Over a cap lowered by a reload: close it even if clients wait; they get capacity
+        // back once the count is under the new cap.
         let over_cap =
             self.limits.iter().any(|l| l.used() > l.cap()) || inner.open > settings.size + settings.reserve_size;
-        if over_cap || self.limits.iter().any(|l| l.has_waiters()) {
+        if !over_cap {
+            while let Some(w) = inner.waiters.pop_front() {
+                match w.tx.send(Grant::Server(conn)) {
+                    Ok(()) => return,
+                    Err(Grant::Server(c)) => conn = c,
+                    Err(Grant::Slot) => return,
+                }
+            }
+        }
+        if over_cap || self.limits.iter().any(|l| l.has_other_waiters(self)) {
             drop(inner);
             return self.discard(conn);
         }
@@ -612,6 +616,8 @@ impl Pool {
     fn discard(&self, conn: ServerConn) {
         tracing::debug!(server = conn.id, pool = %self.key, "closing server");
         self.event("connection_removed", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
+        // Say goodbye so the backend exits now rather than when it notices the socket closed.
+        let _ = conn.stream.try_write(&[b'X', 0, 0, 0, 4]);
         drop(conn);
         self.release_slot();
     }

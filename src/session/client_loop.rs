@@ -63,6 +63,8 @@ pub(super) struct ClientLoop {
     app: Arc<App>,
     /// The server answered at least one request for this client.
     served: bool,
+    /// When the client finished logging in.
+    logged_in: tokio::time::Instant,
     mode: PoolMode,
     pool: Arc<Pool>,
     defaults: Vec<(String, String)>,
@@ -94,6 +96,7 @@ impl ClientLoop {
         }
         ClientLoop {
             served: false,
+            logged_in: tokio::time::Instant::now(),
             timers: Timers::new(&cfg.broker),
             up: Pipe::new(cfg.broker.max_packet_size),
             down: Pipe::new(MAX_SERVER_MESSAGE),
@@ -182,9 +185,10 @@ impl ClientLoop {
                 _ = self.client.kill.cancelled() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
                 }
-                // Leaving (shutdown, database removed): between transactions only, and a client
-                // that arrived during the drain gets its first transaction served.
-                _ = self.client.drain.cancelled(), if held.is_none() && (!self.client.late || self.served) => {
+                // Leaving (shutdown, database removed): between transactions only. A client
+                // that has not run anything yet gets a moment to send its first request, so a
+                // connection made just before the drain is not turned away.
+                _ = drained(&self.client, self.served, self.logged_in), if held.is_none() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
                 ev = next_event(&mut self.listens), if self.server.is_none() => {
@@ -546,6 +550,19 @@ impl ClientLoop {
         }
         tracing::warn!(error = ?err, "server connection lost");
         SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
+    }
+}
+
+/// How long a client that has not run anything yet may take to send its first request once
+/// a drain has started.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves when `client` should leave: its drain started, and it has been served once or
+/// its grace for a first request is over.
+async fn drained(client: &Client, served: bool, logged_in: tokio::time::Instant) {
+    client.drain.cancelled().await;
+    if !served {
+        tokio::time::sleep_until(logged_in + FIRST_REQUEST_GRACE).await;
     }
 }
 

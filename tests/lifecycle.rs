@@ -1,0 +1,349 @@
+//! The broker as an operator runs it: a real `pgbroker` process with a config file, signals,
+//! systemd notifications, and a second process taking over the same ports.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
+
+/// A broker process; killed if the test ends early.
+struct Proc {
+    child: Child,
+    notify: UnixDatagram,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// The next sd_notify message, within `limit`.
+    fn notification(&self, limit: Duration) -> Option<String> {
+        self.notify.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 512];
+        let n = self.notify.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Waits for a notification containing `what`, skipping others (watchdog pings).
+    fn expect(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(m) = self.notification(Duration::from_secs(1)) {
+                if m.contains(what) {
+                    return m;
+                }
+            }
+        }
+        panic!("no {what:?} notification");
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes a config for the shared cluster: database `lc` (dbname `db`) in transaction mode.
+fn write_config(dir: &Path, port: u16, http: u16, db: &str, pool_size: u32, max_connections: u32) -> PathBuf {
+    std::fs::write(dir.join("userlist.txt"), userlist()).unwrap();
+    let path = dir.join("pgbroker.toml");
+    let text = format!(
+        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http}\"\npool_mode = \"transaction\"\n\
+         shutdown_timeout = \"10s\"\n\
+         [budget]\nserver_max_connections = {max_connections}\nreserved_connections = 5\n\
+         [auth]\ntype = \"trust\"\nfile = \"userlist.txt\"\nadmin_users = [\"postgres\"]\n\
+         [databases.lc]\nport = {}\ndbname = \"{db}\"\nuser = \"postgres\"\npassword = \"postgres\"\npool_size = {pool_size}\n",
+        pg().port()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(config: &Path, dir: Option<tempfile::TempDir>, extra_env: &[(&str, &str)]) -> Proc {
+    let sock_dir = tempfile::tempdir().unwrap().keep();
+    let sock_path = sock_dir.join("notify");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config"]).arg(config).env("NOTIFY_SOCKET", &sock_path).env("RUST_LOG", "warn");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let p = Proc { child, notify, _dir: dir };
+    p.expect("READY=1");
+    p
+}
+
+fn create_db(name: &str) {
+    let exists = pg().psql("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")).unwrap();
+    if exists == "0" {
+        pg().psql("postgres", &format!("CREATE DATABASE {name}")).unwrap();
+    }
+}
+
+async fn server_conns(db: &str) -> usize {
+    let c = direct("postgres").await;
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    n as usize
+}
+
+async fn client(port: u16) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=lc connect_timeout=5"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// `n` clients running short transactions (each holding its server ~20 ms) until `stop`;
+/// returns (committed, failed).
+fn load(port: u16, n: usize, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64)> {
+    tokio::spawn(async move {
+        let ok = Arc::new(AtomicU64::new(0));
+        let bad = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let (stop, ok, bad) = (stop.clone(), ok.clone(), bad.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = client(port).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match c.simple_query("BEGIN; SELECT pg_sleep(0.02); COMMIT").await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => bad.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        (ok.load(Ordering::Relaxed), bad.load(Ordering::Relaxed))
+    })
+}
+
+/// Highest server connection count seen over `period`.
+async fn peak(db: &str, period: Duration) -> usize {
+    let until = Instant::now() + period;
+    let mut max = 0;
+    while Instant::now() < until {
+        max = max.max(server_conns(db).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_pool_size_and_budget_under_load_without_failures() {
+    create_db("lc_reload");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_reload", 2, 55);
+    let p = start(&path, None, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = load(port, 8, stop.clone());
+    let before = peak("lc_reload", Duration::from_secs(2)).await;
+    assert!(before <= 2, "pool_size 2: saw {before}");
+    // Bigger pool.
+    write_config(dir.path(), port, http, "lc_reload", 6, 55);
+    p.signal("-HUP");
+    p.expect("READY=1");
+    let grown = peak("lc_reload", Duration::from_secs(2)).await;
+    assert!(grown > 2 && grown <= 6, "pool_size 6: saw {grown}");
+    // Smaller budget: floor((8 - 5) / 1) = 3 across the pool.
+    write_config(dir.path(), port, http, "lc_reload", 6, 8);
+    p.signal("-HUP");
+    p.expect("READY=1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shrunk = peak("lc_reload", Duration::from_secs(2)).await;
+    assert!(shrunk <= 3, "budget 3: saw {shrunk}");
+    stop.store(true, Ordering::Relaxed);
+    let (committed, failed) = running.await.unwrap();
+    assert_eq!(failed, 0, "{committed} committed");
+    assert!(committed > 50);
+}
+
+#[tokio::test]
+async fn invalid_reload_keeps_the_old_config_and_is_counted() {
+    create_db("lc_bad");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_bad", 2, 55);
+    let p = start(&path, None, &[]);
+    std::fs::write(&path, "[broker]\nthis is not toml\n").unwrap();
+    p.signal("-HUP");
+    p.expect("READY=1");
+    let c = client(port).await.unwrap();
+    assert_eq!(one(&c, "SELECT 'still serving'").await, "still serving");
+    let metrics = http_get(http, "/metrics").await;
+    assert!(metrics.contains("pgbroker_config_reload_failures_total 1"), "{metrics}");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn sigterm_lets_transactions_commit_and_refuses_new_clients() {
+    create_db("lc_term");
+    pg().psql("lc_term", "CREATE TABLE IF NOT EXISTS t (i int)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_term", 4, 55);
+    let mut p = start(&path, None, &[]);
+    let busy = client(port).await.unwrap();
+    busy.simple_query("BEGIN; INSERT INTO t VALUES (42)").await.unwrap();
+    let idle = client(port).await.unwrap();
+    one(&idle, "SELECT 1").await;
+    p.signal("-TERM");
+    p.expect("STOPPING=1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The idle client was told and closed; the busy one finishes its transaction.
+    assert!(idle.simple_query("SELECT 1").await.is_err(), "idle client closed at once");
+    busy.simple_query("COMMIT").await.unwrap();
+    let committed = pg().psql("lc_term", "SELECT count(*) FROM t WHERE i = 42").unwrap();
+    assert_eq!(committed, "1");
+    assert!(busy.simple_query("SELECT 1").await.is_err(), "closed after its transaction");
+    // New clients are refused: nothing listens any more.
+    assert!(client(port).await.is_err());
+    let status = p.wait_exit(Duration::from_secs(15)).expect("exited");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_takes_over_the_port_while_the_first_drains() {
+    // Lets the kernel hand connections queued on a closing SO_REUSEPORT socket to the other.
+    let _ = Command::new("sysctl").args(["-qw", "net.ipv4.tcp_migrate_req=1"]).status();
+    create_db("lc_swap");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_swap", 4, 55);
+    let mut old = start(&path, None, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let looping = {
+        let (stop, refused, served, errors) = (stop.clone(), refused.clone(), served.clone(), errors.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let result = match client(port).await {
+                    Ok(c) => c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| format!("query: {e:?}")),
+                    Err(e) => Err(format!("connect: {e:?}")),
+                };
+                match result {
+                    Ok(()) => served.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.lock().unwrap().push(e);
+                        refused.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = start(&path, None, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("-TERM");
+    assert!(old.wait_exit(Duration::from_secs(20)).expect("old process exited").success());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    looping.await.unwrap();
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "{} served; {:?}",
+        served.load(Ordering::Relaxed),
+        errors.lock().unwrap()
+    );
+    assert!(served.load(Ordering::Relaxed) > 20);
+    drop(new);
+}
+
+#[tokio::test]
+async fn systemd_notifications_ready_reloading_stopping_and_watchdog() {
+    create_db("lc_notify");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_notify", 2, 55);
+    let mut p = start(&path, None, &[("WATCHDOG_USEC", "400000")]);
+    p.expect("WATCHDOG=1");
+    p.signal("-HUP");
+    let reloading = p.expect("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    p.expect("READY=1");
+    p.signal("-TERM");
+    p.expect("STOPPING=1");
+    assert!(p.wait_exit(Duration::from_secs(15)).expect("exited").success());
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        if std::env::var("PGBROKER_SKIP_SYSTEMD").is_ok() {
+            eprintln!("SKIPPED: no systemd-analyze (PGBROKER_SKIP_SYSTEMD set)");
+            return;
+        }
+        panic!("systemd-analyze is needed: apt-get install systemd (or set PGBROKER_SKIP_SYSTEMD=1)");
+    }
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let dir = tempfile::tempdir().unwrap();
+    // ExecStart must name an existing binary: point it at the one just built.
+    let service =
+        std::fs::read_to_string(units.join("pgbroker.service")).unwrap().replace("/usr/local/bin/pgbroker", BIN);
+    std::fs::write(dir.path().join("pgbroker.service"), service).unwrap();
+    std::fs::copy(units.join("pgbroker.socket"), dir.path().join("pgbroker.socket")).unwrap();
+    let out = Command::new(analyze)
+        .current_dir(dir.path())
+        .args(["verify", "--man=no", "pgbroker.service", "pgbroker.socket"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
