@@ -14,9 +14,9 @@ use crate::proto::build::{self, ColumnType, Severity};
 use crate::proto::{split_cstr, tag};
 use crate::session::SessionError;
 use crate::session::io::ClientIo;
+use crate::session::stream::ClientStream;
 use bytes::BytesMut;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 /// Largest query the console reads.
 const MAX_COMMAND: usize = 64 * 1024;
@@ -63,7 +63,7 @@ enum Reply {
 /// Serves one console session until the client leaves.
 pub async fn serve(
     app: &Arc<App>,
-    io: &mut ClientIo<TcpStream>,
+    io: &mut ClientIo<ClientStream>,
     user: &str,
     client: &Arc<Client>,
 ) -> Result<(), SessionError> {

@@ -200,6 +200,7 @@ fn login_for(cfg: &Config, server: &str) -> Option<Target> {
             user,
             password: db.password.clone(),
             keepalive: cfg.broker.tcp_keepalive,
+            tls: cfg.tls.server.clone(),
         })
     })
 }

@@ -137,6 +137,7 @@ pub async fn ready(app: &App) -> Result<(), String> {
             user: String::new(),
             password: None,
             keepalive: false,
+            tls: crate::tls::ServerTls::disabled(),
         };
         match tokio::time::timeout(Duration::from_secs(2), target.open()).await {
             Ok(Ok(_)) => {}

@@ -31,6 +31,8 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -42,3 +44,4 @@ pub mod sdnotify;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod tls;

@@ -183,6 +183,10 @@ pub struct Refusals {
     pub login_timeout: AtomicU64,
     /// Malformed startup or messages during login.
     pub protocol: AtomicU64,
+    /// Refused after too many failed logins from the address (`auth.max_failures_per_ip`).
+    pub auth_throttled: AtomicU64,
+    /// Refused because TLS is required (`client_tls_sslmode = require`).
+    pub tls_required: AtomicU64,
 }
 
 impl Refusals {
@@ -195,6 +199,8 @@ impl Refusals {
             ("unknown_database", self.unknown_database.load(Relaxed)),
             ("login_timeout", self.login_timeout.load(Relaxed)),
             ("protocol", self.protocol.load(Relaxed)),
+            ("auth_throttled", self.auth_throttled.load(Relaxed)),
+            ("tls_required", self.tls_required.load(Relaxed)),
         ]
     }
 

@@ -94,6 +94,7 @@ impl Broker {
             reloads: Default::default(),
             reload_failures: Default::default(),
             refusals: Default::default(),
+            login_throttle: Default::default(),
             metrics: Default::default(),
             events: Arc::default(),
             clients_open: AtomicUsize::new(0),

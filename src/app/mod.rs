@@ -80,6 +80,8 @@ pub struct App {
     pub reload_failures: std::sync::atomic::AtomicU64,
     /// Refused client connections by reason.
     pub refusals: crate::stats::Refusals,
+    /// Failed logins per address (`auth.max_failures_per_ip`).
+    pub login_throttle: crate::auth::throttle::LoginThrottle,
     /// Prometheus recorder.
     pub metrics: crate::metrics::Metrics,
     /// Operational events (logs and `$pgbroker.events`).
@@ -185,6 +187,7 @@ impl App {
             user: origin.user.clone(),
             password,
             keepalive: b.tcp_keepalive,
+            tls: cfg.tls.server.clone(),
         };
         let settings = PoolSettings {
             size,

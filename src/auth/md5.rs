@@ -19,12 +19,7 @@ const CLIENT_MAX_ITERATIONS: u32 = 100_000;
 /// Compares two byte strings in time independent of their contents (lengths are not secret).
 #[must_use]
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    // black_box keeps the optimiser from turning the fold into an early-exit compare.
-    std::hint::black_box(diff) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// Checks an md5 PasswordMessage body (without its NUL) against the user's secret and salt.

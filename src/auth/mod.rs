@@ -2,6 +2,7 @@
 
 pub mod md5;
 pub mod scram;
+pub mod throttle;
 pub mod userlist;
 
 use crate::config::{Auth, AuthType};
@@ -25,11 +26,13 @@ pub struct Authenticated {
 }
 
 /// Authenticates `user`, writing the challenge messages and reading the answers. Nothing is
-/// sent on success: the caller follows with AuthenticationOk.
+/// sent on success: the caller follows with AuthenticationOk. `binding` is the TLS
+/// connection's `tls-server-end-point` data: with it SCRAM-SHA-256-PLUS is offered too.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     auth: &Auth,
     user: &str,
+    binding: Option<Arc<[u8]>>,
 ) -> Result<Authenticated, SessionError> {
     let entry = auth.users.get(user);
     let password = entry.and_then(UserEntry::password).map(str::to_owned);
@@ -38,10 +41,10 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         (AuthType::Trust, e) => e.is_some(),
         (AuthType::Md5, Some(e)) if matches!(e.secret, Secret::Scram(_)) => {
             // As PostgreSQL does: an md5 rule with a SCRAM secret upgrades to SCRAM.
-            scram_exchange(io, e.scram.clone()).await?
+            scram_exchange(io, e.scram.clone(), binding).await?
         }
         (AuthType::Md5, e) => md5_exchange(io, e, user).await?,
-        (AuthType::ScramSha256, e) => scram_exchange(io, e.and_then(|e| e.scram.clone())).await?,
+        (AuthType::ScramSha256, e) => scram_exchange(io, e.and_then(|e| e.scram.clone()), binding).await?,
     };
     if !ok {
         return Err(failed(user));
@@ -102,10 +105,16 @@ fn base64_of(bytes: &[u8]) -> String {
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     secret: Option<Arc<ScramSecret>>,
+    binding: Option<Arc<[u8]>>,
 ) -> Result<bool, SessionError> {
     let known = secret.is_some();
     let secret = secret.unwrap_or_else(mock_secret);
-    build::auth_sasl(&mut io.wbuf, &[scram::SCRAM_SHA_256]);
+    // PostgreSQL's order: the channel-bound mechanism first when the connection allows it.
+    let mechanisms: &[&str] = match binding {
+        Some(_) => &[scram::SCRAM_SHA_256_PLUS, scram::SCRAM_SHA_256],
+        None => &[scram::SCRAM_SHA_256],
+    };
+    build::auth_sasl(&mut io.wbuf, mechanisms);
     io.flush().await?;
 
     // SASLInitialResponse: mechanism name, then an Int32 length and the client-first-message.
@@ -117,7 +126,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if usize::try_from(len).ok() != Some(data.len()) {
         return Err(malformed("SASL data length"));
     }
-    let mut server = scram::ScramServer::new(secret, mechanism, None).map_err(scram_error)?;
+    let mut server = scram::ScramServer::new(secret, mechanism, binding.map(|b| b.to_vec())).map_err(scram_error)?;
     let server_first = server.handle_client_first(data).map_err(scram_error)?;
     build::auth_sasl_continue(&mut io.wbuf, &server_first);
     io.flush().await?;

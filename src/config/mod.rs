@@ -2,12 +2,14 @@
 //!
 //! `raw` holds the file as written; this module checks every value and names the key at fault.
 
+mod describe;
 pub mod raw;
+mod security;
+pub use security::{AuthQuery, DEFAULT_AUTH_QUERY, Throttle, Tls};
 pub mod values;
 
 use crate::auth::userlist::Userlist;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,6 +119,8 @@ pub struct Config {
     pub websocket: WebSocket,
     /// `[health]`: thresholds of /health and alerts.
     pub health: Health,
+    /// TLS towards clients and servers (`[broker] client_tls_*`, `server_tls_*`).
+    pub tls: Tls,
 }
 
 /// Thresholds of /health and of the alert events.
@@ -253,6 +257,9 @@ pub struct Broker {
     pub log_connections: bool,
     /// Log each client disconnect with its reason (`log_disconnections`).
     pub log_disconnections: bool,
+    /// A query with no answer from its server for this long is cancelled, and the server
+    /// closed if it stays silent (0 = never; PgBouncer's `query_timeout`).
+    pub query_timeout: Duration,
 }
 
 /// Inputs of the per-instance server connection budget.
@@ -281,10 +288,14 @@ pub struct Auth {
     pub stats_users: Vec<String>,
     /// The auth file's users (empty when there is no file).
     pub users: Arc<Userlist>,
+    /// Secrets looked up in the database for users not in the auth file (`auth_query`).
+    pub query: Option<AuthQuery>,
+    /// Failed-login delay and per-IP limit.
+    pub throttle: Throttle,
 }
 
 /// One upstream database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Database {
     /// Host name, IP, or Unix socket directory (starts with `/`).
     pub host: String,
@@ -310,6 +321,20 @@ pub struct Database {
     pub channels: Vec<String>,
 }
 
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("pool_mode", &self.pool_mode)
+            .finish_non_exhaustive()
+    }
+}
+
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl Config {
@@ -324,7 +349,7 @@ impl Config {
     pub fn parse(text: &str, path: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
         let shown = path.map_or_else(|| PathBuf::from("<config>"), Path::to_path_buf);
         let file: raw::File = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: e.to_string().trim_end().to_string() })?;
+            .map_err(|e| ConfigError::Syntax { path: shown.clone(), message: syntax_message(text, &e) })?;
         let v = Validator { path: &shown, env };
         let base = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
         let broker = v.broker(&file.broker)?;
@@ -339,128 +364,60 @@ impl Config {
             health: v.health(&file.health)?,
             budget: v.budget(&file.budget)?,
             auth: v.auth(&file.auth, &base)?,
+            tls: v.tls(&file.broker, &base)?,
             broker,
             databases,
         })
     }
+}
 
-    /// The effective settings as TOML-like text, with passwords redacted (`pgbroker check`).
-    pub fn describe(&self) -> String {
-        let b = &self.broker;
-        let mut s = String::new();
-        let _ = writeln!(s, "[broker]");
-        let _ = writeln!(s, "listen = \"{}\"", b.listen);
-        let _ = writeln!(s, "http_listen = \"{}\"", b.http_listen);
-        let _ = writeln!(s, "pool_mode = \"{}\"", b.pool_mode.as_str());
-        let _ = writeln!(s, "max_client_conn = {}", b.max_client_conn);
-        match b.default_pool_size {
-            Some(n) => {
-                let _ = writeln!(s, "default_pool_size = {n}");
-            }
-            None => {
-                let _ = writeln!(s, "# default_pool_size: the budget split across databases");
-            }
-        }
-        let _ = writeln!(s, "server_reset_query = {:?}", b.server_reset_query);
-        for (k, d) in [
-            ("query_wait_timeout", b.query_wait_timeout),
-            ("client_login_timeout", b.client_login_timeout),
-            ("server_connect_timeout", b.server_connect_timeout),
-            ("server_reset_timeout", b.server_reset_timeout),
-            ("reserve_pool_timeout", b.reserve_pool_timeout),
-            ("server_lifetime", b.server_lifetime),
-            ("server_idle_timeout", b.server_idle_timeout),
-            ("server_login_retry", b.server_login_retry),
-            ("server_check_delay", b.server_check_delay),
-            ("client_idle_timeout", b.client_idle_timeout),
-            ("idle_transaction_timeout", b.idle_transaction_timeout),
-            ("transaction_timeout", b.transaction_timeout),
-            ("shutdown_timeout", b.shutdown_timeout),
-        ] {
-            let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
-        }
-        for (k, n) in [
-            ("max_packet_size", b.max_packet_size as u64),
-            ("min_pool_size", b.min_pool_size.into()),
-            ("reserve_pool_size", b.reserve_pool_size.into()),
-            ("max_db_connections", b.max_db_connections.into()),
-            ("max_user_connections", b.max_user_connections.into()),
-            ("server_max_uses", b.server_max_uses),
-            ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
-            ("max_prepared_statements", b.max_prepared_statements as u64),
-        ] {
-            let _ = writeln!(s, "{k} = {n}");
-        }
-        let _ = writeln!(s, "server_check_query = {:?}", b.server_check_query);
-        let _ = writeln!(s, "track_extra_parameters = {:?}", b.track_extra_parameters);
-        let _ = writeln!(s, "tcp_keepalive = {}", b.tcp_keepalive);
-        let bu = &self.budget;
-        let _ = writeln!(s, "\n[budget]");
-        match bu.server_max_connections {
-            ServerMaxConnections::Auto => {
-                let _ = writeln!(s, "server_max_connections = \"auto\"");
-            }
-            ServerMaxConnections::Fixed(n) => {
-                let _ = writeln!(s, "server_max_connections = {n}");
-            }
-        }
-        let _ = writeln!(s, "reserved_connections = {}", bu.reserved_connections);
-        let _ = writeln!(s, "max_instances = {}", bu.max_instances);
-        if !bu.env_overrides.is_empty() {
-            let _ = writeln!(s, "# from the environment: {}", bu.env_overrides.join(", "));
-        }
-        let w = &self.websocket;
-        let _ = writeln!(s, "\n[websocket]\npath = {:?}", w.path);
-        for (k, d) in
-            [("ping_interval", w.ping_interval), ("pong_timeout", w.pong_timeout), ("idle_timeout", w.idle_timeout)]
-        {
-            let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
-        }
-        let _ = writeln!(s, "max_ws_connections = {}", w.max_ws_connections);
-        let _ = writeln!(s, "max_ws_connections_per_ip = {}", w.max_ws_connections_per_ip);
-        let _ = writeln!(s, "ws_send_queue = {}", w.ws_send_queue);
-        let _ = writeln!(s, "allowed_origins = {:?}", w.allowed_origins);
-        for t in &w.tokens {
-            let _ = writeln!(s, "# token <redacted>: channels {:?}", t.channels);
-        }
-        let a = &self.auth;
-        let _ = writeln!(s, "\n[auth]\ntype = \"{}\"", a.kind.as_str());
-        if let Some(f) = &a.file {
-            let _ = writeln!(s, "file = {:?}  # {} users", f.display(), a.users.len());
-        }
-        let _ = writeln!(s, "admin_users = {:?}", a.admin_users);
-        let _ = writeln!(s, "stats_users = {:?}", a.stats_users);
-        for (name, d) in &self.databases {
-            let _ = writeln!(s, "\n[databases.{name}]");
-            let _ = writeln!(s, "host = {:?}\nport = {}\ndbname = {:?}", d.host, d.port, d.dbname);
-            match &d.user {
-                Some(u) => {
-                    let _ = writeln!(s, "user = {u:?}");
-                }
-                None => {
-                    let _ = writeln!(s, "# user: the client's own");
-                }
-            }
-            if d.password.is_some() {
-                let _ = writeln!(s, "password = \"<redacted>\"");
-            }
-            match d.pool_size {
-                Some(n) => {
-                    let _ = writeln!(s, "pool_size = {n}");
-                }
-                None => {
-                    let _ = writeln!(s, "# pool_size: broker default");
-                }
-            }
-            let _ = writeln!(s, "pool_mode = \"{}\"", d.pool_mode.as_str());
-            let _ = writeln!(
-                s,
-                "min_pool_size = {}\nreserve_pool_size = {}\nmax_db_connections = {}\nchannels = {:?}",
-                d.min_pool_size, d.reserve_pool_size, d.max_db_connections, d.channels
-            );
-        }
-        s
+/// The parser's message with its position, but without the excerpt of the offending line
+/// that toml's Display adds: that line may hold a password, and this message is logged.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = redact_value(e.message().trim_end());
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return message;
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    match key_at(text, at) {
+        Some(key) => format!("line {line}, column {column} ({key}): {message}"),
+        None => format!("line {line}, column {column}: {message}"),
     }
+}
+
+/// The dotted key whose value starts at byte `at`: the section header above it and the key
+/// left of the `=` on its line. Names the key without echoing the value (it may be a secret).
+fn key_at(text: &str, at: usize) -> Option<String> {
+    let before = text.get(..at)?;
+    let line = before.rsplit('\n').next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// serde's "invalid type: string \"hunter2\", expected i64" without the value.
+fn redact_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let kind = rest.split([' ', ',']).next().unwrap_or_default();
+            let expected = rest.rsplit_once(", expected ").map_or("", |(_, e)| e);
+            return format!("{}{kind}, expected {expected}", prefix);
+        }
+    }
+    message.to_string()
 }
 
 struct Validator<'a> {
@@ -569,6 +526,7 @@ impl Validator<'_> {
             shutdown_timeout: self.duration("broker.shutdown_timeout", &b.shutdown_timeout, 30)?,
             log_connections: b.log_connections.unwrap_or(true),
             log_disconnections: b.log_disconnections.unwrap_or(true),
+            query_timeout: self.duration("broker.query_timeout", &b.query_timeout, 0)?,
         })
     }
 
@@ -685,15 +643,20 @@ impl Validator<'_> {
             }
         };
         let file = self.string("auth.file", &a.file)?.map(|f| base.join(f));
+        let query = self.auth_query(a)?;
         let users = match &file {
             Some(f) => {
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| self.invalid("auth.file", format!("cannot read {}: {e}", f.display())))?;
+                security::warn_if_readable_by_others(f);
                 Userlist::parse(&text).map_err(|e| self.invalid("auth.file", format!("{}: {e}", f.display())))?
             }
-            None if kind == AuthType::Trust => Userlist::default(),
+            None if kind == AuthType::Trust || query.is_some() => Userlist::default(),
             None => {
-                return Err(self.invalid("auth.file", format!("required with auth.type = \"{}\"", kind.as_str())));
+                return Err(self.invalid(
+                    "auth.file",
+                    format!("required with auth.type = \"{}\" (or set auth.user for auth_query)", kind.as_str()),
+                ));
             }
         };
         Ok(Auth {
@@ -702,6 +665,8 @@ impl Validator<'_> {
             admin_users: a.admin_users.clone().unwrap_or_default(),
             stats_users: a.stats_users.clone().unwrap_or_default(),
             users: Arc::new(users),
+            query,
+            throttle: self.throttle(a)?,
         })
     }
 

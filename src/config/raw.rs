@@ -80,6 +80,12 @@ pub struct Broker {
     pub shutdown_timeout: Option<NumOrStr>,
     pub log_connections: Option<bool>,
     pub log_disconnections: Option<bool>,
+    pub query_timeout: Option<NumOrStr>,
+    pub client_tls_sslmode: Option<String>,
+    pub client_tls_cert_file: Option<String>,
+    pub client_tls_key_file: Option<String>,
+    pub server_tls_sslmode: Option<String>,
+    pub server_tls_ca_file: Option<String>,
 }
 
 /// `[budget]`: the inputs of the per-instance server connection budget.
@@ -100,6 +106,19 @@ pub struct Auth {
     pub file: Option<String>,
     pub admin_users: Option<Vec<String>>,
     pub stats_users: Option<Vec<String>>,
+    /// PgBouncer's `auth_query`.
+    #[serde(alias = "auth_query")]
+    pub query: Option<String>,
+    /// PgBouncer's `auth_user`.
+    #[serde(alias = "auth_user")]
+    pub user: Option<String>,
+    #[serde(alias = "auth_password")]
+    pub password: Option<String>,
+    /// PgBouncer's `auth_dbname`.
+    #[serde(alias = "auth_dbname")]
+    pub dbname: Option<String>,
+    pub failure_delay: Option<NumOrStr>,
+    pub max_failures_per_ip: Option<i64>,
 }
 
 /// `[databases.NAME]`: one upstream database.

@@ -179,3 +179,25 @@ fn websocket_tokens_are_read_and_redacted() {
     assert!(d.contains("[websocket]") && !d.contains("tok-1"), "{d}");
     assert!(format!("{:?}", c.websocket.tokens[0]).contains("<redacted>"));
 }
+
+#[test]
+fn syntax_errors_do_not_echo_the_offending_line() {
+    let e = Config::parse("[databases.x]\npassword = \"hunter2\nport = 1\n", None, &|_| None).unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+    assert!(!e.contains("hunter2"), "a password must not reach the logs: {e}");
+}
+
+#[test]
+fn type_errors_name_the_key_but_not_the_value() {
+    let e = Config::parse("[databases.x]\npassword = 12345678\n", None, &|_| None).unwrap_err().to_string();
+    assert!(e.contains("databases.x.password"), "{e}");
+    assert!(!e.contains("12345678"), "a password must not reach the logs: {e}");
+}
+
+#[test]
+fn database_debug_output_redacts_the_password() {
+    let c =
+        Config::parse("[auth]\ntype = \"trust\"\n[databases.x]\npassword = \"hunter2\"\n", None, &|_| None).unwrap();
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}

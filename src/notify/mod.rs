@@ -2,6 +2,7 @@
 //! LISTENs on exactly the channels some subscriber (a WebSocket client, or a SQL client in
 //! transaction mode) wants, and hands each notification to their bounded queues.
 
+pub mod command;
 mod json;
 pub use json::rfc3339;
 mod listener;

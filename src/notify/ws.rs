@@ -1,7 +1,8 @@
 //! The WebSocket endpoint: admission (origin, token, limits), then one task per connection
 //! running subscribe/unsubscribe commands, notifications out, heartbeats and timeouts.
 
-use super::{Event, Subscription, check_channel, glob_match, json};
+use super::command::{self, Command};
+use super::{Event, Subscription, json};
 use crate::app::App;
 use crate::config::Config;
 use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
@@ -154,14 +155,6 @@ fn admit(app: &Arc<App>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
     }
     *here += 1;
     Some(Admission { app: app.clone(), ip })
-}
-
-#[derive(Deserialize)]
-struct Command {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    channels: Option<Vec<String>>,
 }
 
 /// One connection, from the ack to the close.
@@ -341,50 +334,29 @@ fn all_channels(reserved: &Reserved, hub: Vec<String>) -> Vec<String> {
 
 /// Runs one JSON command and returns the reply.
 async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Option<&[String]>, text: &str) -> String {
-    let Ok(cmd) = serde_json::from_str::<Command>(text) else {
-        return json::error("bad_request", "expected {\"type\":\"subscribe\"|\"unsubscribe\",\"channels\":[...]}");
+    let cmd = match command::parse(text, allowed) {
+        Ok(cmd) => cmd,
+        Err(refusal) => return refusal.to_json(),
     };
-    match cmd.kind.as_str() {
-        "subscribe" => {
-            let wanted = cmd.channels.unwrap_or_default();
-            if wanted.is_empty() {
-                return json::error("bad_request", "subscribe needs a non-empty \"channels\" list");
-            }
-            for ch in &wanted {
-                if ch.starts_with("$pgbroker.") && reserved.slot(ch).is_none() {
-                    return json::error(
-                        "bad_channel",
-                        &format!("{ch:?}: unknown broker channel (use {EVENTS_CHANNEL} or {METRICS_CHANNEL})"),
-                    );
-                }
-                if let Err(why) = check_channel(ch) {
-                    return json::error("bad_channel", &format!("{ch:?}: {why}"));
-                }
-                if let Some(patterns) = allowed {
-                    if !patterns.iter().any(|p| glob_match(p, ch)) {
-                        return json::error("forbidden_channel", &format!("the token does not allow channel {ch:?}"));
-                    }
-                }
-            }
-            let (mine, theirs): (Vec<String>, Vec<String>) =
-                wanted.into_iter().partition(|c| c.starts_with("$pgbroker."));
-            for ch in &mine {
+    match cmd {
+        Command::Subscribe { broker, database } => {
+            for ch in &broker {
                 if let Some(slot) = reserved.slot(ch) {
                     if slot.is_none() {
                         *slot = app.events.subscribe(ch);
                     }
                 }
             }
-            let hub = match (&sub.sub, theirs.is_empty()) {
+            let hub = match (&sub.sub, database.is_empty()) {
                 (Some(s), true) => s.unsubscribe(Some(&[])),
-                (Some(s), false) => s.subscribe(&theirs).await,
+                (Some(s), false) => s.subscribe(&database).await,
                 (None, true) => Vec::new(),
                 (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
             };
             json::channels("subscribed", &all_channels(reserved, hub))
         }
-        "unsubscribe" => {
-            match cmd.channels.as_deref() {
+        Command::Unsubscribe(channels) => {
+            match channels.as_deref() {
                 None => *reserved = Reserved::default(),
                 Some(chs) => {
                     for ch in chs {
@@ -394,10 +366,9 @@ async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Opti
                     }
                 }
             }
-            let hub = sub.sub.as_ref().map(|s| s.unsubscribe(cmd.channels.as_deref())).unwrap_or_default();
+            let hub = sub.sub.as_ref().map(|s| s.unsubscribe(channels.as_deref())).unwrap_or_default();
             json::channels("unsubscribed", &all_channels(reserved, hub))
         }
-        "ping" => json::pong(),
-        other => json::error("bad_request", &format!("unknown message type {other:?}")),
+        Command::Ping => json::pong(),
     }
 }

@@ -58,8 +58,9 @@ pub enum PoolError {
         #[source]
         source: ServerError,
     },
-    /// A recent login failure is being waited out (`server_login_retry`).
-    #[error("server login for pool {pool} failed recently ({message}); retrying in {retry_in:?}")]
+    /// A recent login failure is being waited out (`server_login_retry`), or the one attempt
+    /// allowed after it is under way.
+    #[error("server login for pool {pool} failed recently ({message}); {}", retrying(*retry_in))]
     Backoff {
         /// Pool name.
         pool: String,
@@ -67,9 +68,16 @@ pub enum PoolError {
         message: String,
         /// Its SQLSTATE.
         code: SqlState,
-        /// Time left before the next attempt.
+        /// Time left before the next attempt (zero: it is under way).
         retry_in: Duration,
     },
+}
+
+fn retrying(retry_in: Duration) -> String {
+    match retry_in.as_millis() {
+        0 => "a new attempt is under way".to_string(),
+        ms => format!("retrying in {:?}", Duration::from_millis(ms as u64)),
+    }
 }
 
 impl PoolError {
@@ -169,6 +177,9 @@ struct Inner {
     /// `pool_limit_reached` was reported and clients still wait (reported once per episode).
     limit_reported: bool,
     backoff: Option<Backoff>,
+    /// After a login failure, the one connect attempt allowed at a time is under way: other
+    /// clients fail fast rather than each trying the failing server too.
+    probing: bool,
 }
 
 /// The servers of one (database, user).
@@ -406,11 +417,11 @@ impl Pool {
     fn backoff_error(&self, inner: &Inner) -> Option<PoolError> {
         let b = inner.backoff.as_ref()?;
         let now = Instant::now();
-        (now < b.until).then(|| PoolError::Backoff {
+        (now < b.until || inner.probing).then(|| PoolError::Backoff {
             pool: self.key.to_string(),
             message: b.message.clone(),
             code: b.code,
-            retry_in: b.until - now,
+            retry_in: b.until.saturating_duration_since(now),
         })
     }
 
@@ -527,8 +538,20 @@ impl Pool {
         }
     }
 
-    /// Connects and logs in, recording success or failure for `server_login_retry`.
+    /// Connects and logs in, recording success or failure for `server_login_retry`: after a
+    /// failure, the wait before the next attempt doubles up to `server_login_retry`, and once
+    /// it is over a single attempt probes the server while everyone else fails fast.
     async fn connect(&self) -> Result<ServerConn, PoolError> {
+        let _probe = {
+            let mut inner = self.lock();
+            if let Some(e) = self.backoff_error(&inner) {
+                return Err(e);
+            }
+            inner.backoff.is_some().then(|| {
+                inner.probing = true;
+                ProbeGuard(self)
+            })
+        };
         let connect = async {
             let mut conn = ServerConn::connect(self.target.load_full(), self.settings().connect_timeout).await?;
             self.learn_defaults(&mut conn).await?;
@@ -545,9 +568,12 @@ impl Pool {
             }
             Err(source) => {
                 let mut inner = self.lock();
+                let first = self.settings().login_retry.min(Duration::from_secs(1));
                 let delay = match &inner.backoff {
-                    Some(b) => (b.delay * 2).min(self.settings().login_retry),
-                    None => self.settings().login_retry.min(Duration::from_secs(1)),
+                    // Attempts made together fail together: one round, one doubling.
+                    Some(b) if Instant::now() < b.until => b.delay,
+                    Some(b) => (b.delay * 2).min(self.settings().login_retry).max(first),
+                    None => first,
                 };
                 inner.backoff = Some(Backoff {
                     until: Instant::now() + delay,
@@ -652,6 +678,15 @@ fn jittered(d: Duration) -> Option<Duration> {
     }
     let factor = 0.9 + rand::random::<f64>() * 0.2;
     Some(d.mul_f64(factor))
+}
+
+/// Ends a probe (see `Pool::connect`) however the attempt ends, dropped futures included.
+struct ProbeGuard<'a>(&'a Pool);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().probing = false;
+    }
 }
 
 /// Frees a counted slot if a connect is abandoned or fails.

@@ -2,15 +2,17 @@
 //! broker's own small queries (reset, parameter setup). Clients' bytes never pass through here;
 //! the session relays them on `stream` directly.
 
+mod negotiate;
 pub mod statements;
 pub mod stream;
 
 use crate::error::SqlState;
 use crate::proto::TxnStatus;
+use crate::tls::ServerTls;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
 use postgres_protocol::message::backend::{Header, Message};
 use postgres_protocol::message::frontend;
 use std::io;
@@ -41,6 +43,8 @@ pub struct Target {
     pub password: Option<String>,
     /// TCP keepalive on the socket.
     pub keepalive: bool,
+    /// TLS to the server (`server_tls_sslmode`; never used on Unix sockets).
+    pub tls: ServerTls,
 }
 
 impl std::fmt::Debug for Target {
@@ -122,6 +126,23 @@ pub enum ServerError {
     /// The server closed the connection.
     #[error("server closed the connection unexpectedly")]
     Closed,
+    /// The server does not do TLS but the config requires it.
+    #[error("server {addr} does not support TLS, but server_tls_sslmode = {mode}")]
+    TlsRefused {
+        /// Server address.
+        addr: String,
+        /// The configured mode.
+        mode: &'static str,
+    },
+    /// The TLS handshake failed (certificate not trusted, wrong host name, ...).
+    #[error("TLS handshake with server {addr} failed")]
+    Tls {
+        /// Server address.
+        addr: String,
+        /// Cause, from rustls.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ServerError {
@@ -129,7 +150,10 @@ impl ServerError {
     pub fn sqlstate(&self) -> SqlState {
         match self {
             ServerError::Refused { code, .. } => *code,
-            ServerError::Connect { .. } | ServerError::Timeout { .. } => SqlState::CANNOT_CONNECT,
+            ServerError::Connect { .. }
+            | ServerError::Timeout { .. }
+            | ServerError::TlsRefused { .. }
+            | ServerError::Tls { .. } => SqlState::CANNOT_CONNECT,
             ServerError::NoPassword { .. } | ServerError::UnsupportedAuth(_) => SqlState::INVALID_AUTHORIZATION,
             ServerError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
             ServerError::Io(_) | ServerError::Closed => SqlState::CONNECTION_FAILURE,
@@ -215,7 +239,7 @@ impl ServerConn {
     }
 
     async fn connect_inner(target: Arc<Target>) -> Result<ServerConn, ServerError> {
-        let mut stream = target.open().await?;
+        let mut stream = negotiate::encrypt(&target, target.open().await?).await?;
         let mut out = BytesMut::with_capacity(256);
         frontend::startup_message([("user", target.user.as_str()), ("database", target.dbname.as_str())], &mut out)?;
         stream.write_all(&out).await?;
@@ -235,16 +259,21 @@ impl ServerConn {
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationSasl(body) => {
+                    let (mut plain, mut plus) = (false, false);
                     let mut mechanisms = body.mechanisms();
-                    let mut found = false;
                     while let Some(m) = mechanisms.next()? {
-                        found |= m == SCRAM_SHA_256;
+                        plain |= m == SCRAM_SHA_256;
+                        plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !found {
-                        return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256"));
-                    }
-                    let s = ScramSha256::new(password(&target)?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                    // Bind to the TLS channel whenever both sides can, as libpq's default does.
+                    let (mechanism, binding) = match stream.tls_server_end_point() {
+                        Some(hash) if plus => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash)),
+                        Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        _ => return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256")),
+                    };
+                    let s = ScramSha256::new(password(&target)?.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
@@ -396,8 +425,7 @@ impl ServerConn {
     /// True if the idle socket has nothing to read and is not closed. A server that spoke or
     /// hung up while idle (admin kill, restart, idle_session_timeout) must not be handed out.
     pub fn is_idle_healthy(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.stream.probe(), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// The value of a reported parameter.

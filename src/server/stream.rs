@@ -1,10 +1,11 @@
-//! A server socket: TCP or Unix, behind one type so the relay needs no generics for it.
+//! A server socket: TCP, TLS over TCP, or Unix, behind one type so the relay needs no generics.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
 
 /// A connected server socket.
 #[derive(Debug)]
@@ -13,24 +14,38 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
+    /// TLS over TCP (`server_tls_sslmode`).
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Stream {
-    /// Reads without waiting; `WouldBlock` means nothing is pending (the healthy idle case).
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Peeks at the socket without waiting or consuming: `WouldBlock` means nothing is
+    /// pending (the healthy idle case), `Ok(0)` that the server hung up.
+    pub fn probe(&self) -> io::Result<usize> {
+        let mut byte = [std::mem::MaybeUninit::uninit()];
         match self {
-            Stream::Tcp(s) => s.try_read(buf),
-            Stream::Unix(s) => s.try_read(buf),
+            Stream::Tcp(s) => socket2::SockRef::from(s).peek(&mut byte),
+            Stream::Unix(s) => socket2::SockRef::from(s).peek(&mut byte),
+            Stream::Tls(s) => socket2::SockRef::from(s.get_ref().0).peek(&mut byte),
         }
     }
 }
 
 impl Stream {
-    /// Writes without waiting (a best-effort Terminate before closing).
+    /// The server certificate's `tls-server-end-point` data, for SCRAM channel binding.
+    pub fn tls_server_end_point(&self) -> Option<Vec<u8>> {
+        let Stream::Tls(s) = self else { return None };
+        let cert = s.get_ref().1.peer_certificates()?.first()?;
+        crate::tls::end_point_hash(cert)
+    }
+
+    /// Writes without waiting (a best-effort Terminate before closing). TLS would need the
+    /// bytes encrypted first; there the server sees the connection close without it.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_write(buf),
             Stream::Unix(s) => s.try_write(buf),
+            Stream::Tls(_) => Ok(0),
         }
     }
 }
@@ -40,6 +55,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -49,6 +65,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -56,6 +73,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -63,6 +81,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

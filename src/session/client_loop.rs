@@ -13,7 +13,8 @@ use super::pipe::{Action, Pipe};
 use super::prepared::Prepared;
 use super::relay::{RelayError, poll_relay};
 use super::sql;
-use super::timers::{Expired, Held, Timers};
+use super::stream::ClientStream;
+use super::timers::{Expired, Held, QueryCheck, Timers};
 use crate::app::App;
 use crate::cancel::Registration;
 use crate::clients::{Client, State as ClientState};
@@ -29,7 +30,6 @@ use bytes::BytesMut;
 use std::future::poll_fn;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -76,6 +76,11 @@ pub(super) struct ClientLoop {
     pending: Pending,
     /// A statement in the current transaction may have changed an unreported tracked setting.
     recheck: bool,
+    /// The server is in COPY FROM STDIN: it waits for the client, not the other way round.
+    copy_in: bool,
+    /// A CancelRequest `query_timeout` sent to the attached server: until it has been
+    /// delivered the server must not serve anyone else, whose query it could cancel.
+    cancelling: Option<tokio::task::JoinHandle<()>>,
     timers: Timers,
     /// Named prepared statements across servers (transaction and statement mode).
     prepared: Option<Prepared>,
@@ -110,6 +115,8 @@ impl ClientLoop {
             server,
             pending: Pending::default(),
             recheck: false,
+            copy_in: false,
+            cancelling: None,
             prepared,
             listens,
             client,
@@ -118,13 +125,13 @@ impl ClientLoop {
     }
 
     /// Relays until the client leaves or fails, then returns the server as its state allows.
-    pub async fn run(mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+    pub async fn run(mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let result = self.relay(io).await;
         self.finish();
         result
     }
 
-    async fn relay(&mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+    async fn relay(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         // Bytes the client sent right behind its startup packet belong to the relay.
         let mut client_data = !io.rbuf.is_empty();
         if client_data {
@@ -134,6 +141,7 @@ impl ClientLoop {
         let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
         let mut armed = None;
         let mut was_held = false;
+        let mut was_owed = false;
         loop {
             // Without a server, a transaction starts with the client's next message (which
             // the client loop reads only once it knows which server the bytes go to).
@@ -164,7 +172,12 @@ impl ClientLoop {
                 self.timers.attached();
             }
             was_held = held.is_some();
-            if let Some(d) = self.timers.deadline(held) {
+            let owed = self.owed();
+            if owed && !was_owed {
+                self.timers.awaiting_server();
+            }
+            was_owed = owed;
+            if let Some(d) = self.timers.deadline(held, owed) {
                 if armed.is_none_or(|a| d < a) {
                     timer.as_mut().reset(d);
                     armed = Some(d);
@@ -178,7 +191,7 @@ impl ClientLoop {
                 }) => r,
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
-                    self.check_timers()?;
+                    self.check_timers(io).await?;
                     client_data = false;
                     continue;
                 }
@@ -204,6 +217,7 @@ impl ClientLoop {
             };
             if ev.server_data {
                 self.timers.activity();
+                self.timers.server_spoke();
                 self.scan_server()?;
                 self.replay();
                 self.detach_if_done(io).await?;
@@ -367,7 +381,7 @@ impl ClientLoop {
     }
 
     /// Gives the server back once the transaction is over and nothing more is owed.
-    async fn detach_if_done(&mut self, io: &mut ClientIo<TcpStream>) -> Result<(), SessionError> {
+    async fn detach_if_done(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let Some(server) = self.server.as_mut() else { return Ok(()) };
         let done = self.mode != PoolMode::Session
             && self.pending.is_settled()
@@ -382,6 +396,7 @@ impl ClientLoop {
             if let Some(sql) = self.settings.extras_query() {
                 // The client's reply is complete: let it have it before this extra round trip.
                 io.stream.write_all(self.down.ready()).await.map_err(SessionError::Io)?;
+                io.stream.flush().await.map_err(SessionError::Io)?;
                 let n = self.down.ready().len();
                 self.down.consume(n);
                 match server.query_row(&sql).await {
@@ -399,9 +414,11 @@ impl ClientLoop {
     }
 
     fn release(&mut self, how: Release) {
+        let cancelling = self.cancelling.take().is_some_and(|c| !c.is_finished());
         if let Some(mut server) = self.server.take() {
-            server.release = how;
+            server.release = if cancelling { Release::Close } else { how };
         }
+        self.copy_in = false;
         self.registration.slot.set(None);
         self.client.set_state(ClientState::Idle);
         let c = &self.pool.counters;
@@ -413,6 +430,12 @@ impl ClientLoop {
     /// reset after a whole session), anything else is closed.
     fn finish(&mut self) {
         let clean = self.pending.is_settled() && self.up.ready().is_empty();
+        if let Some(server) = self.server.as_deref().filter(|_| !clean && self.pending.sync_points > 0) {
+            // The client left mid-request (mid-result, mid-COPY). Closing the socket alone
+            // leaves a backend that is busy computing running until it next writes, holding a
+            // connection the budget no longer counts: cancel the request too.
+            tokio::spawn(cancel_query(server.cancel.clone()));
+        }
         self.release(match (clean, self.mode) {
             (false, _) => Release::Close,
             (true, PoolMode::Session) => Release::Reset,
@@ -425,6 +448,7 @@ impl ClientLoop {
         let pending = &mut self.pending;
         let settings = &self.settings;
         let recheck = &mut self.recheck;
+        let copy_in = &mut self.copy_in;
         let inspect = !settings.extras().is_empty();
         let mut prepared = self.prepared.as_mut().zip(self.server.as_deref_mut().map(|s| &mut s.statements));
         let track = prepared.is_some();
@@ -439,6 +463,9 @@ impl ClientLoop {
                     // Streamed (huge) statements cannot be read: assume the worst.
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     *recheck |= body.is_empty() || settings.may_change_extras(body);
+                }
+                if t == tag::COPY_DONE || t == tag::COPY_FAIL {
+                    *copy_in = false;
                 }
                 match (pending.observe_client(t), prepared.as_mut()) {
                     (Action::Forward, Some((p, statements))) => p.on_client(t, msg, out, statements),
@@ -464,6 +491,7 @@ impl ClientLoop {
         let pending = &mut self.pending;
         let settings = &mut self.settings;
         let prepared = &mut self.prepared;
+        let copy_in = &mut self.copy_in;
         let statement = self.mode == PoolMode::Statement;
         let track = prepared.is_some();
         let counters = &self.pool.counters;
@@ -480,12 +508,14 @@ impl ClientLoop {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     let mut refuse = false;
                     match t {
+                        COPY_IN_RESPONSE => *copy_in = true,
                         tag::ERROR_RESPONSE => {
                             if let Some(code) = accounting::error_code(msg) {
                                 counters.error(code);
                             }
                         }
                         tag::READY_FOR_QUERY => {
+                            *copy_in = false;
                             answered += 1;
                             pending.sync_points = pending.sync_points.saturating_sub(1);
                             server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
@@ -533,24 +563,63 @@ impl ClientLoop {
         Some((s.status, self.pending.sync_points))
     }
 
-    fn check_timers(&mut self) -> Result<(), SessionError> {
-        match self.timers.expired(self.held()) {
-            None => Ok(()),
-            Some(Expired { code, message }) => Err(SessionError::fatal(code, message)),
+    /// The attached server owes the client an answer (`query_timeout` applies).
+    fn owed(&self) -> bool {
+        self.server.is_some() && self.pending.sync_points > 0 && !self.copy_in
+    }
+
+    async fn check_timers(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        if let Some(Expired { code, message }) = self.timers.expired(self.held()) {
+            return Err(SessionError::fatal(code, message));
+        }
+        match self.timers.check_query(self.owed()) {
+            QueryCheck::Fine => Ok(()),
+            QueryCheck::Cancel => {
+                if let Some(server) = self.server.as_deref() {
+                    tracing::warn!(
+                        server = server.id,
+                        pid = server.cancel.pid,
+                        query_timeout = ?self.cfg.broker.query_timeout,
+                        "no answer from the server within query_timeout; cancelling the query"
+                    );
+                    self.cancelling = Some(tokio::spawn(cancel_query(server.cancel.clone())));
+                }
+                Ok(())
+            }
+            QueryCheck::Close(Expired { code, message }) => {
+                let pid = self.server.as_deref().map(|s| s.cancel.pid);
+                tracing::warn!(?pid, "server silent after a cancel request; closing it");
+                self.abandon_server(io).await;
+                Err(SessionError::fatal(code, message))
+            }
         }
     }
 
-    /// Passes on what the server said before dying, and tells the client.
-    async fn server_lost(&mut self, io: &mut ClientIo<TcpStream>, err: Option<std::io::Error>) -> SessionError {
+    /// Passes on what the server did say, then closes it: it is never reused.
+    async fn abandon_server(&mut self, io: &mut ClientIo<ClientStream>) {
         let _ = io.stream.write_all(self.down.ready()).await;
+        let _ = io.stream.flush().await;
         self.down.clear();
         self.release(Release::Close);
         if let Some(p) = self.prepared.as_mut() {
             p.reset_in_flight();
         }
+    }
+
+    /// Passes on what the server said before dying, and tells the client.
+    async fn server_lost(&mut self, io: &mut ClientIo<ClientStream>, err: Option<std::io::Error>) -> SessionError {
+        self.abandon_server(io).await;
         tracing::warn!(error = ?err, "server connection lost");
         SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
     }
+}
+
+/// CopyInResponse: the server waits for the client's COPY data.
+const COPY_IN_RESPONSE: u8 = b'G';
+
+/// Sends a CancelRequest for whatever the server runs now.
+async fn cancel_query(target: Arc<crate::server::CancelTarget>) {
+    crate::cancel::send(&target).await;
 }
 
 /// How long a client that has not run anything yet may take to send its first request once

@@ -66,6 +66,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
     pub async fn flush(&mut self) -> Result<(), SessionError> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await.map_err(SessionError::Io)?;
+            // A no-op for TCP; TLS holds records until flushed.
+            self.stream.flush().await.map_err(SessionError::Io)?;
             self.wbuf.clear();
         }
         Ok(())
@@ -73,6 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
 
     /// Sends a single byte (the answer to SSLRequest / GSSENCRequest).
     pub async fn write_byte(&mut self, b: u8) -> io::Result<()> {
-        self.stream.write_all(&[b]).await
+        self.stream.write_all(&[b]).await?;
+        self.stream.flush().await
     }
 }

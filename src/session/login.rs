@@ -1,6 +1,7 @@
 //! Login: startup packet exchange, authentication, then hand-off to the pool mode's loop.
 
 use super::io::ClientIo;
+use super::stream::ClientStream;
 use super::{SessionError, mode_session, mode_txn};
 use crate::app::App;
 use crate::auth;
@@ -10,8 +11,8 @@ use crate::error::SqlState;
 use crate::pool::Pool;
 use crate::proto::build;
 use crate::proto::startup::{Packet, Startup};
+use crate::tls::{Acceptor, ClientMode};
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 /// A client that passed authentication.
 pub(super) struct Login {
@@ -30,16 +31,21 @@ pub(super) struct Login {
 /// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
 pub(super) async fn serve(
     app: &Arc<App>,
-    io: &mut ClientIo<TcpStream>,
+    io: &mut ClientIo<ClientStream>,
     id: u64,
     peer: std::net::SocketAddr,
 ) -> Result<(), SessionError> {
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
-    let login = match tokio::time::timeout(limit, handshake(app, &cfg, io)).await {
+    let login = match tokio::time::timeout(limit, handshake(app, &cfg, io, peer.ip())).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             count_refusal(app, &e);
+            if matches!(&e, SessionError::Fatal { code, .. } if *code == SqlState::INVALID_PASSWORD) {
+                // Answered late, and counted: guessing costs time, and then a refusal.
+                app.login_throttle.record_failure(peer.ip());
+                tokio::time::sleep(cfg.auth.throttle.failure_delay).await;
+            }
             return Err(e);
         }
         Err(_) => {
@@ -86,16 +92,23 @@ pub(super) async fn serve(
     }
 }
 
+/// Start of the message refusing an address after too many failed logins.
+const THROTTLED: &str = "too many failed logins from";
+/// Start of the message refusing a plaintext client under `client_tls_sslmode = require`.
+const TLS_REQUIRED: &str = "SSL required";
+
 fn count_refusal(app: &App, e: &SessionError) {
     let r = &app.refusals;
     let counter = match e {
+        SessionError::Fatal { message, .. } if message.starts_with(THROTTLED) => &r.auth_throttled,
+        SessionError::Fatal { message, .. } if message.starts_with(TLS_REQUIRED) => &r.tls_required,
         SessionError::Fatal { code, .. }
             if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION =>
         {
             &r.auth
         }
         SessionError::Fatal { code, .. } if *code == SqlState::INVALID_CATALOG_NAME => &r.unknown_database,
-        SessionError::Frame(_) | SessionError::Startup(_) => &r.protocol,
+        SessionError::Frame(_) | SessionError::Startup(_) | SessionError::Tls(_) => &r.protocol,
         SessionError::Fatal { code, .. } if *code == SqlState::PROTOCOL_VIOLATION => &r.protocol,
         _ => return,
     };
@@ -108,21 +121,49 @@ fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> 
     app.pool(cfg, &login.database, db, server_user, password)
 }
 
+/// Answers SSLRequest with `S` and runs the TLS handshake on the client's socket.
+async fn start_tls(io: &mut ClientIo<ClientStream>, acceptor: &Acceptor) -> Result<(), SessionError> {
+    io.write_byte(b'S').await.map_err(SessionError::Io)?;
+    let Some(tcp) = io.stream.take_plain() else {
+        return Err(SessionError::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest on an encrypted connection"));
+    };
+    match acceptor.acceptor.accept(tcp).await {
+        Ok(tls) => {
+            io.stream = ClientStream::Tls(Box::new(tls), acceptor.end_point.clone());
+            Ok(())
+        }
+        // Nothing can be said to the client in plaintext now; this ends only its session.
+        Err(e) => Err(SessionError::Tls(e)),
+    }
+}
+
 /// Startup packets and authentication. `None` means the connection only carried a cancel.
-async fn handshake(app: &App, cfg: &Config, io: &mut ClientIo<TcpStream>) -> Result<Option<Login>, SessionError> {
+async fn handshake(
+    app: &App,
+    cfg: &Config,
+    io: &mut ClientIo<ClientStream>,
+    ip: std::net::IpAddr,
+) -> Result<Option<Login>, SessionError> {
     let startup = loop {
         match io.read_startup().await? {
-            Packet::SslRequest | Packet::GssEncRequest => {
+            Packet::SslRequest | Packet::GssEncRequest if !io.rbuf.is_empty() => {
                 // Bytes sent before our answer would be read as if they came after the
-                // (refused) encryption: refuse them, as PostgreSQL does (CVE-2021-23222).
-                if !io.rbuf.is_empty() {
-                    return Err(SessionError::fatal(
-                        SqlState::PROTOCOL_VIOLATION,
-                        "received unencrypted data after encryption request",
-                    ));
-                }
-                io.write_byte(b'N').await.map_err(SessionError::Io)?;
+                // encryption handshake: refuse them, as PostgreSQL does (CVE-2021-23222).
+                return Err(SessionError::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    "received unencrypted data after encryption request",
+                ));
             }
+            Packet::SslRequest if io.stream.is_tls() => {
+                return Err(SessionError::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest on an encrypted connection"));
+            }
+            Packet::SslRequest => {
+                match cfg.tls.client.acceptor.as_ref().filter(|_| cfg.tls.client.mode != ClientMode::Disable) {
+                    Some(acceptor) => start_tls(io, acceptor).await?,
+                    None => io.write_byte(b'N').await.map_err(SessionError::Io)?,
+                }
+            }
+            Packet::GssEncRequest => io.write_byte(b'N').await.map_err(SessionError::Io)?,
             Packet::Cancel(key) => {
                 if let Some(key) = key {
                     app.cancels.cancel(key).await;
@@ -132,6 +173,18 @@ async fn handshake(app: &App, cfg: &Config, io: &mut ClientIo<TcpStream>) -> Res
             Packet::Startup(s) => break s,
         }
     };
+    if cfg.tls.client.mode == ClientMode::Require && !io.stream.is_tls() {
+        return Err(SessionError::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            format!("{TLS_REQUIRED}: this broker refuses unencrypted connections (client_tls_sslmode = require)"),
+        ));
+    }
+    if let Err(wait) = app.login_throttle.check(ip, cfg.auth.throttle.max_failures_per_ip) {
+        return Err(SessionError::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            format!("{THROTTLED} {ip}; try again in {} s", wait.as_secs() + 1),
+        ));
+    }
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
         build::negotiate_protocol_version(&mut io.wbuf, 0, &startup.protocol_options);
     }
@@ -151,7 +204,8 @@ async fn handshake(app: &App, cfg: &Config, io: &mut ClientIo<TcpStream>) -> Res
         ));
     }
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
-    let authenticated = auth::authenticate(io, &cfg.auth, &user).await?;
+    let binding = io.stream.tls_server_end_point();
+    let authenticated = auth::authenticate(io, &cfg.auth, &user, binding).await?;
     let db = if crate::admin::is_console(&database) {
         if !cfg.auth.admin_users.contains(&user) && !cfg.auth.stats_users.contains(&user) {
             return Err(SessionError::fatal(

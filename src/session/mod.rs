@@ -16,6 +16,7 @@ pub mod pipe;
 pub mod prepared;
 pub mod relay;
 mod sql;
+pub mod stream;
 mod timers;
 
 use crate::app::App;
@@ -54,6 +55,9 @@ pub enum SessionError {
     /// The client sent a bad startup packet.
     #[error("invalid startup packet")]
     Startup(#[from] crate::proto::startup::StartupError),
+    /// The TLS handshake failed (nothing more can be said to the client).
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
 }
 
 impl SessionError {
@@ -65,7 +69,7 @@ impl SessionError {
     /// What the client is told, if anything can still reach it.
     fn client_message(&self) -> Option<(SqlState, String)> {
         match self {
-            SessionError::Disconnected | SessionError::Io(_) => None,
+            SessionError::Disconnected | SessionError::Io(_) | SessionError::Tls(_) => None,
             SessionError::Fatal { code, message } => Some((*code, message.clone())),
             SessionError::Frame(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
             SessionError::Startup(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
@@ -89,7 +93,7 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("session", id, %peer);
     async move {
-        let mut io = ClientIo::new(stream);
+        let mut io = ClientIo::new(stream::ClientStream::Plain(stream));
         let result = login::serve(&app, &mut io, id, peer).await;
         let log = app.config().broker.log_disconnections;
         match &result {
@@ -114,5 +118,6 @@ pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(io: &mut ClientIo<S>, 
     let mut buf = BytesMut::new();
     build::error_response(&mut buf, Severity::Fatal, code, message, None);
     let _ = io.stream.write_all(&buf).await;
+    let _ = io.stream.flush().await;
     let _ = io.stream.shutdown().await;
 }

@@ -5,6 +5,7 @@ use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
 use super::login::Login;
 use super::params::ClientSettings;
+use super::stream::ClientStream;
 use super::{SessionError, params};
 use crate::app::App;
 use crate::clients::Client;
@@ -13,12 +14,11 @@ use crate::pool::{Pool, Pooled, Release};
 use crate::proto::build;
 use crate::server::ServerConn;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 pub(super) async fn run(
     app: &Arc<App>,
     cfg: &Config,
-    io: &mut ClientIo<TcpStream>,
+    io: &mut ClientIo<ClientStream>,
     login: Login,
     pool: Arc<Pool>,
     client: Arc<Client>,
@@ -69,7 +69,7 @@ async fn apply_settings(server: &mut Pooled, login: &Login) -> Result<(), Sessio
 }
 
 /// ParameterStatus for every reported setting, our BackendKeyData, ReadyForQuery.
-fn welcome(io: &mut ClientIo<TcpStream>, server: &ServerConn, pid: i32, secret: i32) {
+fn welcome(io: &mut ClientIo<ClientStream>, server: &ServerConn, pid: i32, secret: i32) {
     for (name, value) in &server.params {
         build::parameter_status(&mut io.wbuf, name, value);
     }

@@ -8,6 +8,7 @@ use super::listen::Listens;
 use super::login::Login;
 use super::params::{self, ClientSettings};
 use super::prepared::Prepared;
+use super::stream::ClientStream;
 use crate::app::App;
 use crate::clients::Client;
 use crate::config::{Config, PoolMode};
@@ -15,12 +16,11 @@ use crate::error::{SqlState, chain};
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 pub(super) async fn run(
     app: &Arc<App>,
     cfg: &Config,
-    io: &mut ClientIo<TcpStream>,
+    io: &mut ClientIo<ClientStream>,
     login: Login,
     pool: Arc<Pool>,
     statement: bool,

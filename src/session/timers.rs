@@ -1,5 +1,6 @@
-//! Client-side time limits: `client_idle_timeout`, `idle_transaction_timeout`,
-//! `transaction_timeout`. Pure bookkeeping; the session owns the timer that fires them.
+//! Time limits of a session: `client_idle_timeout`, `idle_transaction_timeout`,
+//! `transaction_timeout` on the client's side, and `query_timeout` on the server's. Pure
+//! bookkeeping; the session owns the timer that fires them and does what they say.
 
 use crate::config::Broker;
 use crate::error::SqlState;
@@ -16,14 +17,34 @@ pub struct Expired {
     pub message: String,
 }
 
+/// How long a server that got a CancelRequest from `query_timeout` may stay silent before it
+/// is closed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+/// What `query_timeout` asks of the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryCheck {
+    /// Nothing (the server answered, or the limit has not run out).
+    Fine,
+    /// The server has been silent for `query_timeout`: send it a CancelRequest.
+    Cancel,
+    /// Still silent `CANCEL_GRACE` after the cancel: close the server and tell the client.
+    Close(Expired),
+}
+
 /// The limits and the moments they count from.
 #[derive(Debug, Clone)]
 pub struct Timers {
     client_idle: Duration,
     idle_transaction: Duration,
     transaction: Duration,
+    query: Duration,
     last_activity: Instant,
     attached_at: Instant,
+    /// Since when the server owes an answer and has said nothing (`query_timeout`).
+    server_quiet_since: Instant,
+    /// When `query_timeout` sent a CancelRequest that the server has not answered yet.
+    cancel_sent: Option<Instant>,
 }
 
 /// What the session holds: the server's transaction status and the requests it still owes
@@ -38,8 +59,11 @@ impl Timers {
             client_idle: b.client_idle_timeout,
             idle_transaction: b.idle_transaction_timeout,
             transaction: b.transaction_timeout,
+            query: b.query_timeout,
             last_activity: now,
             attached_at: now,
+            server_quiet_since: now,
+            cancel_sent: None,
         }
     }
 
@@ -48,6 +72,59 @@ impl Timers {
         self.client_idle = b.client_idle_timeout;
         self.idle_transaction = b.idle_transaction_timeout;
         self.transaction = b.transaction_timeout;
+        self.query = b.query_timeout;
+    }
+
+    /// The server now owes an answer it did not owe before (a request was sent, or a COPY
+    /// from the client ended): `query_timeout` counts from here.
+    #[inline]
+    pub fn awaiting_server(&mut self) {
+        if !self.query.is_zero() {
+            self.server_quiet_since = Instant::now();
+            self.cancel_sent = None;
+        }
+    }
+
+    /// The server sent something: it is alive, and `query_timeout` starts over.
+    #[inline]
+    pub fn server_spoke(&mut self) {
+        if !self.query.is_zero() {
+            self.server_quiet_since = Instant::now();
+            self.cancel_sent = None;
+        }
+    }
+
+    /// When `query_timeout` next needs a look, if the server owes an answer (`owed`).
+    fn query_deadline(&self, owed: bool) -> Option<Instant> {
+        if !owed || self.query.is_zero() {
+            return None;
+        }
+        Some(match self.cancel_sent {
+            None => self.server_quiet_since + self.query,
+            Some(at) => at + CANCEL_GRACE,
+        })
+    }
+
+    /// What `query_timeout` asks for now, given whether the server owes an answer. A `Cancel`
+    /// is recorded as sent.
+    pub fn check_query(&mut self, owed: bool) -> QueryCheck {
+        let Some(due) = self.query_deadline(owed) else { return QueryCheck::Fine };
+        let now = Instant::now();
+        if now < due {
+            return QueryCheck::Fine;
+        }
+        if self.cancel_sent.is_none() {
+            self.cancel_sent = Some(now);
+            return QueryCheck::Cancel;
+        }
+        QueryCheck::Close(Expired {
+            code: SqlState::from_code("57014"),
+            message: format!(
+                "query_timeout ({:?}) expired: the server did not answer, nor a cancel request within {CANCEL_GRACE:?}; \
+                 its connection was closed",
+                self.query
+            ),
+        })
     }
 
     fn enabled(&self) -> bool {
@@ -95,9 +172,14 @@ impl Timers {
         ]
     }
 
-    /// When the next applicable limit runs out, if any applies.
-    pub fn deadline(&self, held: Held) -> Option<Instant> {
-        self.limits(held).iter().filter(|(d, ..)| !d.is_zero()).map(|(d, from, ..)| *from + *d).min()
+    /// When the next applicable limit runs out, if any applies; `owed` says whether the
+    /// server owes an answer (for `query_timeout`).
+    pub fn deadline(&self, held: Held, owed: bool) -> Option<Instant> {
+        let client = self.limits(held).into_iter().filter(|(d, ..)| !d.is_zero()).map(|(d, from, ..)| from + d).min();
+        match (client, self.query_deadline(owed)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The limit that has run out now, if any.
@@ -120,31 +202,34 @@ mod tests {
             client_idle: Duration::from_secs(idle),
             idle_transaction: Duration::from_secs(idle_txn),
             transaction: Duration::from_secs(txn),
+            query: Duration::ZERO,
             last_activity: now,
             attached_at: now,
+            server_quiet_since: now,
+            cancel_sent: None,
         }
     }
 
     #[test]
     fn nothing_applies_when_all_limits_are_zero() {
-        assert_eq!(timers(0, 0, 0).deadline(None), None);
-        assert_eq!(timers(0, 0, 0).deadline(Some((TxnStatus::InTransaction, 0))), None);
+        assert_eq!(timers(0, 0, 0).deadline(None, false), None);
+        assert_eq!(timers(0, 0, 0).deadline(Some((TxnStatus::InTransaction, 1)), true), None);
     }
 
     #[test]
     fn client_idle_applies_only_without_a_server() {
         let t = timers(10, 0, 0);
-        assert!(t.deadline(None).is_some());
-        assert_eq!(t.deadline(Some((TxnStatus::Idle, 1))), None);
+        assert!(t.deadline(None, false).is_some());
+        assert_eq!(t.deadline(Some((TxnStatus::Idle, 1)), true), None);
     }
 
     #[test]
     fn idle_transaction_applies_only_when_nothing_is_running() {
         let t = timers(0, 5, 0);
-        assert!(t.deadline(Some((TxnStatus::InTransaction, 0))).is_some());
-        assert!(t.deadline(Some((TxnStatus::Failed, 0))).is_some());
-        assert_eq!(t.deadline(Some((TxnStatus::InTransaction, 1))), None, "a query is running");
-        assert_eq!(t.deadline(Some((TxnStatus::Idle, 0))), None);
+        assert!(t.deadline(Some((TxnStatus::InTransaction, 0)), false).is_some());
+        assert!(t.deadline(Some((TxnStatus::Failed, 0)), false).is_some());
+        assert_eq!(t.deadline(Some((TxnStatus::InTransaction, 1)), true), None, "a query is running");
+        assert_eq!(t.deadline(Some((TxnStatus::Idle, 0)), false), None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -156,5 +241,36 @@ mod tests {
         let e = t.expired(held).unwrap();
         assert_eq!(e.code, SqlState::TRANSACTION_TIMEOUT);
         assert!(e.message.contains("transaction_timeout (3s)"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn query_timeout_cancels_first_then_closes_a_silent_server() {
+        let mut t = timers(0, 0, 0);
+        t.query = Duration::from_secs(2);
+        assert_eq!(t.deadline(Some((TxnStatus::Idle, 1)), false), None, "nothing owed");
+        t.awaiting_server();
+        let due = t.deadline(Some((TxnStatus::Idle, 1)), true).unwrap();
+        assert_eq!(due - Instant::now(), Duration::from_secs(2));
+        assert_eq!(t.check_query(true), QueryCheck::Fine);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(t.check_query(true), QueryCheck::Cancel);
+        assert_eq!(t.check_query(true), QueryCheck::Fine, "the cancel gets its grace");
+        tokio::time::advance(CANCEL_GRACE).await;
+        let QueryCheck::Close(e) = t.check_query(true) else { panic!("expected Close") };
+        assert_eq!(e.code.code(), "57014");
+        assert!(e.message.contains("query_timeout (2s)"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_speaks_resets_query_timeout() {
+        let mut t = timers(0, 0, 0);
+        t.query = Duration::from_secs(2);
+        t.awaiting_server();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(t.check_query(true), QueryCheck::Cancel);
+        t.server_spoke();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(t.check_query(true), QueryCheck::Fine, "counting starts over, and no close");
+        assert_eq!(t.check_query(false), QueryCheck::Fine);
     }
 }
