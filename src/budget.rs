@@ -3,7 +3,7 @@
 //! broker opens to that server counts against it.
 
 use crate::config::{Config, Database, ServerMaxConnections};
-use crate::server::{ServerConn, ServerError, Target};
+use crate::server::{Credential, ServerConn, ServerError, Target};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -86,7 +86,7 @@ pub enum BudgetError {
     BelowOne(Derivation),
     /// `auto` needs a login to read the server's settings.
     #[error(
-        "budget.server_max_connections = \"auto\" needs a database on {server} with user and password to read max_connections; set server_max_connections or DB_MAX_CONNECTIONS instead"
+        "budget.server_max_connections = \"auto\" needs a database on {server} with user and password (or auth.user) to read max_connections; set server_max_connections or DB_MAX_CONNECTIONS instead"
     )]
     NoCredentials {
         /// The server.
@@ -189,19 +189,24 @@ pub async fn derive_all(cfg: &Config) -> Result<BTreeMap<String, Derivation>, Bu
     Ok(out)
 }
 
-/// A configured login for `server`, used to read its settings.
+/// A configured login for `server`, used to read its settings: a database's own user, else
+/// the `auth_query` user.
 fn login_for(cfg: &Config, server: &str) -> Option<Target> {
-    cfg.databases.values().find_map(|db| {
-        let user = db.user.clone()?;
-        (server_of(db) == server).then(|| Target {
-            host: db.host.clone(),
-            port: db.port,
-            dbname: db.dbname.clone(),
-            user,
-            password: db.password.clone(),
-            keepalive: cfg.broker.tcp_keepalive,
-            tls: cfg.tls.server.clone(),
-        })
+    let on_server = || cfg.databases.values().filter(|db| server_of(db) == server);
+    let (db, user, password) =
+        on_server().find_map(|db| Some((db, db.user.clone()?, db.password.clone()))).or_else(|| {
+            let aq = cfg.auth.query.as_ref()?;
+            let password = aq.password.clone().or_else(|| cfg.auth.users.get(&aq.user)?.password().map(str::to_owned));
+            Some((on_server().next()?, aq.user.clone(), password))
+        })?;
+    Some(Target {
+        host: db.host.clone(),
+        port: db.port,
+        dbname: db.dbname.clone(),
+        user,
+        credential: password.map(Credential::Password),
+        keepalive: cfg.broker.tcp_keepalive,
+        tls: cfg.tls.server.clone(),
     })
 }
 

@@ -135,7 +135,7 @@ pub async fn ready(app: &App) -> Result<(), String> {
             port: db.port,
             dbname: db.dbname.clone(),
             user: String::new(),
-            password: None,
+            credential: None,
             keepalive: false,
             tls: crate::tls::ServerTls::disabled(),
         };

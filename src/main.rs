@@ -49,12 +49,14 @@ fn main() -> anyhow::Result<()> {
     if let Command::Run = command {
         let config = Config::load(&cli.config)?;
         init_logging(config.broker.log_format == pgbroker::config::LogFormat::Json);
+        config.warn_insecure_files();
         return runtime()?.block_on(pgbroker::app::run(config));
     }
     init_logging(false);
     match command {
         Command::Check => {
             let config = Config::load(&cli.config)?;
+            config.warn_insecure_files();
             print!("{}", config.describe());
             // The budget is part of the effective settings; with "auto" this reads the server.
             let budgets = runtime()?.block_on(pgbroker::budget::derive_all(&config))?;

@@ -14,7 +14,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::{Config, Database};
 use crate::notify::Hub;
 use crate::pool::{Limit, Pool, PoolKey, PoolSettings, Pools};
-use crate::server::Target;
+use crate::server::{Credential, Target};
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -137,14 +137,14 @@ impl App {
         database: &str,
         db: &Database,
         server_user: &str,
-        password: Option<String>,
+        credential: Option<Credential>,
     ) -> Arc<Pool> {
         let key = PoolKey { database: database.to_string(), user: server_user.to_string() };
         self.pools.get_or_create(&key, || {
             let listener = database.ends_with(LISTENER_SUFFIX);
             let real = database.trim_end_matches(LISTENER_SUFFIX);
             let origin = Origin { database: real.to_string(), listener, user: server_user.to_string() };
-            let (target, settings) = self.pool_setup(cfg, &origin, db, password);
+            let (target, settings) = self.pool_setup(cfg, &origin, db, credential);
             let mut limits = Vec::new();
             if let Some((_, limit)) = self.budgets().get(&budget::server_of(db)) {
                 limits.push(limit.clone());
@@ -168,7 +168,7 @@ impl App {
         cfg: &Config,
         origin: &Origin,
         db: &Database,
-        password: Option<String>,
+        credential: Option<Credential>,
     ) -> (Target, PoolSettings) {
         let b = &cfg.broker;
         let server = budget::server_of(db);
@@ -185,7 +185,7 @@ impl App {
             port: db.port,
             dbname: db.dbname.clone(),
             user: origin.user.clone(),
-            password,
+            credential,
             keepalive: b.tcp_keepalive,
             tls: cfg.tls.server.clone(),
         };
@@ -220,7 +220,7 @@ impl App {
             .ok_or_else(|| format!("LISTEN/NOTIFY for database \"{database}\" needs databases.{database}.user (and password) for the listener connection"))?;
         let listener_key = format!("{database}{LISTENER_SUFFIX}");
         Ok(self.hubs.get_or_start(database, || {
-            let pool = self.pool(cfg, &listener_key, db, user, db.password.clone());
+            let pool = self.pool(cfg, &listener_key, db, user, db.password.clone().map(Credential::Password));
             Hub::start(database, pool, &db.channels, self.shutdown.clone())
         }))
     }

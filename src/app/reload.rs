@@ -8,6 +8,7 @@ use super::{App, Budgets};
 use crate::budget;
 use crate::config::Config;
 use crate::pool::Limit;
+use crate::server::Credential;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -39,6 +40,7 @@ impl App {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| crate::error::chain(&e))?;
+        new.warn_insecure_files();
         let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
         for (key, changed) in [
             ("broker.listen", new.broker.listen != old.broker.listen),
@@ -95,12 +97,14 @@ impl App {
                 self.pools.remove(pool.key());
                 continue;
             };
-            let password = if db.user.is_some() {
-                db.password.clone()
+            let credential = if db.user.is_some() {
+                db.password.clone().map(Credential::Password)
             } else {
-                cfg.auth.users.get(&origin.user).and_then(|e| e.password()).map(str::to_owned)
+                // The auth file's password if it has one, else what the clients' logins gave.
+                let plain = cfg.auth.users.get(&origin.user).and_then(|e| e.password());
+                plain.map(|p| Credential::Password(p.to_owned())).or_else(|| pool.target().credential.clone())
             };
-            let (target, settings) = self.pool_setup(cfg, origin, db, password);
+            let (target, settings) = self.pool_setup(cfg, origin, db, credential);
             if db.max_db_connections > 0 {
                 self.shared_limit(format!("max_db_connections {}", origin.database), db.max_db_connections);
             }

@@ -83,7 +83,7 @@ fn scram_exchange_succeeds(secret: &ScramSecret, password: &[u8]) -> bool {
     client.update(&first).is_ok() && server.handle_client_final(client.message()).is_ok()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         // Writing to a String cannot fail.

@@ -1,6 +1,9 @@
-//! Client authentication by the broker itself: trust, md5 or SCRAM-SHA-256 against the auth file.
+//! Client authentication by the broker itself: trust, md5 or SCRAM-SHA-256 against the auth
+//! file or, for users it lacks, a secret looked up with `auth_query`.
 
 pub mod md5;
+pub mod passthrough;
+pub mod query;
 pub mod scram;
 pub mod throttle;
 pub mod userlist;
@@ -10,6 +13,7 @@ use crate::error::SqlState;
 use crate::proto::{build, read_i32, split_cstr, tag};
 use crate::session::SessionError;
 use crate::session::io::ClientIo;
+use passthrough::Credential;
 use std::sync::{Arc, OnceLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use userlist::{ScramSecret, Secret, UserEntry};
@@ -17,39 +21,53 @@ use userlist::{ScramSecret, Secret, UserEntry};
 /// Largest password or SASL message accepted from a client.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
 
-/// What a successful login yields.
+/// What a successful login yields: what can prove the same user to a server, for
+/// databases without a configured user (the password, or pass-through secrets).
 #[derive(Debug, Default)]
 pub struct Authenticated {
-    /// The client's plain password, when the auth file holds one (used to log in to servers
-    /// for databases without a configured user).
-    pub password: Option<String>,
+    /// The server login credential, if the login revealed one.
+    pub credential: Option<Credential>,
 }
 
-/// Authenticates `user`, writing the challenge messages and reading the answers. Nothing is
-/// sent on success: the caller follows with AuthenticationOk. `binding` is the TLS
-/// connection's `tls-server-end-point` data: with it SCRAM-SHA-256-PLUS is offered too.
+/// Authenticates `user` against `entry` (from the auth file or `auth_query`; `None`: unknown
+/// user, who still goes through a full exchange so names cannot be probed), writing the
+/// challenge messages and reading the answers. Nothing is sent on success: the caller follows
+/// with AuthenticationOk. `binding` is the TLS connection's `tls-server-end-point` data: with
+/// it SCRAM-SHA-256-PLUS is offered too.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     auth: &Auth,
     user: &str,
+    entry: Option<&UserEntry>,
     binding: Option<Arc<[u8]>>,
 ) -> Result<Authenticated, SessionError> {
-    let entry = auth.users.get(user);
-    let password = entry.and_then(UserEntry::password).map(str::to_owned);
-    let ok = match (auth.kind, entry) {
-        (AuthType::Trust, _) if auth.file.is_none() => true,
-        (AuthType::Trust, e) => e.is_some(),
+    let from_secret = || match entry.map(|e| &e.secret) {
+        Some(Secret::Plain(p)) => Some(Credential::Password(p.clone())),
+        Some(Secret::Md5(h)) => Some(Credential::Md5(*h)),
+        _ => None,
+    };
+    let scram_keys = |client_key: Option<[u8; 32]>| {
+        from_secret().or_else(|| {
+            let server_key = entry?.scram.as_ref()?.server_key;
+            Some(Credential::ScramKeys { client_key: client_key?, server_key })
+        })
+    };
+    let credential = match (auth.kind, entry) {
+        (AuthType::Trust, _) if auth.file.is_none() && auth.query.is_none() => Ok(from_secret()),
+        (AuthType::Trust, e) => e.map(|_| from_secret()).ok_or(()),
         (AuthType::Md5, Some(e)) if matches!(e.secret, Secret::Scram(_)) => {
             // As PostgreSQL does: an md5 rule with a SCRAM secret upgrades to SCRAM.
-            scram_exchange(io, e.scram.clone(), binding).await?
+            scram_exchange(io, e.scram.clone(), binding).await?.map(scram_keys)
         }
-        (AuthType::Md5, e) => md5_exchange(io, e, user).await?,
-        (AuthType::ScramSha256, e) => scram_exchange(io, e.and_then(|e| e.scram.clone()), binding).await?,
+        (AuthType::Md5, e) => md5_exchange(io, e, user).await?.then(from_secret).ok_or(()),
+        (AuthType::ScramSha256, e) => {
+            scram_exchange(io, e.and_then(|e| e.scram.clone()), binding).await?.map(scram_keys)
+        }
     };
-    if !ok {
-        return Err(failed(user));
+    match credential {
+        Ok(credential) => Ok(Authenticated { credential }),
+        Err(()) => Err(failed(user)),
     }
-    Ok(Authenticated { password })
 }
 
 fn failed(user: &str) -> SessionError {
@@ -102,11 +120,13 @@ fn base64_of(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Runs a SCRAM exchange; `Ok(Ok(client_key))` when the proof is valid for a known secret,
+/// `Ok(Err(()))` when it is not.
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     secret: Option<Arc<ScramSecret>>,
     binding: Option<Arc<[u8]>>,
-) -> Result<bool, SessionError> {
+) -> Result<Result<Option<[u8; 32]>, ()>, SessionError> {
     let known = secret.is_some();
     let secret = secret.unwrap_or_else(mock_secret);
     // PostgreSQL's order: the channel-bound mechanism first when the connection allows it.
@@ -135,9 +155,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     match server.handle_client_final(&body) {
         Ok(server_final) if known => {
             build::auth_sasl_final(&mut io.wbuf, &server_final);
-            Ok(true)
+            Ok(Ok(server.client_key()))
         }
-        Ok(_) | Err(scram::ScramError::InvalidProof) => Ok(false),
+        Ok(_) | Err(scram::ScramError::InvalidProof) => Ok(Err(())),
         Err(e) => Err(scram_error(e)),
     }
 }

@@ -648,7 +648,6 @@ impl Validator<'_> {
             Some(f) => {
                 let text = std::fs::read_to_string(f)
                     .map_err(|e| self.invalid("auth.file", format!("cannot read {}: {e}", f.display())))?;
-                security::warn_if_readable_by_others(f);
                 Userlist::parse(&text).map_err(|e| self.invalid("auth.file", format!("{}: {e}", f.display())))?
             }
             None if kind == AuthType::Trust || query.is_some() => Userlist::default(),

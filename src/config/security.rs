@@ -138,7 +138,20 @@ impl Validator<'_> {
 }
 
 /// Warns when the auth file can be read by users other than its owner (it holds secrets).
-pub(super) fn warn_if_readable_by_others(path: &Path) {
+impl super::Config {
+    /// Logs a warning for each file of secrets (the auth file, the TLS key) that group or
+    /// others may read. Called once logging is up: at start, by `check`, and on reload.
+    pub fn warn_insecure_files(&self) {
+        let files = [("auth file", self.auth.file.as_deref()), ("TLS key", self.tls.client_key_file.as_deref())];
+        for (what, path) in files {
+            if let Some(path) = path {
+                warn_if_readable_by_others(what, path);
+            }
+        }
+    }
+}
+
+fn warn_if_readable_by_others(what: &str, path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
@@ -146,7 +159,7 @@ pub(super) fn warn_if_readable_by_others(path: &Path) {
             tracing::warn!(
                 file = %path.display(),
                 mode = format!("{:o}", mode & 0o777),
-                "the auth file holds secrets but is readable by group or others; chmod 600 it"
+                "the {what} holds secrets but is readable by group or others; chmod 600 it"
             );
         }
     }

@@ -249,6 +249,11 @@ impl Pool {
         self.settings.load_full()
     }
 
+    /// The server address and login new connections use.
+    pub fn target(&self) -> Arc<Target> {
+        self.target.load_full()
+    }
+
     /// Applies reloaded settings: a smaller pool closes idle servers now and busy ones as
     /// they come back; a bigger one serves waiters at once. A changed server address or
     /// login retires every existing server.

@@ -6,12 +6,13 @@ mod negotiate;
 pub mod statements;
 pub mod stream;
 
+pub use crate::auth::passthrough::Credential;
+use crate::auth::passthrough::KeysClient;
 use crate::error::SqlState;
 use crate::proto::TxnStatus;
 use crate::tls::ServerTls;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
 use postgres_protocol::message::backend::{Header, Message};
 use postgres_protocol::message::frontend;
@@ -39,8 +40,8 @@ pub struct Target {
     pub dbname: String,
     /// Login user.
     pub user: String,
-    /// Login password, if the server asks for one.
-    pub password: Option<String>,
+    /// What proves the login, if the server asks (a password, or pass-through secrets).
+    pub credential: Option<Credential>,
     /// TCP keepalive on the socket.
     pub keepalive: bool,
     /// TLS to the server (`server_tls_sslmode`; never used on Unix sockets).
@@ -114,6 +115,15 @@ pub enum ServerError {
         /// Login user.
         user: String,
     },
+    /// The server asked for a method the known credential cannot answer (a stored md5 hash
+    /// cannot answer SCRAM, SCRAM keys cannot answer md5 or cleartext).
+    #[error(
+        "server asks for {0} authentication, which the client's stored secret cannot answer; configure the database's user and password, or store the same kind of secret the server uses"
+    )]
+    NeedsPassword(&'static str),
+    /// A SCRAM pass-through exchange failed (the server holds another verifier).
+    #[error("SCRAM pass-through to the server failed")]
+    ScramKeys(#[source] crate::auth::passthrough::KeysError),
     /// An authentication method the broker cannot answer.
     #[error("server requested an unsupported authentication method ({0})")]
     UnsupportedAuth(&'static str),
@@ -154,7 +164,10 @@ impl ServerError {
             | ServerError::Timeout { .. }
             | ServerError::TlsRefused { .. }
             | ServerError::Tls { .. } => SqlState::CANNOT_CONNECT,
-            ServerError::NoPassword { .. } | ServerError::UnsupportedAuth(_) => SqlState::INVALID_AUTHORIZATION,
+            ServerError::NoPassword { .. }
+            | ServerError::NeedsPassword(_)
+            | ServerError::ScramKeys(_)
+            | ServerError::UnsupportedAuth(_) => SqlState::INVALID_AUTHORIZATION,
             ServerError::Protocol(_) => SqlState::PROTOCOL_VIOLATION,
             ServerError::Io(_) | ServerError::Closed => SqlState::CONNECTION_FAILURE,
         }
@@ -244,7 +257,7 @@ impl ServerConn {
         frontend::startup_message([("user", target.user.as_str()), ("database", target.dbname.as_str())], &mut out)?;
         stream.write_all(&out).await?;
         let mut rbuf = BytesMut::with_capacity(1024);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         let mut params = Vec::new();
         let mut key = None;
         loop {
@@ -252,10 +265,13 @@ impl ServerConn {
             match read_message(&mut stream, &mut rbuf).await? {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password(&target)?.as_bytes(), &mut out)?;
+                    let password = credential(&target)?.password().ok_or(ServerError::NeedsPassword("password"))?;
+                    frontend::password_message(password.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(target.user.as_bytes(), password(&target)?.as_bytes(), body.salt());
+                    let hash = credential(&target)?
+                        .md5_response(&target.user, body.salt())
+                        .ok_or(ServerError::NeedsPassword("md5"))?;
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -266,24 +282,45 @@ impl ServerConn {
                         plus |= m == SCRAM_SHA_256_PLUS;
                     }
                     // Bind to the TLS channel whenever both sides can, as libpq's default does.
-                    let (mechanism, binding) = match stream.tls_server_end_point() {
-                        Some(hash) if plus => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash)),
+                    let hash = stream.tls_server_end_point();
+                    let (mechanism, binding) = match &hash {
+                        Some(hash) if plus => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash.clone())),
                         Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
                         None if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
                         _ => return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256")),
                     };
-                    let s = ScramSha256::new(password(&target)?.as_bytes(), binding);
-                    frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
+                    let s = match credential(&target)? {
+                        Credential::Password(p) => Scram::Password(ScramSha256::new(p.as_bytes(), binding)),
+                        Credential::ScramKeys { client_key, server_key } => {
+                            let bound = hash.filter(|_| mechanism == SCRAM_SHA_256_PLUS);
+                            Scram::Keys(KeysClient::new(*client_key, *server_key, bound))
+                        }
+                        Credential::Md5(_) => return Err(ServerError::NeedsPassword("SCRAM")),
+                    };
+                    let first = match &s {
+                        Scram::Password(s) => s.message().to_vec(),
+                        Scram::Keys(k) => k.first(),
+                    };
+                    frontend::sasl_initial_response(mechanism, &first, &mut out)?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| protocol("SASL continue before start"))?;
-                    s.update(body.data())?;
-                    frontend::sasl_response(s.message(), &mut out)?;
+                    match scram.as_mut().ok_or_else(|| protocol("SASL continue before start"))? {
+                        Scram::Password(s) => {
+                            s.update(body.data())?;
+                            frontend::sasl_response(s.message(), &mut out)?;
+                        }
+                        Scram::Keys(k) => {
+                            let reply = k.handle_server_first(body.data()).map_err(scram_keys)?;
+                            frontend::sasl_response(&reply, &mut out)?;
+                        }
+                    }
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| protocol("SASL final before start"))?;
-                    s.finish(body.data())?;
+                    match scram.as_mut().ok_or_else(|| protocol("SASL final before start"))? {
+                        Scram::Password(s) => s.finish(body.data())?,
+                        Scram::Keys(k) => k.handle_server_final(body.data()).map_err(scram_keys)?,
+                    }
                 }
                 Message::AuthenticationGss | Message::AuthenticationGssContinue(_) | Message::AuthenticationSspi => {
                     return Err(ServerError::UnsupportedAuth("GSSAPI/SSPI"));
@@ -332,14 +369,51 @@ impl ServerConn {
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, discarding rows and
     /// recording ParameterStatus changes. The outer error means the connection is unusable.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Result<(), QueryError>, ServerError> {
-        self.run(sql, |_| {}).await
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        self.run(&out, |_| {}).await
     }
 
     /// Like `simple_query`, returning the first row's values as text.
     pub async fn query_row(&mut self, sql: &str) -> Result<Result<Vec<Option<String>>, QueryError>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        Ok(self.first_row(&out).await?.map(Option::unwrap_or_default))
+    }
+
+    /// Runs `sql` with text `params` ($1, $2, ...) over the extended protocol, so values are
+    /// never spliced into SQL, and returns the first row, if any.
+    pub async fn query_row_with(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Result<Option<Vec<Option<String>>>, QueryError>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 64);
+        frontend::parse("", sql, std::iter::empty(), &mut out)?;
+        let bound = frontend::bind(
+            "",
+            "",
+            std::iter::once(0i16),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok::<_, Box<dyn std::error::Error + Sync + Send>>(postgres_protocol::IsNull::No)
+            },
+            std::iter::once(0i16),
+            &mut out,
+        );
+        if bound.is_err() {
+            return Err(protocol("cannot encode query parameters"));
+        }
+        frontend::execute("", 1, &mut out)?;
+        frontend::sync(&mut out);
+        self.first_row(&out).await
+    }
+
+    async fn first_row(&mut self, out: &[u8]) -> Result<Result<Option<Vec<Option<String>>>, QueryError>, ServerError> {
         let mut first: Option<Vec<Option<String>>> = None;
         let r = self
-            .run(sql, |row| {
+            .run(out, |row| {
                 if first.is_none() {
                     let buf = row.buffer();
                     let mut values = Vec::new();
@@ -351,17 +425,16 @@ impl ServerConn {
                 }
             })
             .await?;
-        Ok(r.map(|()| first.unwrap_or_default()))
+        Ok(r.map(|()| first))
     }
 
+    /// Sends `out` (a Query, or an extended batch ending in Sync) and reads to ReadyForQuery.
     async fn run(
         &mut self,
-        sql: &str,
+        out: &[u8],
         mut on_row: impl FnMut(&postgres_protocol::message::backend::DataRowBody),
     ) -> Result<Result<(), QueryError>, ServerError> {
-        let mut out = BytesMut::with_capacity(sql.len() + 8);
-        frontend::query(sql, &mut out)?;
-        self.stream.write_all(&out).await?;
+        self.stream.write_all(out).await?;
         let mut first_error = None;
         loop {
             match read_message(&mut self.stream, &mut self.rbuf).await? {
@@ -462,8 +535,18 @@ fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
     }
 }
 
-fn password(target: &Target) -> Result<&str, ServerError> {
-    target.password.as_deref().ok_or_else(|| ServerError::NoPassword { user: target.user.clone() })
+/// A SCRAM exchange with the server, by password or by pass-through keys.
+enum Scram {
+    Password(ScramSha256),
+    Keys(KeysClient),
+}
+
+fn scram_keys(e: crate::auth::passthrough::KeysError) -> ServerError {
+    ServerError::ScramKeys(e)
+}
+
+fn credential(target: &Target) -> Result<&Credential, ServerError> {
+    target.credential.as_ref().ok_or_else(|| ServerError::NoPassword { user: target.user.clone() })
 }
 
 fn protocol(what: &str) -> ServerError {

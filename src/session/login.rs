@@ -11,6 +11,7 @@ use crate::error::SqlState;
 use crate::pool::Pool;
 use crate::proto::build;
 use crate::proto::startup::{Packet, Startup};
+use crate::server::Credential;
 use crate::tls::{Acceptor, ClientMode};
 use std::sync::Arc;
 
@@ -24,8 +25,8 @@ pub(super) struct Login {
     pub db: Option<Database>,
     /// Client user name.
     pub user: String,
-    /// The client's plain password, if the auth file has one.
-    pub password: Option<String>,
+    /// What proves this user to a server (for databases without a configured user).
+    pub credential: Option<Credential>,
 }
 
 /// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
@@ -117,8 +118,11 @@ fn count_refusal(app: &App, e: &SessionError) {
 
 fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> {
     let server_user = db.user.as_deref().unwrap_or(&login.user);
-    let password = if db.user.is_some() { db.password.clone() } else { login.password.clone() };
-    app.pool(cfg, &login.database, db, server_user, password)
+    let credential = match db.user {
+        Some(_) => db.password.clone().map(Credential::Password),
+        None => login.credential.clone(),
+    };
+    app.pool(cfg, &login.database, db, server_user, credential)
 }
 
 /// Answers SSLRequest with `S` and runs the TLS handshake on the client's socket.
@@ -205,7 +209,16 @@ async fn handshake(
     }
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_string();
     let binding = io.stream.tls_server_end_point();
-    let authenticated = auth::authenticate(io, &cfg.auth, &user, binding).await?;
+    let looked_up;
+    let entry = match cfg.auth.users.get(&user) {
+        Some(e) => Some(e),
+        None if cfg.auth.query.is_some() && !crate::admin::is_console(&database) => {
+            looked_up = auth::query::lookup(app, cfg, &database, &user).await?;
+            looked_up.as_ref()
+        }
+        None => None,
+    };
+    let authenticated = auth::authenticate(io, &cfg.auth, &user, entry, binding).await?;
     let db = if crate::admin::is_console(&database) {
         if !cfg.auth.admin_users.contains(&user) && !cfg.auth.stats_users.contains(&user) {
             return Err(SessionError::fatal(
@@ -224,5 +237,5 @@ async fn handshake(
         Some(db.clone())
     };
     build::auth_ok(&mut io.wbuf);
-    Ok(Some(Login { db, database, user, password: authenticated.password, startup }))
+    Ok(Some(Login { db, database, user, credential: authenticated.credential, startup }))
 }

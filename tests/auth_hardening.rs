@@ -1,0 +1,197 @@
+//! Hardened authentication: `auth_query` instead of an auth file (with md5 and SCRAM
+//! pass-through to the server), the failed-login delay, the per-IP throttle, the warning for
+//! an auth file others can read, and secrets kept out of logs and the admin console.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use pgbroker::config::Config;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
+
+/// Roles only these tests use: one whose password expired, one for the log check.
+fn roles() {
+    static ROLES: Once = Once::new();
+    ROLES.call_once(|| {
+        pg().psql(
+            "postgres",
+            "CREATE ROLE u_expired LOGIN PASSWORD 'expiredpw' VALID UNTIL '2000-01-01';
+             CREATE ROLE u_logcheck LOGIN PASSWORD 'dbpw-SECRET2';",
+        )
+        .unwrap();
+    });
+}
+
+/// A broker with no auth file: users are looked up with the default `auth_query` as
+/// `postgres`; database `bench` has no user, so servers log in as the client.
+fn auth_query_config(auth_type: &str, extra_auth: &str) -> Config {
+    roles();
+    let text = format!(
+        "[broker]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
+         query_wait_timeout = \"5s\"\n\
+         [auth]\ntype = \"{auth_type}\"\nuser = \"postgres\"\npassword = \"postgres\"\n{extra_auth}\n\
+         [databases.bench]\nhost = \"127.0.0.1\"\nport = {}\npool_size = 4\n",
+        pg().port()
+    );
+    Config::parse(&text, None, &|_| None).unwrap()
+}
+
+async fn current_user(addr: std::net::SocketAddr, user: &str, password: &str) -> Result<String, tokio_postgres::Error> {
+    let c = connect(addr, user, password, "bench").await?;
+    Ok(c.query_one("SELECT current_user::text", &[]).await?.get(0))
+}
+
+#[tokio::test]
+async fn auth_query_admits_a_scram_user_absent_from_any_auth_file_and_logs_in_as_it() {
+    let b = broker(auth_query_config("scram-sha-256", "")).await;
+    // u_scram is stored as SCRAM: the server login replays the client's proof keys.
+    assert_eq!(current_user(b.local_addr(), "u_scram", "scrampw").await.unwrap(), "u_scram");
+}
+
+#[tokio::test]
+async fn auth_query_admits_an_md5_user_and_answers_the_servers_md5_challenge_from_the_hash() {
+    let b = broker(auth_query_config("md5", "")).await;
+    // u_md5 is stored as md5 and pg_hba asks it for md5: the stored hash answers.
+    assert_eq!(current_user(b.local_addr(), "u_md5", "md5pw").await.unwrap(), "u_md5");
+}
+
+#[tokio::test]
+async fn auth_query_refuses_a_wrong_password_an_unknown_user_and_an_expired_role_alike() {
+    let b = broker(auth_query_config("scram-sha-256", "failure_delay = \"0s\"\nmax_failures_per_ip = 0")).await;
+    for (user, password) in [("u_scram", "wrong"), ("nobody_here", "x"), ("u_expired", "expiredpw")] {
+        let e = current_user(b.local_addr(), user, password).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "28P01", "{user}: {e}");
+        let shown = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+        assert_eq!(shown, format!("password authentication failed for user \"{user}\""));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_login_is_answered_only_after_failure_delay() {
+    let b = broker(config_with("scram-sha-256", "")).await;
+    let delay = b.app().config().auth.throttle.failure_delay;
+    assert!(delay >= Duration::from_millis(100), "default failure_delay is a real delay: {delay:?}");
+    let started = Instant::now();
+    let e = connect(b.local_addr(), "app", "not-the-password", "appdb").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01");
+    assert!(started.elapsed() >= delay, "answered after {:?}, before failure_delay {delay:?}", started.elapsed());
+    // A correct login is not slowed down.
+    let started = Instant::now();
+    connect(b.local_addr(), "app", "apppw", "appdb").await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn repeated_failures_from_one_ip_are_refused_even_with_the_right_password() {
+    let b = broker(config_with("scram-sha-256", "")).await;
+    let mut cfg = (*b.app().config()).clone();
+    cfg.auth.throttle.failure_delay = Duration::ZERO;
+    cfg.auth.throttle.max_failures_per_ip = 3;
+    b.app().store_config(cfg);
+    for _ in 0..3 {
+        let e = connect(b.local_addr(), "app", "guess", "appdb").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "28P01");
+    }
+    let e = connect(b.local_addr(), "app", "apppw", "appdb").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28000", "{e}");
+    let message = e.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("too many failed logins") && message.contains("127.0.0.1"), "{message}");
+}
+
+/// Runs `pgbroker check` on a config whose auth file has `mode`; returns stderr.
+fn check_with_auth_file_mode(mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.txt");
+    std::fs::write(&users, "\"app\" \"apppw\"\n").unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(mode)).unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    let text = format!(
+        "[budget]\nserver_max_connections = 50\n[auth]\ntype = \"md5\"\nfile = \"users.txt\"\n\
+         [databases.app]\nport = {}\n",
+        pg().port()
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_auth_file_readable_by_others_is_a_warning_at_start() {
+    let err = check_with_auth_file_mode(0o644);
+    assert!(err.contains("readable by group or others") && err.contains("users.txt"), "{err}");
+    let err = check_with_auth_file_mode(0o600);
+    assert!(!err.contains("readable by group or others"), "{err}");
+}
+
+#[tokio::test]
+async fn secrets_and_query_parameters_never_reach_the_logs_or_the_admin_console() {
+    roles();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"postgres\"\n\"app\" \"client-SECRET1\"\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.path().join("pgbroker.toml");
+    let text = format!(
+        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
+         [auth]\ntype = \"scram-sha-256\"\nfile = \"users.txt\"\nadmin_users = [\"postgres\"]\n\
+         user = \"postgres\"\npassword = \"authq-SECRET4\"\n\
+         [databases.logcheck]\nport = {}\ndbname = \"bench\"\nuser = \"u_logcheck\"\npassword = \"dbpw-SECRET2\"\n",
+        pg().port()
+    );
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        match connect(addr, "app", "client-SECRET1", "logcheck").await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("broker did not come up: {e}"),
+        }
+    };
+    let echoed: String = c.query_one("SELECT $1::text", &[&"param-SECRET3"]).await.unwrap().get(0);
+    assert_eq!(echoed, "param-SECRET3");
+    let e = c.query_one("SELECT $1::text::int", &[&"param-SECRET5"]).await.unwrap_err();
+    assert!(e.as_db_error().is_some());
+    let _ = connect(addr, "app", "wrong-SECRET6", "logcheck").await.unwrap_err();
+    let admin = connect(addr, "postgres", "postgres", "pgbroker").await.unwrap();
+    let mut console = String::new();
+    for cmd in ["SHOW CONFIG", "SHOW DATABASES", "SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS"] {
+        for m in admin.simple_query(cmd).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                for i in 0..r.len() {
+                    console.push_str(r.get(i).unwrap_or_default());
+                    console.push(' ');
+                }
+            }
+        }
+    }
+    drop((c, admin));
+    terminate(child.id());
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    let _ = child.wait();
+    assert!(logs.contains("DEBUG") || logs.contains("debug"), "debug logging was on: {logs}");
+    assert!(console.contains("u_logcheck"), "the console answered: {console}");
+    for secret in ["SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6"] {
+        assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
+        assert!(!console.contains(secret), "{secret} on the admin console:\n{console}");
+    }
+}
+
+/// SIGTERM, so the broker logs its shutdown too.
+fn terminate(pid: u32) {
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+}
