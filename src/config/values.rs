@@ -21,7 +21,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("duration {s:?} is out of range"))
 }
 
-/// Replaces every `${NAME}` in `s` with the value `env` gives for NAME.
+/// Replaces every `${NAME}` in `s` with the value `env` gives for NAME, and `${NAME:-default}`
+/// with it or, when NAME is unset or empty, `default` (as the shell does).
 pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -29,8 +30,15 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
-        let name = &after[..end];
-        let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        let (name, default) = match after[..end].split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (&after[..end], None),
+        };
+        let value = match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+            (Some(v), _) => v,
+            (None, Some(d)) => d.to_string(),
+            (None, None) => return Err(format!("environment variable {name} is not set")),
+        };
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -148,6 +156,8 @@ mod tests {
         assert_eq!(expand_env("no refs $ here", &env).unwrap(), "no refs $ here");
         assert!(expand_env("${MISSING}", &env).unwrap_err().contains("MISSING"));
         assert!(expand_env("${PW", &env).is_err());
+        assert_eq!(expand_env("${MISSING:-/etc/x}/f", &env).unwrap(), "/etc/x/f");
+        assert_eq!(expand_env("${PW:-other}", &env).unwrap(), "s3cret");
     }
 
     #[test]
