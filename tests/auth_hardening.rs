@@ -20,7 +20,8 @@ fn roles() {
         pg().psql(
             "postgres",
             "CREATE ROLE u_expired LOGIN PASSWORD 'expiredpw' VALID UNTIL '2000-01-01';
-             CREATE ROLE u_logcheck LOGIN PASSWORD 'dbpw-SECRET2';",
+             CREATE ROLE u_logcheck LOGIN PASSWORD 'dbpw-SECRET2';
+             CREATE ROLE u_rotate LOGIN PASSWORD 'first';",
         )
         .unwrap();
     });
@@ -67,6 +68,33 @@ async fn auth_query_refuses_a_wrong_password_an_unknown_user_and_an_expired_role
         assert_eq!(sqlstate(&e), "28P01", "{user}: {e}");
         let shown = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
         assert_eq!(shown, format!("password authentication failed for user \"{user}\""));
+    }
+}
+
+#[tokio::test]
+async fn after_a_password_change_new_logins_reach_the_server_with_the_new_secret() {
+    let b = broker(auth_query_config("scram-sha-256", "")).await;
+    assert_eq!(current_user(b.local_addr(), "u_rotate", "first").await.unwrap(), "u_rotate");
+    pg().psql("postgres", "ALTER ROLE u_rotate PASSWORD 'second'").unwrap();
+    // Force a new server login: the pool's idle servers were logged in with the old secret.
+    let admin = direct("postgres").await;
+    admin
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'u_rotate'", &[])
+        .await
+        .unwrap();
+    let e = current_user(b.local_addr(), "u_rotate", "first").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28P01", "the old password no longer logs in: {e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match current_user(b.local_addr(), "u_rotate", "second").await {
+            Ok(user) => break assert_eq!(user, "u_rotate"),
+            Err(e) if Instant::now() < deadline => {
+                // A pooled server killed above may be handed out once before it is noticed.
+                assert_ne!(sqlstate(&e), "28P01", "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("new password never reached the server: {e}"),
+        }
     }
 }
 

@@ -254,6 +254,14 @@ impl Pool {
         self.target.load_full()
     }
 
+    /// Logs new servers in with `credential` from now on (a client proved a newer one, e.g.
+    /// after a password change); servers already logged in stay.
+    pub fn set_credential(&self, credential: crate::server::Credential) {
+        let mut target = (*self.target.load_full()).clone();
+        target.credential = Some(credential);
+        self.target.store(Arc::new(target));
+    }
+
     /// Applies reloaded settings: a smaller pool closes idle servers now and busy ones as
     /// they come back; a bigger one serves waiters at once. A changed server address or
     /// login retires every existing server.

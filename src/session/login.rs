@@ -122,7 +122,12 @@ fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> 
         Some(_) => db.password.clone().map(Credential::Password),
         None => login.credential.clone(),
     };
-    app.pool(cfg, &login.database, db, server_user, credential)
+    let pool = app.pool(cfg, &login.database, db, server_user, credential.clone());
+    if let Some(c) = credential.filter(|c| db.user.is_none() && pool.target().credential.as_ref() != Some(c)) {
+        // The pool was made by an earlier login: this client proved a newer secret.
+        pool.set_credential(c);
+    }
+    pool
 }
 
 /// Answers SSLRequest with `S` and runs the TLS handshake on the client's socket.
