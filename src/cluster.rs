@@ -301,12 +301,7 @@ kill -0 {owner} 2>/dev/null || rm -rf "$D"
         if std::mem::replace(&mut self.stopped, true) {
             return Ok(());
         }
-        let mut result = Ok(());
-        if self.data.join("postmaster.pid").exists() {
-            let (pg_ctl, data) = (self.bin("pg_ctl"), q(&self.data));
-            let pg_ctl = format!("{pg_ctl} -D {data} -m fast -w -t 30 stop");
-            result = run(&self.as_pg(&pg_ctl)).map(drop);
-        }
+        let mut result = self.pg_ctl_stop();
         self.reap_watchdog(); // it sees postgres gone and exits without touching the dir
         if self.dir.exists() {
             tracing::debug!(dir = ?self.dir, "removing cluster dir");
@@ -314,6 +309,50 @@ kill -0 {owner} 2>/dev/null || rm -rf "$D"
             result = result.and(rm.map_err(io(format!("removing {:?}", self.dir))));
         }
         result
+    }
+}
+
+impl Cluster {
+    /// `pg_ctl stop -m fast -w` if a postmaster runs: sessions end with 57P01, then it exits.
+    fn pg_ctl_stop(&self) -> Result<(), ClusterError> {
+        if !self.data.join("postmaster.pid").exists() {
+            return Ok(());
+        }
+        let (pg_ctl, data) = (self.bin("pg_ctl"), q(&self.data));
+        run(&self.as_pg(&format!("{pg_ctl} -D {data} -m fast -w -t 30 stop"))).map(drop)
+    }
+
+    /// Fast-stops the server (`pg_ctl stop -m fast -w`: sessions end with 57P01) but keeps
+    /// its files, so [`Cluster::start_server`] can bring it back on the same port. Returns
+    /// once the postmaster is gone.
+    pub fn stop_server(&mut self) -> Result<(), ClusterError> {
+        self.pg_ctl_stop()?;
+        self.reap_watchdog(); // it sees postgres gone and exits, leaving the dir
+        Ok(())
+    }
+
+    /// Starts a server stopped by [`Cluster::stop_server`] again, on the same port and under a
+    /// new watchdog; returns once it accepts connections.
+    pub fn start_server(&mut self) -> Result<(), ClusterError> {
+        if self.stopped {
+            let why = "the cluster was removed by stop()".to_string();
+            return Err(ClusterError::Start(why, String::new()));
+        }
+        if self.data.join("postmaster.pid").exists() {
+            return Ok(()); // already running
+        }
+        let _ = fs::remove_file(self.dir.join("exited"));
+        self.spawn_watchdog()?;
+        self.wait_ready()
+    }
+
+    /// What `pg_ctl restart -m fast -w` does, a fast stop then a start on the same port,
+    /// done as [`Cluster::stop_server`] + [`Cluster::start_server`] so the new postmaster is
+    /// owned by a watchdog like the first (pg_ctl's own start would leave it orphaned, and the
+    /// old watchdog would stop it).
+    pub fn restart_server(&mut self) -> Result<(), ClusterError> {
+        self.stop_server()?;
+        self.start_server()
     }
 }
 
@@ -470,6 +509,25 @@ mod tests {
         assert!(!dir.exists());
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
         c.stop().unwrap();
+    }
+
+    #[test]
+    fn restart_keeps_port_and_data() {
+        let mut c = Cluster::start(ClusterOptions::default()).unwrap();
+        let port = c.port();
+        c.psql("postgres", "CREATE TABLE kept (x int)").unwrap();
+        c.stop_server().unwrap();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "stopped");
+        assert!(c.data_dir().exists(), "files kept");
+        c.start_server().unwrap();
+        assert_eq!(c.psql("postgres", "SELECT count(*) FROM kept").unwrap(), "0");
+        let before = c.psql("postgres", "SELECT pg_postmaster_start_time()").unwrap();
+        c.restart_server().unwrap();
+        assert_eq!(c.port(), port);
+        assert_ne!(c.psql("postgres", "SELECT pg_postmaster_start_time()").unwrap(), before);
+        let dir = c.data_dir().parent().unwrap().to_path_buf();
+        c.stop().unwrap();
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -111,10 +111,13 @@ impl Pipe {
         self.need = self.need.saturating_sub(n);
     }
 
-    /// True when another read fits within the buffering limit.
+    /// True when another read fits within the buffering limit: below `HIGH_WATER`, and past
+    /// it only to complete a message the scanner must see whole, once everything approved
+    /// before it has been written. (`need` counts the approved bytes too: letting it raise
+    /// the limit while they wait for a peer that does not read buffered without bound.)
     #[inline]
     pub fn wants_read(&self) -> bool {
-        self.buf.len() < HIGH_WATER.max(self.need)
+        self.buf.len() < HIGH_WATER || (self.ready == 0 && self.buf.len() < self.need)
     }
 
     /// The buffer to read into, with room reserved.
@@ -335,6 +338,44 @@ mod tests {
         assert_eq!(p.ready(), &q[4..]);
         p.consume(q.len() - 4);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn unwritten_bytes_stop_reading_at_the_high_water_mark() {
+        // A result streaming in while its reader reads nothing: 8 KiB reads, most ending
+        // inside a message.
+        let rows: Vec<u8> = (0..1000).flat_map(|_| msg(b'D', &[b'x'; 1000])).collect();
+        let mut p = Pipe::new(1 << 20);
+        let mut fed = 0;
+        while p.wants_read() && fed < rows.len() {
+            let n = READ_CHUNK.min(rows.len() - fed);
+            feed(&mut p, &rows[fed..fed + n]);
+            fed += n;
+            p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
+        }
+        assert!(fed < rows.len(), "read everything: no backpressure");
+        assert!(p.buf.len() >= HIGH_WATER && p.buf.len() < HIGH_WATER + READ_CHUNK, "{}", p.buf.len());
+        // Once the reader takes what was approved, reading goes on.
+        let n = p.ready().len();
+        p.consume(n);
+        assert!(p.wants_read());
+    }
+
+    #[test]
+    fn a_whole_message_past_the_high_water_mark_is_read_once_the_rest_is_written() {
+        let mut p = Pipe::new(1 << 20);
+        let small = msg(b'C', b"x\0");
+        let big = msg(b'E', &vec![b'e'; 2 * HIGH_WATER]);
+        feed(&mut p, &small);
+        feed(&mut p, &big[..HIGH_WATER]);
+        p.scan(|t| t == b'E', |_, _, _| Action::Forward).unwrap();
+        assert_eq!(p.ready(), &small[..]);
+        assert!(!p.wants_read(), "approved bytes first");
+        p.consume(small.len());
+        assert!(p.wants_read(), "then the rest of the message");
+        feed(&mut p, &big[HIGH_WATER..]);
+        p.scan(|t| t == b'E', |_, _, _| Action::Forward).unwrap();
+        assert_eq!(p.ready(), &big[..]);
     }
 
     #[test]
