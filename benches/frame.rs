@@ -86,6 +86,36 @@ fn client_extended() -> Vec<u8> {
     out
 }
 
+/// A client's `pgbench -S -M simple` transaction: one Query message.
+fn client_simple() -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    cstr(&mut body, "SELECT abalance FROM pgbench_accounts WHERE aid = 40213;");
+    msg(&mut out, b'Q', &body);
+    out
+}
+
+/// A client's `pgbench -S -M prepared` transaction after the first: Bind of the named
+/// statement, Execute, Sync.
+fn client_prepared() -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    cstr(&mut body, ""); // portal
+    cstr(&mut body, "P0_1"); // statement
+    body.extend_from_slice(&0i16.to_be_bytes()); // parameter formats
+    body.extend_from_slice(&1i16.to_be_bytes()); // parameters
+    body.extend_from_slice(&5i32.to_be_bytes());
+    body.extend_from_slice(b"40213");
+    body.extend_from_slice(&0i16.to_be_bytes()); // result formats
+    msg(&mut out, b'B', &body);
+    let mut body = Vec::new();
+    cstr(&mut body, "");
+    body.extend_from_slice(&0i32.to_be_bytes());
+    msg(&mut out, b'E', &body);
+    msg(&mut out, b'S', b"");
+    out
+}
+
 /// DataRows of `row` bytes each (one bytea-like column), then CommandComplete and RFQ.
 fn large_datarows(row: usize, rows: usize) -> Vec<u8> {
     let mut out = Vec::new();
@@ -178,9 +208,23 @@ fn scan_pgbench_reply(c: &mut Criterion) {
 }
 
 fn scan_client_extended(c: &mut Criterion) {
-    let stream = repeat_to(&client_extended(), READ);
+    scan_client(c, "scan_client_extended", &client_extended());
+}
+
+fn scan_client_simple(c: &mut Criterion) {
+    scan_client(c, "scan_client_simple", &client_simple());
+}
+
+fn scan_client_prepared(c: &mut Criterion) {
+    scan_client(c, "scan_client_prepared", &client_prepared());
+}
+
+/// Client-side decoding and forwarding: whole messages found, Sync/Query counted (the
+/// transaction-mode relay's decision points), bytes forwarded untouched.
+fn scan_client(c: &mut Criterion, name: &str, unit: &[u8]) {
+    let stream = repeat_to(unit, READ);
     check(&stream, |t| t == b'X');
-    let mut g = c.benchmark_group("scan_client_extended");
+    let mut g = c.benchmark_group(name);
     g.throughput(Throughput::Bytes(stream.len() as u64));
     g.bench_function(BenchmarkId::from_parameter(stream.len()), |b| {
         let mut pipe = Pipe::new(MAX_LEN);
@@ -244,5 +288,13 @@ fn startup_parse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scan_pgbench_reply, scan_client_extended, scan_large_datarows, startup_parse);
+criterion_group!(
+    benches,
+    scan_pgbench_reply,
+    scan_client_simple,
+    scan_client_extended,
+    scan_client_prepared,
+    scan_large_datarows,
+    startup_parse
+);
 criterion_main!(benches);
