@@ -45,7 +45,9 @@ pub(super) async fn accept_loop(app: Arc<App>, listener: TcpListener, tracker: T
 fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTracker) {
     let cfg = app.config();
     crate::net::tune(&stream, cfg.broker.tcp_keepalive);
-    let Some(slot) = ClientSlot::take(app, cfg.broker.max_client_conn) else {
+    // A few connections past the limit are let in for the admin console alone: an operator
+    // can still look when the broker is full (the login refuses anyone else, 53300).
+    let Some(slot) = ClientSlot::take(app, cfg.broker.max_client_conn + ADMIN_RESERVE) else {
         app.refusals.max_client_conn.fetch_add(1, Relaxed);
         tracing::warn!(%peer, "max_client_conn reached; refusing client");
         let msg = format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn);
@@ -63,24 +65,29 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
         tokio::spawn(refuse(stream, msg));
         return;
     };
+    let admin_only = slot.1 >= cfg.broker.max_client_conn;
     let app = app.clone();
     let shutdown = app.shutdown.clone();
     tracker.spawn(async move {
         tokio::select! {
-            _ = session::run(app, stream, peer) => {}
+            _ = session::run(app, stream, peer, admin_only) => {}
             _ = shutdown.cancelled() => {}
         }
         drop((slot, per_ip));
     });
 }
 
-/// One client's count against `max_client_conn`; released on drop.
-struct ClientSlot(Arc<App>);
+/// Connections accepted past `max_client_conn` for admin console logins only.
+pub const ADMIN_RESERVE: usize = 3;
+
+/// One client's count against `max_client_conn` (and how many were open before it);
+/// released on drop.
+struct ClientSlot(Arc<App>, usize);
 
 impl ClientSlot {
     fn take(app: &Arc<App>, limit: usize) -> Option<ClientSlot> {
         let counted = app.clients_open.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1));
-        counted.ok().map(|_| ClientSlot(app.clone()))
+        counted.ok().map(|before| ClientSlot(app.clone(), before))
     }
 }
 

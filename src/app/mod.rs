@@ -55,7 +55,7 @@ pub struct App {
     /// finish their transaction first.
     pub draining: CancellationToken,
     /// Clients connected now, including those logging in (for `max_client_conn`).
-    clients_open: AtomicUsize,
+    pub(crate) clients_open: AtomicUsize,
     /// Per-server budgets and how each was derived; swapped on reload.
     budgets: ArcSwap<Budgets>,
     /// What each pool was made from, so a reload can remake its settings.

@@ -35,6 +35,7 @@ pub(super) async fn serve(
     io: &mut ClientIo<ClientStream>,
     id: u64,
     peer: std::net::SocketAddr,
+    admin_only: bool,
 ) -> Result<(), SessionError> {
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
@@ -60,6 +61,13 @@ pub(super) async fn serve(
     let Some(login) = login else {
         return Ok(());
     };
+    if admin_only && login.db.is_some() {
+        app.refusals.max_client_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(SessionError::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn),
+        ));
+    }
     let application_name = login.startup.param("application_name").unwrap_or_default().to_string();
     let Some(db) = login.db.clone() else {
         let registered = app.clients.register(NewClient {
@@ -71,6 +79,7 @@ pub(super) async fn serve(
             application_name,
         });
         tracing::info!(user = %login.user, "admin console login");
+        let _uncounted = Uncounted::new(app);
         return crate::admin::serve(app, io, &login.user, &registered.client).await;
     };
     let pool = pool_for(app, &cfg, &login, &db);
@@ -97,6 +106,24 @@ pub(super) async fn serve(
 const THROTTLED: &str = "too many failed logins from";
 /// Start of the message refusing a plaintext client under `client_tls_sslmode = require`.
 const TLS_REQUIRED: &str = "SSL required";
+
+/// Console sessions do not count against `max_client_conn`, so an operator can always get in
+/// (accepting one when full is what the admin reserve is for); gives the count back on drop,
+/// which the client's slot then releases.
+struct Uncounted<'a>(&'a App);
+
+impl Uncounted<'_> {
+    fn new(app: &App) -> Uncounted<'_> {
+        app.clients_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Uncounted(app)
+    }
+}
+
+impl Drop for Uncounted<'_> {
+    fn drop(&mut self) {
+        self.0.clients_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 fn count_refusal(app: &App, e: &SessionError) {
     let r = &app.refusals;

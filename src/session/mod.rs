@@ -88,13 +88,14 @@ impl SessionError {
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-/// Serves one client until it leaves; every failure ends only this client.
-pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+/// Serves one client until it leaves; every failure ends only this client. `admin_only`:
+/// admitted past `max_client_conn` on the admin reserve, so only a console login may stay.
+pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr, admin_only: bool) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("session", id, %peer);
     async move {
         let mut io = ClientIo::new(stream::ClientStream::Plain(stream));
-        let result = login::serve(&app, &mut io, id, peer).await;
+        let result = login::serve(&app, &mut io, id, peer, admin_only).await;
         let log = app.config().broker.log_disconnections;
         match &result {
             Ok(()) if log => tracing::info!(reason = "client close request", "client disconnected"),
