@@ -136,8 +136,10 @@ impl ClientLoop {
         let mut client_data = !io.rbuf.is_empty();
         if client_data {
             self.up.read_buf().extend_from_slice(&io.rbuf);
-            io.rbuf.clear();
         }
+        // The login's buffers are not used by the relay: give their memory back.
+        io.rbuf = BytesMut::new();
+        io.wbuf = BytesMut::new();
         let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
         let mut armed = None;
         let mut was_held = false;
@@ -155,6 +157,9 @@ impl ClientLoop {
                 continue;
             }
             if self.server.is_none() {
+                // Between transactions: an idle client keeps no buffers.
+                self.up.release_if_empty();
+                self.down.release_if_empty();
                 match self.up.peek_tag() {
                     Some(tag::TERMINATE) => return Ok(()),
                     Some(_) => {

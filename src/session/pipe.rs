@@ -72,6 +72,15 @@ impl Pipe {
         self.buf.is_empty()
     }
 
+    /// Frees the buffers when nothing is in them, so an idle client holds no buffer memory
+    /// (the next read allocates again: once per transaction, not per message).
+    pub fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && !self.scanner.in_message() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+            self.scratch = BytesMut::new();
+        }
+    }
+
     /// True when bytes are buffered that were not approved yet (a partial message).
     pub fn has_unscanned(&self) -> bool {
         self.buf.len() > self.ready || self.scanner.in_message()
@@ -338,6 +347,24 @@ mod tests {
         assert_eq!(p.ready(), &q[4..]);
         p.consume(q.len() - 4);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn an_empty_pipe_gives_its_buffer_back_and_a_busy_one_keeps_it() {
+        let mut p = Pipe::new(1 << 20);
+        let q = msg(b'Q', b"SELECT 1\0");
+        feed(&mut p, &q[..3]);
+        p.release_if_empty();
+        assert!(p.buf.capacity() > 0, "a partial message stays");
+        feed(&mut p, &q[3..]);
+        p.scan(|_| false, |_, _, _| Action::Forward).unwrap();
+        p.release_if_empty();
+        assert!(p.buf.capacity() > 0, "approved bytes not yet written stay");
+        let n = p.ready().len();
+        p.consume(n);
+        p.release_if_empty();
+        assert_eq!(p.buf.capacity(), 0);
+        assert!(p.wants_read());
     }
 
     #[test]
