@@ -4,7 +4,10 @@
 //! `cargo bench --bench load -- [--out DIR] [--runs 3] [--duration 10]
 //!  [--clients 10,50,200,1000] [--modes simple,extended,prepared] [--tpcb-clients 50]
 //!  [--tpcb-modes simple] [--select-only | --tpcb] [--targets direct,pgbroker,pgbouncer]
-//!  [--pool 20] [--scale 10] [--jobs N] [--no-install]`
+//!  [--pool 20] [--scale 10] [--jobs N] [--broker-workers 2] [--no-install]`
+//!
+//! `--broker-workers N` runs the in-process pgbroker on a tokio multi-thread runtime with N
+//! workers (default 2, as `pgbroker run` on 2 cores), or with 0 on a current-thread runtime.
 //!
 //! The default matrix is the one of issue 9: `pgbench -S` at 10, 50, 200 and 1,000 clients
 //! with `-M simple`, `-M extended` and `-M prepared`, plus the default TPC-B-like script at
@@ -53,6 +56,8 @@ struct Opts {
     jobs: u32,
     out: Option<PathBuf>,
     install: bool,
+    /// pgbroker's runtime: tokio worker threads, or 0 for a current-thread runtime.
+    broker_workers: usize,
 }
 
 impl Opts {
@@ -71,6 +76,7 @@ impl Opts {
             jobs: cores,
             out: None,
             install: true,
+            broker_workers: 2,
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
         let mut it = args.iter();
@@ -93,6 +99,7 @@ impl Opts {
                 "--jobs" => o.jobs = it.next().and_then(|v| v.parse().ok()).unwrap_or(o.jobs).max(1),
                 "--out" => o.out = it.next().map(PathBuf::from),
                 "--no-install" => o.install = false,
+                "--broker-workers" => o.broker_workers = it.next().and_then(|v| v.parse().ok()).unwrap_or(2),
                 // Only the -S matrix / only the TPC-B-like cells.
                 "--select-only" => o.tpcb_clients.clear(),
                 "--tpcb" => o.clients.clear(),
@@ -388,7 +395,7 @@ fn command_line(cmd: &str, args: &[&str]) -> String {
 }
 
 /// Machine and versions, one `- key: value` line each.
-fn machine(pg: &Cluster, bouncer: Option<&Bouncer>) -> Vec<(String, String)> {
+fn machine(pg: &Cluster, bouncer: Option<&Bouncer>, broker_workers: usize) -> Vec<(String, String)> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -424,13 +431,57 @@ fn machine(pg: &Cluster, bouncer: Option<&Bouncer>) -> Vec<(String, String)> {
         (
             "pgbroker".into(),
             format!(
-                "{} ({}{}), in-process, tokio multi-thread runtime, 2 workers",
+                "{} ({}{}), in-process, {}",
                 env!("CARGO_PKG_VERSION"),
                 rev,
-                if dirty { ", uncommitted changes in src" } else { "" }
+                if dirty { ", uncommitted changes in src" } else { "" },
+                match broker_workers {
+                    0 => "tokio current-thread runtime".to_string(),
+                    n => format!("tokio multi-thread runtime, {n} workers"),
+                }
             ),
         ),
     ]
+}
+
+/// pgbroker in this process, on a multi-thread runtime (as `pgbroker run` uses, one worker
+/// per core) or, with 0 workers, on a current-thread runtime driven by a thread of its own.
+struct InProcess {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    fn start(config: Config, workers: usize) -> InProcess {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = match workers {
+                0 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+            };
+            rt.unwrap().block_on(async move {
+                let broker = Broker::start(config).await.expect("start pgbroker");
+                addr_tx.send(broker.local_addr()).unwrap();
+                let _ = stopped.await;
+                drop(broker);
+            });
+        });
+        let addr = addr_rx.recv().expect("pgbroker started");
+        InProcess { addr, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 type Results = BTreeMap<(Cell, String), Vec<Sample>>;
@@ -730,8 +781,7 @@ fn main() {
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
     let work = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let broker = rt.block_on(Broker::start(broker_config(&pg, o.pool, work.path()))).unwrap();
+    let broker = InProcess::start(broker_config(&pg, o.pool, work.path()), o.broker_workers);
     let bouncer_dir = tempfile::tempdir().unwrap();
     let bouncer = if o.targets.iter().any(|t| t == "pgbouncer") {
         start_pgbouncer(&pg, o.pool, bouncer_dir.path(), o.install)
@@ -744,7 +794,7 @@ fn main() {
     for t in &o.targets {
         match t.as_str() {
             "direct" => ports.push((t.clone(), pg.port(), None)),
-            "pgbroker" => ports.push((t.clone(), broker.local_addr().port(), Some(std::process::id()))),
+            "pgbroker" => ports.push((t.clone(), broker.addr.port(), Some(std::process::id()))),
             "pgbouncer" => match &bouncer {
                 Some(b) => ports.push((t.clone(), b.port, b.pid())),
                 None => eprintln!("pgbouncer not available: skipped (apt-get install pgbouncer)"),
@@ -761,7 +811,7 @@ fn main() {
         o.pool, o.scale, o.runs, o.duration
     );
     println!("# {header}");
-    let info = machine(&pg, bouncer.as_ref());
+    let info = machine(&pg, bouncer.as_ref(), o.broker_workers);
     for (k, v) in &info {
         println!("# {k}: {v}");
     }
