@@ -639,7 +639,7 @@ fn svg(cells: &[Cell], r: &Results, title: &str) -> String {
     let plot_h = 340.0;
     let width = (left + right + group * cells.len().max(1) as f64).max(720.0);
     let height = top + plot_h + bottom;
-    let max = r.values().flat_map(|v| v.iter().map(|s| s.tps)).fold(0.0, f64::max);
+    let max = r.values().map(|v| median(v).tps).fold(0.0, f64::max);
     let step = nice_step(max);
     let ymax = ((max / step).ceil() * step).max(step);
     let y = |v: f64| top + plot_h - v / ymax * plot_h;
