@@ -13,25 +13,6 @@ async fn console(b: &pgbroker::app::Broker, user: &str, password: &str) -> Clien
     connect(b.local_addr(), user, password, "pgbroker").await.unwrap()
 }
 
-/// Runs a console command; returns its rows as column-name → value maps.
-async fn show(c: &Client, cmd: &str) -> Vec<HashMap<String, String>> {
-    c.simple_query(cmd)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("NULL").to_string()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Column names of a SHOW's result.
 async fn columns(c: &Client, cmd: &str) -> Vec<String> {
     let msgs = c.simple_query(cmd).await.unwrap();
@@ -66,14 +47,14 @@ async fn show_pools_counts_clients_and_servers_with_pgbouncer_columns() {
     ] {
         assert!(cols.contains(&c.to_string()), "{c} in {cols:?}");
     }
-    let pools = show(&admin, "SHOW POOLS").await;
+    let pools = rows(&admin, "SHOW POOLS").await;
     let bench = pools.iter().find(|r| r["database"] == "bench").unwrap();
     assert_eq!(bench["user"], "postgres");
     assert_eq!(bench["cl_active"], "1");
     assert_eq!(bench["sv_active"], "1");
     assert_eq!(bench["pool_mode"], "transaction");
     app_client.simple_query("COMMIT").await.unwrap();
-    let pools = show(&admin, "SHOW POOLS").await;
+    let pools = rows(&admin, "SHOW POOLS").await;
     let bench = pools.iter().find(|r| r["database"] == "bench").unwrap();
     assert_eq!((bench["sv_active"].as_str(), bench["sv_idle"].as_str()), ("0", "1"));
 }
@@ -86,7 +67,7 @@ async fn show_clients_and_servers_list_connections() {
     tokio::spawn(task);
     let pid = one(&c, "SELECT pg_backend_pid()").await;
     let admin = console(&b, "postgres", "postgres").await;
-    let clients = show(&admin, "SHOW CLIENTS").await;
+    let clients = rows(&admin, "SHOW CLIENTS").await;
     let billing = clients.iter().find(|r| r["application_name"] == "billing").unwrap();
     assert_eq!(
         (billing["user"].as_str(), billing["database"].as_str(), billing["state"].as_str()),
@@ -94,7 +75,7 @@ async fn show_clients_and_servers_list_connections() {
     );
     assert_eq!(billing["addr"], "127.0.0.1");
     assert!(clients.iter().any(|r| r["database"] == "pgbroker"), "the console session itself is listed");
-    let servers = show(&admin, "SHOW SERVERS").await;
+    let servers = rows(&admin, "SHOW SERVERS").await;
     let s = servers.iter().find(|r| r["remote_pid"] == pid).unwrap();
     assert_eq!((s["type"].as_str(), s["database"].as_str(), s["state"].as_str()), ("S", "bench", "active"));
 }
@@ -104,7 +85,7 @@ async fn show_stats_totals_move_with_traffic() {
     let b = broker(mode_config(PoolMode::Transaction, 2)).await;
     let c = connect_bench(b.local_addr()).await;
     let admin = console(&b, "postgres", "postgres").await;
-    let before = show(&admin, "SHOW STATS").await;
+    let before = rows(&admin, "SHOW STATS").await;
     let total = |rows: &[HashMap<String, String>], col: &str| -> u64 {
         rows.iter().find(|r| r["database"] == "bench").map(|r| r[col].parse().unwrap()).unwrap_or(0)
     };
@@ -112,7 +93,7 @@ async fn show_stats_totals_move_with_traffic() {
         one(&c, "SELECT repeat('x', 1000)").await;
     }
     c.simple_query("BEGIN; SELECT 1; COMMIT").await.unwrap();
-    let after = show(&admin, "SHOW STATS").await;
+    let after = rows(&admin, "SHOW STATS").await;
     assert!(total(&after, "total_query_count") >= total(&before, "total_query_count") + 11);
     assert!(total(&after, "total_xact_count") >= total(&before, "total_xact_count") + 11);
     assert!(total(&after, "total_sent") >= total(&before, "total_sent") + 10_000);
@@ -136,22 +117,22 @@ async fn show_stats_totals_move_with_traffic() {
 async fn show_databases_config_lists_version_and_budget() {
     let b = broker(config()).await;
     let admin = console(&b, "postgres", "postgres").await;
-    let dbs = show(&admin, "SHOW DATABASES").await;
+    let dbs = rows(&admin, "SHOW DATABASES").await;
     let bench = dbs.iter().find(|r| r["name"] == "bench").unwrap();
     assert_eq!(
         (bench["database"].as_str(), bench["force_user"].as_str(), bench["pool_size"].as_str()),
         ("bench", "postgres", "4")
     );
-    let cfg = show(&admin, "SHOW CONFIG").await;
+    let cfg = rows(&admin, "SHOW CONFIG").await;
     let get = |k: &str| cfg.iter().find(|r| r["key"] == k).map(|r| r["value"].clone());
     assert_eq!(get("broker.pool_mode").as_deref(), Some("session"));
     assert_eq!(cfg.iter().find(|r| r["key"] == "broker.listen").unwrap()["changeable"], "no");
     assert!(!cfg.iter().any(|r| r["value"].contains("postgres\"") && r["key"].ends_with("password")));
-    let lists = show(&admin, "SHOW LISTS").await;
+    let lists = rows(&admin, "SHOW LISTS").await;
     assert!(lists.iter().any(|r| r["list"] == "databases" && r["items"] == "3"));
-    let v = show(&admin, "SHOW VERSION").await;
+    let v = rows(&admin, "SHOW VERSION").await;
     assert!(v[0]["version"].starts_with("pgbroker "));
-    let budget = show(&admin, "SHOW BUDGET").await;
+    let budget = rows(&admin, "SHOW BUDGET").await;
     let tcp = budget.iter().find(|r| r["server"].starts_with("127.0.0.1:")).unwrap();
     assert_eq!(tcp["source"], "server");
     assert!(tcp["derivation"].contains("floor("));
@@ -164,7 +145,7 @@ async fn non_admin_users_cannot_open_the_console_and_stats_users_cannot_change_a
     let e = connect(b.local_addr(), "scramuser", "scramsecret", "pgbroker").await.unwrap_err();
     assert_eq!(sqlstate(&e), "28000");
     let stats = console(&b, "app", "apppw").await;
-    assert!(!show(&stats, "SHOW POOLS").await.is_empty() || show(&stats, "SHOW VERSION").await.len() == 1);
+    assert!(!rows(&stats, "SHOW POOLS").await.is_empty() || rows(&stats, "SHOW VERSION").await.len() == 1);
     assert_eq!(sqlstate(&stats.simple_query("PAUSE").await.unwrap_err()), "42501");
     assert_eq!(sqlstate(&stats.simple_query("SHUTDOWN").await.unwrap_err()), "42501");
 }
@@ -178,7 +159,7 @@ async fn unknown_commands_get_a_clear_error() {
     assert!(e.as_db_error().unwrap().message().contains("SHOW HELP"));
     let e = admin.simple_query("DROP TABLE x").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42601");
-    assert!(show(&admin, "SHOW HELP").await.len() > 10, "the console stays usable");
+    assert!(rows(&admin, "SHOW HELP").await.len() > 10, "the console stays usable");
 }
 
 #[tokio::test]
@@ -188,7 +169,7 @@ async fn pause_holds_new_transactions_until_resume() {
     one(&c, "SELECT 1").await;
     let admin = console(&b, "postgres", "postgres").await;
     admin.simple_query("PAUSE bench").await.unwrap();
-    assert_eq!(show(&admin, "SHOW DATABASES").await.iter().find(|r| r["name"] == "bench").unwrap()["paused"], "1");
+    assert_eq!(rows(&admin, "SHOW DATABASES").await.iter().find(|r| r["name"] == "bench").unwrap()["paused"], "1");
     let waiting = tokio::spawn(async move { one(&c, "SELECT 'after resume'").await });
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!waiting.is_finished(), "held while paused");
@@ -230,13 +211,13 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
     let admin = console(&b, "postgres", "postgres").await;
     std::fs::write(&path, file("9s")).unwrap();
     admin.simple_query("RELOAD").await.unwrap();
-    let cfg = show(&admin, "SHOW CONFIG").await;
+    let cfg = rows(&admin, "SHOW CONFIG").await;
     assert_eq!(cfg.iter().find(|r| r["key"] == "broker.query_wait_timeout").unwrap()["value"], "9000ms");
     std::fs::write(&path, "[broker]\nno_such_key = 1\n").unwrap();
     let e = admin.simple_query("RELOAD").await.unwrap_err();
     assert_eq!(sqlstate(&e), "F0000");
     assert!(e.as_db_error().unwrap().message().contains("no_such_key"));
-    let cfg = show(&admin, "SHOW CONFIG").await;
+    let cfg = rows(&admin, "SHOW CONFIG").await;
     assert_eq!(
         cfg.iter().find(|r| r["key"] == "broker.query_wait_timeout").unwrap()["value"],
         "9000ms",

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::{pg, startup_packet};
+use common::{pg, rows, startup_packet};
 use pgbroker::app::Broker;
 use pgbroker::cluster::{Cluster, ClusterOptions};
 use pgbroker::config::Config;
@@ -99,23 +99,6 @@ async fn direct(port: u16) -> Client {
         let _ = conn.await;
     });
     client
-}
-
-/// Rows of a simple query as column-name → text maps.
-async fn rows(c: &Client, sql: &str) -> Vec<HashMap<String, String>> {
-    let msgs = timeout(10 * SEC, c.simple_query(sql)).await.expect("answer in time").expect("query");
-    msgs.into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("NULL").to_string()))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 /// `f`, which must finish within 10 s.

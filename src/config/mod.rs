@@ -4,8 +4,11 @@
 
 mod describe;
 pub mod raw;
+mod sections;
 mod security;
+mod syntax;
 pub use security::{AuthQuery, DEFAULT_AUTH_QUERY, Throttle, Tls};
+use syntax::syntax_message;
 pub mod values;
 
 use crate::auth::userlist::Userlist;
@@ -371,55 +374,6 @@ impl Config {
     }
 }
 
-/// The parser's message with its position, but without the excerpt of the offending line
-/// that toml's Display adds: that line may hold a password, and this message is logged.
-fn syntax_message(text: &str, e: &toml::de::Error) -> String {
-    let message = redact_value(e.message().trim_end());
-    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
-        return message;
-    };
-    let before = text.get(..at).unwrap_or_default();
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    match key_at(text, at) {
-        Some(key) => format!("line {line}, column {column} ({key}): {message}"),
-        None => format!("line {line}, column {column}: {message}"),
-    }
-}
-
-/// The dotted key whose value starts at byte `at`: the section header above it and the key
-/// left of the `=` on its line. Names the key without echoing the value (it may be a secret).
-fn key_at(text: &str, at: usize) -> Option<String> {
-    let before = text.get(..at)?;
-    let line = before.rsplit('\n').next()?;
-    let key = line.split_once('=')?.0.trim();
-    if key.is_empty() {
-        return None;
-    }
-    let section = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && l.ends_with(']'))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
-    Some(match section {
-        Some(s) => format!("{s}.{key}"),
-        None => key.to_string(),
-    })
-}
-
-/// serde's "invalid type: string \"hunter2\", expected i64" without the value.
-fn redact_value(message: &str) -> String {
-    for prefix in ["invalid type: ", "invalid value: "] {
-        if let Some(rest) = message.strip_prefix(prefix) {
-            let kind = rest.split([' ', ',']).next().unwrap_or_default();
-            let expected = rest.rsplit_once(", expected ").map_or("", |(_, e)| e);
-            return format!("{}{kind}, expected {expected}", prefix);
-        }
-    }
-    message.to_string()
-}
-
 struct Validator<'a> {
     path: &'a Path,
     env: Env<'a>,
@@ -528,108 +482,6 @@ impl Validator<'_> {
             log_disconnections: b.log_disconnections.unwrap_or(true),
             query_timeout: self.duration("broker.query_timeout", &b.query_timeout, 0)?,
         })
-    }
-
-    fn websocket(&self, w: &raw::WebSocket) -> Result<WebSocket, ConfigError> {
-        let path = self.string("websocket.path", &w.path)?.unwrap_or_else(|| "/ws".to_string());
-        if !path.starts_with('/') {
-            return Err(self.invalid("websocket.path", format!("must start with /, got {path:?}")));
-        }
-        let mut tokens = Vec::new();
-        for (i, t) in w.tokens.iter().flatten().enumerate() {
-            let key = format!("websocket.tokens[{i}]");
-            let token = self
-                .string(&format!("{key}.token"), &t.token)?
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| self.invalid(&format!("{key}.token"), "a non-empty token is required"))?;
-            tokens.push(Token { token, channels: t.channels.clone().unwrap_or_default() });
-        }
-        Ok(WebSocket {
-            path,
-            ping_interval: self.duration("websocket.ping_interval", &w.ping_interval, 30)?,
-            pong_timeout: self.duration("websocket.pong_timeout", &w.pong_timeout, 10)?,
-            idle_timeout: self.duration("websocket.idle_timeout", &w.idle_timeout, 300)?,
-            max_ws_connections: self.int("websocket.max_ws_connections", w.max_ws_connections, 1000, 1)?,
-            max_ws_connections_per_ip: self.int(
-                "websocket.max_ws_connections_per_ip",
-                w.max_ws_connections_per_ip,
-                10,
-                1,
-            )?,
-            ws_send_queue: self.int("websocket.ws_send_queue", w.ws_send_queue, 1024, 1)?,
-            allowed_origins: w.allowed_origins.clone().unwrap_or_default(),
-            tokens,
-        })
-    }
-
-    fn ratio(&self, key: &str, v: Option<f64>, default: f64) -> Result<f64, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(r) if (0.0..=1.0).contains(&r) => Ok(r),
-            Some(r) => Err(self.invalid(key, format!("must be between 0 and 1, got {r}"))),
-        }
-    }
-
-    fn health(&self, h: &raw::Health) -> Result<Health, ConfigError> {
-        Ok(Health {
-            degraded_utilization: self.ratio("health.degraded_utilization", h.degraded_utilization, 0.8)?,
-            degraded_error_rate: self.ratio("health.degraded_error_rate", h.degraded_error_rate, 0.05)?,
-            overloaded_wait: self.duration("health.overloaded_wait", &h.overloaded_wait, 1)?,
-            overloaded_waiting_clients: self.int(
-                "health.overloaded_waiting_clients",
-                h.overloaded_waiting_clients,
-                100,
-                1,
-            )?,
-            alert_utilization: self.ratio("health.alert_utilization", h.alert_utilization, 0.8)?,
-            alert_waiting_clients: self.int("health.alert_waiting_clients", h.alert_waiting_clients, 10, 1)?,
-        })
-    }
-
-    fn budget(&self, b: &raw::Budget) -> Result<Budget, ConfigError> {
-        let mut env_overrides = Vec::new();
-        let env_num = |name: &'static str, overrides: &mut Vec<&'static str>| -> Result<Option<i64>, ConfigError> {
-            match (self.env)(name) {
-                Some(v) => {
-                    overrides.push(name);
-                    v.trim()
-                        .parse()
-                        .map(Some)
-                        .map_err(|_| self.invalid(name, format!("environment value {v:?} is not a number")))
-                }
-                None => Ok(None),
-            }
-        };
-        let server_max_connections = match env_num("DB_MAX_CONNECTIONS", &mut env_overrides)? {
-            Some(n) => ServerMaxConnections::Fixed(self.int("DB_MAX_CONNECTIONS", Some(n), 0, 1)?),
-            None => match &b.server_max_connections {
-                None => ServerMaxConnections::Auto,
-                Some(raw::NumOrStr::Str(s)) if s == "auto" => ServerMaxConnections::Auto,
-                Some(raw::NumOrStr::Int(n)) => {
-                    ServerMaxConnections::Fixed(self.int("budget.server_max_connections", Some(*n), 0, 1)?)
-                }
-                Some(raw::NumOrStr::Str(s)) => {
-                    return Err(self.invalid(
-                        "budget.server_max_connections",
-                        format!("expected a number or \"auto\", got {s:?}"),
-                    ));
-                }
-            },
-        };
-        let max_instances = match env_num("MAX_INSTANCES", &mut env_overrides)? {
-            Some(n) => self.int("MAX_INSTANCES", Some(n), 1, 1)?,
-            None => self.int("budget.max_instances", b.max_instances, 1, 1)?,
-        };
-        let reserved_connections = self.int("budget.reserved_connections", b.reserved_connections, 5, 0)?;
-        if let ServerMaxConnections::Fixed(n) = server_max_connections {
-            if n <= reserved_connections {
-                return Err(self.invalid(
-                    "budget.reserved_connections",
-                    format!("{reserved_connections} leaves no connections of server_max_connections = {n}"),
-                ));
-            }
-        }
-        Ok(Budget { server_max_connections, reserved_connections, max_instances, env_overrides })
     }
 
     fn auth(&self, a: &raw::Auth, base: &Path) -> Result<Auth, ConfigError> {

@@ -2,7 +2,13 @@
 //! (the budget), FIFO waiters, and an RAII checkout guard whose `Drop` returns, resets or
 //! closes the server. Knows nothing of client bytes.
 
+mod defaults;
+mod error;
+mod guards;
+use guards::{ProbeGuard, SlotGuard};
 pub mod limit;
+pub use defaults::Defaults;
+pub use error::PoolError;
 mod maintenance;
 mod pooled;
 mod view;
@@ -16,7 +22,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 pub use view::{PoolStats, Pools, ServerView};
@@ -33,61 +38,6 @@ pub struct PoolKey {
 impl std::fmt::Display for PoolKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.database, self.user)
-    }
-}
-
-/// Why a checkout failed.
-#[derive(Debug, Error)]
-pub enum PoolError {
-    /// No server became free in time.
-    #[error("query_wait_timeout: no server connection available in pool {pool} within {waited:?} (pool_size {size})")]
-    Timeout {
-        /// Pool name.
-        pool: String,
-        /// The configured wait.
-        waited: Duration,
-        /// The pool's size.
-        size: usize,
-    },
-    /// Opening a new server failed.
-    #[error("cannot open a server connection for pool {pool}")]
-    Connect {
-        /// Pool name.
-        pool: String,
-        /// Cause.
-        #[source]
-        source: ServerError,
-    },
-    /// A recent login failure is being waited out (`server_login_retry`), or the one attempt
-    /// allowed after it is under way.
-    #[error("server login for pool {pool} failed recently ({message}); {}", retrying(*retry_in))]
-    Backoff {
-        /// Pool name.
-        pool: String,
-        /// The last failure.
-        message: String,
-        /// Its SQLSTATE.
-        code: SqlState,
-        /// Time left before the next attempt (zero: it is under way).
-        retry_in: Duration,
-    },
-}
-
-fn retrying(retry_in: Duration) -> String {
-    match retry_in.as_millis() {
-        0 => "a new attempt is under way".to_string(),
-        ms => format!("retrying in {:?}", Duration::from_millis(ms as u64)),
-    }
-}
-
-impl PoolError {
-    /// The SQLSTATE a client sees.
-    pub fn sqlstate(&self) -> SqlState {
-        match self {
-            PoolError::Timeout { .. } => SqlState::TOO_MANY_CONNECTIONS,
-            PoolError::Connect { source, .. } => source.sqlstate(),
-            PoolError::Backoff { code, .. } => *code,
-        }
     }
 }
 
@@ -200,23 +150,6 @@ pub struct Pool {
     paused: tokio::sync::watch::Sender<bool>,
 }
 
-/// The settings a fresh server starts with: what it reports, and the tracked settings it does
-/// not report (read once).
-#[derive(Debug, Clone, Default)]
-pub struct Defaults {
-    /// ParameterStatus values after login.
-    pub reported: Vec<(String, String)>,
-    /// `track_extra_parameters` values (lowercase names).
-    pub unreported: Vec<(String, String)>,
-}
-
-impl Defaults {
-    /// Both lists in one.
-    pub fn all(&self) -> Vec<(String, String)> {
-        self.reported.iter().chain(&self.unreported).cloned().collect()
-    }
-}
-
 impl Pool {
     /// An empty pool counted against `limits`; servers are opened on demand, and a
     /// background task keeps `min_size` warm and retires old and idle servers.
@@ -275,36 +208,6 @@ impl Pool {
         self.settings.store(Arc::new(settings));
         while self.stats().open > size && self.close_one_idle() {}
         self.on_capacity();
-    }
-
-    /// The settings a fresh server of this pool starts with, once one has been opened.
-    pub fn defaults(&self) -> Option<Arc<Defaults>> {
-        self.defaults.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Records a fresh server's settings as the pool's defaults, once.
-    async fn learn_defaults(&self, conn: &mut ServerConn) -> Result<(), ServerError> {
-        if self.defaults().is_some() {
-            return Ok(());
-        }
-        let mut unreported = Vec::new();
-        let settings = self.settings();
-        if !settings.track_extra.is_empty() {
-            let cols: Vec<String> = settings
-                .track_extra
-                .iter()
-                .map(|e| format!("pg_catalog.current_setting({}, true)", postgres_protocol::escape::escape_literal(e)))
-                .collect();
-            let row = conn.query_row(&format!("SELECT {}", cols.join(", "))).await?.unwrap_or_default();
-            for (name, value) in settings.track_extra.iter().zip(row) {
-                if let Some(v) = value {
-                    unreported.push((name.to_lowercase(), v));
-                }
-            }
-        }
-        let d = Defaults { reported: conn.params.clone(), unreported };
-        self.defaults.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Arc::new(d));
-        Ok(())
     }
 
     /// Reports a pool event (log line and `$pgbroker.events`).
@@ -691,24 +594,4 @@ fn jittered(d: Duration) -> Option<Duration> {
     }
     let factor = 0.9 + rand::random::<f64>() * 0.2;
     Some(d.mul_f64(factor))
-}
-
-/// Ends a probe (see `Pool::connect`) however the attempt ends, dropped futures included.
-struct ProbeGuard<'a>(&'a Pool);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.lock().probing = false;
-    }
-}
-
-/// Frees a counted slot if a connect is abandoned or fails.
-struct SlotGuard(Option<Arc<Pool>>);
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        if let Some(pool) = self.0.take() {
-            pool.release_slot();
-        }
-    }
 }

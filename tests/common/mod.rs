@@ -234,3 +234,23 @@ pub async fn direct(db: &str) -> Client {
     });
     client
 }
+
+/// Rows of a simple query as column-name → text maps.
+pub async fn rows(c: &Client, sql: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let msgs = tokio::time::timeout(Duration::from_secs(10), c.simple_query(sql))
+        .await
+        .expect("answer in time")
+        .expect("query");
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| (col.name().to_string(), r.get(i).unwrap_or("NULL").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}

@@ -3,6 +3,9 @@
 //! to the ReadyForQuery that ends it; in statement mode to the end of each statement. Bytes
 //! pass unchanged; only tags (and ReadyForQuery / ParameterStatus bodies) are read.
 
+mod faults;
+mod waits;
+
 use super::SessionError;
 use super::accounting::{self, Accounting};
 use super::io::ClientIo;
@@ -14,7 +17,7 @@ use super::prepared::Prepared;
 use super::relay::{RelayError, poll_relay};
 use super::sql;
 use super::stream::ClientStream;
-use super::timers::{Expired, Held, QueryCheck, Timers};
+use super::timers::{Held, Timers};
 use crate::app::App;
 use crate::cancel::Registration;
 use crate::clients::{Client, State as ClientState};
@@ -27,9 +30,11 @@ use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, tag};
 use crate::stats::Counters;
 use bytes::BytesMut;
+use faults::cancel_query;
 use std::future::poll_fn;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
+use waits::{drained, next_event};
 
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -567,86 +572,10 @@ impl ClientLoop {
         }
         Some((s.status, self.pending.sync_points))
     }
-
-    /// The attached server owes the client an answer (`query_timeout` applies).
-    fn owed(&self) -> bool {
-        self.server.is_some() && self.pending.sync_points > 0 && !self.copy_in
-    }
-
-    async fn check_timers(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
-        if let Some(Expired { code, message }) = self.timers.expired(self.held()) {
-            return Err(SessionError::fatal(code, message));
-        }
-        match self.timers.check_query(self.owed()) {
-            QueryCheck::Fine => Ok(()),
-            QueryCheck::Cancel => {
-                if let Some(server) = self.server.as_deref() {
-                    tracing::warn!(
-                        server = server.id,
-                        pid = server.cancel.pid,
-                        query_timeout = ?self.cfg.broker.query_timeout,
-                        "no answer from the server within query_timeout; cancelling the query"
-                    );
-                    self.cancelling = Some(tokio::spawn(cancel_query(server.cancel.clone())));
-                }
-                Ok(())
-            }
-            QueryCheck::Close(Expired { code, message }) => {
-                let pid = self.server.as_deref().map(|s| s.cancel.pid);
-                tracing::warn!(?pid, "server silent after a cancel request; closing it");
-                self.abandon_server(io).await;
-                Err(SessionError::fatal(code, message))
-            }
-        }
-    }
-
-    /// Passes on what the server did say, then closes it: it is never reused.
-    async fn abandon_server(&mut self, io: &mut ClientIo<ClientStream>) {
-        let _ = io.stream.write_all(self.down.ready()).await;
-        let _ = io.stream.flush().await;
-        self.down.clear();
-        self.release(Release::Close);
-        if let Some(p) = self.prepared.as_mut() {
-            p.reset_in_flight();
-        }
-    }
-
-    /// Passes on what the server said before dying, and tells the client.
-    async fn server_lost(&mut self, io: &mut ClientIo<ClientStream>, err: Option<std::io::Error>) -> SessionError {
-        self.abandon_server(io).await;
-        tracing::warn!(error = ?err, "server connection lost");
-        SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
-    }
 }
 
 /// CopyInResponse: the server waits for the client's COPY data.
 const COPY_IN_RESPONSE: u8 = b'G';
-
-/// Sends a CancelRequest for whatever the server runs now.
-async fn cancel_query(target: Arc<crate::server::CancelTarget>) {
-    crate::cancel::send(&target).await;
-}
-
-/// How long a client that has not run anything yet may take to send its first request once
-/// a drain has started.
-const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Resolves when `client` should leave: its drain started, and it has been served once or
-/// its grace for a first request is over.
-async fn drained(client: &Client, served: bool, logged_in: tokio::time::Instant) {
-    client.drain.cancelled().await;
-    if !served {
-        tokio::time::sleep_until(logged_in + FIRST_REQUEST_GRACE).await;
-    }
-}
-
-/// The next event of a listening client; pending forever for one that does not listen.
-async fn next_event(listens: &mut Option<Listens>) -> Option<Event> {
-    match listens.as_mut() {
-        Some(l) if l.is_active() => l.next().await,
-        _ => std::future::pending().await,
-    }
-}
 
 /// Statement mode: the statement opened a transaction block. The client gets an error and an
 /// idle ReadyForQuery; the server is rolled back when it goes back to the pool.

@@ -1,0 +1,73 @@
+//! When the server fails the client: `query_timeout` (cancel, then close a silent server) and
+//! a server connection that is lost or abandoned.
+
+use super::ClientLoop;
+use crate::error::SqlState;
+use crate::pool::Release;
+use crate::session::SessionError;
+use crate::session::io::ClientIo;
+use crate::session::stream::ClientStream;
+use crate::session::timers::{Expired, QueryCheck};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+impl ClientLoop {
+    /// The attached server owes the client an answer (`query_timeout` applies).
+    pub(super) fn owed(&self) -> bool {
+        self.server.is_some() && self.pending.sync_points > 0 && !self.copy_in
+    }
+
+    pub(super) async fn check_timers(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        if let Some(Expired { code, message }) = self.timers.expired(self.held()) {
+            return Err(SessionError::fatal(code, message));
+        }
+        match self.timers.check_query(self.owed()) {
+            QueryCheck::Fine => Ok(()),
+            QueryCheck::Cancel => {
+                if let Some(server) = self.server.as_deref() {
+                    tracing::warn!(
+                        server = server.id,
+                        pid = server.cancel.pid,
+                        query_timeout = ?self.cfg.broker.query_timeout,
+                        "no answer from the server within query_timeout; cancelling the query"
+                    );
+                    self.cancelling = Some(tokio::spawn(cancel_query(server.cancel.clone())));
+                }
+                Ok(())
+            }
+            QueryCheck::Close(Expired { code, message }) => {
+                let pid = self.server.as_deref().map(|s| s.cancel.pid);
+                tracing::warn!(?pid, "server silent after a cancel request; closing it");
+                self.abandon_server(io).await;
+                Err(SessionError::fatal(code, message))
+            }
+        }
+    }
+
+    /// Passes on what the server did say, then closes it: it is never reused.
+    async fn abandon_server(&mut self, io: &mut ClientIo<ClientStream>) {
+        let _ = io.stream.write_all(self.down.ready()).await;
+        let _ = io.stream.flush().await;
+        self.down.clear();
+        self.release(Release::Close);
+        if let Some(p) = self.prepared.as_mut() {
+            p.reset_in_flight();
+        }
+    }
+
+    /// Passes on what the server said before dying, and tells the client.
+    pub(super) async fn server_lost(
+        &mut self,
+        io: &mut ClientIo<ClientStream>,
+        err: Option<std::io::Error>,
+    ) -> SessionError {
+        self.abandon_server(io).await;
+        tracing::warn!(error = ?err, "server connection lost");
+        SessionError::fatal(SqlState::CONNECTION_FAILURE, "server closed the connection unexpectedly")
+    }
+}
+
+/// Sends a CancelRequest for whatever the server runs now.
+pub(super) async fn cancel_query(target: Arc<crate::server::CancelTarget>) {
+    crate::cancel::send(&target).await;
+}
