@@ -30,16 +30,17 @@ pub async fn lookup(app: &App, cfg: &Config, database: &str, user: &str) -> Resu
     };
     let mut server =
         pool.checkout(cfg.broker.query_wait_timeout).await.map_err(|e| unavailable(crate::error::chain(&e)))?;
-    let row = match server.query_row_with(&aq.query, &[user]).await {
+    let result = server.query_row_with(&aq.query, &[user]).await;
+    if result.is_ok() {
+        // The connection is fine (even if the query failed): back to the pool.
+        server.release = crate::pool::Release::Reuse;
+    }
+    drop(server);
+    let row = match result {
         Ok(Ok(row)) => row,
-        Ok(Err(e)) => {
-            server.release = crate::pool::Release::Reuse;
-            return Err(unavailable(format!("{} ({})", e.message, e.code.code())));
-        }
+        Ok(Err(e)) => return Err(unavailable(format!("{} ({})", e.message, e.code.code()))),
         Err(e) => return Err(unavailable(crate::error::chain(&e))),
     };
-    server.release = crate::pool::Release::Reuse;
-    drop(server);
     // (name, secret); a role without a password, or expired, yields NULL.
     let Some(Some(secret)) = row.and_then(|r| r.into_iter().nth(1)) else {
         return Ok(None);
