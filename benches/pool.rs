@@ -51,6 +51,7 @@ async fn warm_pool(pg: &Cluster) -> Arc<Pool> {
         credential: Some(Credential::Password(pg.password().into())),
         keepalive: true,
         tls: ServerTls::disabled(),
+        application_name: None,
     };
     let key = PoolKey { database: "postgres".into(), user: pg.superuser().into() };
     // The app always counts pools against a budget limit; so does this one.

@@ -2,7 +2,7 @@
 //! instances)`, and how it was derived. One budget per upstream server; every connection the
 //! broker opens to that server counts against it.
 
-use crate::config::{Config, Database, ServerMaxConnections};
+use crate::config::{BudgetMode, Config, Database, ServerMaxConnections};
 use crate::server::{Credential, ServerConn, ServerError, Target};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,8 +50,11 @@ pub struct Derivation {
     pub instances: u32,
     /// Whether `instances` came from the environment.
     pub instances_from_env: bool,
-    /// The result: most server connections this instance may hold to `server`.
+    /// The result: most server connections this instance may hold to `server` (in fleet
+    /// mode: what the whole fleet may hold, shared live).
     pub budget: u32,
+    /// Fleet mode: `instances` is not used, the fleet shares `budget`.
+    pub fleet: bool,
 }
 
 impl fmt::Display for Derivation {
@@ -63,8 +66,12 @@ impl fmt::Display for Derivation {
         };
         write!(
             f,
-            "budget {} for {} = floor((max_connections {} [{src}]",
-            self.budget, self.server, self.max_connections
+            "{} {} for {} = {}(max_connections {} [{src}]",
+            if self.fleet { "fleet connections" } else { "budget" },
+            self.budget,
+            self.server,
+            if self.fleet { "" } else { "floor(" },
+            self.max_connections
         )?;
         if self.source == Source::Server {
             write!(
@@ -72,6 +79,9 @@ impl fmt::Display for Derivation {
                 " - superuser_reserved_connections {} - server reserved_connections {}",
                 self.superuser_reserved, self.server_reserved
             )?;
+        }
+        if self.fleet {
+            return write!(f, " - reserved_connections {}), shared live by the fleet", self.reserved);
         }
         let inst = if self.instances_from_env { "MAX_INSTANCES" } else { "config" };
         write!(f, " - reserved_connections {}) / max_instances {} [{inst}])", self.reserved, self.instances)
@@ -123,7 +133,9 @@ pub fn compute(
         - i64::from(superuser_reserved)
         - i64::from(server_reserved)
         - i64::from(cfg.reserved_connections);
-    let budget = (usable.max(0) / i64::from(cfg.max_instances.max(1))) as u32;
+    let fleet = cfg.mode == BudgetMode::Fleet;
+    let instances = if fleet { 1 } else { cfg.max_instances.max(1) };
+    let budget = (usable.max(0) / i64::from(instances)) as u32;
     let d = Derivation {
         server: server.to_string(),
         max_connections,
@@ -134,11 +146,19 @@ pub fn compute(
         instances: cfg.max_instances,
         instances_from_env: cfg.env_overrides.contains(&"MAX_INSTANCES"),
         budget,
+        fleet,
     };
     if budget < 1 {
         return Err(BudgetError::BelowOne(d));
     }
     Ok(d)
+}
+
+/// What a whole fleet may hold on a server with `limits`: the budget of one instance alone
+/// (0 when nothing is left).
+pub fn usable(cfg: &crate::config::Budget, limits: ServerLimits) -> u32 {
+    let alone = crate::config::Budget { max_instances: 1, mode: BudgetMode::Fleet, ..cfg.clone() };
+    compute("", &alone, Some(limits)).map_or(0, |d| d.budget)
 }
 
 /// The upstream server a database lives on; databases on one server share its budget.
@@ -191,7 +211,7 @@ pub async fn derive_all(cfg: &Config) -> Result<BTreeMap<String, Derivation>, Bu
 
 /// A configured login for `server`, used to read its settings: a database's own user, else
 /// the `auth_query` user.
-fn login_for(cfg: &Config, server: &str) -> Option<Target> {
+pub(crate) fn login_for(cfg: &Config, server: &str) -> Option<Target> {
     let on_server = || cfg.databases.values().filter(|db| server_of(db) == server);
     let (db, user, password) =
         on_server().find_map(|db| Some((db, db.user.clone()?, db.password.clone()))).or_else(|| {
@@ -207,6 +227,7 @@ fn login_for(cfg: &Config, server: &str) -> Option<Target> {
         credential: password.map(Credential::Password),
         keepalive: cfg.broker.tcp_keepalive,
         tls: cfg.tls.server.clone(),
+        application_name: None,
     })
 }
 
@@ -226,6 +247,10 @@ mod tests {
             reserved_connections: reserved,
             max_instances: instances,
             env_overrides: env,
+            mode: crate::config::BudgetMode::Static,
+            fleet: "default".into(),
+            fleet_interval: std::time::Duration::from_secs(5),
+            fleet_min_budget: 2,
         }
     }
 

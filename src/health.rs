@@ -53,8 +53,47 @@ pub struct Health {
     pub average_response_time: f64,
     /// Share of requests that ended in a server error since start.
     pub error_rate: f64,
+    /// Fleet mode: this instance's standing in its fleet, per server.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<FleetHealth>,
     /// Why the status is what it is.
     pub message: String,
+}
+
+/// This instance in its fleet, for one server.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetHealth {
+    /// The server.
+    pub server: String,
+    /// Live instances of the fleet.
+    pub instances: u32,
+    /// This instance's share (its cap now).
+    pub share: usize,
+    /// The fair share of each instance.
+    pub fair_share: u32,
+    /// Connections the fleet holds on the server.
+    pub fleet_total: u32,
+    /// fair, growing, floor, waiting, no_room, unreachable or starting.
+    pub standing: &'static str,
+}
+
+fn fleet_health(app: &App) -> Vec<FleetHealth> {
+    app.budgets()
+        .iter()
+        .filter_map(|(server, (_, limit))| {
+            let st = app.fleet_member(server)?.status();
+            let d = st.decision;
+            Some(FleetHealth {
+                server: server.clone(),
+                instances: d.map_or(0, |d| d.instances),
+                share: limit.cap(),
+                fair_share: d.map_or(0, |d| d.fair),
+                fleet_total: d.map_or(0, |d| d.fleet_total),
+                standing: st.standing.as_str(),
+            })
+        })
+        .collect()
 }
 
 /// Assesses the broker now, against `[health]`.
@@ -83,6 +122,8 @@ pub fn assess(app: &App) -> Health {
     }
     let average_response_time = if qrate > 0.0 { qtime / qrate / 1000.0 } else { 0.0 };
     let failing = !pools.is_empty() && pools.iter().all(|p| p.is_failing());
+    let fleet = fleet_health(app);
+    let starved = fleet.iter().find(|f| f.share == 0);
     let (status, message) = if app.draining.is_cancelled() {
         (Status::Unavailable, "shutting down".to_string())
     } else if failing {
@@ -95,6 +136,14 @@ pub fn assess(app: &App) -> Health {
                 max_wait.as_secs_f64() * 1000.0,
                 h.overloaded_waiting_clients,
                 h.overloaded_wait
+            ),
+        )
+    } else if let Some(f) = starved {
+        (
+            Status::Degraded,
+            format!(
+                "fleet: no connections of {} for this instance yet ({}; {} instances, fair share {}, fleet holds {})",
+                f.server, f.standing, f.instances, f.fair_share, f.fleet_total
             ),
         )
     } else if utilization >= h.degraded_utilization {
@@ -119,6 +168,7 @@ pub fn assess(app: &App) -> Health {
         rejected_connections: app.refusals.total(),
         average_response_time,
         error_rate,
+        fleet,
         message,
     }
 }
@@ -138,6 +188,7 @@ pub async fn ready(app: &App) -> Result<(), String> {
             credential: None,
             keepalive: false,
             tls: crate::tls::ServerTls::disabled(),
+            application_name: None,
         };
         match tokio::time::timeout(Duration::from_secs(2), target.open()).await {
             Ok(Ok(_)) => {}

@@ -31,6 +31,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

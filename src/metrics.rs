@@ -20,6 +20,16 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("pgbroker_servers", 'g', None, "Server connections by pool and state (active, idle, login)"),
     ("pgbroker_budget_connections", 'g', None, "Server connection budget per PostgreSQL server"),
     ("pgbroker_budget_used_connections", 'g', None, "Server connections counted against the budget"),
+    ("pgbroker_fleet_instances", 'g', None, "Live instances of this broker's fleet, per server (fleet mode)"),
+    ("pgbroker_fleet_share_connections", 'g', None, "This instance's share of the server's connections (fleet mode)"),
+    ("pgbroker_fleet_fair_share_connections", 'g', None, "Fair share of each fleet instance (fleet mode)"),
+    ("pgbroker_fleet_total_connections", 'g', None, "Connections the whole fleet holds on the server (fleet mode)"),
+    (
+        "pgbroker_fleet_other_connections",
+        'g',
+        None,
+        "Client connections on the server that are not the fleet's (fleet mode)",
+    ),
     ("pgbroker_waiting_clients", 'g', None, "Clients waiting for a server, per pool"),
     ("pgbroker_wait_seconds", 'h', Some(Unit::Seconds), "Time clients waited for a server"),
     ("pgbroker_transaction_seconds", 'h', Some(Unit::Seconds), "Transaction duration"),
@@ -146,8 +156,19 @@ impl Metrics {
             }
         }
         for (server, (d, limit)) in app.budgets().iter() {
-            self.gauge("pgbroker_budget_connections", &[("server", server.clone())], f64::from(d.budget));
-            self.gauge("pgbroker_budget_used_connections", &[("server", server.clone())], limit.used() as f64);
+            let l = [("server", server.clone())];
+            let budget = if d.fleet { limit.cap() as f64 } else { f64::from(d.budget) };
+            self.gauge("pgbroker_budget_connections", &l, budget);
+            self.gauge("pgbroker_budget_used_connections", &l, limit.used() as f64);
+            let Some(member) = app.fleet_member(server) else { continue };
+            let status = member.status();
+            self.gauge("pgbroker_fleet_share_connections", &l, limit.cap() as f64);
+            if let Some(dec) = status.decision {
+                self.gauge("pgbroker_fleet_instances", &l, f64::from(dec.instances));
+                self.gauge("pgbroker_fleet_fair_share_connections", &l, f64::from(dec.fair));
+                self.gauge("pgbroker_fleet_total_connections", &l, f64::from(dec.fleet_total));
+                self.gauge("pgbroker_fleet_other_connections", &l, f64::from(status.others));
+            }
         }
         for (reason, n) in app.refusals.all() {
             self.counter("pgbroker_refused_connections_total", &[("reason", reason.into())], n);

@@ -7,22 +7,7 @@ use futures_util::{SinkExt, StreamExt};
 use pgbroker::config::PoolMode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A plain HTTP/1.1 GET; returns (status, body).
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
-}
 
 /// The value of a metric line matching `name` and all `labels`.
 fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
@@ -39,14 +24,14 @@ async fn metrics_are_scraped_and_counters_move_under_load() {
     let b = broker(mode_config(PoolMode::Transaction, 2)).await;
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
-    let (code, first) = get(b.http_addr(), "/metrics").await;
+    let (code, first) = http_get(b.http_addr(), "/metrics").await;
     assert_eq!(code, 200);
     let bench = ["database=\"bench\"", "user=\"postgres\""];
     let q0 = metric(&first, "pgbroker_queries_total", &bench).unwrap();
     for _ in 0..25 {
         one(&c, "SELECT repeat('y', 500)").await;
     }
-    let (_, second) = get(b.http_addr(), "/metrics").await;
+    let (_, second) = http_get(b.http_addr(), "/metrics").await;
     assert!(metric(&second, "pgbroker_queries_total", &bench).unwrap() >= q0 + 25.0);
     assert!(metric(&second, "pgbroker_transactions_total", &bench).unwrap() >= 25.0);
     assert!(metric(&second, "pgbroker_sent_bytes_total", &bench).unwrap() > 12_500.0);
@@ -60,7 +45,7 @@ async fn metrics_are_scraped_and_counters_move_under_load() {
     // Errors by SQLSTATE class and refusals by reason.
     let _ = c.simple_query("SELECT 1/0").await;
     let _ = connect(b.local_addr(), "postgres", "wrong", "bench").await;
-    let (_, third) = get(b.http_addr(), "/metrics").await;
+    let (_, third) = http_get(b.http_addr(), "/metrics").await;
     assert_eq!(metric(&third, "pgbroker_server_errors_total", &["class=\"22\""]), Some(1.0));
     assert!(metric(&third, "pgbroker_refused_connections_total", &["reason=\"auth\""]).unwrap() >= 1.0);
 }
@@ -71,7 +56,7 @@ async fn health_turns_overloaded_while_clients_wait_and_recovers() {
     cfg.health.overloaded_wait = Duration::from_millis(200);
     cfg.broker.query_wait_timeout = Duration::from_secs(20);
     let b = broker(cfg).await;
-    let (code, body) = get(b.http_addr(), "/health").await;
+    let (code, body) = http_get(b.http_addr(), "/health").await;
     let h: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((code, h["status"].as_str()), (200, Some("healthy")), "{body}");
     for key in [
@@ -92,7 +77,7 @@ async fn health_turns_overloaded_while_clients_wait_and_recovers() {
     let waiting = tokio::spawn(async move { one(&waiter, "SELECT 'served'").await });
     let deadline = Instant::now() + Duration::from_secs(10);
     let overloaded = loop {
-        let (code, body) = get(b.http_addr(), "/health").await;
+        let (code, body) = http_get(b.http_addr(), "/health").await;
         let h: Value = serde_json::from_str(&body).unwrap();
         if h["status"] == "overloaded" {
             assert_eq!(code, 503);
@@ -107,7 +92,7 @@ async fn health_turns_overloaded_while_clients_wait_and_recovers() {
     assert!(overloaded, "status never became overloaded");
     holder.simple_query("COMMIT").await.unwrap();
     assert_eq!(waiting.await.unwrap(), "served");
-    let (code, body) = get(b.http_addr(), "/health").await;
+    let (code, body) = http_get(b.http_addr(), "/health").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "healthy");
 }
@@ -115,8 +100,8 @@ async fn health_turns_overloaded_while_clients_wait_and_recovers() {
 #[tokio::test]
 async fn liveness_and_readiness() {
     let b = broker(config()).await;
-    assert_eq!(get(b.http_addr(), "/health/live").await.0, 200);
-    let (code, body) = get(b.http_addr(), "/health/ready").await;
+    assert_eq!(http_get(b.http_addr(), "/health/live").await.0, 200);
+    let (code, body) = http_get(b.http_addr(), "/health/ready").await;
     assert_eq!(code, 200, "{body}");
     // A database nobody listens on makes the broker not ready.
     let mut cfg = config();
@@ -125,7 +110,7 @@ async fn liveness_and_readiness() {
     cfg.databases.insert("dead".into(), dead);
     cfg.budget.server_max_connections = pgbroker::config::ServerMaxConnections::Fixed(50);
     let b = broker(cfg).await;
-    let (code, body) = get(b.http_addr(), "/health/ready").await;
+    let (code, body) = http_get(b.http_addr(), "/health/ready").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not ready"));
 }

@@ -318,6 +318,7 @@ fn lists(app: &Arc<App>) -> Table {
 }
 
 fn budget(app: &Arc<App>) -> Table {
+    let mode = app.config().budget.mode;
     let mut t = Table::new(&[
         ("server", Text),
         ("budget", Int8),
@@ -329,6 +330,14 @@ fn budget(app: &Arc<App>) -> Table {
         ("reserved", Int8),
         ("instances", Int8),
         ("derivation", Text),
+        ("mode", Text),
+        ("fleet", Text),
+        ("instance", Text),
+        ("fair_share", Int8),
+        ("claim", Int8),
+        ("fleet_total", Int8),
+        ("others", Int8),
+        ("standing", Text),
     ]);
     for (server, (d, limit)) in app.budgets().iter() {
         let source = match d.source {
@@ -336,17 +345,34 @@ fn budget(app: &Arc<App>) -> Table {
             Source::Env => "DB_MAX_CONNECTIONS",
             Source::Server => "server",
         };
+        let member = app.fleet_member(server);
+        let status = member.as_ref().map(|m| m.status());
+        let decision = status.as_ref().and_then(|st| st.decision);
+        // In fleet mode the budget is the live share and instances are the live peers.
+        let (budget, instances) = match (&member, decision) {
+            (Some(_), Some(dec)) => (limit.cap() as u32, dec.instances),
+            (Some(_), None) => (limit.cap() as u32, 0),
+            (None, _) => (d.budget, d.instances),
+        };
         t.row(vec![
             s(server),
-            s(d.budget),
+            s(budget),
             s(limit.used()),
             s(d.max_connections),
             s(source),
             s(d.superuser_reserved),
             s(d.server_reserved),
             s(d.reserved),
-            s(d.instances),
+            s(instances),
             s(d),
+            s(mode.as_str()),
+            member.as_ref().map(|_| app.config().budget.fleet.clone()),
+            member.as_ref().map(|m| m.id().to_string()),
+            decision.map(|x| x.fair.to_string()),
+            status.as_ref().filter(|_| decision.is_some()).map(|st| st.claim.to_string()),
+            decision.map(|x| x.fleet_total.to_string()),
+            status.as_ref().filter(|_| decision.is_some()).map(|st| st.others.to_string()),
+            status.as_ref().map(|st| st.standing.as_str().to_string()),
         ]);
     }
     t

@@ -68,7 +68,9 @@ impl Broker {
             .into_iter()
             .map(|(server, d)| {
                 tracing::info!("{d}");
-                let limit = Limit::new(format!("budget {server}"), d.budget as usize);
+                // In fleet mode the cap is the share the first fleet round grants.
+                let cap = if d.fleet { 0 } else { d.budget as usize };
+                let limit = Limit::new(format!("budget {server}"), cap);
                 (server, (d, limit))
             })
             .collect();
@@ -97,6 +99,8 @@ impl Broker {
             login_throttle: Default::default(),
             metrics: Default::default(),
             events: Arc::default(),
+            instance_id: crate::fleet::new_instance_id(),
+            fleet: Mutex::default(),
             clients_open: AtomicUsize::new(0),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),
@@ -104,6 +108,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
         });
+        app.join_fleets(app.config().broker.server_connect_timeout + Duration::from_secs(1)).await;
         let tracker = TaskTracker::new();
         tracker.spawn(super::accept::accept_loop(app.clone(), listener, tracker.clone()));
         tracker.spawn(crate::http::serve(app.clone(), http_listener));

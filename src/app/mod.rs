@@ -86,6 +86,10 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// Operational events (logs and `$pgbroker.events`).
     pub events: Arc<crate::events::Events>,
+    /// This broker's id in its fleet (fleet mode).
+    pub instance_id: String,
+    /// Fleet memberships by server (fleet mode).
+    pub fleet: Mutex<BTreeMap<String, Arc<crate::fleet::Member>>>,
 }
 
 /// Pools of the notification listener are named after their database with this suffix.
@@ -127,6 +131,44 @@ impl App {
     /// The current budgets.
     pub fn budgets(&self) -> Arc<Budgets> {
         self.budgets.load_full()
+    }
+
+    /// The fleet membership for `server`, in fleet mode.
+    pub fn fleet_member(&self, server: &str) -> Option<Arc<crate::fleet::Member>> {
+        self.fleet.lock().unwrap_or_else(|e| e.into_inner()).get(server).cloned()
+    }
+
+    /// `application_name` of server connections: the fleet's tag in fleet mode, so peers
+    /// can tell the fleet's connections from everything else.
+    fn fleet_tag(&self, cfg: &Config) -> Option<String> {
+        (cfg.budget.mode == crate::config::BudgetMode::Fleet)
+            .then(|| crate::fleet::server_tag(&cfg.budget.fleet, &self.instance_id))
+    }
+
+    /// Starts a fleet membership for every budget that has none (fleet mode), waiting up
+    /// to `wait` for their first rounds so the broker starts with its share.
+    pub async fn join_fleets(self: &Arc<Self>, wait: Duration) {
+        if self.config().budget.mode != crate::config::BudgetMode::Fleet {
+            return;
+        }
+        let mut firsts = Vec::new();
+        for (server, (_, limit)) in self.budgets().iter() {
+            let mut map = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
+            if map.contains_key(server) {
+                continue;
+            }
+            let member = crate::fleet::Member::new(server.clone(), self.instance_id.clone(), limit.clone());
+            map.insert(server.clone(), member.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(member.run(self.clone(), tx));
+            firsts.push(rx);
+        }
+        let all_first = async {
+            for rx in firsts {
+                let _ = rx.await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, all_first).await;
     }
 
     /// The pool for a client of `database` whose server login is `server_user`, created on
@@ -188,6 +230,7 @@ impl App {
             credential,
             keepalive: b.tcp_keepalive,
             tls: cfg.tls.server.clone(),
+            application_name: self.fleet_tag(cfg),
         };
         let settings = PoolSettings {
             size,

@@ -16,7 +16,7 @@ impl App {
     /// Re-reads the config file (and the auth file it names) and applies it. An invalid file
     /// or one whose budget comes out below 1 is rejected as a whole and the running config
     /// stays. Returns the reason on rejection.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
         match self.try_reload().await {
             Ok(()) => {
                 self.reloads.fetch_add(1, Relaxed);
@@ -30,7 +30,7 @@ impl App {
         }
     }
 
-    async fn try_reload(&self) -> Result<(), String> {
+    async fn try_reload(self: &Arc<Self>) -> Result<(), String> {
         let old = self.config();
         let Some(path) = old.path.clone() else {
             return Err("this broker was not started from a config file".into());
@@ -41,12 +41,13 @@ impl App {
             .map_err(|e| e.to_string())?
             .map_err(|e| crate::error::chain(&e))?;
         new.warn_insecure_files();
-        let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
         for (key, changed) in [
             ("broker.listen", new.broker.listen != old.broker.listen),
             ("broker.http_listen", new.broker.http_listen != old.broker.http_listen),
             ("broker.log_format", new.broker.log_format != old.broker.log_format),
             ("websocket.path", new.websocket.path != old.websocket.path),
+            ("budget.mode", new.budget.mode != old.budget.mode),
+            ("budget.fleet", new.budget.fleet != old.budget.fleet),
         ] {
             if changed {
                 tracing::warn!(key, "setting changed in the file; needs restart, left alone");
@@ -56,6 +57,9 @@ impl App {
         new.broker.http_listen = old.broker.http_listen;
         new.broker.log_format = old.broker.log_format;
         new.websocket.path = old.websocket.path.clone();
+        new.budget.mode = old.budget.mode;
+        new.budget.fleet = old.budget.fleet.clone();
+        let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
 
         // Budgets: same limits with new caps, new ones for new servers.
         let current = self.budgets();
@@ -63,9 +67,9 @@ impl App {
         for (server, d) in derivations {
             let limit = match current.get(&server) {
                 Some((_, l)) => l.clone(),
-                None => Limit::new(format!("budget {server}"), d.budget as usize),
+                None => Limit::new(format!("budget {server}"), if d.fleet { 0 } else { d.budget as usize }),
             };
-            if limit.cap() != d.budget as usize {
+            if !d.fleet && limit.cap() != d.budget as usize {
                 tracing::info!("{d}");
             }
             budgets.insert(server, (d, limit));
@@ -73,11 +77,13 @@ impl App {
         self.budgets.store(Arc::new(budgets));
         self.store_config(new);
         let cfg = self.config();
-        for (_, (d, limit)) in self.budgets().iter() {
+        for (_, (d, limit)) in self.budgets().iter().filter(|(_, (d, _))| !d.fleet) {
             limit.set_cap(d.budget as usize);
             limit.shrink_to_cap();
         }
         self.reconfigure_pools(&cfg);
+        // Servers new to a fleet-mode config join the fleet (their cap starts at 0).
+        self.join_fleets(cfg.broker.server_connect_timeout).await;
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }

@@ -78,6 +78,10 @@ impl Config {
         }
         let _ = writeln!(s, "reserved_connections = {}", bu.reserved_connections);
         let _ = writeln!(s, "max_instances = {}", bu.max_instances);
+        let _ = writeln!(s, "mode = \"{}\"", bu.mode.as_str());
+        let _ = writeln!(s, "fleet = {:?}", bu.fleet);
+        let _ = writeln!(s, "fleet_interval = \"{}ms\"", bu.fleet_interval.as_millis());
+        let _ = writeln!(s, "fleet_min_budget = {}", bu.fleet_min_budget);
         if !bu.env_overrides.is_empty() {
             let _ = writeln!(s, "# from the environment: {}", bu.env_overrides.join(", "));
         }

@@ -276,6 +276,33 @@ pub struct Budget {
     pub max_instances: u32,
     /// Which inputs came from the environment (`DB_MAX_CONNECTIONS`, `MAX_INSTANCES`).
     pub env_overrides: Vec<&'static str>,
+    /// `static` (divide by `max_instances`) or `fleet` (instances share live).
+    pub mode: BudgetMode,
+    /// Fleet name: instances with the same name share the server's connections.
+    pub fleet: String,
+    /// How often a fleet member recounts its peers and its share.
+    pub fleet_interval: Duration,
+    /// Connections a joining instance gets at once when they fit.
+    pub fleet_min_budget: u32,
+}
+
+/// How the budget is shared between instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetMode {
+    /// A fixed share: `(max_connections - reserved) / max_instances`.
+    Static,
+    /// A live fair share among the instances of one fleet, counted in the database.
+    Fleet,
+}
+
+impl BudgetMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetMode::Static => "static",
+            BudgetMode::Fleet => "fleet",
+        }
+    }
 }
 
 /// Client authentication settings.

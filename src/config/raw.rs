@@ -95,6 +95,10 @@ pub struct Budget {
     pub server_max_connections: Option<NumOrStr>,
     pub reserved_connections: Option<i64>,
     pub max_instances: Option<i64>,
+    pub mode: Option<String>,
+    pub fleet: Option<String>,
+    pub fleet_interval: Option<NumOrStr>,
+    pub fleet_min_budget: Option<i64>,
 }
 
 /// `[auth]`: how clients authenticate to the broker.

@@ -102,6 +102,35 @@ impl Validator<'_> {
                 ));
             }
         }
-        Ok(Budget { server_max_connections, reserved_connections, max_instances, env_overrides })
+        let mode = match self.string("budget.mode", &b.mode)?.as_deref() {
+            None | Some("static") => BudgetMode::Static,
+            Some("fleet") => BudgetMode::Fleet,
+            Some(other) => {
+                return Err(self.invalid("budget.mode", format!("expected \"static\" or \"fleet\", got {other:?}")));
+            }
+        };
+        let fleet = self.string("budget.fleet", &b.fleet)?.unwrap_or_else(|| "default".to_string());
+        // The fleet name goes into application_name (63 bytes) and a LIKE-free prefix match.
+        if fleet.is_empty()
+            || fleet.len() > 24
+            || !fleet.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+        {
+            return Err(self.invalid("budget.fleet", format!("expected 1-24 of A-Z a-z 0-9 _ - ., got {fleet:?}")));
+        }
+        let fleet_interval = self.duration("budget.fleet_interval", &b.fleet_interval, 5)?;
+        if fleet_interval < Duration::from_millis(100) {
+            return Err(self.invalid("budget.fleet_interval", "must be at least 100ms"));
+        }
+        let fleet_min_budget = self.int("budget.fleet_min_budget", b.fleet_min_budget, 2, 1)?;
+        Ok(Budget {
+            server_max_connections,
+            reserved_connections,
+            max_instances,
+            env_overrides,
+            mode,
+            fleet,
+            fleet_interval,
+            fleet_min_budget,
+        })
     }
 }

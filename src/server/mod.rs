@@ -46,6 +46,8 @@ pub struct Target {
     pub keepalive: bool,
     /// TLS to the server (`server_tls_sslmode`; never used on Unix sockets).
     pub tls: ServerTls,
+    /// `application_name` sent at login (fleet mode tags the broker's connections with it).
+    pub application_name: Option<String>,
 }
 
 impl std::fmt::Debug for Target {
@@ -254,7 +256,11 @@ impl ServerConn {
     async fn connect_inner(target: Arc<Target>) -> Result<ServerConn, ServerError> {
         let mut stream = negotiate::encrypt(&target, target.open().await?).await?;
         let mut out = BytesMut::with_capacity(256);
-        frontend::startup_message([("user", target.user.as_str()), ("database", target.dbname.as_str())], &mut out)?;
+        let mut params = vec![("user", target.user.as_str()), ("database", target.dbname.as_str())];
+        if let Some(name) = &target.application_name {
+            params.push(("application_name", name.as_str()));
+        }
+        frontend::startup_message(params, &mut out)?;
         stream.write_all(&out).await?;
         let mut rbuf = BytesMut::with_capacity(1024);
         let mut scram: Option<Scram> = None;

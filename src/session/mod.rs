@@ -122,3 +122,21 @@ pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(io: &mut ClientIo<S>, 
     let _ = io.stream.flush().await;
     let _ = io.stream.shutdown().await;
 }
+
+/// Fleet mode keeps the fleet's `application_name` on servers, since peers count the fleet's
+/// connections by it: the client's own is taken out of the settings sent to servers and
+/// returned, to be reported to the client. `None` outside fleet mode.
+fn keep_fleet_tag(cfg: &crate::config::Config, settings: &mut Vec<(String, String)>) -> Option<String> {
+    if cfg.budget.mode != crate::config::BudgetMode::Fleet {
+        return None;
+    }
+    let mut own = String::new();
+    settings.retain(|(k, v)| {
+        let app = k.eq_ignore_ascii_case("application_name");
+        if app {
+            own.clone_from(v);
+        }
+        !app
+    });
+    Some(own)
+}

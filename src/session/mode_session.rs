@@ -30,11 +30,13 @@ pub(super) async fn run(
     let mut server = checkout.map_err(|e| SessionError::fatal(e.sqlstate(), crate::error::chain(&e)))?;
     // Until the startup settings are applied and the relay knows the state, close on drop.
     server.release = Release::Close;
-    apply_settings(&mut server, &login).await?;
+    let mut startup = params::startup_settings(&login.startup);
+    let own_name = super::keep_fleet_tag(cfg, &mut startup);
+    apply_settings(&mut server, &startup).await?;
     server.release = Release::Reset;
 
     let registration = app.cancels.register();
-    welcome(io, &server, registration.key.pid, registration.key.secret);
+    welcome(io, &server, own_name.as_deref(), registration.key.pid, registration.key.secret);
     io.flush().await?;
     let setup = Setup {
         mode: PoolMode::Session,
@@ -52,8 +54,8 @@ pub(super) async fn run(
 }
 
 /// Applies the client's startup parameters to its server session.
-async fn apply_settings(server: &mut Pooled, login: &Login) -> Result<(), SessionError> {
-    let Some(sql) = params::set_config_sql(&params::startup_settings(&login.startup)) else {
+async fn apply_settings(server: &mut Pooled, startup: &[(String, String)]) -> Result<(), SessionError> {
+    let Some(sql) = params::set_config_sql(startup) else {
         return Ok(());
     };
     match server.simple_query(&sql).await {
@@ -68,9 +70,14 @@ async fn apply_settings(server: &mut Pooled, login: &Login) -> Result<(), Sessio
     }
 }
 
-/// ParameterStatus for every reported setting, our BackendKeyData, ReadyForQuery.
-fn welcome(io: &mut ClientIo<ClientStream>, server: &ServerConn, pid: i32, secret: i32) {
+/// ParameterStatus for every reported setting (the client's own application_name in fleet
+/// mode), our BackendKeyData, ReadyForQuery.
+fn welcome(io: &mut ClientIo<ClientStream>, server: &ServerConn, own_name: Option<&str>, pid: i32, secret: i32) {
     for (name, value) in &server.params {
+        let value = match own_name {
+            Some(own) if name.eq_ignore_ascii_case("application_name") => own,
+            _ => value.as_str(),
+        };
         build::parameter_status(&mut io.wbuf, name, value);
     }
     build::backend_key_data(&mut io.wbuf, pid, secret);

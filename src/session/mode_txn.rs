@@ -27,11 +27,16 @@ pub(super) async fn run(
     client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let defaults = pool_defaults(&pool, cfg).await?;
-    let startup = params::startup_settings(&login.startup);
+    let mut startup = params::startup_settings(&login.startup);
+    let own_name = super::keep_fleet_tag(cfg, &mut startup);
     let settings = ClientSettings::new(&defaults.all(), &startup, &cfg.broker.track_extra_parameters);
     let registration = app.cancels.register();
     for (name, default) in &defaults.reported {
-        build::parameter_status(&mut io.wbuf, name, settings.get(name).unwrap_or(default));
+        let value = match &own_name {
+            Some(own) if name.eq_ignore_ascii_case("application_name") => own.as_str(),
+            _ => settings.get(name).unwrap_or(default),
+        };
+        build::parameter_status(&mut io.wbuf, name, value);
     }
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
     build::ready_for_query(&mut io.wbuf, b'I');

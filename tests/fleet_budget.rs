@@ -1,0 +1,375 @@
+//! Fleet mode: broker processes of one fleet share a PostgreSQL with `max_connections = 60`
+//! while each carries transaction-mode load; 1 → 6 → 2 instances, sampling
+//! `pg_stat_activity` every 100 ms. Then the same load through two static-budget brokers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use pgbroker::cluster::{Cluster, ClusterOptions};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
+/// max_connections 60 - superuser_reserved_connections 3 - reserved_connections 5.
+const USABLE: u32 = 52;
+const INTERVAL: Duration = Duration::from_secs(2);
+const FLOOR: u32 = 2;
+/// Connections that are not the fleet's: the sampler's.
+const OTHERS: u32 = 1;
+/// Clients per broker, each running short transactions back to back.
+const CLIENTS: usize = 12;
+
+struct Broker {
+    child: Child,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A broker config for `pg` in transaction mode, trust auth, `[budget]` as given.
+fn config_text(pg: &Cluster, listen: &str, budget: &str) -> String {
+    format!(
+        r#"
+[broker]
+listen = "{listen}"
+http_listen = "127.0.0.1:0"
+pool_mode = "transaction"
+query_wait_timeout = "60s"
+
+[auth]
+type = "trust"
+admin_users = ["postgres"]
+
+[budget]
+{budget}
+
+[databases.db]
+host = "127.0.0.1"
+port = {pg}
+dbname = "postgres"
+user = "postgres"
+password = "postgres"
+"#,
+        pg = pg.port()
+    )
+}
+
+fn start_broker(pg: &Cluster, dir: &std::path::Path, name: &str, budget: &str) -> Broker {
+    let port = free_port();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config_text(pg, &format!("127.0.0.1:{port}"), budget)).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Broker { child, port, stop: Arc::default(), done: Arc::default() }
+}
+
+fn fleet_budget() -> String {
+    format!(
+        "mode = \"fleet\"\nfleet = \"t\"\nfleet_interval = \"{}ms\"\nfleet_min_budget = {FLOOR}",
+        INTERVAL.as_millis()
+    )
+}
+
+async fn wait_listening(b: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await.is_err() {
+        assert!(Instant::now() < deadline, "broker on {} did not start", b.port);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts `CLIENTS` clients looping short transactions through `b` until its stop flag.
+fn load(b: &Broker, errors: &Arc<Mutex<Vec<String>>>) {
+    for _ in 0..CLIENTS {
+        let (port, stop, done, errors) = (b.port, b.stop.clone(), b.done.clone(), errors.clone());
+        tokio::spawn(async move {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let c = match common::connect(addr, "postgres", "x", "db").await {
+                Ok(c) => c,
+                Err(e) => return errors.lock().await.push(format!("connect: {e:?}")),
+            };
+            // Bounded: at most 10 minutes of work whatever happens to the stop flag.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match c.simple_query("SELECT pg_sleep(0.02)").await {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if stop.load(Ordering::Relaxed) => {
+                        let _ = e;
+                        return;
+                    }
+                    Err(e) => return errors.lock().await.push(format!("query on {port}: {e:?}")),
+                }
+            }
+        });
+    }
+}
+
+/// This broker's row of SHOW BUDGET.
+async fn budget_row(b: &Broker) -> std::collections::HashMap<String, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], b.port));
+    let c = common::connect(addr, "postgres", "x", "pgbroker").await.unwrap();
+    common::rows(&c, "SHOW BUDGET").await.into_iter().next().expect("one server")
+}
+
+fn num(row: &std::collections::HashMap<String, String>, k: &str) -> u32 {
+    row.get(k).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{k} in {row:?}"))
+}
+
+/// Samples pg_stat_activity every 100 ms: (fleet connections, every client connection).
+struct Sampler {
+    max_fleet: Arc<AtomicU64>,
+    max_all: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+async fn sampler(pg: &Cluster) -> Sampler {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=postgres password=postgres dbname=postgres", pg.port()),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let s = Sampler { max_fleet: Arc::default(), max_all: Arc::default(), stop: Arc::default() };
+    let (max_fleet, max_all, stop) = (s.max_fleet.clone(), s.max_all.clone(), s.stop.clone());
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let row = common::rows(
+                &c,
+                "SELECT count(*) FILTER (WHERE left(application_name, 11) = 'pgbroker/t/') AS fleet, \
+                 count(*) AS all FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            )
+            .await;
+            let fleet: u64 = row[0]["fleet"].parse().unwrap();
+            let all: u64 = row[0]["all"].parse().unwrap();
+            max_fleet.fetch_max(fleet, Ordering::Relaxed);
+            max_all.fetch_max(all, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    s
+}
+
+/// Waits until every broker's share is within one of the fair share of `n` instances, at
+/// most `limit`; returns the shares.
+async fn converge(brokers: &[&Broker], n: u32, limit: Duration) -> Vec<u32> {
+    let fair = (USABLE - OTHERS - n - (FLOOR + 1)) / n;
+    let started = Instant::now();
+    loop {
+        let mut shares = Vec::new();
+        let mut ok = true;
+        for b in brokers {
+            let row = budget_row(b).await;
+            let share = num(&row, "budget");
+            ok &= num(&row, "instances") == n && share.abs_diff(fair) <= 1;
+            shares.push(share);
+        }
+        if ok {
+            return shares;
+        }
+        assert!(started.elapsed() < limit, "shares {shares:?} not within one of fair {fair} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (at most 15 s) until `b` has served a round of its load.
+async fn warmed_up(b: &Broker) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.done.load(Ordering::Relaxed) < CLIENTS as u64 {
+        assert!(Instant::now() < deadline, "no load served through {}", b.port);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn throughput(brokers: &[&Broker], over: Duration) -> f64 {
+    let before: u64 = brokers.iter().map(|b| b.done.load(Ordering::Relaxed)).sum();
+    tokio::time::sleep(over).await;
+    let after: u64 = brokers.iter().map(|b| b.done.load(Ordering::Relaxed)).sum();
+    (after - before) as f64 / over.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 60, ..ClusterOptions::default() }).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let samples = sampler(&pg).await;
+
+    // One instance: it holds everything but its lease and room for a joiner.
+    let first = start_broker(&pg, dir.path(), "b0", &fleet_budget());
+    wait_listening(&first).await;
+    load(&first, &errors);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alone = converge(&[&first], 1, INTERVAL * 3).await;
+    assert_eq!(alone, vec![USABLE - OTHERS - 1 - (FLOOR + 1)]);
+
+    // Five more at once.
+    let joiners: Vec<Broker> =
+        (1..6).map(|i| start_broker(&pg, dir.path(), &format!("b{i}"), &fleet_budget())).collect();
+    for b in &joiners {
+        wait_listening(b).await;
+        load(b, &errors);
+    }
+    let all: Vec<&Broker> = std::iter::once(&first).chain(joiners.iter()).collect();
+    let six = converge(&all, 6, INTERVAL * 3).await;
+    assert!(six.iter().sum::<u32>() + 6 <= USABLE, "{six:?}");
+    assert!(all.iter().all(|b| b.done.load(Ordering::Relaxed) > 0), "every instance served");
+
+    // Four die at once (SIGKILL): their connections vanish, their shares go to the rest.
+    let mut joiners = joiners;
+    let survivor = joiners.remove(0);
+    for b in &joiners {
+        b.stop.store(true, Ordering::Relaxed);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(joiners);
+    let two = converge(&[&first, &survivor], 2, INTERVAL * 3).await;
+    let fleet_tps = throughput(&[&first, &survivor], Duration::from_secs(3)).await;
+    first.stop.store(true, Ordering::Relaxed);
+    survivor.stop.store(true, Ordering::Relaxed);
+    drop((first, survivor));
+
+    // The same load through two brokers with the static budget for two instances.
+    let fixed = "mode = \"static\"\nmax_instances = 2";
+    let statics: Vec<Broker> = (0..2).map(|i| start_broker(&pg, dir.path(), &format!("s{i}"), fixed)).collect();
+    for b in &statics {
+        wait_listening(b).await;
+        load(b, &errors);
+    }
+    for b in &statics {
+        warmed_up(b).await;
+    }
+    let static_tps = throughput(&statics.iter().collect::<Vec<_>>(), Duration::from_secs(3)).await;
+    for b in &statics {
+        b.stop.store(true, Ordering::Relaxed);
+    }
+    samples.stop.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let errors = errors.lock().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let max_fleet = samples.max_fleet.load(Ordering::Relaxed) as u32;
+    let max_all = samples.max_all.load(Ordering::Relaxed) as u32;
+    assert!(max_fleet <= USABLE, "the fleet held {max_fleet} > {USABLE}");
+    assert!(max_all <= 57, "{max_all} client connections");
+    let ratio = fleet_tps / static_tps;
+    eprintln!(
+        "shares alone {alone:?}, six {six:?}, two {two:?}; most fleet connections seen {max_fleet}; \
+         tps with two: fleet {fleet_tps:.0}, static {static_tps:.0} ({ratio:.2})"
+    );
+    // Same demand (12 clients per broker, under both budgets): throughput must not drop;
+    // the tolerance absorbs a shared 2-core machine's noise between the two 3 s windows.
+    assert!((0.85..=1.2).contains(&ratio), "fleet {fleet_tps:.0} tps vs static {static_tps:.0}");
+}
+
+/// An in-process broker of fleet `fleet` on `pg`, with `budget` lines added.
+async fn fleet_broker(pg: &Cluster, fleet: &str, budget: &str) -> pgbroker::app::Broker {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let budget = format!("mode = \"fleet\"\nfleet = \"{fleet}\"\nfleet_interval = \"1s\"\n{budget}");
+    let text = config_text(pg, "127.0.0.1:0", &budget);
+    let cfg = pgbroker::config::Config::parse(&text, Some(&dir.join("pgbroker.toml")), &|_| None).unwrap();
+    pgbroker::app::Broker::start(cfg).await.unwrap()
+}
+
+async fn show_budget(b: &pgbroker::app::Broker) -> std::collections::HashMap<String, String> {
+    let c = common::connect(b.local_addr(), "postgres", "x", "pgbroker").await.unwrap();
+    common::rows(&c, "SHOW BUDGET").await.into_iter().next().expect("one server")
+}
+
+/// Polls until `f` holds for SHOW BUDGET of `b`, at most 10 s.
+async fn until(b: &pgbroker::app::Broker, f: impl Fn(&std::collections::HashMap<String, String>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = show_budget(b).await;
+        if f(&row) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "SHOW BUDGET never got there: {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn show_budget_metrics_and_health_show_the_fleet() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 40, ..ClusterOptions::default() }).unwrap();
+    let a = fleet_broker(&pg, "v", "").await;
+    let b = fleet_broker(&pg, "v", "").await;
+    let settled = |r: &std::collections::HashMap<String, String>| r["instances"] == "2" && r["standing"] == "fair";
+    until(&a, settled).await;
+    until(&b, settled).await;
+
+    let row = show_budget(&a).await;
+    assert_eq!(row["mode"], "fleet");
+    assert_eq!(row["fleet"], "v");
+    assert_eq!(row["instance"], a.app().instance_id);
+    // 40 - 3 superuser reserved - 5 reserved = 32 usable; two leases, one lease and floor kept free.
+    assert_eq!(row["fair_share"], ((32 - 2 - 3) / 2).to_string());
+    assert_eq!(row["budget"], row["fair_share"]);
+    assert!(row["derivation"].contains("shared live by the fleet"), "{row:?}");
+
+    let (_, metrics) = common::http_get(a.http_addr(), "/metrics").await;
+    assert!(metrics.lines().any(|l| l.starts_with("pgbroker_fleet_instances{") && l.ends_with(" 2")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("pgbroker_fleet_share_connections{") && l.ends_with(" 13")));
+    let (code, health) = common::http_get(a.http_addr(), "/health").await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(health["fleet"][0]["instances"], 2);
+    assert_eq!(health["fleet"][0]["standing"], "fair");
+}
+
+#[tokio::test]
+async fn servers_carry_the_fleet_tag_instead_of_the_clients_application_name() {
+    let pg = Cluster::start(ClusterOptions::default()).unwrap();
+    let a = fleet_broker(&pg, "w", "").await;
+    let conninfo = format!("{} application_name=myapp", common::conninfo(a.local_addr(), "postgres", "x", "db"));
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let on_server = common::one(&c, "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").await;
+    assert_eq!(on_server, format!("pgbroker/w/{}", a.app().instance_id));
+    let named: Vec<String> =
+        common::col(&c, "SELECT application_name FROM pg_stat_activity WHERE application_name = 'myapp'").await;
+    assert!(named.is_empty(), "the client's name never reaches a server: {named:?}");
+}
+
+#[tokio::test]
+async fn an_instance_that_does_not_fit_waits_and_says_so() {
+    let pg = Cluster::start(ClusterOptions::default()).unwrap();
+    // 12 - 5 reserved = 7 usable: room for two instances at the floor of 2, not three.
+    let fixed = "server_max_connections = 12\nreserved_connections = 5";
+    let a = fleet_broker(&pg, "x", fixed).await;
+    let b = fleet_broker(&pg, "x", fixed).await;
+    let c = fleet_broker(&pg, "x", fixed).await;
+    until(&c, |r| r["budget"] == "0" && (r["standing"] == "waiting" || r["standing"] == "no_room")).await;
+    let (code, health) = common::http_get(c.http_addr(), "/health").await;
+    assert_eq!(code, 200);
+    assert!(health.contains("\"status\":\"degraded\"") && health.contains("fleet: no connections"), "{health}");
+    let shares: u32 =
+        [&a, &b].iter().map(|x| x.app().budgets().values().map(|(_, l)| l.cap() as u32).sum::<u32>()).sum();
+    assert!(shares + 3 <= 7, "shares {shares} and three leases fit in 7");
+    drop(c);
+}
