@@ -373,3 +373,21 @@ async fn an_instance_that_does_not_fit_waits_and_says_so() {
     assert!(shares + 3 <= 7, "shares {shares} and three leases fit in 7");
     drop(c);
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_fleet_share_and_mode() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 40, ..ClusterOptions::default() }).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    let fleet = |mode: &str| format!("mode = \"{mode}\"\nfleet = \"r\"\nfleet_interval = \"1s\"\nmax_instances = 4");
+    std::fs::write(&path, config_text(&pg, "127.0.0.1:0", &fleet("fleet"))).unwrap();
+    let a = pgbroker::app::Broker::start(pgbroker::config::Config::load(&path).unwrap()).await.unwrap();
+    until(&a, |r| r["standing"] == "fair").await;
+    let before = show_budget(&a).await["budget"].clone();
+    // Switching mode needs a restart: the reload keeps fleet mode and its live share.
+    std::fs::write(&path, config_text(&pg, "127.0.0.1:0", &fleet("static"))).unwrap();
+    a.app().reload().await.unwrap();
+    let row = show_budget(&a).await;
+    assert_eq!((row["mode"].as_str(), row["budget"].as_str()), ("fleet", before.as_str()));
+    assert_ne!(before, ((40 - 3 - 5) / 4).to_string(), "not the static budget");
+}
