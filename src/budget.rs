@@ -102,6 +102,14 @@ pub enum BudgetError {
         /// The server.
         server: String,
     },
+    /// Fleet mode counts the fleet over a login of its own.
+    #[error(
+        "budget.mode = \"fleet\" needs a database on {server} with user and password (or auth.user) to count the fleet in pg_stat_activity"
+    )]
+    FleetNoLogin {
+        /// The server.
+        server: String,
+    },
     /// Reading the server's settings failed.
     #[error("cannot read max_connections from {server} for budget.server_max_connections = \"auto\"")]
     Read {
@@ -191,6 +199,9 @@ pub async fn derive_all(cfg: &Config) -> Result<BTreeMap<String, Derivation>, Bu
         let server = server_of(db);
         if out.contains_key(&server) {
             continue;
+        }
+        if cfg.budget.mode == BudgetMode::Fleet && login_for(cfg, &server).is_none() {
+            return Err(BudgetError::FleetNoLogin { server });
         }
         let limits = match cfg.budget.server_max_connections {
             ServerMaxConnections::Fixed(_) => None,

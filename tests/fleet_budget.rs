@@ -391,3 +391,14 @@ async fn a_reload_keeps_the_fleet_share_and_mode() {
     assert_eq!((row["mode"].as_str(), row["budget"].as_str()), ("fleet", before.as_str()));
     assert_ne!(before, ((40 - 3 - 5) / 4).to_string(), "not the static budget");
 }
+
+#[tokio::test]
+async fn fleet_mode_without_a_login_to_count_with_does_not_start() {
+    let pg = Cluster::start(ClusterOptions::default()).unwrap();
+    let text = config_text(&pg, "127.0.0.1:0", "mode = \"fleet\"\nserver_max_connections = 100")
+        .replace("user = \"postgres\"\npassword = \"postgres\"\n", "");
+    let cfg = pgbroker::config::Config::parse(&text, None, &|_| None).unwrap();
+    let err = pgbroker::app::Broker::start(cfg).await.err().expect("refused");
+    let text = pgbroker::error::chain(&err);
+    assert!(text.contains("needs a database") && text.contains("pg_stat_activity"), "{text}");
+}
