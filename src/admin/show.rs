@@ -274,7 +274,8 @@ fn databases(app: &Arc<App>) -> Table {
 }
 
 /// Settings that take effect only at restart.
-const RESTART_ONLY: [&str; 3] = ["broker.listen", "broker.http_listen", "websocket.path"];
+const RESTART_ONLY: [&str; 6] =
+    ["broker.listen", "broker.http_listen", "broker.log_format", "websocket.path", "budget.mode", "budget.fleet"];
 
 fn config(app: &Arc<App>) -> Table {
     let mut t = Table::new(&[("key", Text), ("value", Text), ("changeable", Text)]);
