@@ -10,7 +10,7 @@ mod listen;
 mod login;
 mod mode_session;
 mod mode_txn;
-mod params;
+pub(crate) mod params;
 mod pending;
 pub mod pipe;
 pub mod prepared;

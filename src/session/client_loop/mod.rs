@@ -147,6 +147,12 @@ impl ClientLoop {
         io.wbuf = BytesMut::new();
         let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
         let mut armed = None;
+        // Made once: a `cancelled()` future made per turn would register with the token's
+        // waiter list (a lock) and unregister again several times per transaction.
+        let client = self.client.clone();
+        let mut killed = std::pin::pin!(client.kill.cancelled());
+        let mut drain = std::pin::pin!(client.drain.cancelled());
+        let mut draining = false;
         let mut was_held = false;
         let mut was_owed = false;
         loop {
@@ -205,13 +211,18 @@ impl ClientLoop {
                     client_data = false;
                     continue;
                 }
-                _ = self.client.kill.cancelled() => {
+                _ = &mut killed => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
+                }
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    client_data = false;
+                    continue;
                 }
                 // Leaving (shutdown, database removed): between transactions only. A client
                 // that has not run anything yet gets a moment to send its first request, so a
                 // connection made just before the drain is not turned away.
-                _ = drained(&self.client, self.served, self.logged_in), if held.is_none() => {
+                _ = drained(self.served, self.logged_in), if draining && held.is_none() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
                 ev = next_event(&mut self.listens), if self.server.is_none() => {
@@ -280,6 +291,7 @@ impl ClientLoop {
                 Err(e) => return Err(SessionError::fatal(e.sqlstate(), chain(&e))),
             }
         }
+        self.settings.mark_synced(&mut server);
         self.registration.slot.set(Some(server.cancel.clone()));
         // Bytes the server sent after the broker's own last query belong to the relay.
         let leftover = !server.rbuf.is_empty();
