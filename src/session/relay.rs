@@ -62,10 +62,28 @@ fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut
     Poll::Ready(Ok(wrote))
 }
 
+/// Stack buffer for a read into a pipe that holds no buffer (a client between
+/// transactions): waiting for the next request then costs no heap memory. Most requests fit;
+/// the rest is read into the pipe's buffer on the next turn.
+const IDLE_READ: usize = 1024;
+
 /// Reads into `pipe` if it has room; returns (got data, closed).
 fn poll_fill<R: AsyncRead + Unpin>(cx: &mut Context<'_>, r: &mut R, pipe: &mut Pipe) -> io::Result<(bool, bool)> {
     if !pipe.wants_read() {
         return Ok((false, false));
+    }
+    if pipe.is_released() {
+        let mut stack = [0u8; IDLE_READ];
+        let mut buf = tokio::io::ReadBuf::new(&mut stack);
+        return match Pin::new(r).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Ok((false, true)),
+            Poll::Ready(Ok(())) => {
+                pipe.read_buf().extend_from_slice(buf.filled());
+                Ok((true, false))
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok((false, false)),
+        };
     }
     match poll_read_buf(Pin::new(r), cx, pipe.read_buf()) {
         Poll::Ready(Ok(0)) => Ok((false, true)),
@@ -97,6 +115,10 @@ where
             Poll::Ready(r) => r.map_err(RelayError::Client)?,
             Poll::Pending => false,
         };
+        if server.is_none() {
+            // The last reply of a transaction is out: an idle client keeps no buffer.
+            down.release_if_empty();
+        }
         let mut ev = Events::default();
         if let Some(s) = server.as_deref_mut() {
             progressed |= match poll_drain(cx, s, up) {
