@@ -67,12 +67,20 @@ fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut
 /// the rest is read into the pipe's buffer on the next turn.
 const IDLE_READ: usize = 1024;
 
-/// Reads into `pipe` if it has room; returns (got data, closed).
-fn poll_fill<R: AsyncRead + Unpin>(cx: &mut Context<'_>, r: &mut R, pipe: &mut Pipe) -> io::Result<(bool, bool)> {
+/// Reads into `pipe` if it has room; returns (got data, closed). `idle`: a client without a
+/// server, whose next request may be long in coming.
+fn poll_fill<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    r: &mut R,
+    pipe: &mut Pipe,
+    idle: bool,
+) -> io::Result<(bool, bool)> {
     if !pipe.wants_read() {
         return Ok((false, false));
     }
-    if pipe.is_released() {
+    // Only for an idle client: a server's reply is read into the pipe at once, so a long
+    // result does not cost an extra small read.
+    if idle && pipe.is_released() {
         let mut stack = [0u8; IDLE_READ];
         let mut buf = tokio::io::ReadBuf::new(&mut stack);
         return match Pin::new(r).poll_read(cx, &mut buf) {
@@ -125,9 +133,9 @@ where
                 Poll::Ready(r) => r.map_err(RelayError::Server)?,
                 Poll::Pending => false,
             };
-            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down).map_err(RelayError::Server)?;
+            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down, false).map_err(RelayError::Server)?;
         }
-        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up).map_err(RelayError::Client)?;
+        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, server.is_none()).map_err(RelayError::Client)?;
         if ev.any() {
             return Poll::Ready(Ok(ev));
         }
