@@ -12,12 +12,14 @@ pub struct Defaults {
     pub reported: Vec<(String, String)>,
     /// `track_extra_parameters` values (lowercase names).
     pub unreported: Vec<(String, String)>,
+    /// Both lists in one, made once: every client of the pool reads it.
+    all: Vec<(String, String)>,
 }
 
 impl Defaults {
     /// Both lists in one.
-    pub fn all(&self) -> Vec<(String, String)> {
-        self.reported.iter().chain(&self.unreported).cloned().collect()
+    pub fn all(&self) -> &[(String, String)] {
+        &self.all
     }
 }
 
@@ -47,7 +49,8 @@ impl Pool {
                 }
             }
         }
-        let d = Defaults { reported: conn.params.clone(), unreported };
+        let all = conn.params.iter().chain(&unreported).cloned().collect();
+        let d = Defaults { reported: conn.params.clone(), unreported, all };
         self.defaults.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Arc::new(d));
         Ok(())
     }

@@ -426,7 +426,8 @@ impl Pool {
             return Some(conn);
         }
         let settings = self.settings();
-        let check = tokio::time::timeout(settings.connect_timeout, conn.simple_query(&settings.check_query));
+        // Boxed for the same reason as a connect: rare, and sizing every session future.
+        let check = Box::pin(tokio::time::timeout(settings.connect_timeout, conn.simple_query(&settings.check_query)));
         match check.await {
             Ok(Ok(Ok(()))) => Some(conn),
             _ => {
@@ -445,7 +446,9 @@ impl Pool {
         if let Some(e) = self.backoff_error(&self.lock()) {
             return Err(e);
         }
-        match self.connect().await {
+        // Boxed: a connect's state (TLS, authentication) is large and rarely live, and it
+        // would otherwise size every client's session future.
+        match Box::pin(self.connect()).await {
             Ok(conn) => {
                 std::mem::forget(slot);
                 Ok(Pooled::new(self.clone(), conn))

@@ -63,6 +63,25 @@ impl Drop for Pooled {
 }
 
 impl Pool {
+    /// The common checkout, without waiting: an idle server due no liveness query. `None`
+    /// when `checkout` has more to do (wait, open a server, run `server_check_query`); the
+    /// caller can then box that larger future rather than carry its state for good.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Pooled> {
+        if *self.paused.borrow() {
+            return None;
+        }
+        let check_delay = self.settings.load().check_delay;
+        let mut inner = self.lock();
+        let mut conn = self.take_idle(&mut inner)?;
+        if conn.last_used.elapsed() >= check_delay {
+            inner.idle.push(conn);
+            return None;
+        }
+        drop(inner);
+        conn.uses += 1;
+        Some(Pooled::new(self.clone(), conn))
+    }
+
     fn release(self: &Arc<Self>, conn: ServerConn, how: Release) {
         let needs_work = how == Release::Reset || conn.status != TxnStatus::Idle;
         match how {

@@ -216,6 +216,9 @@ pub struct ServerConn {
     pub generation: u64,
     /// Settings the broker applied that PostgreSQL does not report (lowercase name, value).
     pub applied: Vec<(String, String)>,
+    /// The client settings it was last found to have; cleared whenever its settings may have
+    /// changed, after which the next client compares them one by one again.
+    pub(crate) synced: Option<std::sync::Arc<Vec<crate::session::params::Setting>>>,
     /// Broker-named prepared statements this server holds (transaction mode).
     pub statements: statements::Statements,
     /// Bytes read from the server by the broker's own queries and not consumed yet.
@@ -366,6 +369,7 @@ impl ServerConn {
             uses: 0,
             generation: 0,
             applied: Vec::new(),
+            synced: None,
             statements: statements::Statements::default(),
             rbuf: BytesMut::new(),
             notifications: std::collections::VecDeque::new(),
@@ -440,6 +444,7 @@ impl ServerConn {
         out: &[u8],
         mut on_row: impl FnMut(&postgres_protocol::message::backend::DataRowBody),
     ) -> Result<Result<(), QueryError>, ServerError> {
+        self.synced = None;
         self.stream.write_all(out).await?;
         let mut first_error = None;
         loop {
@@ -496,6 +501,7 @@ impl ServerConn {
 
     /// Records a ParameterStatus the server sent while relaying.
     pub fn observe_parameter_status(&mut self, body: &[u8]) {
+        self.synced = None;
         if let Some((name, value)) = parse_parameter_status(body) {
             set_param(&mut self.params, name, value);
         }
@@ -519,6 +525,7 @@ impl ServerConn {
 
     /// Records a non-reported setting the broker applied (lowercase name).
     pub fn set_applied(&mut self, key: &str, value: &str) {
+        self.synced = None;
         set_param(&mut self.applied, key, value);
     }
 }

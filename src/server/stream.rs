@@ -21,12 +21,21 @@ pub enum Stream {
 impl Stream {
     /// Peeks at the socket without waiting or consuming: `WouldBlock` means nothing is
     /// pending (the healthy idle case), `Ok(0)` that the server hung up.
+    ///
+    /// The peek (a syscall) runs only if the reactor saw the socket readable since a read
+    /// last found it empty; a peek that finds nothing clears that mark. A server that spoke
+    /// or hung up has been seen readable by the time the reactor last polled, so a healthy
+    /// pooled server is checked out without a syscall.
     pub fn probe(&self) -> io::Result<usize> {
         let mut byte = [std::mem::MaybeUninit::uninit()];
+        let readable = tokio::io::Interest::READABLE;
         match self {
-            Stream::Tcp(s) => socket2::SockRef::from(s).peek(&mut byte),
-            Stream::Unix(s) => socket2::SockRef::from(s).peek(&mut byte),
-            Stream::Tls(s) => socket2::SockRef::from(s.get_ref().0).peek(&mut byte),
+            Stream::Tcp(s) => s.try_io(readable, || socket2::SockRef::from(s).peek(&mut byte)),
+            Stream::Unix(s) => s.try_io(readable, || socket2::SockRef::from(s).peek(&mut byte)),
+            Stream::Tls(s) => {
+                let tcp = s.get_ref().0;
+                tcp.try_io(readable, || socket2::SockRef::from(tcp).peek(&mut byte))
+            }
         }
     }
 }

@@ -39,7 +39,9 @@ pub(super) async fn serve(
 ) -> Result<(), SessionError> {
     let cfg = app.config();
     let limit = cfg.broker.client_login_timeout;
-    let login = match tokio::time::timeout(limit, handshake(app, &cfg, io, peer.ip())).await {
+    // The handshake's state (TLS, SCRAM) is boxed: it lives for the login only, while the
+    // session future it would enlarge lives as long as the client.
+    let login = match tokio::time::timeout(limit, Box::pin(handshake(app, &cfg, io, peer.ip()))).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             count_refusal(app, &e);
@@ -80,7 +82,7 @@ pub(super) async fn serve(
         });
         tracing::info!(user = %login.user, "admin console login");
         let _uncounted = Uncounted::new(app);
-        return crate::admin::serve(app, io, &login.user, &registered.client).await;
+        return Box::pin(crate::admin::serve(app, io, &login.user, &registered.client)).await;
     };
     let pool = pool_for(app, &cfg, &login, &db);
     let registered = app.clients.register(NewClient {
@@ -95,7 +97,10 @@ pub(super) async fn serve(
     if cfg.broker.log_connections {
         tracing::info!(user = %login.user, database = %login.database, "client logged in");
     }
-    match db.pool_mode {
+    // Only the mode is needed from here on: the database settings copy is not kept per client.
+    let mode = db.pool_mode;
+    drop(db);
+    match mode {
         PoolMode::Session => mode_session::run(app, &cfg, io, login, pool, client).await,
         PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false, client).await,
         PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true, client).await,

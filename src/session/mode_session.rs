@@ -41,7 +41,7 @@ pub(super) async fn run(
     let setup = Setup {
         mode: PoolMode::Session,
         pool,
-        defaults: Vec::new(),
+        defaults: Default::default(),
         settings: ClientSettings::default(),
         registration,
         server: Some(server),

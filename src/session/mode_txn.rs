@@ -29,7 +29,12 @@ pub(super) async fn run(
     let defaults = pool_defaults(&pool, cfg).await?;
     let mut startup = params::startup_settings(&login.startup);
     let own_name = super::keep_fleet_tag(cfg, &mut startup);
-    let settings = ClientSettings::new(&defaults.all(), &startup, &cfg.broker.track_extra_parameters);
+    let settings = ClientSettings::new(defaults.all(), &startup, &cfg.broker.track_extra_parameters);
+    drop(startup);
+    let listens = Some(Listens::new(app.clone(), login.database.clone()));
+    // The login (startup packet, database settings) is not needed past this point and would
+    // otherwise stay allocated for the life of the client.
+    drop(login);
     let registration = app.cancels.register();
     for (name, default) in &defaults.reported {
         let value = match &own_name {
@@ -38,6 +43,7 @@ pub(super) async fn run(
         };
         build::parameter_status(&mut io.wbuf, name, value);
     }
+    drop(own_name);
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
     build::ready_for_query(&mut io.wbuf, b'I');
     io.flush().await?;
@@ -45,9 +51,7 @@ pub(super) async fn run(
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
     let max = cfg.broker.max_prepared_statements;
     let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
-    let listens = Some(Listens::new(app.clone(), login.database.clone()));
-    let setup =
-        Setup { mode, pool, defaults: defaults.all(), settings, registration, server: None, prepared, listens, client };
+    let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
     ClientLoop::new(app.clone(), setup).run(io).await
 }
 
@@ -56,8 +60,9 @@ async fn pool_defaults(pool: &Arc<Pool>, cfg: &Config) -> Result<Arc<Defaults>, 
     if let Some(d) = pool.defaults() {
         return Ok(d);
     }
-    let mut server =
-        pool.checkout(cfg.broker.query_wait_timeout).await.map_err(|e| SessionError::fatal(e.sqlstate(), chain(&e)))?;
+    let mut server = Box::pin(pool.checkout(cfg.broker.query_wait_timeout))
+        .await
+        .map_err(|e| SessionError::fatal(e.sqlstate(), chain(&e)))?;
     server.release = Release::Reuse;
     drop(server);
     pool.defaults().ok_or_else(|| SessionError::fatal(SqlState::SYSTEM_ERROR, "server defaults unknown after login"))

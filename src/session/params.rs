@@ -3,6 +3,7 @@
 use crate::proto::startup::Startup;
 use crate::server::ServerConn;
 use postgres_protocol::escape::{escape_identifier, escape_literal};
+use std::sync::Arc;
 
 /// Startup keys that are not settings.
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "replication", "options"];
@@ -99,7 +100,9 @@ pub struct Setting {
 /// The settings a client's session should have on whichever server runs its transaction.
 #[derive(Debug, Clone, Default)]
 pub struct ClientSettings {
-    items: Vec<Setting>,
+    /// Shared with the servers last brought to these settings (copied on write), so a server
+    /// handed over between clients with equal settings needs no comparison per transaction.
+    items: Arc<Vec<Setting>>,
     /// Tracked settings the server does not report (lowercase), re-read after a transaction
     /// that may have changed them.
     extras: Vec<String>,
@@ -124,7 +127,8 @@ impl ClientSettings {
     /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
     /// overlaid with the client's startup settings.
     pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
-        let mut out = ClientSettings { items: Vec::new(), extras: extras.iter().map(|e| e.to_lowercase()).collect() };
+        let mut out =
+            ClientSettings { items: Arc::default(), extras: extras.iter().map(|e| e.to_lowercase()).collect() };
         let wanted: Vec<String> =
             SYNCED_REPORTED.iter().map(|k| k.to_string()).chain(out.extras.iter().cloned()).collect();
         for key in wanted {
@@ -140,9 +144,10 @@ impl ClientSettings {
 
     fn set(&mut self, name: &str, value: &str) {
         let key = name.to_lowercase();
-        match self.items.iter_mut().find(|s| s.key == key) {
+        let items = Arc::make_mut(&mut self.items);
+        match items.iter_mut().find(|s| s.key == key) {
             Some(s) => value.clone_into(&mut s.value),
-            None => self.items.push(Setting { key, name: name.to_string(), value: value.to_string() }),
+            None => items.push(Setting { key, name: name.to_string(), value: value.to_string() }),
         }
     }
 
@@ -155,10 +160,10 @@ impl ClientSettings {
     /// Records a ParameterStatus from the client's server: the client changed a setting.
     /// Returns true if it is one the client carries between servers.
     pub fn observe(&mut self, name: &str, value: &str) -> bool {
-        match self.items.iter_mut().find(|s| s.key.eq_ignore_ascii_case(name)) {
-            Some(s) => {
-                if s.value != value {
-                    value.clone_into(&mut s.value);
+        match self.items.iter().position(|s| s.key.eq_ignore_ascii_case(name)) {
+            Some(i) => {
+                if self.items[i].value != value {
+                    value.clone_into(&mut Arc::make_mut(&mut self.items)[i].value);
                 }
                 true
             }
@@ -182,9 +187,12 @@ impl ClientSettings {
     /// The statement that makes `server` match this client, if they differ. `defaults` are the
     /// pool's: a setting the server never had applied still has its default.
     pub fn plan_sync(&self, server: &ServerConn, defaults: &[(String, String)]) -> Option<SyncPlan> {
+        if server.synced.as_ref().is_some_and(|s| Arc::ptr_eq(s, &self.items) || **s == *self.items) {
+            return None;
+        }
         let mut set = Vec::new();
         let mut calls = Vec::new();
-        for s in &self.items {
+        for s in self.items.iter() {
             let current = server
                 .param_ci(&s.key)
                 .or_else(|| value_in(&server.applied, &s.key))
@@ -198,8 +206,13 @@ impl ClientSettings {
                 set.push(s.key.clone());
             }
         }
-        let reset: Vec<String> =
-            server.applied.iter().filter(|(k, _)| self.get(k).is_none()).map(|(k, _)| k.clone()).collect();
+        // `applied` keys are lowercase, as are `items` keys.
+        let reset: Vec<String> = server
+            .applied
+            .iter()
+            .filter(|(k, _)| !self.items.iter().any(|s| s.key == *k))
+            .map(|(k, _)| k.clone())
+            .collect();
         if set.is_empty() && reset.is_empty() {
             return None;
         }
@@ -210,6 +223,12 @@ impl ClientSettings {
         Some(SyncPlan { sql, set, reset })
     }
 
+    /// Records that `server` now has these settings (`plan_sync` found nothing to do, or the
+    /// sync was applied).
+    pub fn mark_synced(&self, server: &mut ServerConn) {
+        server.synced = Some(self.items.clone());
+    }
+
     /// Takes the canonical values `set_config` returned; records non-reported ones as applied
     /// on the server. Returns the reported settings whose value changed (to tell the client).
     pub fn apply_sync(&mut self, plan: &SyncPlan, row: &[Option<String>], server: &mut ServerConn) -> Vec<Setting> {
@@ -217,8 +236,9 @@ impl ClientSettings {
         for (key, value) in plan.set.iter().zip(row) {
             let Some(value) = value else { continue };
             let reported = server.param_ci(key).is_some();
-            if let Some(s) = self.items.iter_mut().find(|s| &s.key == key) {
-                if &s.value != value {
+            if let Some(i) = self.items.iter().position(|s| &s.key == key) {
+                if &self.items[i].value != value {
+                    let s = &mut Arc::make_mut(&mut self.items)[i];
                     value.clone_into(&mut s.value);
                     if reported {
                         changed.push(s.clone());

@@ -81,6 +81,11 @@ impl Pipe {
         }
     }
 
+    /// True when the pipe holds no buffer memory (see `release_if_empty`).
+    pub fn is_released(&self) -> bool {
+        self.buf.capacity() == 0
+    }
+
     /// True when bytes are buffered that were not approved yet (a partial message).
     pub fn has_unscanned(&self) -> bool {
         self.buf.len() > self.ready || self.scanner.in_message()

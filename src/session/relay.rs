@@ -62,10 +62,36 @@ fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut
     Poll::Ready(Ok(wrote))
 }
 
-/// Reads into `pipe` if it has room; returns (got data, closed).
-fn poll_fill<R: AsyncRead + Unpin>(cx: &mut Context<'_>, r: &mut R, pipe: &mut Pipe) -> io::Result<(bool, bool)> {
+/// Stack buffer for a read into a pipe that holds no buffer (a client between
+/// transactions): waiting for the next request then costs no heap memory. Most requests fit;
+/// the rest is read into the pipe's buffer on the next turn.
+const IDLE_READ: usize = 1024;
+
+/// Reads into `pipe` if it has room; returns (got data, closed). `idle`: a client without a
+/// server, whose next request may be long in coming.
+fn poll_fill<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    r: &mut R,
+    pipe: &mut Pipe,
+    idle: bool,
+) -> io::Result<(bool, bool)> {
     if !pipe.wants_read() {
         return Ok((false, false));
+    }
+    // Only for an idle client: a server's reply is read into the pipe at once, so a long
+    // result does not cost an extra small read.
+    if idle && pipe.is_released() {
+        let mut stack = [0u8; IDLE_READ];
+        let mut buf = tokio::io::ReadBuf::new(&mut stack);
+        return match Pin::new(r).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Ok((false, true)),
+            Poll::Ready(Ok(())) => {
+                pipe.read_buf().extend_from_slice(buf.filled());
+                Ok((true, false))
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok((false, false)),
+        };
     }
     match poll_read_buf(Pin::new(r), cx, pipe.read_buf()) {
         Poll::Ready(Ok(0)) => Ok((false, true)),
@@ -97,15 +123,19 @@ where
             Poll::Ready(r) => r.map_err(RelayError::Client)?,
             Poll::Pending => false,
         };
+        if server.is_none() {
+            // The last reply of a transaction is out: an idle client keeps no buffer.
+            down.release_if_empty();
+        }
         let mut ev = Events::default();
         if let Some(s) = server.as_deref_mut() {
             progressed |= match poll_drain(cx, s, up) {
                 Poll::Ready(r) => r.map_err(RelayError::Server)?,
                 Poll::Pending => false,
             };
-            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down).map_err(RelayError::Server)?;
+            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down, false).map_err(RelayError::Server)?;
         }
-        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up).map_err(RelayError::Client)?;
+        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, server.is_none()).map_err(RelayError::Client)?;
         if ev.any() {
             return Poll::Ready(Ok(ev));
         }

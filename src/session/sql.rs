@@ -15,8 +15,17 @@ pub enum Command {
     Deallocate(Option<String>),
 }
 
-/// Parses a Query message body (NUL-terminated text).
+/// The verbs `parse` recognises (lowercase).
+const VERBS: [&[u8]; 3] = [b"listen", b"unlisten", b"deallocate"];
+
+/// Parses a Query message body (NUL-terminated text). Runs on every simple Query in
+/// transaction mode, so anything else is turned away on its first word, without allocating.
 pub fn parse(body: &[u8]) -> Option<Command> {
+    let start = body.trim_ascii_start();
+    let verb = &start[..start.iter().position(|b| b.is_ascii_whitespace() || *b == 0).unwrap_or(start.len())];
+    if !VERBS.iter().any(|v| verb.eq_ignore_ascii_case(v)) {
+        return None;
+    }
     let text = std::str::from_utf8(split_cstr(body)?.0).ok()?.trim().trim_end_matches(';').trim_end();
     let (verb, rest) = text.split_once(char::is_whitespace)?;
     let rest = rest.trim_start();
@@ -78,5 +87,7 @@ mod tests {
         assert_eq!(parse(b"LISTEN\0"), None);
         assert_eq!(parse(b"DEALLOCATE a; SELECT 1\0"), None);
         assert_eq!(parse(b"LISTEN 1abc\0"), None);
+        assert_eq!(parse(b"LISTENING x\0"), None);
+        assert_eq!(parse(b"\0"), None);
     }
 }

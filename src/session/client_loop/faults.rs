@@ -4,10 +4,12 @@
 use super::ClientLoop;
 use crate::error::SqlState;
 use crate::pool::Release;
+use crate::proto::build::{self, Severity};
 use crate::session::SessionError;
 use crate::session::io::ClientIo;
 use crate::session::stream::ClientStream;
 use crate::session::timers::{Expired, QueryCheck};
+use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
@@ -42,6 +44,25 @@ impl ClientLoop {
                 Err(SessionError::fatal(code, message))
             }
         }
+    }
+
+    /// No server for the client's requests: answer each with the error and stay connected,
+    /// as a server that refused them would. Requests not yet closed by a Sync cannot be
+    /// answered cleanly, so then the client is disconnected.
+    pub(super) fn refuse_requests(&mut self, code: SqlState, message: &str) -> Result<(), SessionError> {
+        if self.pending.unsynced || self.up.in_message() || self.pending.sync_points == 0 {
+            return Err(SessionError::fatal(code, message));
+        }
+        tracing::info!(error = %message, "no server for the client's request");
+        let mut out = BytesMut::new();
+        for _ in 0..self.pending.sync_points {
+            build::error_response(&mut out, Severity::Error, code, message, None);
+            build::ready_for_query(&mut out, b'I');
+        }
+        self.up.discard_ready();
+        self.pending.sync_points = 0;
+        self.down.insert(&out);
+        Ok(())
     }
 
     /// Passes on what the server did say, then closes it: it is never reused.

@@ -24,7 +24,7 @@ use crate::clients::{Client, State as ClientState};
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
 use crate::notify::Event;
-use crate::pool::{Pool, Pooled, Release};
+use crate::pool::{Defaults, Pool, Pooled, Release};
 use crate::proto::build::{self, Severity};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, tag};
@@ -46,7 +46,7 @@ pub(super) struct Setup {
     /// The client's pool.
     pub pool: Arc<Pool>,
     /// The pool's default settings (empty in session mode).
-    pub defaults: Vec<(String, String)>,
+    pub defaults: Arc<Defaults>,
     /// The client's settings (tracked in transaction and statement mode).
     pub settings: ClientSettings,
     /// The client's cancel key.
@@ -72,7 +72,7 @@ pub(super) struct ClientLoop {
     logged_in: tokio::time::Instant,
     mode: PoolMode,
     pool: Arc<Pool>,
-    defaults: Vec<(String, String)>,
+    defaults: Arc<Defaults>,
     settings: ClientSettings,
     registration: Registration,
     server: Option<Pooled>,
@@ -147,6 +147,12 @@ impl ClientLoop {
         io.wbuf = BytesMut::new();
         let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
         let mut armed = None;
+        // Made once: a `cancelled()` future made per turn would register with the token's
+        // waiter list (a lock) and unregister again several times per transaction.
+        let client = self.client.clone();
+        let mut killed = std::pin::pin!(client.kill.cancelled());
+        let mut drain = std::pin::pin!(client.drain.cancelled());
+        let mut draining = false;
         let mut was_held = false;
         let mut was_owed = false;
         loop {
@@ -205,13 +211,18 @@ impl ClientLoop {
                     client_data = false;
                     continue;
                 }
-                _ = self.client.kill.cancelled() => {
+                _ = &mut killed => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
+                }
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    client_data = false;
+                    continue;
                 }
                 // Leaving (shutdown, database removed): between transactions only. A client
                 // that has not run anything yet gets a moment to send its first request, so a
                 // connection made just before the drain is not turned away.
-                _ = drained(&self.client, self.served, self.logged_in), if held.is_none() => {
+                _ = drained(self.served, self.logged_in), if draining && held.is_none() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
                 ev = next_event(&mut self.listens), if self.server.is_none() => {
@@ -252,7 +263,11 @@ impl ClientLoop {
         self.timers.set_limits(&self.cfg.broker);
         let since = tokio::time::Instant::now();
         self.client.set_state(ClientState::Waiting);
-        let checkout = self.pool.checkout(self.cfg.broker.query_wait_timeout).await;
+        let checkout = match self.pool.try_checkout() {
+            Some(server) => Ok(server),
+            // Boxed: waiting or opening a server is large, and the loop lives as long as the client.
+            None => Box::pin(self.pool.checkout(self.cfg.broker.query_wait_timeout)).await,
+        };
         Accounting::waited(&self.pool.counters, &self.pool.settings().metrics, since);
         let mut server = match checkout {
             Ok(s) => s,
@@ -263,8 +278,9 @@ impl ClientLoop {
             }
         };
         self.client.set_state(ClientState::Active);
-        if let Some(plan) = self.settings.plan_sync(&server, &self.defaults) {
-            match server.query_row(&plan.sql).await {
+        if let Some(plan) = self.settings.plan_sync(&server, self.defaults.all()) {
+            // Boxed, as the other rare awaits here: the loop's future lives as long as the client.
+            match Box::pin(server.query_row(&plan.sql)).await {
                 Ok(Ok(row)) => {
                     let mut told = BytesMut::new();
                     for s in self.settings.apply_sync(&plan, &row, &mut server) {
@@ -280,6 +296,7 @@ impl ClientLoop {
                 Err(e) => return Err(SessionError::fatal(e.sqlstate(), chain(&e))),
             }
         }
+        self.settings.mark_synced(&mut server);
         self.registration.slot.set(Some(server.cancel.clone()));
         // Bytes the server sent after the broker's own last query belong to the relay.
         let leftover = !server.rbuf.is_empty();
@@ -308,7 +325,7 @@ impl ClientLoop {
         let Some(cmd @ (sql::Command::Listen(_) | sql::Command::Unlisten(_))) = cmd else { return Ok(false) };
         self.up.scan(|_| true, |_, _, _| Action::Drop)?;
         let mut reply = BytesMut::new();
-        listens.answer(&self.cfg, cmd, &mut reply).await;
+        Box::pin(listens.answer(&self.cfg, cmd, &mut reply)).await;
         self.down.insert(&reply);
         Ok(true)
     }
@@ -371,25 +388,6 @@ impl ClientLoop {
         Ok(true)
     }
 
-    /// No server for the client's requests: answer each with the error and stay connected,
-    /// as a server that refused them would. Requests not yet closed by a Sync cannot be
-    /// answered cleanly, so then the client is disconnected.
-    fn refuse_requests(&mut self, code: SqlState, message: &str) -> Result<(), SessionError> {
-        if self.pending.unsynced || self.up.in_message() || self.pending.sync_points == 0 {
-            return Err(SessionError::fatal(code, message));
-        }
-        tracing::info!(error = %message, "no server for the client's request");
-        let mut out = BytesMut::new();
-        for _ in 0..self.pending.sync_points {
-            build::error_response(&mut out, Severity::Error, code, message, None);
-            build::ready_for_query(&mut out, b'I');
-        }
-        self.up.discard_ready();
-        self.pending.sync_points = 0;
-        self.down.insert(&out);
-        Ok(())
-    }
-
     /// Gives the server back once the transaction is over and nothing more is owed.
     async fn detach_if_done(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let Some(server) = self.server.as_mut() else { return Ok(()) };
@@ -409,7 +407,7 @@ impl ClientLoop {
                 io.stream.flush().await.map_err(SessionError::Io)?;
                 let n = self.down.ready().len();
                 self.down.consume(n);
-                match server.query_row(&sql).await {
+                match Box::pin(server.query_row(&sql)).await {
                     Ok(Ok(row)) => self.settings.apply_extras(&row, server),
                     Ok(Err(e)) => tracing::warn!(error = %e.message, "cannot read tracked settings"),
                     Err(e) => return Err(self.server_lost(io, Some(std::io::Error::other(e))).await),

@@ -1,6 +1,5 @@
 //! What the relay loop waits on besides the two sockets: the drain, and notifications.
 
-use crate::clients::Client;
 use crate::notify::Event;
 use crate::session::listen::Listens;
 
@@ -8,10 +7,9 @@ use crate::session::listen::Listens;
 /// a drain has started.
 const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Resolves when `client` should leave: its drain started, and it has been served once or
+/// Once a client's drain started, resolves when it should leave: it has been served once or
 /// its grace for a first request is over.
-pub(super) async fn drained(client: &Client, served: bool, logged_in: tokio::time::Instant) {
-    client.drain.cancelled().await;
+pub(super) async fn drained(served: bool, logged_in: tokio::time::Instant) {
     if !served {
         tokio::time::sleep_until(logged_in + FIRST_REQUEST_GRACE).await;
     }
