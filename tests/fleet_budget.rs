@@ -238,7 +238,9 @@ async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
     let all: Vec<&Broker> = std::iter::once(&first).chain(joiners.iter()).collect();
     let six = converge(&all, 6, INTERVAL * 3).await;
     assert!(six.iter().sum::<u32>() + 6 <= USABLE, "{six:?}");
-    assert!(all.iter().all(|b| b.done.load(Ordering::Relaxed) > 0), "every instance served");
+    for b in &all {
+        warmed_up(b).await;
+    }
 
     // Four die at once (SIGKILL): their connections vanish, their shares go to the rest.
     let mut joiners = joiners;
@@ -388,8 +390,10 @@ async fn a_reload_keeps_the_fleet_share_and_mode() {
     std::fs::write(&path, config_text(&pg, "127.0.0.1:0", &fleet("static"))).unwrap();
     a.app().reload().await.unwrap();
     let row = show_budget(&a).await;
-    assert_eq!((row["mode"].as_str(), row["budget"].as_str()), ("fleet", before.as_str()));
-    assert_ne!(before, ((40 - 3 - 5) / 4).to_string(), "not the static budget");
+    assert_eq!(row["mode"], "fleet");
+    let (before, after): (u32, u32) = (before.parse().unwrap(), row["budget"].parse().unwrap());
+    // The live share may move by one as connections log in; it is not the static 8.
+    assert!(after.abs_diff(before) <= 1 && after > (40 - 3 - 5) / 4, "{before} -> {after}");
 }
 
 #[tokio::test]
