@@ -165,7 +165,7 @@ pub fn compute(
 /// What a whole fleet may hold on a server with `limits`: the budget of one instance alone
 /// (0 when nothing is left).
 pub fn usable(cfg: &crate::config::Budget, limits: ServerLimits) -> u32 {
-    let alone = crate::config::Budget { max_instances: 1, mode: BudgetMode::Fleet, ..cfg.clone() };
+    let alone = crate::config::Budget { mode: BudgetMode::Fleet, ..cfg.clone() };
     compute("", &alone, Some(limits)).map_or(0, |d| d.budget)
 }
 

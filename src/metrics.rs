@@ -155,10 +155,10 @@ impl Metrics {
                 self.counter("pgbroker_server_errors_total", &labels(Some(("class", class))), n);
             }
         }
-        for (server, (d, limit)) in app.budgets().iter() {
+        for (server, (_, limit)) in app.budgets().iter() {
             let l = [("server", server.clone())];
-            let budget = if d.fleet { limit.cap() as f64 } else { f64::from(d.budget) };
-            self.gauge("pgbroker_budget_connections", &l, budget);
+            // The cap is the live budget: the derivation's, or the fleet share.
+            self.gauge("pgbroker_budget_connections", &l, limit.cap() as f64);
             self.gauge("pgbroker_budget_used_connections", &l, limit.used() as f64);
             let Some(member) = app.fleet_member(server) else { continue };
             let status = member.status();

@@ -147,13 +147,7 @@ struct Sampler {
 }
 
 async fn sampler(pg: &Cluster) -> Sampler {
-    let (c, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={} user=postgres password=postgres dbname=postgres", pg.port()),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let c = common::direct_to(pg, "postgres").await;
     let s = Sampler { max_fleet: Arc::default(), max_all: Arc::default(), stop: Arc::default() };
     let (max_fleet, max_all, stop) = (s.max_fleet.clone(), s.max_all.clone(), s.stop.clone());
     tokio::spawn(async move {

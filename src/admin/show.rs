@@ -349,15 +349,12 @@ fn budget(app: &Arc<App>) -> Table {
         let member = app.fleet_member(server);
         let status = member.as_ref().map(|m| m.status());
         let decision = status.as_ref().and_then(|st| st.decision);
-        // In fleet mode the budget is the live share and instances are the live peers.
-        let (budget, instances) = match (&member, decision) {
-            (Some(_), Some(dec)) => (limit.cap() as u32, dec.instances),
-            (Some(_), None) => (limit.cap() as u32, 0),
-            (None, _) => (d.budget, d.instances),
-        };
+        // The cap is the live budget (the fleet share in fleet mode); instances are the live
+        // peers in fleet mode.
+        let instances = if member.is_some() { decision.map_or(0, |x| x.instances) } else { d.instances };
         t.row(vec![
             s(server),
-            s(budget),
+            s(limit.cap()),
             s(limit.used()),
             s(d.max_connections),
             s(source),

@@ -141,6 +141,15 @@ fn keep_fleet_tag(cfg: &crate::config::Config, settings: &mut Vec<(String, Strin
     Some(own)
 }
 
+/// The value to report to the client for setting `name`: its own application_name in fleet
+/// mode (`own_name`, from `keep_fleet_tag`), else the server's.
+fn reported<'a>(own_name: Option<&'a str>, name: &str, value: &'a str) -> &'a str {
+    match own_name {
+        Some(own) if name.eq_ignore_ascii_case("application_name") => own,
+        _ => value,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Size of the future an async fn of four arguments returns.

@@ -74,11 +74,7 @@ async fn apply_settings(server: &mut Pooled, startup: &[(String, String)]) -> Re
 /// mode), our BackendKeyData, ReadyForQuery.
 fn welcome(io: &mut ClientIo<ClientStream>, server: &ServerConn, own_name: Option<&str>, pid: i32, secret: i32) {
     for (name, value) in &server.params {
-        let value = match own_name {
-            Some(own) if name.eq_ignore_ascii_case("application_name") => own,
-            _ => value.as_str(),
-        };
-        build::parameter_status(&mut io.wbuf, name, value);
+        build::parameter_status(&mut io.wbuf, name, super::reported(own_name, name, value));
     }
     build::backend_key_data(&mut io.wbuf, pid, secret);
     build::ready_for_query(&mut io.wbuf, b'I');

@@ -37,10 +37,7 @@ pub(super) async fn run(
     drop(login);
     let registration = app.cancels.register();
     for (name, default) in &defaults.reported {
-        let value = match &own_name {
-            Some(own) if name.eq_ignore_ascii_case("application_name") => own.as_str(),
-            _ => settings.get(name).unwrap_or(default),
-        };
+        let value = super::reported(own_name.as_deref(), name, settings.get(name).unwrap_or(default));
         build::parameter_status(&mut io.wbuf, name, value);
     }
     drop(own_name);

@@ -124,8 +124,10 @@ where
             Poll::Pending => false,
         };
         if server.is_none() {
-            // The last reply of a transaction is out: an idle client keeps no buffer.
+            // Between transactions, once the last reply is out: an idle client keeps no
+            // buffer (the next request is read through a stack buffer, see `poll_fill`).
             down.release_if_empty();
+            up.release_if_empty();
         }
         let mut ev = Events::default();
         if let Some(s) = server.as_deref_mut() {

@@ -21,8 +21,7 @@ const VERBS: [&[u8]; 3] = [b"listen", b"unlisten", b"deallocate"];
 /// Parses a Query message body (NUL-terminated text). Runs on every simple Query in
 /// transaction mode, so anything else is turned away on its first word, without allocating.
 pub fn parse(body: &[u8]) -> Option<Command> {
-    let start = body.trim_ascii_start();
-    let verb = &start[..start.iter().position(|b| b.is_ascii_whitespace() || *b == 0).unwrap_or(start.len())];
+    let verb = body.trim_ascii_start().split(|b| b.is_ascii_whitespace() || *b == 0).next().unwrap_or_default();
     if !VERBS.iter().any(|v| verb.eq_ignore_ascii_case(v)) {
         return None;
     }

@@ -222,7 +222,11 @@ pub async fn one(c: &Client, sql: &str) -> String {
 
 /// A direct connection to the test cluster (not through a broker).
 pub async fn direct(db: &str) -> Client {
-    let pg = pg();
+    direct_to(pg(), db).await
+}
+
+/// A direct connection to `pg` as its superuser (not through a broker).
+pub async fn direct_to(pg: &Cluster, db: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={} user=postgres password=postgres dbname={db}", pg.port()),
         NoTls,

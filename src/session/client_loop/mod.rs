@@ -168,9 +168,6 @@ impl ClientLoop {
                 continue;
             }
             if self.server.is_none() {
-                // Between transactions: an idle client keeps no buffers.
-                self.up.release_if_empty();
-                self.down.release_if_empty();
                 match self.up.peek_tag() {
                     Some(tag::TERMINATE) => return Ok(()),
                     Some(_) => {
