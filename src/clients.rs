@@ -142,6 +142,9 @@ impl Clients {
 
     /// Registers a logged-in client.
     pub fn register(self: &Arc<Self>, c: NewClient) -> Registered {
+        // Read under the map's lock: a drain that starts meanwhile either is seen here or
+        // finds this client in the map.
+        let mut map = self.lock();
         let late = self.draining.get().cloned();
         let client = Arc::new(Client {
             drain: CancellationToken::new(),
@@ -160,7 +163,8 @@ impl Clients {
         if let Some(reason) = late {
             client.drain(&reason);
         }
-        self.lock().insert(client.id, client.clone());
+        map.insert(client.id, client.clone());
+        drop(map);
         Registered { clients: self.clone(), client }
     }
 

@@ -39,6 +39,10 @@ pub(super) async fn accept_loop(app: Arc<App>, listener: TcpListener, tracker: T
     {
         admit(&app, stream, peer, &tracker);
     }
+    // Closed before the drain counts clients: every connection the kernel handed this
+    // socket is either admitted (and counted) by now or migrated to a successor.
+    drop(listener);
+    app.stopped_accepting.cancel();
     tracing::info!("stopped accepting clients");
 }
 

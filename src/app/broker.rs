@@ -107,6 +107,7 @@ impl Broker {
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
+            stopped_accepting: CancellationToken::new(),
         });
         app.join_fleets(app.config().broker.server_connect_timeout + Duration::from_secs(1)).await;
         let tracker = TaskTracker::new();

@@ -89,6 +89,9 @@ impl App {
         self.draining.cancel();
         self.clients.drain_all("pgbroker is shutting down");
         let deadline = Instant::now() + timeout;
+        // The accept loop's last sweep may still admit queued connections: counting clients
+        // before it is done would end the drain under them (they would be reset).
+        let _ = tokio::time::timeout_at(deadline, self.stopped_accepting.cancelled()).await;
         // Count connections, not logged-in clients: one still logging in must not be cut off.
         while self.client_count() > 0 || self.ws.total() > 0 {
             if Instant::now() >= deadline {

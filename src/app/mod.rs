@@ -54,6 +54,9 @@ pub struct App {
     /// Cancelled when a graceful stop begins: no new clients, idle ones leave, busy ones
     /// finish their transaction first.
     pub draining: CancellationToken,
+    /// Cancelled once the client listener is closed after a drain began: until then the
+    /// accept loop may still take in queued connections the drain must wait for.
+    pub(crate) stopped_accepting: CancellationToken,
     /// Clients connected now, including those logging in (for `max_client_conn`).
     pub(crate) clients_open: AtomicUsize,
     /// Per-server budgets and how each was derived; swapped on reload.
