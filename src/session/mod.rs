@@ -4,6 +4,7 @@
 //! bytes between the client and a server checked out from its pool.
 
 pub(crate) mod accounting;
+mod buffers;
 mod client_loop;
 pub mod io;
 mod listen;

@@ -7,7 +7,7 @@ use bytes::{Buf, BytesMut};
 /// Bytes buffered per direction before reading pauses (unless one message needs more).
 const HIGH_WATER: usize = 64 * 1024;
 /// Smallest free space offered to a read.
-const READ_CHUNK: usize = 8 * 1024;
+const READ_CHUNK: usize = super::buffers::CHUNK;
 
 /// What to do with a scanned message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,11 +72,11 @@ impl Pipe {
         self.buf.is_empty()
     }
 
-    /// Frees the buffers when nothing is in them, so an idle client holds no buffer memory
-    /// (the next read allocates again: once per transaction, not per message).
+    /// Gives the buffers back when nothing is in them, so an idle client holds no buffer
+    /// memory (the next read takes one from the thread's spares, see `buffers`).
     pub fn release_if_empty(&mut self) {
         if self.buf.is_empty() && !self.scanner.in_message() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+            super::buffers::give(std::mem::take(&mut self.buf));
             self.scratch = BytesMut::new();
         }
     }
@@ -137,6 +137,9 @@ impl Pipe {
     /// The buffer to read into, with room reserved.
     #[inline]
     pub fn read_buf(&mut self) -> &mut BytesMut {
+        if self.buf.capacity() == 0 {
+            self.buf = super::buffers::take();
+        }
         let want = READ_CHUNK.max(self.need.saturating_sub(self.buf.len()));
         if self.buf.capacity() - self.buf.len() < want {
             self.buf.reserve(want);
