@@ -87,8 +87,8 @@ pub async fn serve(
     loop {
         let (t, body) = tokio::select! {
             m = io.read_message(MAX_COMMAND) => m?,
-            _ = client.kill.cancelled() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator")),
-            _ = client.drain.cancelled() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, client.drain_reason().to_string())),
+            _ = client.kill.wait() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator")),
+            _ = client.drain.wait() => return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, client.drain_reason().to_string())),
         };
         match t {
             tag::TERMINATE => return Ok(()),

@@ -2,7 +2,6 @@
 
 use crate::proto::startup::CancelKey;
 use crate::server::CancelTarget;
-use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -13,16 +12,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// How long forwarding one CancelRequest may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The server a client's query is running on, if any. Updated on attach and detach.
+/// The server a client's query is running on, if any. Updated on attach and detach, twice
+/// a transaction, and read only by a CancelRequest: an uncontended mutex is cheaper here than
+/// an `ArcSwap`, whose store walks every thread's debt list.
 #[derive(Default)]
 pub struct CancelSlot {
-    current: ArcSwapOption<CancelTarget>,
+    current: Mutex<Option<Arc<CancelTarget>>>,
 }
 
 impl CancelSlot {
     /// Points the client's key at a server (or at none).
     pub fn set(&self, target: Option<Arc<CancelTarget>>) {
-        self.current.store(target);
+        let old = std::mem::replace(&mut *self.current.lock().unwrap_or_else(|e| e.into_inner()), target);
+        // The last reference to a closed server's target is dropped outside the lock.
+        drop(old);
+    }
+
+    /// The server to cancel now, if any.
+    fn get(&self) -> Option<Arc<CancelTarget>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -72,7 +80,7 @@ impl CancelRegistry {
     /// Forwards a client's CancelRequest to the server running its query. Unknown keys and
     /// idle clients are ignored silently, as PostgreSQL does.
     pub async fn cancel(&self, key: CancelKey) {
-        let target = self.lock().get(&key).and_then(|slot| slot.current.load_full());
+        let target = self.lock().get(&key).and_then(|slot| slot.get());
         let Some(target) = target else {
             tracing::debug!(pid = key.pid, "cancel request for an unknown or idle client ignored");
             return;

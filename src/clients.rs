@@ -1,13 +1,13 @@
 //! Connected clients, for the admin console (SHOW CLIENTS, KILL) and health: who is
 //! connected, to which pool, in which state.
 
+use crate::flag::Flag;
 use crate::pool::PoolKey;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio_util::sync::CancellationToken;
 
 /// What a client is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +48,11 @@ pub struct Client {
     pub connect_time: SystemTime,
     /// Its application_name at login.
     pub application_name: String,
-    /// Cancelled to disconnect it at once (KILL).
-    pub kill: CancellationToken,
-    /// Cancelled to disconnect it at its next transaction boundary (shutdown, database
+    /// Raised to disconnect it at once (KILL).
+    pub kill: Flag,
+    /// Raised to disconnect it at its next transaction boundary (shutdown, database
     /// removed); the reason it is told is in `drain_reason`.
-    pub drain: CancellationToken,
+    pub drain: Flag,
     drain_reason: std::sync::OnceLock<String>,
     state: AtomicU8,
     /// Unix microseconds of the last state change.
@@ -84,7 +84,7 @@ impl Client {
     /// Asks the client to leave at its next transaction boundary, telling it `reason`.
     pub fn drain(&self, reason: &str) {
         let _ = self.drain_reason.set(reason.to_string());
-        self.drain.cancel();
+        self.drain.raise();
     }
 
     /// Why it was asked to leave.
@@ -147,7 +147,7 @@ impl Clients {
         let mut map = self.lock();
         let late = self.draining.get().cloned();
         let client = Arc::new(Client {
-            drain: CancellationToken::new(),
+            drain: Flag::default(),
             drain_reason: std::sync::OnceLock::new(),
             id: c.id,
             user: c.user,
@@ -156,7 +156,7 @@ impl Clients {
             addr: c.addr,
             connect_time: SystemTime::now(),
             application_name: c.application_name,
-            kill: CancellationToken::new(),
+            kill: Flag::default(),
             state: AtomicU8::new(State::Idle as u8),
             since_us: AtomicU64::new(now_us()),
         });
@@ -195,7 +195,7 @@ impl Clients {
     pub fn kill_database(&self, database: &str) -> usize {
         let victims: Vec<Arc<Client>> = self.lock().values().filter(|c| c.database == database).cloned().collect();
         for c in &victims {
-            c.kill.cancel();
+            c.kill.raise();
         }
         victims.len()
     }

@@ -31,10 +31,12 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod flag;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod histogram;
 pub mod http;
 pub mod metrics;
 pub mod net;
