@@ -1,18 +1,19 @@
 //! Prometheus metrics through the `metrics` facade and metrics-exporter-prometheus. Each
-//! broker has its own recorder (no global state). Histograms are recorded as events happen
-//! through handles registered once per pool; every other value is read from the broker's own
-//! counters when `/metrics` is scraped, so the relay never touches the recorder.
+//! broker has its own recorder (no global state). Every value but the histograms is read
+//! from the broker's own counters when `/metrics` is scraped, so the relay never touches the
+//! recorder; the histograms are recorded as events happen into the broker's own lock-free
+//! buckets (see `histogram`), one set per pool, and rendered beside the recorder's text.
 
 use crate::app::App;
-use metrics::{Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use crate::histogram::{Histogram, escape_label};
+use metrics::{Key, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 
 static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
-
-/// Histogram buckets for durations, in seconds.
-const SECONDS_BUCKETS: [f64; 16] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Every metric name, with its kind, unit and help text.
 const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
@@ -48,26 +49,32 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("pgbroker_notification_subscribers_dropped_total", 'c', None, "Subscribers closed for being too slow"),
 ];
 
+/// The histogram families' names.
+const HISTOGRAMS: [&str; 3] = ["pgbroker_wait_seconds", "pgbroker_transaction_seconds", "pgbroker_query_seconds"];
+
 /// A broker's recorder and its renderer.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Each pool's histograms by (database, user), kept across reloads like the recorder's.
+    histograms: Mutex<BTreeMap<(String, String), PoolMetrics>>,
 }
 
-/// Histograms of one pool, recorded as events happen.
-#[derive(Debug, Clone)]
+/// Histograms of one pool, recorded as events happen (see `histogram`).
+#[derive(Debug, Clone, Default)]
 pub struct PoolMetrics {
     /// Checkout waits.
-    pub wait: Histogram,
+    pub wait: Arc<Histogram>,
     /// Transactions.
-    pub transaction: Histogram,
+    pub transaction: Arc<Histogram>,
     /// Requests.
-    pub query: Histogram,
+    pub query: Arc<Histogram>,
 }
 
-impl Default for PoolMetrics {
-    fn default() -> PoolMetrics {
-        PoolMetrics { wait: Histogram::noop(), transaction: Histogram::noop(), query: Histogram::noop() }
+impl PoolMetrics {
+    /// The histograms, in the order of `HISTOGRAMS`.
+    fn all(&self) -> [&Histogram; 3] {
+        [&self.wait, &self.transaction, &self.query]
     }
 }
 
@@ -84,30 +91,39 @@ fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
 impl Metrics {
     /// A fresh recorder with every metric described.
     pub fn new() -> Metrics {
-        // The bucket list is a non-empty constant, so this cannot fail; fall back to summaries.
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
-            .unwrap_or_else(|_| PrometheusBuilder::new())
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         for (name, kind, unit, help) in DESCRIPTIONS {
             let help = SharedString::const_str(help);
             match kind {
                 'c' => recorder.describe_counter((*name).into(), *unit, help),
                 'g' => recorder.describe_gauge((*name).into(), *unit, help),
-                _ => recorder.describe_histogram((*name).into(), *unit, help),
+                // Histograms are the broker's own (see `histogram`), rendered by `render`.
+                _ => {}
             }
         }
-        Metrics { recorder, handle }
+        Metrics { recorder, handle, histograms: Mutex::default() }
     }
 
     /// Histogram handles for a pool.
     pub fn pool(&self, database: &str, user: &str) -> PoolMetrics {
-        let labels = [("database", database.to_string()), ("user", user.to_string())];
-        PoolMetrics {
-            wait: self.recorder.register_histogram(&key("pgbroker_wait_seconds", &labels), &META),
-            transaction: self.recorder.register_histogram(&key("pgbroker_transaction_seconds", &labels), &META),
-            query: self.recorder.register_histogram(&key("pgbroker_query_seconds", &labels), &META),
+        let mut all = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
+        all.entry((database.to_string(), user.to_string())).or_default().clone()
+    }
+
+    /// The histograms in the text format, each with its HELP and TYPE lines.
+    fn render_histograms(&self, out: &mut String) {
+        let all = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
+        for (family, name) in HISTOGRAMS.into_iter().enumerate() {
+            let help = DESCRIPTIONS.iter().find(|d| d.0 == name).map_or("", |d| d.3);
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for ((database, user), m) in all.iter() {
+                let labels = format!("database=\"{}\",user=\"{}\"", escape_label(database), escape_label(user));
+                if let Some(h) = m.all().get(family) {
+                    h.render(out, name, &labels);
+                }
+            }
+            out.push('\n');
         }
     }
 
@@ -182,6 +198,8 @@ impl Metrics {
             self.counter("pgbroker_notifications_forwarded_total", &l, hub.stats.delivered.load(Relaxed));
             self.counter("pgbroker_notification_subscribers_dropped_total", &l, hub.stats.dropped_slow.load(Relaxed));
         }
-        self.handle.render()
+        let mut out = self.handle.render();
+        self.render_histograms(&mut out);
+        out
     }
 }

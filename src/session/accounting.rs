@@ -39,7 +39,7 @@ impl Accounting {
         Counters::add(&counters.query_count, u64::from(done));
         if let Some(start) = self.query_start.take() {
             add_us(&counters.query_time_us, start, now);
-            m.query.record(now.duration_since(start).as_secs_f64());
+            m.query.record(now.duration_since(start));
         }
         if pending > 0 {
             self.query_start = Some(now);
@@ -48,17 +48,17 @@ impl Accounting {
             if let Some(start) = self.xact_start.take() {
                 Counters::add(&counters.xact_count, 1);
                 add_us(&counters.xact_time_us, start, now);
-                m.transaction.record(now.duration_since(start).as_secs_f64());
+                m.transaction.record(now.duration_since(start));
             }
         }
     }
 
-    /// A checkout that started at `since` finished.
-    pub fn waited(counters: &Counters, m: &PoolMetrics, since: Instant) {
-        let waited = since.elapsed();
+    /// A checkout that started at `since` finished (`None`: at once, a server was idle).
+    pub fn waited(counters: &Counters, m: &PoolMetrics, since: Option<Instant>) {
+        let waited = since.map(|s| s.elapsed()).unwrap_or_default();
         Counters::add(&counters.wait_count, 1);
         Counters::add(&counters.wait_time_us, waited.as_micros() as u64);
-        m.wait.record(waited.as_secs_f64());
+        m.wait.record(waited);
     }
 }
 
