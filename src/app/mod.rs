@@ -121,6 +121,13 @@ impl App {
         self.live.load_full()
     }
 
+    /// The current configuration if it is not `current` any more (a reload happened): one
+    /// atomic load, no reference count traffic, when it is unchanged.
+    pub fn config_if_changed(&self, current: &Arc<Config>) -> Option<Arc<Config>> {
+        let live = self.live.load();
+        (!Arc::ptr_eq(&live, current)).then(|| Arc::clone(&live))
+    }
+
     /// Makes `config` the one new work sees.
     pub fn store_config(&self, config: Config) {
         self.live.store(Arc::new(config));

@@ -20,6 +20,8 @@ struct State {
 pub struct Limit {
     name: String,
     cap: AtomicUsize,
+    /// Mirrors `used` so checkin can test it without the lock.
+    used: AtomicUsize,
     /// Mirrors `waiting.len()` so checkin can test it without the lock.
     waiting_count: AtomicUsize,
     state: Mutex<State>,
@@ -31,6 +33,7 @@ impl Limit {
         Arc::new(Limit {
             name: name.into(),
             cap: AtomicUsize::new(cap),
+            used: AtomicUsize::new(0),
             waiting_count: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
         })
@@ -52,7 +55,7 @@ impl Limit {
 
     /// Servers counted now.
     pub fn used(&self) -> usize {
-        self.lock().used
+        self.used.load(Ordering::SeqCst)
     }
 
     /// Changes the cap (live reload). Servers over a lowered cap close as they free up.
@@ -73,7 +76,7 @@ impl Limit {
 
     /// True if no capacity is left.
     pub fn is_full(&self) -> bool {
-        self.lock().used >= self.cap()
+        self.used() >= self.cap()
     }
 
     pub(super) fn add_member(&self, pool: Weak<Pool>) {
@@ -87,6 +90,7 @@ impl Limit {
         let mut st = self.lock();
         if st.used < self.cap() {
             st.used += 1;
+            self.used.store(st.used, Ordering::SeqCst);
             true
         } else {
             false
@@ -97,6 +101,7 @@ impl Limit {
     pub(super) fn release_quiet(&self) {
         let mut st = self.lock();
         st.used = st.used.saturating_sub(1);
+        self.used.store(st.used, Ordering::SeqCst);
     }
 
     /// Queues `pool` (once) to be offered capacity.

@@ -78,11 +78,13 @@ pub struct PoolSettings {
     pub events: Option<Arc<crate::events::Events>>,
 }
 
-// Moved once per handoff; boxing the server would allocate on every checkout instead.
-#[allow(clippy::large_enum_variant)]
+/// A server as the pool holds it: boxed once when it connects, so the many hand-overs of a
+/// transaction (idle list, guard, waiter) move a pointer rather than the whole connection.
+type Conn = Box<ServerConn>;
+
 enum Grant {
     /// An idle server, handed over directly.
-    Server(ServerConn),
+    Server(Conn),
     /// Permission to open a new server; `open` and the limits already count it.
     Slot,
 }
@@ -115,8 +117,8 @@ struct Backoff {
 }
 
 #[derive(Default)]
-struct Inner {
-    idle: Vec<ServerConn>,
+pub(crate) struct Inner {
+    idle: Vec<Conn>,
     /// Servers open, being opened, in use or being reset.
     open: usize,
     waiters: VecDeque<Waiter>,
@@ -180,6 +182,11 @@ impl Pool {
     /// This pool's settings.
     pub fn settings(&self) -> Arc<PoolSettings> {
         self.settings.load_full()
+    }
+
+    /// This pool's histograms, without taking a reference to the settings (per transaction).
+    pub fn record_metrics<R>(&self, f: impl FnOnce(&crate::metrics::PoolMetrics) -> R) -> R {
+        f(&self.settings.load().metrics)
     }
 
     /// The server address and login new connections use.
@@ -403,7 +410,7 @@ impl Pool {
         inner.blocked && inner.waiters.iter().any(|w| !w.tx.is_closed())
     }
 
-    fn take_idle(&self, inner: &mut Inner) -> Option<ServerConn> {
+    fn take_idle(&self, inner: &mut Inner) -> Option<Conn> {
         // Most recently used first: warm caches, and the least used age out.
         while let Some(conn) = inner.idle.pop() {
             if conn.is_idle_healthy() {
@@ -420,7 +427,7 @@ impl Pool {
 
     /// Runs the liveness check on a server idle longer than `check_delay`. `None` = it failed
     /// and was closed.
-    async fn prepare(self: &Arc<Self>, mut conn: ServerConn) -> Option<ServerConn> {
+    async fn prepare(self: &Arc<Self>, mut conn: Conn) -> Option<Conn> {
         conn.uses += 1;
         if conn.last_used.elapsed() < self.settings().check_delay {
             return Some(conn);
@@ -460,7 +467,7 @@ impl Pool {
     /// Connects and logs in, recording success or failure for `server_login_retry`: after a
     /// failure, the wait before the next attempt doubles up to `server_login_retry`, and once
     /// it is over a single attempt probes the server while everyone else fails fast.
-    async fn connect(&self) -> Result<ServerConn, PoolError> {
+    async fn connect(&self) -> Result<Conn, PoolError> {
         let _probe = {
             let mut inner = self.lock();
             if let Some(e) = self.backoff_error(&inner) {
@@ -474,7 +481,7 @@ impl Pool {
         let connect = async {
             let mut conn = ServerConn::connect(self.target.load_full(), self.settings().connect_timeout).await?;
             self.learn_defaults(&mut conn).await?;
-            Ok::<_, ServerError>(conn)
+            Ok::<_, ServerError>(Box::new(conn))
         };
         match connect.await {
             Ok(mut conn) => {
@@ -513,17 +520,21 @@ impl Pool {
 
     /// Returns a clean idle server: to the first live waiter, else to the idle list, unless
     /// it is due for retirement or another pool is starved of a shared limit.
-    fn checkin(&self, mut conn: ServerConn) {
-        let settings = self.settings();
-        let retire = conn.expires.is_some_and(|e| Instant::now() >= e)
+    /// Also ends its record as checked out, if it was.
+    fn checkin(&self, mut conn: Conn) {
+        let settings = self.settings.load();
+        let now = Instant::now();
+        let retire = conn.expires.is_some_and(|e| now >= e)
             || (settings.max_uses > 0 && conn.uses >= settings.max_uses)
             || conn.generation != self.generation.load(Ordering::Relaxed);
+        let mut inner = self.lock();
+        inner.active.remove(&conn.id);
         if retire {
+            drop(inner);
             tracing::debug!(server = conn.id, pool = %self.key, uses = conn.uses, "retiring server");
             return self.discard(conn);
         }
-        conn.last_used = Instant::now();
-        let mut inner = self.lock();
+        conn.last_used = now;
         // Over a cap lowered by a reload: close it even if clients wait; they get capacity
         // back once the count is under the new cap.
         let over_cap =
@@ -558,7 +569,7 @@ impl Pool {
     }
 
     /// Closes a server and frees its slot for a waiter of this pool or another.
-    fn discard(&self, conn: ServerConn) {
+    fn discard(&self, conn: Conn) {
         tracing::debug!(server = conn.id, pool = %self.key, "closing server");
         self.event("connection_removed", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
         // Say goodbye so the backend exits now rather than when it notices the socket closed.

@@ -1,6 +1,6 @@
 //! The checkout guard: derefs to the server; dropping it returns the server as told.
 
-use super::Pool;
+use super::{Conn, Pool};
 use crate::proto::TxnStatus;
 use crate::server::{ServerConn, ServerError};
 use std::ops::{Deref, DerefMut};
@@ -21,15 +21,20 @@ pub enum Release {
 /// A checked-out server. Dropping it returns the server as `release` says (default: close,
 /// so a session that ends unexpectedly never returns a server in an unknown state).
 pub struct Pooled {
-    conn: Option<ServerConn>,
+    conn: Option<Conn>,
     pool: Arc<Pool>,
     /// What happens to the server when this guard drops.
     pub release: Release,
 }
 
 impl Pooled {
-    pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Pooled {
+    pub(super) fn new(pool: Arc<Pool>, conn: Conn) -> Pooled {
         pool.track_active(&conn);
+        Self::tracked(pool, conn)
+    }
+
+    /// A guard for a server already recorded as checked out.
+    fn tracked(pool: Arc<Pool>, conn: Conn) -> Pooled {
         Pooled { conn: Some(conn), pool, release: Release::Close }
     }
 
@@ -43,20 +48,19 @@ impl Deref for Pooled {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
         // Only `Drop` takes the connection out.
-        self.conn.as_ref().expect("connection present until drop")
+        self.conn.as_deref().expect("connection present until drop")
     }
 }
 
 impl DerefMut for Pooled {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().expect("connection present until drop")
+        self.conn.as_deref_mut().expect("connection present until drop")
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.untrack_active(conn.id);
             self.pool.release(conn, self.release);
         }
     }
@@ -73,20 +77,27 @@ impl Pool {
         let check_delay = self.settings.load().check_delay;
         let mut inner = self.lock();
         let mut conn = self.take_idle(&mut inner)?;
-        if conn.last_used.elapsed() >= check_delay {
+        let now = tokio::time::Instant::now();
+        if now.saturating_duration_since(conn.last_used) >= check_delay {
             inner.idle.push(conn);
             return None;
         }
+        // Tracked under the same lock: one lock per checkout (and one per checkin).
+        Self::track_in(&mut inner, &conn, now);
         drop(inner);
         conn.uses += 1;
-        Some(Pooled::new(self.clone(), conn))
+        Some(Pooled::tracked(self.clone(), conn))
     }
 
-    fn release(self: &Arc<Self>, conn: ServerConn, how: Release) {
+    fn release(self: &Arc<Self>, conn: Conn, how: Release) {
         let needs_work = how == Release::Reset || conn.status != TxnStatus::Idle;
+        if how != Release::Close && !needs_work {
+            // Untracked under checkin's lock.
+            return self.checkin(conn);
+        }
+        self.untrack_active(conn.id);
         match how {
             Release::Close => self.discard(conn),
-            _ if !needs_work => self.checkin(conn),
             _ => match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
                     let pool = self.clone();
@@ -98,7 +109,7 @@ impl Pool {
     }
 
     /// Rolls back (and with `reset`, runs the reset query), bounded by `reset_timeout`.
-    async fn clean_and_checkin(self: Arc<Self>, mut conn: ServerConn, reset: bool) {
+    async fn clean_and_checkin(self: Arc<Self>, mut conn: Conn, reset: bool) {
         let clean = async {
             if conn.status != TxnStatus::Idle {
                 if let Err(e) = conn.simple_query("ROLLBACK").await? {

@@ -97,14 +97,19 @@ impl Pool {
     }
 
     pub(super) fn track_active(&self, conn: &crate::server::ServerConn) {
+        Self::track_in(&mut self.lock(), conn, Instant::now());
+    }
+
+    /// Records `conn` as checked out since `now`, under a pool lock the caller holds.
+    pub(super) fn track_in(inner: &mut super::Inner, conn: &crate::server::ServerConn, now: Instant) {
         let a = ActiveServer {
             id: conn.id,
             pid: conn.cancel.pid,
             cancel: conn.cancel.clone(),
             connected_at: conn.connected_at,
-            since: Instant::now(),
+            since: now,
         };
-        self.lock().active.insert(conn.id, a);
+        inner.active.insert(conn.id, a);
     }
 
     /// Cancels the query running on every checked-out server (shutdown after the timeout).

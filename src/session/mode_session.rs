@@ -26,7 +26,7 @@ pub(super) async fn run(
     let since = tokio::time::Instant::now();
     client.set_state(crate::clients::State::Waiting);
     let checkout = pool.checkout(cfg.broker.query_wait_timeout).await;
-    crate::session::accounting::Accounting::waited(&pool.counters, &pool.settings().metrics, since);
+    crate::session::accounting::Accounting::waited(&pool.counters, &pool.settings().metrics, Some(since));
     let mut server = checkout.map_err(|e| SessionError::fatal(e.sqlstate(), crate::error::chain(&e)))?;
     // Until the startup settings are applied and the relay knows the state, close on drop.
     server.release = Release::Close;

@@ -106,6 +106,9 @@ pub struct ClientSettings {
     /// Tracked settings the server does not report (lowercase), re-read after a transaction
     /// that may have changed them.
     extras: Vec<String>,
+    /// The first bytes of what `may_change_extras` looks for (see `first_bit`); all bits set:
+    /// a name starts with another byte, so any byte may start one.
+    firsts: u32,
 }
 
 /// A pending sync: the statement to run and which settings it sets, in column order.
@@ -119,6 +122,42 @@ pub struct SyncPlan {
     pub reset: Vec<String>,
 }
 
+/// A letter or `_`, either case, as one of 32 bits (a few other bytes share them, which only
+/// makes `may_change_extras` look closer); `None` for other bytes.
+#[inline]
+fn first_bit(b: u8) -> Option<u32> {
+    let folded = b | 0x20;
+    (0x60..0x80).contains(&folded).then(|| 1 << (folded - 0x60))
+}
+
+/// True if `hay` has `needle` (lowercase) at `at`, ignoring ASCII case. Byte by byte with an
+/// early exit: most places a needle could start differ at the second byte.
+#[inline]
+fn starts_with_folded(hay: &[u8], at: usize, needle: &[u8]) -> bool {
+    needle.iter().enumerate().all(|(j, n)| hay.get(at + j).is_some_and(|h| h.to_ascii_lowercase() == *n))
+}
+
+/// Distinct settings lists of clients now connected, at most this many.
+const INTERNED: usize = 256;
+
+/// The shared copy of a settings list equal to `items`: clients that logged in with the same
+/// settings (most of an app's connections) share one list, so the server a client gets from
+/// another one is found in sync by a pointer comparison rather than setting by setting.
+fn intern(items: Arc<Vec<Setting>>) -> Arc<Vec<Setting>> {
+    static LISTS: std::sync::Mutex<Vec<std::sync::Weak<Vec<Setting>>>> = std::sync::Mutex::new(Vec::new());
+    let mut lists = LISTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(same) = lists.iter().filter_map(std::sync::Weak::upgrade).find(|l| **l == *items) {
+        return same;
+    }
+    if lists.len() >= INTERNED {
+        lists.retain(|l| l.strong_count() > 0);
+    }
+    if lists.len() < INTERNED {
+        lists.push(Arc::downgrade(&items));
+    }
+    items
+}
+
 fn value_in<'a>(list: &'a [(String, String)], key: &str) -> Option<&'a str> {
     list.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_str())
 }
@@ -127,8 +166,13 @@ impl ClientSettings {
     /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
     /// overlaid with the client's startup settings.
     pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
-        let mut out =
-            ClientSettings { items: Arc::default(), extras: extras.iter().map(|e| e.to_lowercase()).collect() };
+        let mut out = ClientSettings {
+            items: Arc::default(),
+            extras: extras.iter().map(|e| e.to_lowercase()).collect(),
+            firsts: 0,
+        };
+        out.firsts =
+            out.needles().filter_map(|n| n.first()).fold(0, |m, &b| first_bit(b).map_or(u32::MAX, |bit| m | bit));
         let wanted: Vec<String> =
             SYNCED_REPORTED.iter().map(|k| k.to_string()).chain(out.extras.iter().cloned()).collect();
         for key in wanted {
@@ -139,6 +183,7 @@ impl ClientSettings {
         for (name, value) in startup {
             out.set(name, value);
         }
+        out.items = intern(out.items);
         out
     }
 
@@ -179,9 +224,21 @@ impl ClientSettings {
     /// True if a client statement may change a tracked setting the server does not report:
     /// it names one, or resets everything. Conservative; a false alarm costs one query.
     pub fn may_change_extras(&self, sql: &[u8]) -> bool {
-        let has = |needle: &[u8]| sql.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle));
-        !self.extras.is_empty()
-            && (self.extras.iter().any(|e| has(e.as_bytes())) || has(b"reset all") || has(b"discard all"))
+        if self.extras.is_empty() {
+            return false;
+        }
+        // Runs on every statement: one pass over the bytes, a bit test each, and the needles
+        // compared only where one could start.
+        let wide = self.firsts == u32::MAX;
+        (0..sql.len()).any(|i| {
+            let candidate = sql.get(i).and_then(|&b| first_bit(b)).map_or(wide, |bit| self.firsts & bit != 0);
+            candidate && self.needles().any(|n| starts_with_folded(sql, i, n))
+        })
+    }
+
+    /// What `may_change_extras` looks for (lowercase).
+    fn needles(&self) -> impl Iterator<Item = &[u8]> {
+        self.extras.iter().map(String::as_bytes).chain([&b"reset all"[..], b"discard all"])
     }
 
     /// The statement that makes `server` match this client, if they differ. `defaults` are the
@@ -347,12 +404,28 @@ mod tests {
     }
 
     #[test]
+    fn clients_with_equal_settings_share_one_list_until_one_changes() {
+        let startup = pairs(&[("application_name", "interned-test")]);
+        let mut a = ClientSettings::new(&defaults(), &startup, &[]);
+        let b = ClientSettings::new(&defaults(), &startup, &[]);
+        assert!(Arc::ptr_eq(&a.items, &b.items));
+        a.observe("TimeZone", "Asia/Tokyo");
+        assert!(!Arc::ptr_eq(&a.items, &b.items));
+        assert_eq!(b.get("timezone"), Some("UTC"), "the other client keeps its settings");
+    }
+
+    #[test]
     fn extras_changes_are_suspected_from_statement_text() {
         let c = ClientSettings::new(&defaults(), &[], &["search_path".into()]);
         assert!(c.may_change_extras(b"SET SEARCH_PATH TO app"));
         assert!(c.may_change_extras(b"discard all"));
         assert!(!c.may_change_extras(b"SELECT 1"));
         assert!(!ClientSettings::new(&defaults(), &[], &[]).may_change_extras(b"SET search_path TO x"));
+        assert!(c.may_change_extras(b"select pg_catalog.set_config('Search_Path', 'x', false)"));
+        assert!(c.may_change_extras(b"RESET ALL"));
+        let odd = ClientSettings::new(&defaults(), &[], &["\u{e9}t\u{e9}".into()]);
+        assert!(odd.may_change_extras("SET \u{e9}t\u{e9} = 1".as_bytes()));
+        assert!(!odd.may_change_extras(b"SELECT 1"));
     }
 
     #[test]

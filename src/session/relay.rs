@@ -39,8 +39,9 @@ pub enum RelayError {
     Server(#[source] io::Error),
 }
 
-/// Writes `pipe`'s approved bytes to `w` until done or `w` is not ready; true if it wrote any.
-fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut Pipe) -> Poll<io::Result<bool>> {
+/// Writes `pipe`'s approved bytes to `w` until done or `w` is not ready (its waker is then
+/// registered); pending only while a flush is.
+fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut Pipe) -> Poll<io::Result<()>> {
     let mut wrote = false;
     while !pipe.ready().is_empty() {
         match Pin::new(&mut *w).poll_write(cx, pipe.ready()) {
@@ -50,7 +51,7 @@ fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut
                 wrote = true;
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Ready(Ok(wrote)),
+            Poll::Pending => break,
         }
     }
     if wrote || pipe.unflushed {
@@ -59,7 +60,7 @@ fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut
         ready!(Pin::new(&mut *w).poll_flush(cx))?;
         pipe.unflushed = false;
     }
-    Poll::Ready(Ok(wrote))
+    Poll::Ready(Ok(()))
 }
 
 /// Stack buffer for a read into a pipe that holds no buffer (a client between
@@ -81,8 +82,9 @@ fn poll_fill<R: AsyncRead + Unpin>(
     // Only for an idle client: a server's reply is read into the pipe at once, so a long
     // result does not cost an extra small read.
     if idle && pipe.is_released() {
-        let mut stack = [0u8; IDLE_READ];
-        let mut buf = tokio::io::ReadBuf::new(&mut stack);
+        // Uninitialised: zeroing it would cost more than the read of a short request.
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_READ];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut stack);
         return match Pin::new(r).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) if buf.filled().is_empty() => Ok((false, true)),
             Poll::Ready(Ok(())) => {
@@ -117,32 +119,26 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut server = server;
-    loop {
-        let mut progressed = match poll_drain(cx, client, down) {
-            Poll::Ready(r) => r.map_err(RelayError::Client)?,
-            Poll::Pending => false,
-        };
-        if server.is_none() {
-            // Between transactions, once the last reply is out: an idle client keeps no
-            // buffer (the next request is read through a stack buffer, see `poll_fill`).
-            down.release_if_empty();
-            up.release_if_empty();
-        }
-        let mut ev = Events::default();
-        if let Some(s) = server.as_deref_mut() {
-            progressed |= match poll_drain(cx, s, up) {
-                Poll::Ready(r) => r.map_err(RelayError::Server)?,
-                Poll::Pending => false,
-            };
-            (ev.server_data, ev.server_closed) = poll_fill(cx, s, down, false).map_err(RelayError::Server)?;
-        }
-        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, server.is_none()).map_err(RelayError::Client)?;
-        if ev.any() {
-            return Poll::Ready(Ok(ev));
-        }
-        if !progressed {
-            return Poll::Pending;
-        }
+    // One pass: each pipe is drained before it is filled, so a read that waited for room
+    // gets it in the same pass, and every source left pending has its waker registered (a
+    // pipe still too full waits on its writer becoming writable).
+    let idle = server.is_none();
+    if let Poll::Ready(r) = poll_drain(cx, client, down) {
+        r.map_err(RelayError::Client)?;
     }
+    if idle {
+        // Between transactions, once the last reply is out: an idle client keeps no buffer
+        // (the next request is read through a stack buffer, see `poll_fill`).
+        down.release_if_empty();
+        up.release_if_empty();
+    }
+    let mut ev = Events::default();
+    if let Some(s) = server {
+        if let Poll::Ready(r) = poll_drain(cx, s, up) {
+            r.map_err(RelayError::Server)?;
+        }
+        (ev.server_data, ev.server_closed) = poll_fill(cx, s, down, false).map_err(RelayError::Server)?;
+    }
+    (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, idle).map_err(RelayError::Client)?;
+    if ev.any() { Poll::Ready(Ok(ev)) } else { Poll::Pending }
 }

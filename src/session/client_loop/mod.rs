@@ -147,11 +147,11 @@ impl ClientLoop {
         io.wbuf = BytesMut::new();
         let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
         let mut armed = None;
-        // Made once: a `cancelled()` future made per turn would register with the token's
-        // waiter list (a lock) and unregister again several times per transaction.
+        // Made once: a wait made per turn would register with the flag's waiter list (a
+        // lock) and unregister again several times per transaction.
         let client = self.client.clone();
-        let mut killed = std::pin::pin!(client.kill.cancelled());
-        let mut drain = std::pin::pin!(client.drain.cancelled());
+        let mut killed = std::pin::pin!(client.kill.wait());
+        let mut drain = std::pin::pin!(client.drain.wait());
         let mut draining = false;
         let mut was_held = false;
         let mut was_owed = false;
@@ -256,16 +256,25 @@ impl ClientLoop {
     /// Checks out a server for the transaction the client just started and brings it to the
     /// client's settings.
     async fn attach(&mut self) -> Result<(), SessionError> {
-        self.cfg = self.app.config();
-        self.timers.set_limits(&self.cfg.broker);
-        let since = tokio::time::Instant::now();
-        self.client.set_state(ClientState::Waiting);
+        if let Some(cfg) = self.app.config_if_changed(&self.cfg) {
+            self.timers.set_limits(&cfg.broker);
+            self.cfg = cfg;
+        }
         let checkout = match self.pool.try_checkout() {
-            Some(server) => Ok(server),
-            // Boxed: waiting or opening a server is large, and the loop lives as long as the client.
-            None => Box::pin(self.pool.checkout(self.cfg.broker.query_wait_timeout)).await,
+            Some(server) => {
+                self.pool.record_metrics(|m| Accounting::waited(&self.pool.counters, m, None));
+                Ok(server)
+            }
+            None => {
+                let since = tokio::time::Instant::now();
+                self.client.set_state(ClientState::Waiting);
+                // Boxed: waiting or opening a server is large, and the loop lives as long as
+                // the client.
+                let r = Box::pin(self.pool.checkout(self.cfg.broker.query_wait_timeout)).await;
+                self.pool.record_metrics(|m| Accounting::waited(&self.pool.counters, m, Some(since)));
+                r
+            }
         };
-        Accounting::waited(&self.pool.counters, &self.pool.settings().metrics, since);
         let mut server = match checkout {
             Ok(s) => s,
             Err(e) => {
@@ -555,7 +564,8 @@ impl ClientLoop {
             })?;
         self.served |= answered > 0;
         let over = server.status == TxnStatus::Idle && self.pending.is_settled();
-        self.acct.answered(counters, &self.pool.settings().metrics, answered, self.pending.sync_points, over);
+        let (acct, sync_points) = (&mut self.acct, self.pending.sync_points);
+        self.pool.record_metrics(|m| acct.answered(counters, m, answered, sync_points, over));
         Ok(())
     }
 
