@@ -32,6 +32,12 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
         "Client connections on the server that are not the fleet's (fleet mode)",
     ),
     ("pgbroker_waiting_clients", 'g', None, "Clients waiting for a server, per pool"),
+    (
+        "pgbroker_hibernating_clients",
+        'g',
+        None,
+        "Idle clients quiet for a second or more, holding only their session's small state",
+    ),
     ("pgbroker_wait_seconds", 'h', Some(Unit::Seconds), "Time clients waited for a server"),
     ("pgbroker_transaction_seconds", 'h', Some(Unit::Seconds), "Transaction duration"),
     ("pgbroker_query_seconds", 'h', Some(Unit::Seconds), "Request (query or Sync) duration"),
@@ -192,6 +198,7 @@ impl Metrics {
         self.counter("pgbroker_config_reloads_total", &[], app.reloads.load(Relaxed));
         self.counter("pgbroker_config_reload_failures_total", &[], app.reload_failures.load(Relaxed));
         self.gauge("pgbroker_websocket_clients", &[], app.ws.total() as f64);
+        self.gauge("pgbroker_hibernating_clients", &[], app.hibernating_clients() as f64);
         for hub in app.hubs.all() {
             let l = [("database", hub.database().to_string())];
             self.counter("pgbroker_notifications_received_total", &l, hub.stats.received.load(Relaxed));

@@ -375,3 +375,43 @@ async fn prefer_falls_back_to_plaintext_for_a_unix_socket() {
     let c = connect_bench(b.local_addr()).await;
     assert_eq!(one(&c, "SELECT count(*)::text FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl").await, "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_hibernates_and_resumes_its_encrypted_session() {
+    let pki = Pki::new(&["localhost"]);
+    let extra = "client_tls_sslmode = \"require\"\npool_mode = \"transaction\"";
+    let b = start(tls_config(&pki, "scram-sha-256", extra, "")).await;
+    let addr = b.local_addr();
+    let session = std::thread::spawn(move || {
+        let conninfo = format!(
+            "host=localhost hostaddr={} port={} user=postgres dbname=bench sslmode=require",
+            addr.ip(),
+            addr.port()
+        );
+        Command::new("psql")
+            .args([
+                "-X",
+                "-At",
+                "-d",
+                &conninfo,
+                "-c",
+                "SELECT 'before'",
+                "-c",
+                "\\! sleep 2.5",
+                "-c",
+                "SELECT 'after'",
+            ])
+            .env("PGPASSWORD", "postgres")
+            .output()
+            .unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.app().hibernating_clients() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the TLS client never hibernated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || session.join().unwrap()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["before", "after"]);
+}

@@ -59,6 +59,8 @@ pub struct App {
     pub(crate) stopped_accepting: CancellationToken,
     /// Clients connected now, including those logging in (for `max_client_conn`).
     pub(crate) clients_open: AtomicUsize,
+    /// Clients hibernating now (quiet, their relay state freed).
+    pub(crate) hibernating: AtomicUsize,
     /// Per-server budgets and how each was derived; swapped on reload.
     budgets: ArcSwap<Budgets>,
     /// What each pool was made from, so a reload can remake its settings.
@@ -131,6 +133,12 @@ impl App {
     /// Makes `config` the one new work sees.
     pub fn store_config(&self, config: Config) {
         self.live.store(Arc::new(config));
+    }
+
+    /// Clients hibernating now: quiet for a moment with nothing in flight, holding only
+    /// their session's small state until they speak again.
+    pub fn hibernating_clients(&self) -> usize {
+        self.hibernating.load(Relaxed)
     }
 
     /// Clients connected now (including those still logging in).

@@ -184,7 +184,7 @@ async fn handshake(
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
     ip: std::net::IpAddr,
-) -> Result<Option<Login>, SessionError> {
+) -> Result<Option<Box<Login>>, SessionError> {
     let startup = loop {
         match io.read_startup().await? {
             Packet::SslRequest | Packet::GssEncRequest if !io.rbuf.is_empty() => {
@@ -274,5 +274,7 @@ async fn handshake(
         Some(db.clone())
     };
     build::auth_ok(&mut io.wbuf);
-    Ok(Some(Login { db, database, user, credential: authenticated.credential, startup }))
+    // Boxed: the session's futures pass it on by value, and an async fn keeps a copy of
+    // each argument besides the one it moves into its body.
+    Ok(Some(Box::new(Login { db, database, user, credential: authenticated.credential, startup })))
 }

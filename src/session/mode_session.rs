@@ -19,20 +19,21 @@ pub(super) async fn run(
     app: &Arc<App>,
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
-    login: Login,
+    login: Box<Login>,
     pool: Arc<Pool>,
     client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let since = tokio::time::Instant::now();
     client.set_state(crate::clients::State::Waiting);
-    let checkout = pool.checkout(cfg.broker.query_wait_timeout).await;
+    // Boxed, as the other rare awaits of a session: its future lives as long as the client.
+    let checkout = Box::pin(pool.checkout(cfg.broker.query_wait_timeout)).await;
     crate::session::accounting::Accounting::waited(&pool.counters, &pool.settings().metrics, Some(since));
     let mut server = checkout.map_err(|e| SessionError::fatal(e.sqlstate(), crate::error::chain(&e)))?;
     // Until the startup settings are applied and the relay knows the state, close on drop.
     server.release = Release::Close;
     let mut startup = params::startup_settings(&login.startup);
     let own_name = super::keep_fleet_tag(cfg, &mut startup);
-    apply_settings(&mut server, &startup).await?;
+    Box::pin(apply_settings(&mut server, &startup)).await?;
     server.release = Release::Reset;
 
     let registration = app.cancels.register();

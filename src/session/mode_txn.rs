@@ -21,7 +21,7 @@ pub(super) async fn run(
     app: &Arc<App>,
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
-    login: Login,
+    login: Box<Login>,
     pool: Arc<Pool>,
     statement: bool,
     client: Arc<Client>,

@@ -32,6 +32,16 @@ impl ClientStream {
         }
     }
 
+    /// Waits until the socket has bytes (or an end) to read. For TLS this is the TCP socket:
+    /// call it only after a read found nothing buffered in the TLS layer either.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            ClientStream::Plain(s) => s.readable().await,
+            ClientStream::Tls(s, _) => s.get_ref().0.readable().await,
+            ClientStream::Gone => Err(gone()),
+        }
+    }
+
     /// Takes the plain socket out for a TLS handshake, leaving `Gone`.
     pub fn take_plain(&mut self) -> Option<TcpStream> {
         match std::mem::replace(self, ClientStream::Gone) {

@@ -4,6 +4,7 @@
 //! pass unchanged; only tags (and ReadyForQuery / ParameterStatus bodies) are read.
 
 mod faults;
+mod idle;
 mod waits;
 
 use super::SessionError;
@@ -96,15 +97,15 @@ pub(super) struct ClientLoop {
 }
 
 impl ClientLoop {
-    /// A loop for a client.
-    pub fn new(app: Arc<App>, setup: Setup) -> ClientLoop {
+    /// A loop for a client; boxed, as `run` takes it by value (see `run`).
+    pub fn new(app: Arc<App>, setup: Setup) -> Box<ClientLoop> {
         let cfg = app.config();
         let Setup { mode, pool, defaults, settings, registration, server, prepared, listens, client } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
             client.set_state(ClientState::Active);
         }
-        ClientLoop {
+        Box::new(ClientLoop {
             served: false,
             logged_in: tokio::time::Instant::now(),
             timers: Timers::new(&cfg.broker),
@@ -126,17 +127,30 @@ impl ClientLoop {
             listens,
             client,
             acct: Accounting::default(),
-        }
+        })
     }
 
     /// Relays until the client leaves or fails, then returns the server as its state allows.
-    pub async fn run(mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
-        let result = self.relay(io).await;
+    /// Takes the loop boxed: an async fn keeps its arguments besides what it moves out of
+    /// them, so a loop passed by value would be held twice by the client's future.
+    pub async fn run(mut self: Box<Self>, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        let result = loop {
+            // Boxed: the relay loop's state is large, and a hibernating client frees it.
+            match Box::pin(self.relay(io)).await {
+                Ok(Exit::Hibernate) => {
+                    if let Err(e) = self.hibernate(io).await {
+                        break Err(e);
+                    }
+                }
+                Ok(Exit::Done) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
         self.finish();
         result
     }
 
-    async fn relay(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+    async fn relay(&mut self, io: &mut ClientIo<ClientStream>) -> Result<Exit, SessionError> {
         // Bytes the client sent right behind its startup packet belong to the relay.
         let mut client_data = !io.rbuf.is_empty();
         if client_data {
@@ -155,6 +169,7 @@ impl ClientLoop {
         let mut draining = false;
         let mut was_held = false;
         let mut was_owed = false;
+        let mut quiet = idle::Quiet::new();
         loop {
             // Without a server, a transaction starts with the client's next message (which
             // the client loop reads only once it knows which server the bytes go to).
@@ -169,7 +184,7 @@ impl ClientLoop {
             }
             if self.server.is_none() {
                 match self.up.peek_tag() {
-                    Some(tag::TERMINATE) => return Ok(()),
+                    Some(tag::TERMINATE) => return Ok(Exit::Done),
                     Some(_) => {
                         self.attach().await?;
                         scan = true;
@@ -178,7 +193,7 @@ impl ClientLoop {
                 }
             }
             if scan && self.scan_client()? {
-                return Ok(());
+                return Ok(Exit::Done);
             }
             let held = self.held();
             if held.is_some() && !was_held {
@@ -190,7 +205,13 @@ impl ClientLoop {
                 self.timers.awaiting_server();
             }
             was_owed = owed;
-            if let Some(d) = self.timers.deadline(held, owed) {
+            // A client without a server may hibernate: look again when it has been quiet.
+            let quiet_at = (self.server.is_none() && !draining).then_some(quiet.at);
+            let deadline = match (self.timers.deadline(held, owed), quiet_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(d) = deadline {
                 if armed.is_none_or(|a| d < a) {
                     timer.as_mut().reset(d);
                     armed = Some(d);
@@ -205,6 +226,13 @@ impl ClientLoop {
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.check_timers(io).await?;
+                    // The relay was polled just before (biased) and found the client silent.
+                    if !draining && quiet.is_over(tokio::time::Instant::now()) {
+                        if self.can_hibernate() {
+                            return Ok(Exit::Hibernate);
+                        }
+                        quiet = idle::Quiet::new();
+                    }
                     client_data = false;
                     continue;
                 }
@@ -233,6 +261,7 @@ impl ClientLoop {
                 Err(RelayError::Client(e)) => return Err(SessionError::Io(e)),
                 Err(RelayError::Server(e)) => return Err(self.server_lost(io, Some(e)).await),
             };
+            quiet.active = true;
             if ev.server_data {
                 self.timers.activity();
                 self.timers.server_spoke();
@@ -577,6 +606,14 @@ impl ClientLoop {
         }
         Some((s.status, self.pending.sync_points))
     }
+}
+
+/// Why the relay loop returned.
+enum Exit {
+    /// The client said goodbye.
+    Done,
+    /// The client has been quiet with nothing in flight: wait outside the loop.
+    Hibernate,
 }
 
 /// CopyInResponse: the server waits for the client's COPY data.
