@@ -71,7 +71,7 @@ pub(super) async fn serve(
         ));
     }
     let application_name = login.startup.param("application_name").unwrap_or_default().to_string();
-    let Some(db) = login.db.clone() else {
+    let Some(db) = login.db.as_ref() else {
         let registered = app.clients.register(NewClient {
             id,
             user: login.user.clone(),
@@ -84,7 +84,10 @@ pub(super) async fn serve(
         let _uncounted = Uncounted::new(app);
         return Box::pin(crate::admin::serve(app, io, &login.user, &registered.client)).await;
     };
-    let pool = pool_for(app, &cfg, &login, &db);
+    let pool = pool_for(app, &cfg, &login, db);
+    // Only the mode is needed from here on (the login and its database settings are dropped
+    // by the mode's loop once it has what it needs).
+    let mode = db.pool_mode;
     let registered = app.clients.register(NewClient {
         id,
         user: login.user.clone(),
@@ -97,9 +100,6 @@ pub(super) async fn serve(
     if cfg.broker.log_connections {
         tracing::info!(user = %login.user, database = %login.database, "client logged in");
     }
-    // Only the mode is needed from here on: the database settings copy is not kept per client.
-    let mode = db.pool_mode;
-    drop(db);
     match mode {
         PoolMode::Session => mode_session::run(app, &cfg, io, login, pool, client).await,
         PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false, client).await,

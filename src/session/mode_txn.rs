@@ -27,6 +27,24 @@ pub(super) async fn run(
     client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let defaults = pool_defaults(&pool, cfg).await?;
+    let client_loop = welcome(app, cfg, io, login, pool, statement, client, defaults);
+    io.flush().await?;
+    client_loop.run(io).await
+}
+
+/// Writes the client's welcome (settings, key, ReadyForQuery) and makes its loop. Not async:
+/// what it moves into the loop would otherwise keep a place in the client's future.
+#[allow(clippy::too_many_arguments)]
+fn welcome(
+    app: &Arc<App>,
+    cfg: &Config,
+    io: &mut ClientIo<ClientStream>,
+    login: Box<Login>,
+    pool: Arc<Pool>,
+    statement: bool,
+    client: Arc<Client>,
+    defaults: Arc<Defaults>,
+) -> Box<ClientLoop> {
     let mut startup = params::startup_settings(&login.startup);
     let own_name = super::keep_fleet_tag(cfg, &mut startup);
     let settings = ClientSettings::new(defaults.all(), &startup, &cfg.broker.track_extra_parameters);
@@ -43,13 +61,11 @@ pub(super) async fn run(
     drop(own_name);
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
     build::ready_for_query(&mut io.wbuf, b'I');
-    io.flush().await?;
-
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
     let max = cfg.broker.max_prepared_statements;
     let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
     let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
-    ClientLoop::new(app.clone(), setup).run(io).await
+    ClientLoop::new(app.clone(), setup)
 }
 
 /// The pool's defaults; the first client of a pool opens a server to learn them.

@@ -32,13 +32,14 @@ impl ClientStream {
         }
     }
 
-    /// Waits until the socket has bytes (or an end) to read. For TLS this is the TCP socket:
-    /// call it only after a read found nothing buffered in the TLS layer either.
-    pub async fn readable(&self) -> io::Result<()> {
+    /// Ready once the socket has bytes (or an end) to read. For TLS this is the TCP socket:
+    /// poll it only after a read found nothing buffered in the TLS layer either. A poll
+    /// function, not an async one: a hibernating client keeps no future for it.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            ClientStream::Plain(s) => s.readable().await,
-            ClientStream::Tls(s, _) => s.get_ref().0.readable().await,
-            ClientStream::Gone => Err(gone()),
+            ClientStream::Plain(s) => s.poll_read_ready(cx),
+            ClientStream::Tls(s, _) => s.get_ref().0.poll_read_ready(cx),
+            ClientStream::Gone => Poll::Ready(Err(gone())),
         }
     }
 

@@ -61,12 +61,14 @@ impl ClientLoop {
     pub(super) async fn hibernate(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let _counted = Counted::new(&self.app.hibernating);
         let client = self.client.clone();
-        let idle_limit = self.timers.deadline(None, false);
+        // Boxed, and only with `client_idle_timeout` set: most clients need no timer here.
+        let mut idle_limit = self.timers.deadline(None, false).map(|d| Box::pin(tokio::time::sleep_until(d)));
+        let stream = &io.stream;
         tokio::select! {
-            r = io.stream.readable() => r.map_err(SessionError::Io),
+            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => r.map_err(SessionError::Io),
             () = client.kill.wait() => Ok(()),
             () = client.drain.wait() => Ok(()),
-            () = tokio::time::sleep_until(idle_limit.unwrap_or_else(Instant::now)), if idle_limit.is_some() => Ok(()),
+            () = async { if let Some(s) = idle_limit.as_mut() { s.await } }, if idle_limit.is_some() => Ok(()),
         }
     }
 }
