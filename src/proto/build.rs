@@ -15,8 +15,13 @@ fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
 }
 
 fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
-    // A NUL inside would end the string early on the other side; it never comes from us.
-    buf.extend(s.iter().copied().filter(|&b| b != 0));
+    // A NUL inside would end the string early on the other side; it never comes from us,
+    // so the common case is one copy.
+    if s.contains(&0) {
+        buf.extend(s.iter().copied().filter(|&b| b != 0));
+    } else {
+        buf.extend_from_slice(s);
+    }
     buf.put_u8(0);
 }
 

@@ -54,6 +54,8 @@ fn welcome(
     // otherwise stay allocated for the life of the client.
     drop(login);
     let registration = app.cancels.register();
+    // One allocation for the whole welcome rather than one per growth.
+    io.wbuf.reserve(defaults.reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum::<usize>() + 32);
     for (name, default) in &defaults.reported {
         let value = super::reported(own_name.as_deref(), name, settings.get(name).unwrap_or(default));
         build::parameter_status(&mut io.wbuf, name, value);

@@ -105,7 +105,7 @@ pub struct ClientSettings {
     items: Arc<Vec<Setting>>,
     /// Tracked settings the server does not report (lowercase), re-read after a transaction
     /// that may have changed them.
-    extras: Vec<String>,
+    extras: Arc<[String]>,
     /// The first bytes of what `may_change_extras` looks for (see `first_bit`); all bits set:
     /// a name starts with another byte, so any byte may start one.
     firsts: u32,
@@ -143,12 +143,21 @@ const INTERNED: usize = 256;
 /// The shared copy of a settings list equal to `items`: clients that logged in with the same
 /// settings (most of an app's connections) share one list, so the server a client gets from
 /// another one is found in sync by a pointer comparison rather than setting by setting.
-fn intern(items: Arc<Vec<Setting>>) -> Arc<Vec<Setting>> {
+fn intern(wanted: &[(&str, &str)]) -> Arc<Vec<Setting>> {
     static LISTS: std::sync::Mutex<Vec<std::sync::Weak<Vec<Setting>>>> = std::sync::Mutex::new(Vec::new());
+    let same = |l: &Vec<Setting>| {
+        l.len() == wanted.len() && l.iter().zip(wanted).all(|(s, (n, v))| s.name == *n && s.value == *v)
+    };
     let mut lists = LISTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(same) = lists.iter().filter_map(std::sync::Weak::upgrade).find(|l| **l == *items) {
-        return same;
+    if let Some(found) = lists.iter().filter_map(std::sync::Weak::upgrade).find(|l| same(l)) {
+        return found;
     }
+    let items = Arc::new(
+        wanted
+            .iter()
+            .map(|(n, v)| Setting { key: n.to_lowercase(), name: n.to_string(), value: v.to_string() })
+            .collect::<Vec<_>>(),
+    );
     if lists.len() >= INTERNED {
         lists.retain(|l| l.strong_count() > 0);
     }
@@ -156,6 +165,28 @@ fn intern(items: Arc<Vec<Setting>>) -> Arc<Vec<Setting>> {
         lists.push(Arc::downgrade(&items));
     }
     items
+}
+
+/// Sets `name` in `wanted` (a later value for the same setting replaces the earlier).
+fn put<'a>(wanted: &mut Vec<(&'a str, &'a str)>, name: &'a str, value: &'a str) {
+    match wanted.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        Some(w) => w.1 = value,
+        None => wanted.push((name, value)),
+    }
+}
+
+/// `track_extra_parameters` lowercased, shared by the clients logging in under one config.
+fn lowercase_extras(extras: &[String]) -> Arc<[String]> {
+    static LAST: std::sync::Mutex<Option<(Vec<String>, Arc<[String]>)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match &*last {
+        Some((from, lower)) if from.as_slice() == extras => lower.clone(),
+        _ => {
+            let lower: Arc<[String]> = extras.iter().map(|e| e.to_lowercase()).collect();
+            *last = Some((extras.to_vec(), lower.clone()));
+            lower
+        }
+    }
 }
 
 fn value_in<'a>(list: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -166,24 +197,21 @@ impl ClientSettings {
     /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
     /// overlaid with the client's startup settings.
     pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
-        let mut out = ClientSettings {
-            items: Arc::default(),
-            extras: extras.iter().map(|e| e.to_lowercase()).collect(),
-            firsts: 0,
-        };
+        let mut out = ClientSettings { items: Arc::default(), extras: lowercase_extras(extras), firsts: 0 };
         out.firsts =
             out.needles().filter_map(|n| n.first()).fold(0, |m, &b| first_bit(b).map_or(u32::MAX, |bit| m | bit));
-        let wanted: Vec<String> =
-            SYNCED_REPORTED.iter().map(|k| k.to_string()).chain(out.extras.iter().cloned()).collect();
-        for key in wanted {
-            if let Some((name, value)) = defaults.iter().find(|(n, _)| n.eq_ignore_ascii_case(&key)) {
-                out.set(name, value);
+        // Gathered as references: a client whose settings another one already has (most of
+        // them) allocates nothing for them.
+        let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(SYNCED_REPORTED.len() + startup.len());
+        for key in SYNCED_REPORTED.iter().copied().chain(out.extras.iter().map(String::as_str)) {
+            if let Some((name, value)) = defaults.iter().find(|(n, _)| n.eq_ignore_ascii_case(key)) {
+                put(&mut wanted, name, value);
             }
         }
         for (name, value) in startup {
-            out.set(name, value);
+            put(&mut wanted, name, value);
         }
-        out.items = intern(out.items);
+        out.items = intern(&wanted);
         out
     }
 
@@ -198,8 +226,7 @@ impl ClientSettings {
 
     /// The value the client has for `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        let key = name.to_lowercase();
-        self.items.iter().find(|s| s.key == key).map(|s| s.value.as_str())
+        self.items.iter().find(|s| s.key.eq_ignore_ascii_case(name)).map(|s| s.value.as_str())
     }
 
     /// Records a ParameterStatus from the client's server: the client changed a setting.
