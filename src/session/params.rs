@@ -177,7 +177,9 @@ fn put<'a>(wanted: &mut Vec<(&'a str, &'a str)>, name: &'a str, value: &'a str) 
 
 /// `track_extra_parameters` lowercased, shared by the clients logging in under one config.
 fn lowercase_extras(extras: &[String]) -> Arc<[String]> {
-    static LAST: std::sync::Mutex<Option<(Vec<String>, Arc<[String]>)>> = std::sync::Mutex::new(None);
+    /// The list last asked for, and its lowercase form.
+    type Last = Option<(Vec<String>, Arc<[String]>)>;
+    static LAST: std::sync::Mutex<Last> = std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     match &*last {
         Some((from, lower)) if from.as_slice() == extras => lower.clone(),
