@@ -71,11 +71,11 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
     };
     let admin_only = slot.1 >= cfg.broker.max_client_conn;
     let app = app.clone();
-    let shutdown = app.shutdown.clone();
     tracker.spawn(async move {
+        let stopping = app.clone();
         tokio::select! {
             _ = session::run(app, stream, peer, admin_only) => {}
-            _ = shutdown.cancelled() => {}
+            () = stopping.stopped.wait() => {}
         }
         drop((slot, per_ip));
     });

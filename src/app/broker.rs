@@ -107,6 +107,7 @@ impl Broker {
             pools: Pools::default(),
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
+            stopped: crate::flag::Flag::default(),
             draining: CancellationToken::new(),
             stopped_accepting: CancellationToken::new(),
         });
@@ -148,6 +149,7 @@ impl Broker {
     pub fn stop(&self) {
         self.app.draining.cancel();
         self.app.shutdown.cancel();
+        self.app.stopped.raise();
         self.tracker.close();
     }
 

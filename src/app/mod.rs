@@ -51,6 +51,9 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     /// Cancelled when the broker stops for good: every task ends.
     pub shutdown: CancellationToken,
+    /// Raised with `shutdown`, for client sessions: checked on every wake-up of each, where
+    /// a token's check takes a lock and a flag's one load.
+    pub stopped: crate::flag::Flag,
     /// Cancelled when a graceful stop begins: no new clients, idle ones leave, busy ones
     /// finish their transaction first.
     pub draining: CancellationToken,

@@ -2,6 +2,7 @@
 //! (the budget), FIFO waiters, and an RAII checkout guard whose `Drop` returns, resets or
 //! closes the server. Knows nothing of client bytes.
 
+mod active;
 mod defaults;
 mod error;
 mod guards;
@@ -15,10 +16,11 @@ mod view;
 
 use crate::error::SqlState;
 use crate::server::{ServerConn, ServerError, Target};
+pub use active::ActiveServer;
 use arc_swap::ArcSwap;
 pub use limit::Limit;
 pub use pooled::{Pooled, Release};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -94,21 +96,6 @@ struct Waiter {
     since: Instant,
 }
 
-/// A checked-out server as the admin console shows it.
-#[derive(Debug, Clone)]
-pub struct ActiveServer {
-    /// Server id.
-    pub id: u64,
-    /// Its backend process id.
-    pub pid: i32,
-    /// How to cancel its running query.
-    pub cancel: Arc<crate::server::CancelTarget>,
-    /// When it connected.
-    pub connected_at: std::time::SystemTime,
-    /// When it was checked out.
-    pub since: Instant,
-}
-
 struct Backoff {
     until: Instant,
     delay: Duration,
@@ -123,7 +110,7 @@ pub(crate) struct Inner {
     open: usize,
     waiters: VecDeque<Waiter>,
     /// Servers checked out, for the admin console.
-    active: HashMap<u64, ActiveServer>,
+    active: active::Active,
     /// Waiters that could be served by this pool's size but not by a shared limit.
     blocked: bool,
     /// `pool_limit_reached` was reported and clients still wait (reported once per episode).

@@ -5,7 +5,6 @@ use super::{ActiveServer, Pool, PoolKey};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// A point-in-time view of a pool, for logs, tests and the admin console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,39 +95,11 @@ impl Pool {
         while self.close_one_idle() {}
     }
 
-    pub(super) fn track_active(&self, conn: &crate::server::ServerConn) {
-        Self::track_in(&mut self.lock(), conn, Instant::now());
-    }
-
-    /// Records `conn` as checked out since `now`, under a pool lock the caller holds.
-    pub(super) fn track_in(inner: &mut super::Inner, conn: &crate::server::ServerConn, now: Instant) {
-        let a = ActiveServer {
-            id: conn.id,
-            pid: conn.cancel.pid,
-            cancel: conn.cancel.clone(),
-            connected_at: conn.connected_at,
-            since: now,
-        };
-        inner.active.insert(conn.id, a);
-    }
-
-    /// Cancels the query running on every checked-out server (shutdown after the timeout).
-    pub async fn cancel_active(&self) {
-        let targets: Vec<_> = self.lock().active.values().map(|a| a.cancel.clone()).collect();
-        for t in targets {
-            crate::cancel::send(&t).await;
-        }
-    }
-
     /// Takes the pool out of service (its database was removed): idle servers close now,
     /// busy ones when they come back.
     pub fn retire(&self) {
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.close_idle();
-    }
-
-    pub(super) fn untrack_active(&self, id: u64) {
-        self.lock().active.remove(&id);
     }
 }
 

@@ -458,6 +458,24 @@ mod tests {
     }
 
     #[test]
+    fn extras_are_found_at_every_offset_and_case_as_a_plain_search_finds_them() {
+        let c = ClientSettings::new(&defaults(), &[], &["search_path".into(), "app.tenant".into()]);
+        let naive = |sql: &[u8]| c.needles().any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)));
+        for pad in 0..20 {
+            for needle in
+                ["SEARCH_PATH", "search_Path", "App.Tenant", "reset ALL", "Discard All", "searchpath", "reset al"]
+            {
+                for tail in ["", " = x", ";"] {
+                    let sql = format!("{}{needle}{tail}", "x".repeat(pad));
+                    assert_eq!(c.may_change_extras(sql.as_bytes()), naive(sql.as_bytes()), "{sql:?}");
+                }
+            }
+        }
+        let every_byte: Vec<u8> = (0u8..=255).chain(b"S@R_D".iter().copied()).collect();
+        assert_eq!(c.may_change_extras(&every_byte), naive(&every_byte));
+    }
+
+    #[test]
     fn set_config_quotes_names_and_values() {
         let sql = set_config_sql(&pairs(&[("application_name", "it's")])).unwrap();
         assert_eq!(sql, "SELECT pg_catalog.set_config('application_name', 'it''s', false)");
