@@ -21,6 +21,17 @@ async fn until_hibernating(b: &Broker, n: usize) {
     }
 }
 
+/// Waits (at most `limit`) until the broker closes `c`'s connection without `c` speaking.
+async fn until_closed(c: &tokio_postgres::Client, limit: Duration, what: &str) {
+    tokio::time::timeout(limit, async {
+        while !c.is_closed() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not closed: {what}"));
+}
+
 #[tokio::test]
 async fn quiet_clients_hibernate_and_are_served_when_they_speak_again() {
     let b = broker(mode_config(PoolMode::Transaction, 2)).await;
@@ -67,13 +78,7 @@ async fn a_hibernating_client_is_killed_at_once() {
     until_hibernating(&b, 1).await;
     let admin = connect(b.local_addr(), "postgres", "postgres", "pgbroker").await.unwrap();
     admin.simple_query("KILL bench").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(2), async {
-        while !victim.is_closed() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the connection closed without the client speaking");
+    until_closed(&victim, Duration::from_secs(2), "killed while hibernating").await;
     assert_eq!(b.app().hibernating_clients(), 0);
 }
 
@@ -85,13 +90,7 @@ async fn client_idle_timeout_still_ends_a_hibernating_client() {
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
     until_hibernating(&b, 1).await;
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !c.is_closed() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("closed by client_idle_timeout while hibernating");
+    until_closed(&c, Duration::from_secs(5), "client_idle_timeout while hibernating").await;
 }
 
 #[tokio::test]
