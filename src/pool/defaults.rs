@@ -17,6 +17,12 @@ pub struct Defaults {
 }
 
 impl Defaults {
+    /// Defaults from what a fresh server reported and the tracked settings it did not.
+    pub fn new(reported: Vec<(String, String)>, unreported: Vec<(String, String)>) -> Defaults {
+        let all = reported.iter().chain(&unreported).cloned().collect();
+        Defaults { reported, unreported, all }
+    }
+
     /// Both lists in one.
     pub fn all(&self) -> &[(String, String)] {
         &self.all
@@ -49,8 +55,7 @@ impl Pool {
                 }
             }
         }
-        let all = conn.params.iter().chain(&unreported).cloned().collect();
-        let d = Defaults { reported: conn.params.clone(), unreported, all };
+        let d = Defaults::new(conn.params.clone(), unreported);
         self.defaults.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| Arc::new(d));
         Ok(())
     }

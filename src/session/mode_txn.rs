@@ -6,7 +6,7 @@ use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
 use super::listen::Listens;
 use super::login::Login;
-use super::params::{self, ClientSettings};
+use super::params::{self, ClientSettings, Setting};
 use super::prepared::Prepared;
 use super::stream::ClientStream;
 use crate::app::App;
@@ -15,7 +15,8 @@ use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
-use std::sync::Arc;
+use bytes::{Bytes, BytesMut};
+use std::sync::{Arc, Mutex, Weak};
 
 pub(super) async fn run(
     app: &Arc<App>,
@@ -54,13 +55,11 @@ fn welcome(
     // otherwise stay allocated for the life of the client.
     drop(login);
     let registration = app.cancels.register();
-    // One allocation for the whole welcome rather than one per growth.
-    io.wbuf.reserve(defaults.reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum::<usize>() + 32);
-    for (name, default) in &defaults.reported {
-        let value = super::reported(own_name.as_deref(), name, settings.get(name).unwrap_or(default));
-        build::parameter_status(&mut io.wbuf, name, value);
+    match own_name {
+        // Most clients: the pool's settings overlaid with a list many clients share.
+        None => io.wbuf.extend_from_slice(&statuses(&defaults, &settings)),
+        Some(own) => write_statuses(&mut io.wbuf, &defaults, &settings, Some(&own)),
     }
-    drop(own_name);
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
     build::ready_for_query(&mut io.wbuf, b'I');
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
@@ -68,6 +67,43 @@ fn welcome(
     let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
     let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
     ClientLoop::new(app.clone(), setup)
+}
+
+/// The ParameterStatus messages of a welcome.
+fn write_statuses(out: &mut BytesMut, defaults: &Defaults, settings: &ClientSettings, own_name: Option<&str>) {
+    // One allocation for the whole welcome rather than one per growth.
+    out.reserve(defaults.reported.iter().map(|(n, v)| n.len() + v.len() + 7).sum::<usize>() + 32);
+    for (name, default) in &defaults.reported {
+        let value = super::reported(own_name, name, settings.get(name).unwrap_or(default));
+        build::parameter_status(out, name, value);
+    }
+}
+
+/// Welcomes written lately, by pool defaults and (interned) client settings.
+const WELCOMES: usize = 64;
+
+/// The ParameterStatus messages for `settings` on `defaults`' servers, encoded once for all
+/// the clients that share both (an app's connections, mostly) rather than once per login.
+fn statuses(defaults: &Arc<Defaults>, settings: &ClientSettings) -> Bytes {
+    type Cached = (Weak<Defaults>, Weak<Vec<Setting>>, Bytes);
+    static CACHE: Mutex<Vec<Cached>> = Mutex::new(Vec::new());
+    let same = |(d, s, _): &Cached| {
+        std::ptr::eq(d.as_ptr(), Arc::as_ptr(defaults)) && std::ptr::eq(s.as_ptr(), Arc::as_ptr(settings.shared()))
+    };
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    // A dead entry's address may be reused: only live ones count.
+    if let Some((_, _, bytes)) = cache.iter().find(|c| same(c) && c.0.strong_count() > 0 && c.1.strong_count() > 0) {
+        return bytes.clone();
+    }
+    let mut out = BytesMut::new();
+    write_statuses(&mut out, defaults, settings, None);
+    let bytes = out.freeze();
+    cache.retain(|(d, s, _)| d.strong_count() > 0 && s.strong_count() > 0);
+    if cache.len() >= WELCOMES {
+        cache.remove(0);
+    }
+    cache.push((Arc::downgrade(defaults), Arc::downgrade(settings.shared()), bytes.clone()));
+    bytes
 }
 
 /// The pool's defaults; the first client of a pool opens a server to learn them.
@@ -81,4 +117,27 @@ async fn pool_defaults(pool: &Arc<Pool>, cfg: &Config) -> Result<Arc<Defaults>, 
     server.release = Release::Reuse;
     drop(server);
     pool.defaults().ok_or_else(|| SessionError::fatal(SqlState::SYSTEM_ERROR, "server defaults unknown after login"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn clients_with_the_same_settings_share_one_encoded_welcome_and_others_get_their_own() {
+        let defaults = Arc::new(Defaults::new(pairs(&[("TimeZone", "UTC"), ("application_name", "")]), vec![]));
+        let settings = |app: &str| ClientSettings::new(defaults.all(), &pairs(&[("application_name", app)]), &[]);
+        let (a, b, other) = (settings("welcome-test"), settings("welcome-test"), settings("welcome-other"));
+        let first = statuses(&defaults, &a);
+        assert_eq!(first.as_ptr(), statuses(&defaults, &b).as_ptr(), "encoded once");
+        let mut written = BytesMut::new();
+        write_statuses(&mut written, &defaults, &a, None);
+        assert_eq!(first, written.freeze());
+        let theirs = statuses(&defaults, &other);
+        assert!(theirs.windows(13).any(|w| w == b"welcome-other"), "{theirs:?}");
+    }
 }

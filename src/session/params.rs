@@ -226,6 +226,11 @@ impl ClientSettings {
         }
     }
 
+    /// The settings list, shared with the clients that logged in with the same settings.
+    pub fn shared(&self) -> &Arc<Vec<Setting>> {
+        &self.items
+    }
+
     /// The value the client has for `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.items.iter().find(|s| s.key.eq_ignore_ascii_case(name)).map(|s| s.value.as_str())
