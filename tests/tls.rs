@@ -415,3 +415,73 @@ async fn a_tls_client_hibernates_and_resumes_its_encrypted_session() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(text.lines().collect::<Vec<_>>(), ["before", "after"]);
 }
+
+/// Reads a TLS stream until a whole ReadyForQuery has arrived; returns how many bytes came.
+async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let found = tokio::time::timeout(limit, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let mut at = 0;
+            while let Some(h) = got.get(at..at + 5) {
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                if got.len() < at + 1 + len {
+                    break;
+                }
+                if h[0] == b'Z' {
+                    return Some(());
+                }
+                at += 1 + len;
+            }
+        }
+    })
+    .await;
+    matches!(found, Ok(Some(()))).then_some(got.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_slow_to_read_gets_the_end_of_its_reply_before_it_hibernates() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new(&["localhost"]);
+    let b = start(tls_config(&pki, "trust", "client_tls_sslmode = \"require\"\npool_mode = \"transaction\"", "")).await;
+    // A small receive window keeps most of a reply in the broker: in its socket, its TLS
+    // buffer, or (the case this is about) written to TLS but not yet flushed.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(b.local_addr()).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    let mut answer = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let tls = pgbroker::tls::ServerTls::load(pgbroker::tls::ServerMode::VerifyFull, Some(&pki.file("ca.pem"))).unwrap();
+    let name = pgbroker::tls::server_name("localhost").unwrap();
+    let mut s = tls.connector().unwrap().connect(name, tcp).await.unwrap();
+    s.write_all(&startup_packet(&[("user", "postgres"), ("database", "bench")])).await.unwrap();
+    read_to_ready(&mut s, Duration::from_secs(10)).await.expect("logged in");
+    // Where a reply stops fitting in the kernel's buffers depends on their autotuning: look
+    // for that edge by halving. Replies that fit end with the broker released and hibernating;
+    // the ones just past the edge end with their last bytes in TLS's buffer, which a hibernating
+    // broker would never flush.
+    let (mut fits, mut too_big) = (64 * 1024, 16 * 1024 * 1024);
+    for _ in 0..9 {
+        let size = (fits + too_big) / 2;
+        let sql = format!("SELECT repeat('x', {size})\0");
+        let mut q = vec![b'Q'];
+        q.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+        q.extend_from_slice(sql.as_bytes());
+        s.write_all(&q).await.unwrap();
+        s.flush().await.unwrap();
+        // Past the broker's quiet period (1 to 2 s after the last activity).
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        let hibernated = b.app().hibernating_clients() > 0;
+        let got = read_to_ready(&mut s, Duration::from_secs(5)).await;
+        assert!(got.is_some_and(|n| n > size), "a {size}-byte reply came incomplete (hibernating: {hibernated})");
+        if hibernated { fits = size } else { too_big = size }
+    }
+}

@@ -46,11 +46,13 @@ impl Quiet {
 
 impl ClientLoop {
     /// True when nothing would be lost by leaving the relay loop: no server, no bytes held
-    /// either way, no notifications to deliver, no reply the broker still owes.
+    /// either way (TLS keeps written bytes in its own buffer until a flush gets them out), no
+    /// notifications to deliver, no reply the broker still owes.
     pub(super) fn can_hibernate(&self) -> bool {
         self.server.is_none()
             && self.up.is_released()
             && self.down.is_released()
+            && !self.down.unflushed
             && !self.up.in_message()
             && self.pending.is_settled()
             && self.listens.as_ref().is_none_or(|l| !l.is_active())

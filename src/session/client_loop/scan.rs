@@ -6,7 +6,7 @@ use super::ClientLoop;
 use crate::config::PoolMode;
 use crate::error::SqlState;
 use crate::proto::build::{self, Severity};
-use crate::proto::frame::HEADER_LEN;
+use crate::proto::frame::{HEADER_LEN, messages};
 use crate::proto::{TxnStatus, tag};
 use crate::session::SessionError;
 use crate::session::accounting;
@@ -108,13 +108,9 @@ impl ClientLoop {
                     if !refuse {
                         return action;
                     }
-                    // Statement mode: the ReadyForQuery (first in `out` when replaced) becomes
-                    // an error and an idle ReadyForQuery.
-                    let mine = if action == Action::Replace { out.split_off(msg.len()) } else { BytesMut::new() };
-                    out.clear();
-                    refuse_transaction(out);
-                    out.unsplit(mine);
-                    Action::Replace
+                    // Statement mode: the ReadyForQuery becomes an error and an idle
+                    // ReadyForQuery, in its place among what the client gets.
+                    refuse_in_place(action, msg, out)
                 },
             )
             .map_err(|e| {
@@ -126,6 +122,39 @@ impl ClientLoop {
         self.pool.record_metrics(|m| acct.answered(counters, m, answered, sync_points, over));
         Ok(())
     }
+}
+
+/// Statement mode: replaces the ReadyForQuery the client would get (`msg` itself, or the one
+/// inside `out` when the prepared-statement layer rewrote the reply) by the refusal. A reply
+/// hidden or rewritten without it (a batch about to be replayed) is left as it is: the
+/// replay's own ReadyForQuery is refused when it comes.
+fn refuse_in_place(action: Action, msg: &[u8], out: &mut BytesMut) -> Action {
+    let at = match action {
+        Action::Replace => {
+            let mut offset = 0;
+            let found = messages(out).find_map(|(t, m)| {
+                let here = offset;
+                offset += m.len();
+                (t == tag::READY_FOR_QUERY).then_some((here, m.len()))
+            });
+            match found {
+                Some(found) => found,
+                None => return Action::Replace,
+            }
+        }
+        Action::Forward => {
+            out.clear();
+            out.extend_from_slice(msg);
+            (0, msg.len())
+        }
+        Action::Drop | Action::Stop => return action,
+    };
+    let (start, len) = at;
+    let after = out.split_off(start + len);
+    out.truncate(start);
+    refuse_transaction(out);
+    out.unsplit(after);
+    Action::Replace
 }
 
 /// CopyInResponse: the server waits for the client's COPY data.
@@ -142,4 +171,53 @@ fn refuse_transaction(out: &mut BytesMut) {
         Some("pool_mode = \"statement\" runs each statement on its own; the transaction was rolled back"),
     );
     build::ready_for_query(out, b'I');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(buf: &[u8]) -> Vec<u8> {
+        messages(buf).map(|(t, _)| t).collect()
+    }
+
+    fn ready(status: u8) -> BytesMut {
+        let mut b = BytesMut::new();
+        build::ready_for_query(&mut b, status);
+        b
+    }
+
+    fn error() -> BytesMut {
+        let mut b = BytesMut::new();
+        build::error_response(&mut b, Severity::Error, SqlState::PROTOCOL_VIOLATION, "x", None);
+        b
+    }
+
+    #[test]
+    fn a_forwarded_ready_for_query_becomes_the_refusal_and_an_idle_one() {
+        let msg = ready(b'T');
+        let mut out = BytesMut::new();
+        assert_eq!(refuse_in_place(Action::Forward, &msg, &mut out), Action::Replace);
+        assert_eq!(tags(&out), b"EZ");
+        assert_eq!(out.last(), Some(&b'I'));
+    }
+
+    #[test]
+    fn a_rewritten_reply_keeps_what_surrounds_its_ready_for_query() {
+        let msg = ready(b'T');
+        let mut out = error();
+        out.extend_from_slice(&msg);
+        out.extend_from_slice(b"1\0\0\0\x04"); // ParseComplete owed behind it
+        assert_eq!(refuse_in_place(Action::Replace, &msg, &mut out), Action::Replace);
+        assert_eq!(tags(&out), b"EEZ1");
+    }
+
+    #[test]
+    fn a_reply_rewritten_without_its_ready_for_query_is_left_alone() {
+        let msg = ready(b'T');
+        let mut out = BytesMut::from(&b"1\0\0\0\x04"[..]); // shorter than the message
+        assert_eq!(refuse_in_place(Action::Replace, &msg, &mut out), Action::Replace);
+        assert_eq!(&out[..], b"1\0\0\0\x04");
+        assert_eq!(refuse_in_place(Action::Drop, &msg, &mut out), Action::Drop);
+    }
 }
