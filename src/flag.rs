@@ -10,18 +10,58 @@ use std::task::{Context, Poll, Waker};
 #[derive(Debug, Default)]
 pub struct Flag {
     raised: AtomicBool,
-    wakers: Mutex<Vec<Waker>>,
+    wakers: Mutex<Wakers>,
+}
+
+/// The waiters' wakers, each in its own slot: a waiter replaces or removes exactly its own,
+/// in constant time however many wait (every session waits on the broker's stop flag).
+#[derive(Debug, Default)]
+struct Wakers {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl Wakers {
+    fn insert(&mut self, w: Waker) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                if let Some(slot) = self.slots.get_mut(i) {
+                    *slot = Some(w);
+                }
+                i
+            }
+            None => {
+                self.slots.push(Some(w));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// Frees slot `i`; a slot emptied by a raise meanwhile is left alone.
+    fn remove(&mut self, i: usize) {
+        if let Some(slot) = self.slots.get_mut(i)
+            && slot.take().is_some()
+        {
+            self.free.push(i);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
 }
 
 impl Flag {
-    fn wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
+    fn wakers(&self) -> MutexGuard<'_, Wakers> {
         self.wakers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Raises the flag and wakes every waiter.
     pub fn raise(&self) {
         self.raised.store(true, Ordering::SeqCst);
-        for w in std::mem::take(&mut *self.wakers()) {
+        let taken = std::mem::take(&mut *self.wakers());
+        for w in taken.slots.into_iter().flatten() {
             w.wake();
         }
     }
@@ -42,8 +82,9 @@ impl Flag {
 #[derive(Debug)]
 pub struct Wait<'a> {
     flag: &'a Flag,
-    /// The waker last registered with the flag: polls with the same one skip the lock.
-    registered: Option<Waker>,
+    /// The waker last registered with the flag and its slot: polls with the same waker skip
+    /// the lock.
+    registered: Option<(usize, Waker)>,
 }
 
 impl std::future::Future for Wait<'_> {
@@ -53,17 +94,17 @@ impl std::future::Future for Wait<'_> {
         if self.flag.is_raised() {
             return Poll::Ready(());
         }
-        if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        if self.registered.as_ref().is_some_and(|(_, w)| w.will_wake(cx.waker())) {
             return Poll::Pending;
         }
-        {
+        let slot = {
             let mut wakers = self.flag.wakers();
-            if let Some(old) = &self.registered {
-                wakers.retain(|w| !w.will_wake(old));
+            if let Some((old, _)) = self.registered.take() {
+                wakers.remove(old);
             }
-            wakers.push(cx.waker().clone());
-        }
-        self.registered = Some(cx.waker().clone());
+            wakers.insert(cx.waker().clone())
+        };
+        self.registered = Some((slot, cx.waker().clone()));
         // A raise between the first check and the registration found no waker to wake.
         if self.flag.is_raised() { Poll::Ready(()) } else { Poll::Pending }
     }
@@ -71,8 +112,8 @@ impl std::future::Future for Wait<'_> {
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        if let Some(old) = &self.registered {
-            self.flag.wakers().retain(|w| !w.will_wake(old));
+        if let Some((slot, _)) = self.registered.take() {
+            self.flag.wakers().remove(slot);
         }
     }
 }
@@ -124,6 +165,40 @@ mod tests {
         for w in waiters {
             tokio::time::timeout(Duration::from_secs(5), w).await.expect("woken").expect("joined");
         }
+    }
+
+    #[tokio::test]
+    async fn two_waits_of_one_task_keep_their_own_wakers() {
+        let flag = Arc::new(Flag::default());
+        let task = tokio::spawn({
+            let flag = flag.clone();
+            async move {
+                let mut first = std::pin::pin!(flag.wait());
+                {
+                    let mut second = std::pin::pin!(flag.wait());
+                    let _ = futures_poll_once(first.as_mut()).await;
+                    let _ = futures_poll_once(second.as_mut()).await;
+                }
+                // The second, dropped, took only its own waker: the first is still woken.
+                first.await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(flag.wakers().len(), 1);
+        flag.raise();
+        tokio::time::timeout(Duration::from_secs(5), task).await.expect("woken").expect("joined");
+    }
+
+    #[test]
+    fn freed_slots_are_reused() {
+        let flag = Flag::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for _ in 0..1000 {
+            let mut w = std::pin::pin!(flag.wait());
+            assert!(w.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(flag.wakers().slots.len(), 1, "one slot, freed and taken again");
     }
 
     async fn futures_poll_once<F: std::future::Future + Unpin>(mut f: F) -> Poll<F::Output> {

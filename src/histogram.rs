@@ -26,7 +26,8 @@ const BOUNDS_NS: [u64; 16] = {
 pub struct Histogram {
     /// Samples per bucket (not cumulative); the last is above every bound.
     counts: [AtomicU64; 17],
-    sum_ns: AtomicU64,
+    /// In microseconds (rounded): nanoseconds would wrap within months on a busy broker.
+    sum_us: AtomicU64,
 }
 
 impl Histogram {
@@ -38,7 +39,7 @@ impl Histogram {
         if let Some(c) = self.counts.get(i) {
             c.fetch_add(1, Relaxed);
         }
-        self.sum_ns.fetch_add(ns, Relaxed);
+        self.sum_us.fetch_add(ns.saturating_add(500) / 1000, Relaxed);
     }
 
     /// Appends this histogram's sample lines (`_bucket`, `_sum`, `_count`) for `name` with
@@ -51,7 +52,7 @@ impl Histogram {
             let le = BOUNDS.get(i).map_or_else(|| "+Inf".to_string(), |b| b.to_string());
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
         }
-        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
         let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         let _ = writeln!(out, "{name}_sum{braces} {sum}");
         let _ = writeln!(out, "{name}_count{braces} {cumulative}");

@@ -96,6 +96,18 @@ struct Waiter {
     since: Instant,
 }
 
+/// A checkout's place in the queue: dropped, it withdraws, giving back what was granted.
+struct Withdraw<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.pool.give_back(&mut self.rx);
+    }
+}
+
 struct Backoff {
     until: Instant,
     delay: Duration,
@@ -271,7 +283,7 @@ impl Pool {
                     Err(Some((rx, blocked)))
                 }
             };
-            let (mut rx, blocked) = match next {
+            let (rx, blocked) = match next {
                 Ok(conn) => match self.prepare(conn).await {
                     Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
                     None => continue,
@@ -279,12 +291,15 @@ impl Pool {
                 Err(None) => return self.open_granted().await,
                 Err(Some(w)) => w,
             };
+            // Whichever way the wait ends, including this future being dropped, a grant sent
+            // meanwhile goes back to the pool instead of leaking its server or slot.
+            let mut waiting = Withdraw { pool: self, rx };
             if blocked {
                 self.request_capacity(true);
             }
             loop {
                 let until = reserve_at.filter(|r| *r < deadline).unwrap_or(deadline);
-                match tokio::time::timeout_at(until, &mut rx).await {
+                match tokio::time::timeout_at(until, &mut waiting.rx).await {
                     Ok(Ok(Grant::Server(conn))) => match self.prepare(conn).await {
                         Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
                         None => break,
@@ -295,13 +310,13 @@ impl Pool {
                         reserve_at = None;
                         let reserved = self.reserve_slot(&mut self.lock(), true);
                         if reserved {
-                            self.give_back(rx);
+                            drop(waiting);
                             tracing::info!(pool = %self.key, "using the reserve pool");
                             return self.open_granted().await;
                         }
                     }
                     Err(_) => {
-                        self.give_back(rx);
+                        drop(waiting);
                         self.event("connection_timeout", serde_json::json!({"waitedMs": wait.as_millis() as u64}));
                         return Err(PoolError::Timeout {
                             pool: self.key.to_string(),
@@ -315,7 +330,7 @@ impl Pool {
     }
 
     /// Withdraws a waiter, returning anything granted to it in the meantime.
-    fn give_back(&self, mut rx: oneshot::Receiver<Grant>) {
+    fn give_back(&self, rx: &mut oneshot::Receiver<Grant>) {
         rx.close();
         match rx.try_recv() {
             Ok(Grant::Server(conn)) => self.checkin(conn),

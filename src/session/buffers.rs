@@ -27,9 +27,11 @@ pub fn take() -> BytesMut {
 #[inline]
 pub fn give(mut buf: BytesMut) {
     buf.clear();
-    // Reclaims the room consumed at the front without allocating; a buffer that cannot offer
-    // a whole chunk again, or that grew large, goes back to the allocator.
-    if !buf.try_reclaim(CHUNK) || buf.capacity() > LARGEST_KEPT {
+    // A buffer that grew large goes back to the allocator (asked for more than the largest
+    // kept, `try_reclaim` reclaims the whole allocation: `capacity` alone only counts the room
+    // behind what was consumed); so does one that cannot offer a whole chunk again. Reclaiming
+    // the room consumed at the front allocates nothing.
+    if buf.try_reclaim(LARGEST_KEPT + 1) || !buf.try_reclaim(CHUNK) {
         return;
     }
     FREE.with(|f| {
@@ -67,6 +69,16 @@ mod tests {
         let before = kept();
         let mut b = BytesMut::with_capacity(LARGEST_KEPT * 2);
         b.extend_from_slice(&[1; 10]);
+        give(b);
+        assert_eq!(kept(), before);
+    }
+
+    #[test]
+    fn a_large_buffer_consumed_almost_to_its_end_is_not_kept() {
+        let before = kept();
+        let mut b = BytesMut::with_capacity(LARGEST_KEPT * 8);
+        b.resize(LARGEST_KEPT * 8 - CHUNK - 10, 1);
+        b.advance(b.len()); // what is left behind it is a chunk's room, but the allocation is big
         give(b);
         assert_eq!(kept(), before);
     }

@@ -1,0 +1,63 @@
+//! The pool's checkout queue on its own (no sessions), against the real PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use pgbroker::metrics::PoolMetrics;
+use pgbroker::pool::{Limit, Pool, PoolKey, PoolSettings, Release};
+use pgbroker::server::{Credential, Target};
+use pgbroker::tls::ServerTls;
+use std::sync::Arc;
+use std::task::Context;
+use std::time::Duration;
+
+fn pool_of_one() -> Arc<Pool> {
+    let settings = PoolSettings {
+        size: 1,
+        min_size: 0,
+        reserve_size: 0,
+        reserve_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(15),
+        reset_query: String::new(),
+        reset_timeout: Duration::from_secs(10),
+        lifetime: Duration::ZERO,
+        idle_timeout: Duration::ZERO,
+        max_uses: 0,
+        login_retry: Duration::from_secs(15),
+        check_query: String::new(),
+        check_delay: Duration::from_secs(3600),
+        track_extra: Vec::new(),
+        metrics: PoolMetrics::default(),
+        events: None,
+    };
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: pg().port(),
+        dbname: "postgres".into(),
+        user: pg().superuser().into(),
+        credential: Some(Credential::Password(pg().password().into())),
+        keepalive: true,
+        tls: ServerTls::disabled(),
+        application_name: None,
+    };
+    let key = PoolKey { database: "postgres".into(), user: pg().superuser().into() };
+    Pool::new(key, target, settings, vec![Limit::new("budget", 1)])
+}
+
+#[tokio::test]
+async fn a_waiting_checkout_dropped_after_its_grant_gives_the_server_back() {
+    let pool = pool_of_one();
+    let mut held = pool.checkout(Duration::from_secs(10)).await.unwrap();
+    held.release = Release::Reuse;
+    // A second checkout queues behind the held server...
+    let mut waiting = Box::pin(pool.checkout(Duration::from_secs(10)));
+    let noop = std::task::Waker::noop();
+    assert!(waiting.as_mut().poll(&mut Context::from_waker(noop)).is_pending());
+    // ...is handed the server when it comes back, and is dropped before it looks.
+    drop(held);
+    drop(waiting);
+    let stats = pool.stats();
+    assert_eq!((stats.open, stats.idle), (1, 1), "the granted server is back in the pool, not lost");
+    let again = tokio::time::timeout(Duration::from_secs(5), pool.checkout(Duration::from_secs(3))).await;
+    assert!(matches!(again, Ok(Ok(_))), "the pool's only slot is usable again");
+}
