@@ -12,6 +12,11 @@ use std::task::Context;
 use std::time::Duration;
 
 fn pool_of_one() -> Arc<Pool> {
+    pool_of_one_under(Limit::new("budget", 1))
+}
+
+/// A pool of one server counted against `limit`.
+fn pool_of_one_under(limit: Arc<Limit>) -> Arc<Pool> {
     let settings = PoolSettings {
         size: 1,
         min_size: 0,
@@ -41,7 +46,7 @@ fn pool_of_one() -> Arc<Pool> {
         application_name: None,
     };
     let key = PoolKey { database: "postgres".into(), user: pg().superuser().into() };
-    Pool::new(key, target, settings, vec![Limit::new("budget", 1)])
+    Pool::new(key, target, settings, vec![limit])
 }
 
 #[tokio::test]
@@ -60,4 +65,25 @@ async fn a_waiting_checkout_dropped_after_its_grant_gives_the_server_back() {
     assert_eq!((stats.open, stats.idle), (1, 1), "the granted server is back in the pool, not lost");
     let again = tokio::time::timeout(Duration::from_secs(5), pool.checkout(Duration::from_secs(3))).await;
     assert!(matches!(again, Ok(Ok(_))), "the pool's only slot is usable again");
+}
+
+#[tokio::test]
+async fn a_frozen_limit_does_not_pass_a_closed_servers_slot_to_a_waiter() {
+    let limit = Limit::new("budget", 1);
+    let pool = pool_of_one_under(limit.clone());
+    let mut held = pool.checkout(Duration::from_secs(10)).await.unwrap();
+    held.release = Release::Close;
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.checkout(Duration::from_millis(800)).await.is_ok() }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The fleet lost its lease (say the server restarted): what closes is not reopened.
+    limit.freeze();
+    drop(held);
+    assert!(!waiting.await.unwrap(), "the waiter got no server while frozen");
+    assert_eq!((limit.cap(), limit.used(), pool.stats().open), (0, 0, 0));
+    limit.thaw();
+    limit.set_cap(1);
+    assert!(pool.checkout(Duration::from_secs(5)).await.is_ok(), "served again once thawed");
 }

@@ -72,13 +72,16 @@ fn snapshot_sql(prefix: &str) -> String {
     format!(
         "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
          current_setting('reserved_connections', true), \
-         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend' \
+         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE {client} \
             AND left(coalesce(application_name, ''), {n}) <> '{prefix}'), \
          (SELECT string_agg(substr(application_name, {start}) || ' ' || c, ',') FROM \
             (SELECT application_name, count(*) AS c FROM pg_catalog.pg_stat_activity \
-             WHERE backend_type = 'client backend' AND left(application_name, {n}) = '{prefix}' \
+             WHERE {client} AND left(application_name, {n}) = '{prefix}' \
              GROUP BY application_name) g)",
-        start = n + 1
+        start = n + 1,
+        // Without pg_read_all_stats, other roles' sessions show a NULL backend_type (their
+        // application_name stays visible): count them, as over-counting only shrinks shares.
+        client = "coalesce(backend_type, 'client backend') = 'client backend'"
     )
 }
 
@@ -166,7 +169,11 @@ impl Member {
                 }
                 Err(e) => {
                     self.on_error(&e);
-                    lease = None;
+                    // A statement refused (a lock timeout) leaves the lease and its claim
+                    // standing; anything else may have broken the connection.
+                    if !matches!(e, RoundError::Query(_)) {
+                        lease = None;
+                    }
                     b.fleet_interval.min(Duration::from_secs(2))
                 }
             };
@@ -180,13 +187,12 @@ impl Member {
         }
     }
 
-    /// Without a lease nobody sees our claim, so hold no more than the server already
-    /// counts: freeze the cap at what is held.
+    /// Without a published claim peers may take our room: hold no more than the server
+    /// already counts, and less as servers close (a restart closes them all), until a round
+    /// publishes a claim again.
     fn on_error(&self, e: &RoundError) {
         let held = self.limit.used();
-        if held < self.limit.cap() {
-            self.limit.set_cap(held);
-        }
+        self.limit.freeze();
         let message = e.to_string();
         let was = self.status();
         if was.error.as_deref() != Some(message.as_str()) {
@@ -261,6 +267,8 @@ impl Member {
         let tag = lease_tag(&b.fleet, &self.id, claim);
         conn.simple_query(&format!("SELECT pg_catalog.set_config('application_name', '{tag}', false); COMMIT"))
             .await??;
+        // The claim is published: a freeze after a lost lease ends.
+        self.limit.thaw();
         if d.share > old {
             self.limit.set_cap(d.share as usize);
         }

@@ -4,7 +4,7 @@
 
 use super::Pool;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 #[derive(Default)]
@@ -24,6 +24,8 @@ pub struct Limit {
     used: AtomicUsize,
     /// Mirrors `waiting.len()` so checkin can test it without the lock.
     waiting_count: AtomicUsize,
+    /// Frozen (see `freeze`): the cap follows what is held down, and no slot passes on.
+    frozen: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -35,6 +37,7 @@ impl Limit {
             cap: AtomicUsize::new(cap),
             used: AtomicUsize::new(0),
             waiting_count: AtomicUsize::new(0),
+            frozen: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         })
     }
@@ -62,6 +65,25 @@ impl Limit {
     pub fn set_cap(&self, cap: usize) {
         self.cap.store(cap, Ordering::Relaxed);
         self.notify();
+    }
+
+    /// Holds no more than is held now, and less as servers close, until `thaw`: for a fleet
+    /// member whose claim nobody can see (its lease is gone), so a server restart or a
+    /// partition cannot make it reopen what its peers may have taken meanwhile.
+    pub fn freeze(&self) {
+        let st = self.lock();
+        self.frozen.store(true, Ordering::SeqCst);
+        self.cap.fetch_min(st.used, Ordering::SeqCst);
+    }
+
+    /// Ends a freeze; the cap stays where it is until `set_cap`.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// True while frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
     }
 
     /// True if some pool is blocked on this limit.
@@ -102,6 +124,9 @@ impl Limit {
         let mut st = self.lock();
         st.used = st.used.saturating_sub(1);
         self.used.store(st.used, Ordering::SeqCst);
+        if self.is_frozen() {
+            self.cap.fetch_min(st.used, Ordering::SeqCst);
+        }
     }
 
     /// Queues `pool` (once) to be offered capacity.
@@ -169,5 +194,25 @@ impl Limit {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frozen_limit_holds_what_it_held_and_less_as_servers_close() {
+        let l = Limit::new("budget", 10);
+        assert!(l.try_acquire() && l.try_acquire());
+        l.freeze();
+        assert_eq!(l.cap(), 2);
+        assert!(!l.try_acquire(), "no new server while frozen");
+        l.release_quiet();
+        assert_eq!(l.cap(), 1, "a closed server's room is given up");
+        assert!(!l.try_acquire());
+        l.thaw();
+        l.set_cap(5);
+        assert!(l.try_acquire(), "a published claim opens it again");
     }
 }

@@ -583,7 +583,8 @@ impl Pool {
     fn release_slot(&self) {
         {
             let mut inner = self.lock();
-            let over_cap = self.limits.iter().any(|l| l.used() > l.cap());
+            // Over a lowered cap, or frozen: the slot is given up, not passed on.
+            let over_cap = self.limits.iter().any(|l| l.used() > l.cap() || l.is_frozen());
             if !over_cap {
                 // Own waiters first: the slot stays counted and passes to them.
                 while let Some(w) = inner.waiters.pop_front() {
