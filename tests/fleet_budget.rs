@@ -400,3 +400,26 @@ async fn fleet_mode_without_a_login_to_count_with_does_not_start() {
     let text = pgbroker::error::chain(&err);
     assert!(text.contains("needs a database") && text.contains("pg_stat_activity"), "{text}");
 }
+
+#[tokio::test]
+async fn a_server_dropped_and_added_again_by_reloads_gets_a_share_again() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 40, ..ClusterOptions::default() }).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    let budget = "mode = \"fleet\"\nfleet = \"d\"\nfleet_interval = \"1s\"\nserver_max_connections = 40";
+    let original = config_text(&pg, "127.0.0.1:0", budget);
+    std::fs::write(&path, &original).unwrap();
+    let a = pgbroker::app::Broker::start(pgbroker::config::Config::load(&path).unwrap()).await.unwrap();
+    until(&a, |r| r["standing"] == "fair").await;
+    // The only database moves to another server, then back.
+    let elsewhere = original
+        .replace("[databases.db]", "[databases.db2]")
+        .replace(&format!("port = {}", pg.port()), &format!("port = {}", free_port()));
+    std::fs::write(&path, elsewhere).unwrap();
+    a.app().reload().await.unwrap();
+    std::fs::write(&path, &original).unwrap();
+    a.app().reload().await.unwrap();
+    until(&a, |r| r["standing"] == "fair" && r["budget"].parse::<u32>().unwrap() > 0).await;
+    let c = common::connect(a.local_addr(), "postgres", "x", "db").await.unwrap();
+    assert_eq!(common::one(&c, "SELECT 1").await, "1", "served under the new share");
+}

@@ -175,7 +175,9 @@ impl App {
         let mut firsts = Vec::new();
         for (server, (_, limit)) in self.budgets().iter() {
             let mut map = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
-            if map.contains_key(server) {
+            // A member of an earlier limit for this server (dropped and added again by
+            // reloads) is replaced; it leaves at its next round.
+            if map.get(server).is_some_and(|m| Arc::ptr_eq(m.limit(), limit)) {
                 continue;
             }
             let member = crate::fleet::Member::new(server.clone(), self.instance_id.clone(), limit.clone());

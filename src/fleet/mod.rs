@@ -132,6 +132,17 @@ impl Member {
         &self.id
     }
 
+    /// The budget limit this membership caps.
+    pub fn limit(&self) -> &Arc<Limit> {
+        &self.limit
+    }
+
+    /// True while the broker's budget for this server is still the one this member caps
+    /// (a reload may drop the server, or drop and add it again with a new limit).
+    fn is_current(&self, app: &App) -> bool {
+        app.budgets().get(&self.server).is_some_and(|(_, l)| Arc::ptr_eq(l, &self.limit))
+    }
+
     /// Rounds until the broker stops; `first` is told when the first round has ended.
     pub async fn run(self: Arc<Self>, app: Arc<App>, first: tokio::sync::oneshot::Sender<()>) {
         let mut lease: Option<ServerConn> = None;
@@ -141,6 +152,15 @@ impl Member {
         // every joiner of the burst is seen soon, not one per interval.
         let mut moving_since = Instant::now();
         loop {
+            if !self.is_current(&app) {
+                // Its server left the config: leave the fleet (the lease closes with it).
+                let mut map = app.fleet.lock().unwrap_or_else(|e| e.into_inner());
+                if map.get(&self.server).is_some_and(|m| Arc::ptr_eq(m, &self)) {
+                    map.remove(&self.server);
+                }
+                tracing::info!(server = %self.server, "left the fleet: the server is no longer configured");
+                return;
+            }
             let cfg = app.config();
             let b = &cfg.budget;
             let quick = (b.fleet_interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
