@@ -163,10 +163,17 @@ pub fn compute(
 }
 
 /// What a whole fleet may hold on a server with `limits`: the budget of one instance alone
-/// (0 when nothing is left).
+/// (0 when nothing is left). A fixed `server_max_connections` above what the server itself
+/// allows gives way to the server's figure: every round reads it, and more would only end in
+/// "too many clients".
 pub fn usable(cfg: &crate::config::Budget, limits: ServerLimits) -> u32 {
     let alone = crate::config::Budget { mode: BudgetMode::Fleet, ..cfg.clone() };
-    compute("", &alone, Some(limits)).map_or(0, |d| d.budget)
+    let configured = compute("", &alone, Some(limits)).map_or(0, |d| d.budget);
+    if limits.max_connections == 0 {
+        return configured;
+    }
+    let server = crate::config::Budget { server_max_connections: ServerMaxConnections::Auto, ..alone };
+    configured.min(compute("", &server, Some(limits)).map_or(0, |d| d.budget))
 }
 
 /// The upstream server a database lives on; databases on one server share its budget.
@@ -263,6 +270,15 @@ mod tests {
             fleet_interval: std::time::Duration::from_secs(5),
             fleet_min_budget: 2,
         }
+    }
+
+    #[test]
+    fn a_fleet_never_counts_on_more_than_the_server_allows() {
+        let limits = ServerLimits { max_connections: 60, superuser_reserved: 3, server_reserved: 0 };
+        let above = inputs(ServerMaxConnections::Fixed(100), 5, 1, vec![]);
+        assert_eq!(usable(&above, limits), 60 - 3 - 5, "the server's own figure wins");
+        let below = inputs(ServerMaxConnections::Fixed(30), 5, 1, vec![]);
+        assert_eq!(usable(&below, limits), 30 - 5, "a lower configured figure is kept");
     }
 
     #[test]

@@ -151,6 +151,9 @@ impl Member {
         // Joins come in bursts: after any change, round quickly for a whole interval so
         // every joiner of the burst is seen soon, not one per interval.
         let mut moving_since = Instant::now();
+        // Waiting for busy servers over a lowered share to come back: quick at first, then
+        // backing off (session-mode servers may stay busy for a whole session).
+        let mut shrink_wait = SHRINK_RECHECK;
         loop {
             if !self.is_current(&app) {
                 // Its server left the config: leave the fleet (the lease closes with it).
@@ -171,6 +174,9 @@ impl Member {
                 Ok((d, snap)) => {
                     let changed = std::mem::replace(&mut last_instances, d.instances) != d.instances;
                     let claim = self.status().claim;
+                    if claim <= d.share {
+                        shrink_wait = SHRINK_RECHECK;
+                    }
                     if changed || d.standing != Standing::Fair || claim != d.share || share::unsettled(&snap, d.fair) {
                         moving_since = Instant::now();
                     }
@@ -180,7 +186,9 @@ impl Member {
                     } else if claim > d.share {
                         // Busy servers over the new share close as their transactions end:
                         // publish the lower claim as soon as they have, to make room.
-                        SHRINK_RECHECK
+                        let wait = shrink_wait;
+                        shrink_wait = (shrink_wait * 2).min(quick);
+                        wait
                     } else if moving_since.elapsed() < b.fleet_interval {
                         quick
                     } else {
