@@ -351,3 +351,39 @@ async fn stale_plan_inside_a_transaction_reaches_the_client_and_is_fixed_afterwa
     }
     drop(stmt);
 }
+
+/// Another client gets the only server within 5 s: nobody is holding it.
+async fn the_only_server_is_free(b: &pgbroker::app::Broker) {
+    let other = connect_bench(b.local_addr()).await;
+    let served = tokio::time::timeout(Duration::from_secs(5), other.simple_query("SELECT 1")).await;
+    assert!(matches!(served, Ok(Ok(_))), "the server stayed pinned to the first client");
+}
+
+#[tokio::test]
+async fn a_deallocate_answered_by_the_broker_leaves_the_server_free() {
+    let mut cfg = mode_config(PoolMode::Transaction, 1);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let mut s = raw_session(&b).await;
+    send(&mut s, &[parse("mystmt", "SELECT 1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "1Z");
+    send(&mut s, &msg(b'Q', b"DEALLOCATE mystmt\0")).await;
+    assert_eq!(tags(&read_until_idle(&mut s).await), "CZ");
+    the_only_server_is_free(&b).await;
+}
+
+#[tokio::test]
+async fn an_extended_protocol_copy_from_stdin_leaves_the_server_free() {
+    use futures_util::SinkExt;
+    let mut cfg = mode_config(PoolMode::Transaction, 1);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let c = connect_bench(b.local_addr()).await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS copy_target (n int)").await.unwrap();
+    let sink = c.copy_in("COPY copy_target (n) FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
+    assert_eq!(sink.as_mut().finish().await.unwrap(), 2);
+    assert_eq!(one(&c, "SELECT 'after the copy'").await, "after the copy");
+    the_only_server_is_free(&b).await;
+}

@@ -12,24 +12,56 @@ pub struct Pending {
     pub sync_points: u32,
     /// Extended-protocol messages were sent after the last Sync.
     pub unsynced: bool,
+    /// Syncs sent since the last Execute (`None` once a Query or FunctionCall followed it):
+    /// if that Execute starts a COPY FROM STDIN, the server ignores them.
+    since_execute: Option<u32>,
 }
 
 impl Pending {
     /// Accounts for a client message and says what to do with it (Terminate stops the relay).
+    /// `copy_in`: the server is taking COPY data, and ignores Syncs until CopyDone or CopyFail.
     #[inline]
-    pub fn observe_client(&mut self, t: u8) -> Action {
+    pub fn observe_client(&mut self, t: u8, copy_in: bool) -> Action {
         match t {
             tag::TERMINATE => Action::Stop,
-            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => {
+            tag::SYNC if copy_in => Action::Forward,
+            tag::SYNC => {
                 self.sync_points += 1;
                 self.unsynced = false;
+                if let Some(n) = self.since_execute.as_mut() {
+                    *n += 1;
+                }
                 Action::Forward
             }
-            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+            tag::QUERY | tag::FUNCTION_CALL => {
+                self.sync_points += 1;
+                self.unsynced = false;
+                self.since_execute = None;
+                Action::Forward
+            }
+            tag::EXECUTE => {
+                self.unsynced = true;
+                self.since_execute = Some(0);
+                Action::Forward
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => {
                 self.unsynced = true;
                 Action::Forward
             }
             _ => Action::Forward,
+        }
+    }
+
+    /// A request counted by `observe_client` was answered by the broker, never sent.
+    pub fn withdraw(&mut self) {
+        self.sync_points = self.sync_points.saturating_sub(1);
+    }
+
+    /// The server sent CopyInResponse. Started by an Execute, the COPY makes the server skip
+    /// the Syncs sent after that Execute (drivers send one with it and one after CopyDone).
+    pub fn on_copy_in(&mut self) {
+        if let Some(n) = self.since_execute.take() {
+            self.sync_points = self.sync_points.saturating_sub(n);
         }
     }
 }
@@ -38,5 +70,35 @@ impl Pending {
     /// True when the server owes nothing and no extended-protocol batch is open.
     pub fn is_settled(&self) -> bool {
         self.sync_points == 0 && !self.unsynced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extended_copy_is_owed_one_ready_for_query_for_its_two_syncs() {
+        let mut p = Pending::default();
+        for t in [tag::BIND, tag::EXECUTE, tag::SYNC] {
+            p.observe_client(t, false);
+        }
+        p.on_copy_in();
+        p.observe_client(b'd', true);
+        p.observe_client(tag::SYNC, true);
+        p.observe_client(b'c', false);
+        p.observe_client(tag::SYNC, false);
+        assert_eq!(p.sync_points, 1, "the Sync after CopyDone");
+    }
+
+    #[test]
+    fn a_simple_query_copy_keeps_its_one_ready_for_query() {
+        let mut p = Pending::default();
+        for t in [tag::BIND, tag::EXECUTE, tag::SYNC, tag::QUERY] {
+            p.observe_client(t, false);
+        }
+        p.sync_points -= 1; // the extended batch's ReadyForQuery came
+        p.on_copy_in();
+        assert_eq!(p.sync_points, 1);
     }
 }

@@ -59,6 +59,9 @@ pub struct Prepared {
     expect: VecDeque<Expect>,
     /// The server reported an extended-protocol error and ignores messages until Sync.
     skipping: bool,
+    /// An Execute started a COPY FROM STDIN: the server ignores Syncs until CopyDone or
+    /// CopyFail.
+    copying: bool,
     /// The current batch, from its first Bind of a named statement, kept for one replay if
     /// the server finds the cached plan stale (a migration changed a table under it).
     batch: Batch,
@@ -100,6 +103,7 @@ impl Prepared {
             client: HashMap::new(),
             expect: VecDeque::new(),
             skipping: false,
+            copying: false,
             batch: Batch::Off,
             recorded: BytesMut::new(),
             executed: false,
@@ -139,6 +143,11 @@ impl Prepared {
                 self.executed |= self.batch == Batch::Off;
                 self.expect(Expect::Execute)
             }
+            tag::SYNC if self.copying => Action::Forward,
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                self.copying = false;
+                Action::Forward
+            }
             tag::SYNC => {
                 self.skipping = false;
                 self.executed = false;
@@ -151,6 +160,16 @@ impl Prepared {
             tag::QUERY => self.query(body),
             tag::FUNCTION_CALL => self.expect(Expect::Query),
             _ => Action::Forward,
+        }
+    }
+
+    /// The server sent CopyInResponse. For an Execute (not a simple Query), the Syncs the
+    /// client sent after it get no reply: the server ignores them while it takes COPY data.
+    pub fn on_copy_in(&mut self) {
+        if matches!(self.expect.front(), Some(Expect::Execute)) {
+            self.copying = true;
+            let mut first = true;
+            self.expect.retain(|e| std::mem::take(&mut first) || !matches!(e, Expect::Sync));
         }
     }
 

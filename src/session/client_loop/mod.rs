@@ -196,6 +196,11 @@ impl ClientLoop {
             if scan && self.scan_client()? {
                 return Ok(Exit::Done);
             }
+            if scan && self.server.is_some() && self.pending.is_settled() && self.up.ready().is_empty() {
+                // Everything the client asked was answered by the broker (a DEALLOCATE of
+                // its own statement): no server reply will come to give the server back on.
+                self.detach_if_done(io).await?;
+            }
             let held = self.held();
             if held.is_some() && !was_held {
                 self.timers.attached();
@@ -391,7 +396,7 @@ impl ClientLoop {
         let mut to_server = BytesMut::new();
         let mut out = BytesMut::new();
         for (t, msg) in crate::proto::frame::messages(&batch) {
-            self.pending.observe_client(t);
+            self.pending.observe_client(t, false);
             match p.on_client(t, msg, &mut out, &mut server.statements) {
                 Action::Forward => to_server.extend_from_slice(msg),
                 Action::Replace => to_server.extend_from_slice(&out),
@@ -429,6 +434,7 @@ impl ClientLoop {
         let Some(server) = self.server.as_mut() else { return Ok(()) };
         let done = self.mode != PoolMode::Session
             && self.pending.is_settled()
+            && !self.copy_in
             && self.up.ready().is_empty()
             && !self.down.has_unscanned()
             && (self.mode == PoolMode::Statement || server.status == TxnStatus::Idle);

@@ -39,10 +39,17 @@ impl ClientLoop {
                 if t == tag::COPY_DONE || t == tag::COPY_FAIL {
                     *copy_in = false;
                 }
-                match (pending.observe_client(t), prepared.as_mut()) {
+                let before = pending.sync_points;
+                let action = match (pending.observe_client(t, *copy_in), prepared.as_mut()) {
                     (Action::Forward, Some((p, statements))) => p.on_client(t, msg, out, statements),
                     (action, _) => action,
+                };
+                // A request the broker answers itself (DEALLOCATE of a client's statement) is
+                // owed nothing by the server.
+                if pending.sync_points > before && action == Action::Drop {
+                    pending.withdraw();
                 }
+                action
             },
         )?;
         self.acct.sent(self.pending.sync_points);
@@ -80,7 +87,13 @@ impl ClientLoop {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     let mut refuse = false;
                     match t {
-                        COPY_IN_RESPONSE => *copy_in = true,
+                        COPY_IN_RESPONSE => {
+                            *copy_in = true;
+                            pending.on_copy_in();
+                            if let Some(p) = prepared.as_mut() {
+                                p.on_copy_in();
+                            }
+                        }
                         tag::ERROR_RESPONSE => {
                             if let Some(code) = accounting::error_code(msg) {
                                 counters.error(code);
