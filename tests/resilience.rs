@@ -1031,6 +1031,29 @@ async fn client_vanishing_mid_query_has_the_query_cancelled() {
 // 5. A client that never reads.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_the_brokers_own_replies_does_not_grow_broker_memory() {
+    let _gate = shared_gate().await;
+    let mut b = BrokerProc::start("pool_mode = \"transaction\"", &db("selfreply", pg().port(), "pool_size = 2")).await;
+    let rss_before = b.rss();
+    // Close + Sync of a statement it never prepared, answered by the broker without a server
+    // (CloseComplete, ReadyForQuery), 4 million times; the client reads none of it.
+    let mut s = within(raw_login(b.addr, "selfreply")).await.unwrap();
+    let pair: &[u8] = &[b'C', 0, 0, 0, 7, b'S', b'x', 0, b'S', 0, 0, 0, 4];
+    let flood = pair.repeat(4_000_000);
+    let writer = tokio::spawn(async move {
+        let _ = s.write_all(&flood).await;
+        s
+    });
+    sleep(Duration::from_secs(6)).await;
+    let grown = b.rss().saturating_sub(rss_before);
+    assert!(grown < 24 << 20, "broker RSS grew {} MiB", grown >> 20);
+    writer.abort();
+    let next = client(b.addr, "selfreply").await;
+    assert_eq!(timeout(10 * SEC, one(&next, "SELECT 1")).await.unwrap(), "1");
+    assert!(b.alive());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_never_reads_does_not_grow_broker_memory() {
     let _gate = shared_gate().await;
     let mut b = BrokerProc::start("pool_mode = \"transaction\"", &db("flood", pg().port(), "pool_size = 2")).await;

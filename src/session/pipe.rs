@@ -134,6 +134,13 @@ impl Pipe {
         self.buf.len() < HIGH_WATER || (self.ready == 0 && self.buf.len() < self.need)
     }
 
+    /// True when the buffer holds `HIGH_WATER` or more: its reader is slow, and whoever
+    /// would add to it (the broker's own replies too) waits.
+    #[inline]
+    pub fn is_backed_up(&self) -> bool {
+        self.buf.len() >= HIGH_WATER
+    }
+
     /// The buffer to read into, with room reserved.
     #[inline]
     pub fn read_buf(&mut self) -> &mut BytesMut {

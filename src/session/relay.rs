@@ -139,6 +139,11 @@ where
         }
         (ev.server_data, ev.server_closed) = poll_fill(cx, s, down, false).map_err(RelayError::Server)?;
     }
-    (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, idle).map_err(RelayError::Client)?;
+    // A client that does not read its replies is not read from either: requests the broker
+    // answers itself would otherwise queue replies without bound. Its drain above waits for
+    // the socket to take more.
+    if !down.is_backed_up() {
+        (ev.client_data, ev.client_closed) = poll_fill(cx, client, up, idle).map_err(RelayError::Client)?;
+    }
     if ev.any() { Poll::Ready(Ok(ev)) } else { Poll::Pending }
 }
