@@ -1,7 +1,8 @@
-//! Drop guards that undo a pool's bookkeeping however a connect attempt ends.
+//! Drop guards that undo a pool's bookkeeping however a connect attempt or a wait ends.
 
-use super::Pool;
+use super::{Grant, Pool};
 use std::sync::Arc;
+use tokio::sync::oneshot;
 
 /// Ends a probe (see `Pool::connect`) however the attempt ends, dropped futures included.
 pub(super) struct ProbeGuard<'a>(pub(super) &'a Pool);
@@ -20,5 +21,17 @@ impl Drop for SlotGuard {
         if let Some(pool) = self.0.take() {
             pool.release_slot();
         }
+    }
+}
+
+/// A checkout's place in the queue: dropped, it withdraws, giving back what was granted.
+pub(super) struct Withdraw<'a> {
+    pub(super) pool: &'a Pool,
+    pub(super) rx: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        self.pool.give_back(&mut self.rx);
     }
 }

@@ -6,7 +6,7 @@ mod active;
 mod defaults;
 mod error;
 mod guards;
-use guards::{ProbeGuard, SlotGuard};
+use guards::{ProbeGuard, SlotGuard, Withdraw};
 pub mod limit;
 pub use defaults::Defaults;
 pub use error::PoolError;
@@ -84,7 +84,7 @@ pub struct PoolSettings {
 /// transaction (idle list, guard, waiter) move a pointer rather than the whole connection.
 type Conn = Box<ServerConn>;
 
-enum Grant {
+pub(super) enum Grant {
     /// An idle server, handed over directly.
     Server(Conn),
     /// Permission to open a new server; `open` and the limits already count it.
@@ -94,18 +94,6 @@ enum Grant {
 struct Waiter {
     tx: oneshot::Sender<Grant>,
     since: Instant,
-}
-
-/// A checkout's place in the queue: dropped, it withdraws, giving back what was granted.
-struct Withdraw<'a> {
-    pool: &'a Pool,
-    rx: oneshot::Receiver<Grant>,
-}
-
-impl Drop for Withdraw<'_> {
-    fn drop(&mut self) {
-        self.pool.give_back(&mut self.rx);
-    }
 }
 
 struct Backoff {
