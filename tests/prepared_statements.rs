@@ -105,6 +105,13 @@ async fn statement_errors_inside_a_transaction_keep_the_connection_usable() {
     assert_eq!(c.query_one(&div, &[&1i32]).await.unwrap().get::<_, i32>(0), 1);
 }
 
+/// A transaction-mode broker with a pool of `size` and trust auth, for raw sessions.
+async fn trust_broker(size: u32) -> pgbroker::app::Broker {
+    let mut cfg = mode_config(PoolMode::Transaction, size);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    broker(cfg).await
+}
+
 /// A raw logged-in connection (trust auth) to a transaction-mode broker.
 async fn raw_session(b: &pgbroker::app::Broker) -> tokio::net::TcpStream {
     let mut s = raw(b.local_addr()).await;
@@ -157,9 +164,7 @@ fn tags(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn close_then_parse_of_the_same_name_with_new_text() {
-    let mut cfg = mode_config(PoolMode::Transaction, 2);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(2).await;
     let mut s = raw_session(&b).await;
     send(&mut s, &[parse("st", "SELECT 'one'"), bind_execute("st"), msg(b'S', b"")].concat()).await;
     let r = read_until_idle(&mut s).await;
@@ -175,9 +180,7 @@ async fn close_then_parse_of_the_same_name_with_new_text() {
 
 #[tokio::test]
 async fn pipeline_of_parse_bind_execute_times_n_then_one_sync() {
-    let mut cfg = mode_config(PoolMode::Transaction, 2);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(2).await;
     let mut s = raw_session(&b).await;
     let mut batch = Vec::new();
     for i in 0..20 {
@@ -201,9 +204,7 @@ async fn pipeline_of_parse_bind_execute_times_n_then_one_sync() {
 
 #[tokio::test]
 async fn deallocate_sql_acts_on_the_clients_own_statements() {
-    let mut cfg = mode_config(PoolMode::Transaction, 2);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(2).await;
     let mut s = raw_session(&b).await;
     send(&mut s, &[parse("mystmt", "SELECT 1"), msg(b'S', b"")].concat()).await;
     assert_eq!(tags(&read_until_idle(&mut s).await), "1Z");
@@ -271,9 +272,7 @@ async fn pgbench_prepared_with_100_clients_has_no_failures() {
 
 #[tokio::test]
 async fn parse_and_sync_alone_is_answered_without_a_server_and_errors_come_at_first_use() {
-    let mut cfg = mode_config(PoolMode::Transaction, 1);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(1).await;
     // The only server is held by another client's open transaction...
     let holder = connect_bench(b.local_addr()).await;
     holder.simple_query("BEGIN").await.unwrap();
@@ -293,9 +292,7 @@ async fn parse_and_sync_alone_is_answered_without_a_server_and_errors_come_at_fi
 
 #[tokio::test]
 async fn added_column_under_select_star_is_handled_invisibly_outside_a_transaction() {
-    let mut cfg = mode_config(PoolMode::Transaction, 2);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(2).await;
     let admin = direct("bench").await;
     admin
         .simple_query("DROP TABLE IF EXISTS ps_alter; CREATE TABLE ps_alter (id int); INSERT INTO ps_alter VALUES (1)")
@@ -361,9 +358,7 @@ async fn the_only_server_is_free(b: &pgbroker::app::Broker) {
 
 #[tokio::test]
 async fn a_deallocate_answered_by_the_broker_leaves_the_server_free() {
-    let mut cfg = mode_config(PoolMode::Transaction, 1);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(1).await;
     let mut s = raw_session(&b).await;
     send(&mut s, &[parse("mystmt", "SELECT 1"), msg(b'S', b"")].concat()).await;
     assert_eq!(tags(&read_until_idle(&mut s).await), "1Z");
@@ -375,9 +370,7 @@ async fn a_deallocate_answered_by_the_broker_leaves_the_server_free() {
 #[tokio::test]
 async fn an_extended_protocol_copy_from_stdin_leaves_the_server_free() {
     use futures_util::SinkExt;
-    let mut cfg = mode_config(PoolMode::Transaction, 1);
-    cfg.auth.kind = pgbroker::config::AuthType::Trust;
-    let b = broker(cfg).await;
+    let b = trust_broker(1).await;
     let c = connect_bench(b.local_addr()).await;
     c.batch_execute("CREATE TABLE IF NOT EXISTS copy_target (n int)").await.unwrap();
     let sink = c.copy_in("COPY copy_target (n) FROM STDIN").await.unwrap();

@@ -87,3 +87,12 @@ impl Pool {
         }
     }
 }
+
+/// `d` ±10%, so a fleet started together does not reconnect together.
+pub(super) fn jittered(d: Duration) -> Option<Duration> {
+    if d.is_zero() {
+        return None;
+    }
+    let factor = 0.9 + rand::random::<f64>() * 0.2;
+    Some(d.mul_f64(factor))
+}

@@ -476,7 +476,7 @@ impl Pool {
         match connect.await {
             Ok(mut conn) => {
                 self.lock().backoff = None;
-                conn.expires = jittered(self.settings().lifetime).map(|d| conn.created + d);
+                conn.expires = maintenance::jittered(self.settings().lifetime).map(|d| conn.created + d);
                 conn.generation = self.generation.load(Ordering::Relaxed);
                 conn.uses = 1;
                 self.event("connection_added", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
@@ -590,13 +590,4 @@ impl Pool {
             l.notify();
         }
     }
-}
-
-/// `d` ±10%, so a fleet started together does not reconnect together.
-fn jittered(d: Duration) -> Option<Duration> {
-    if d.is_zero() {
-        return None;
-    }
-    let factor = 0.9 + rand::random::<f64>() * 0.2;
-    Some(d.mul_f64(factor))
 }
