@@ -344,3 +344,128 @@ async fn pgbench_simple_and_extended_with_200_clients_on_a_budget_of_20() {
     let (_, budget) = budgets.values().next().unwrap();
     assert!(budget.used() <= 20);
 }
+
+/// A broker config file for database `db` of the shared cluster: transaction mode, trust
+/// auth, `pool_size` servers, a budget of `budget`.
+fn shrink_config_text(db: &str, pool_size: u32, budget: u32) -> String {
+    format!(
+        r#"
+[broker]
+listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+pool_mode = "transaction"
+query_wait_timeout = "60s"
+
+[auth]
+type = "trust"
+
+[budget]
+server_max_connections = {max}
+reserved_connections = 5
+
+[databases.{db}]
+host = "127.0.0.1"
+port = {port}
+user = "postgres"
+password = "postgres"
+pool_size = {pool_size}
+"#,
+        port = pg().port(),
+        max = budget + 5,
+    )
+}
+
+/// The pids of the pool's servers on the server.
+async fn server_pids(sampler: &tokio_postgres::Client, db: &str) -> std::collections::BTreeSet<i32> {
+    let rows = sampler
+        .query("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'", &[&db])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lowers_pool_size_closes_servers_as_transactions_end_and_opens_none() {
+    shrink_under_load("shrink_pool_db", (20, 95), (4, 95)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lowers_the_budget_closes_servers_as_transactions_end_and_opens_none() {
+    shrink_under_load("shrink_budget_db", (20, 95), (20, 4)).await;
+}
+
+/// 50 pgbench clients (TPC-B) on database `db` with (pool_size, budget) `before`; a reload
+/// to `after` while they run; the pool's servers sampled on the server every 100 ms.
+async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
+    let cap = after.0.min(after.1) as usize;
+    let full = before.0.min(before.1) as usize;
+    create_db(db);
+    let pg = pg();
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port().to_string(), "-U", "postgres", db])
+        .env("PGPASSWORD", "postgres")
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    std::fs::write(&path, shrink_config_text(db, before.0, before.1)).unwrap();
+    let b = broker(Config::load(&path).unwrap()).await;
+    let addr = b.local_addr();
+
+    // TPC-B with 50 clients for a bounded time; checked for failures at the end.
+    let bench = tokio::process::Command::new("pgbench")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "postgres", "-n"])
+        .args(["-c", "50", "-j", "2", "-T", "8", db])
+        .kill_on_drop(true)
+        .output();
+    let bench = tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(60), bench).await });
+    let sampler = direct("postgres").await;
+    let pool = eventually_pool(&b, db).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Full, and every server logged in (the pool counts a server from the moment it connects).
+    let mut seen = server_pids(&sampler, db).await;
+    while pool.stats().open < full || seen.len() < full {
+        assert!(Instant::now() < deadline, "the pool never filled under load: {:?}", pool.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen = server_pids(&sampler, db).await;
+    }
+
+    std::fs::write(&path, shrink_config_text(db, after.0, after.1)).unwrap();
+    b.app().reload().await.unwrap();
+
+    // Every 100 ms until pgbench is done: the count never rises, and no server logs in while
+    // the pool holds the new cap or more.
+    let mut counts = vec![seen.len()];
+    while !bench.is_finished() {
+        let now = server_pids(&sampler, db).await;
+        let new: Vec<_> = now.difference(&seen).collect();
+        assert!(
+            new.is_empty() || counts.iter().any(|&c| c < cap),
+            "servers {new:?} opened at or above the cap of {cap}; counts {counts:?} then {}",
+            now.len()
+        );
+        assert!(now.len() <= counts[counts.len() - 1], "the server count rose: {counts:?} then {}", now.len());
+        counts.push(now.len());
+        seen.extend(now);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = bench.await.unwrap().expect("pgbench finished in time").unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pgbench failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    assert!(counts.contains(&cap), "never came down to {cap}: {counts:?}");
+    assert_eq!(pool.stats().open, cap, "holds the new cap under load");
+}
+
+/// The broker's pool for database `db`, once a client has created it.
+async fn eventually_pool(b: &pgbroker::app::Broker, db: &str) -> Arc<pgbroker::pool::Pool> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(p) = b.app().pools.all().into_iter().find(|p| p.key().database == db) {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no pool for {db}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

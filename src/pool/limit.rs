@@ -129,6 +129,22 @@ impl Limit {
         }
     }
 
+    /// Gives one unit back if more are counted than the cap allows (a reload lowered it),
+    /// deciding and counting at once so two servers freed together never both go for one
+    /// over the cap. True if it gave one back.
+    pub(super) fn release_if_over(&self) -> bool {
+        let mut st = self.lock();
+        if st.used <= self.cap() {
+            return false;
+        }
+        st.used -= 1;
+        self.used.store(st.used, Ordering::SeqCst);
+        if self.is_frozen() {
+            self.cap.fetch_min(st.used, Ordering::SeqCst);
+        }
+        true
+    }
+
     /// Queues `pool` (once) to be offered capacity.
     pub(super) fn wait(&self, pool: &Arc<Pool>) {
         let mut st = self.lock();
@@ -173,7 +189,7 @@ impl Limit {
     pub fn shrink_to_cap(&self) {
         let members: Vec<Arc<Pool>> = self.lock().members.iter().filter_map(Weak::upgrade).collect();
         for pool in members {
-            while self.used() > self.cap() && pool.close_one_idle() {}
+            while pool.close_one_idle_over_cap() {}
         }
     }
 
@@ -214,5 +230,17 @@ mod tests {
         l.thaw();
         l.set_cap(5);
         assert!(l.try_acquire(), "a published claim opens it again");
+    }
+
+    #[test]
+    fn only_units_over_a_lowered_cap_are_released_as_over() {
+        let l = Limit::new("budget", 4);
+        for _ in 0..4 {
+            assert!(l.try_acquire());
+        }
+        l.set_cap(2);
+        assert!(l.release_if_over() && l.release_if_over());
+        assert!(!l.release_if_over(), "at the cap: nothing more is over");
+        assert_eq!(l.used(), 2);
     }
 }
