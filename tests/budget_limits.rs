@@ -67,6 +67,7 @@ async fn thousand_clients_share_a_budget_of_ten_with_correct_results() {
                 let n = server_conns(&sampler, "budget_check").await as usize;
                 peak.fetch_max(n, Ordering::Relaxed);
                 samples += 1;
+                // The sampling period.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             samples
@@ -206,7 +207,9 @@ async fn killed_idle_server_is_never_handed_out() {
     let pid = one(&c, "SELECT pg_backend_pid()").await;
     let admin = direct("postgres").await;
     admin.simple_query(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // pg_terminate_backend only signals: wait until the backend is gone.
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    eventually("the backend to exit", Duration::from_secs(10), || async { one(&admin, &gone).await == "0" }).await;
     let pid2 = one(&c, "SELECT pg_backend_pid()").await;
     assert_ne!(pid, pid2);
 }
@@ -252,7 +255,7 @@ async fn client_idle_timeout_disconnects_idle_clients_with_57p05() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the broker to end the idle client", Duration::from_secs(5), || async { c.is_closed() }).await;
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert!(e.is_closed() || sqlstate(&e) == "57P05", "{e:?}");
 }
@@ -264,7 +267,7 @@ async fn idle_transaction_timeout_ends_the_client_and_rolls_back() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("BEGIN").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the broker to end the client", Duration::from_secs(5), || async { c.is_closed() }).await;
     assert!(c.simple_query("SELECT 1").await.is_err());
     let next = connect_bench(b.local_addr()).await;
     assert_eq!(one(&next, "SELECT pg_current_xact_id_if_assigned() IS NULL").await, "t");
