@@ -171,7 +171,14 @@ async fn pause_holds_new_transactions_until_resume() {
     admin.simple_query("PAUSE bench").await.unwrap();
     assert_eq!(rows(&admin, "SHOW DATABASES").await.iter().find(|r| r["name"] == "bench").unwrap()["paused"], "1");
     let waiting = tokio::spawn(async move { one(&c, "SELECT 'after resume'").await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually("the query to wait", Duration::from_secs(10), || async {
+        let row = rows(&admin, "SHOW POOLS").await.into_iter().find(|r| r["database"] == "bench");
+        match row {
+            Some(r) if r["cl_waiting"] == "1" => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
     assert!(!waiting.is_finished(), "held while paused");
     admin.simple_query("RESUME bench").await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
@@ -186,7 +193,7 @@ async fn kill_disconnects_the_databases_clients() {
     let other_db = connect(b.local_addr(), "postgres", "postgres", "viasocket").await.unwrap();
     let admin = console(&b, "postgres", "postgres").await;
     admin.simple_query("KILL bench").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the client to be disconnected", Duration::from_secs(5), || async { victim.is_closed() }).await;
     assert!(victim.simple_query("SELECT 1").await.is_err(), "killed");
     assert!(other_db.simple_query("SELECT 1").await.is_ok(), "other databases untouched");
     let again = connect_bench(b.local_addr()).await;

@@ -4,14 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::process::{BIN, BrokerProcess};
 use common::*;
 use pgbroker::config::Config;
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Once;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
 
 /// Roles only these tests use: one whose password expired, one for the log check.
 fn roles() {
@@ -161,34 +159,22 @@ fn an_auth_file_readable_by_others_is_a_warning_at_start() {
 async fn secrets_and_query_parameters_never_reach_the_logs_or_the_admin_console() {
     roles();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"postgres\"\n\"app\" \"client-SECRET1\"\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let path = dir.path().join("pgbroker.toml");
-    let text = format!(
-        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
-         [auth]\ntype = \"scram-sha-256\"\nfile = \"users.txt\"\nadmin_users = [\"postgres\"]\n\
-         user = \"postgres\"\npassword = \"authq-SECRET4\"\n\
-         [databases.logcheck]\nport = {}\ndbname = \"bench\"\nuser = \"u_logcheck\"\npassword = \"dbpw-SECRET2\"\n",
-        pg().port()
-    );
-    std::fs::write(&path, text).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config"])
-        .arg(&path)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let c = loop {
-        match connect(addr, "app", "client-SECRET1", "logcheck").await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => panic!("broker did not come up: {e}"),
-        }
+    let users = dir.path().join("users.txt");
+    std::fs::write(&users, "\"postgres\" \"postgres\"\n\"app\" \"client-SECRET1\"\n").unwrap();
+    let config = |p: common::process::Ports| {
+        format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
+             [auth]\ntype = \"scram-sha-256\"\nfile = \"{}\"\nadmin_users = [\"postgres\"]\n\
+             user = \"postgres\"\npassword = \"authq-SECRET4\"\n\
+             [databases.logcheck]\nport = {}\ndbname = \"bench\"\nuser = \"u_logcheck\"\npassword = \"dbpw-SECRET2\"\n",
+            p.port,
+            users.display(),
+            pg().port()
+        )
     };
+    let broker = BrokerProcess::start_with(config, &[("RUST_LOG", "debug")]).await;
+    let addr = broker.addr();
+    let c = connect(addr, "app", "client-SECRET1", "logcheck").await.unwrap();
     let echoed: String = c.query_one("SELECT $1::text", &[&"param-SECRET3"]).await.unwrap().get(0);
     assert_eq!(echoed, "param-SECRET3");
     let e = c.query_one("SELECT $1::text::int", &[&"param-SECRET5"]).await.unwrap_err();
@@ -207,19 +193,14 @@ async fn secrets_and_query_parameters_never_reach_the_logs_or_the_admin_console(
         }
     }
     drop((c, admin));
-    terminate(child.id());
-    let mut logs = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-    let _ = child.wait();
+    // SIGTERM, so the broker logs its shutdown too.
+    broker.signal("-TERM");
+    broker.wait_exit(Duration::from_secs(15)).expect("the broker exits");
+    let logs = broker.log();
     assert!(logs.contains("DEBUG") || logs.contains("debug"), "debug logging was on: {logs}");
     assert!(console.contains("u_logcheck"), "the console answered: {console}");
     for secret in ["SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6"] {
         assert!(!logs.contains(secret), "{secret} in the logs:\n{logs}");
         assert!(!console.contains(secret), "{secret} on the admin console:\n{console}");
     }
-}
-
-/// SIGTERM, so the broker logs its shutdown too.
-fn terminate(pid: u32) {
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }

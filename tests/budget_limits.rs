@@ -67,6 +67,7 @@ async fn thousand_clients_share_a_budget_of_ten_with_correct_results() {
                 let n = server_conns(&sampler, "budget_check").await as usize;
                 peak.fetch_max(n, Ordering::Relaxed);
                 samples += 1;
+                // The sampling period.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             samples
@@ -206,7 +207,9 @@ async fn killed_idle_server_is_never_handed_out() {
     let pid = one(&c, "SELECT pg_backend_pid()").await;
     let admin = direct("postgres").await;
     admin.simple_query(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // pg_terminate_backend only signals: wait until the backend is gone.
+    let gone = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}");
+    eventually("the backend to exit", Duration::from_secs(10), || async { one(&admin, &gone).await == "0" }).await;
     let pid2 = one(&c, "SELECT pg_backend_pid()").await;
     assert_ne!(pid, pid2);
 }
@@ -252,7 +255,7 @@ async fn client_idle_timeout_disconnects_idle_clients_with_57p05() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the broker to end the idle client", Duration::from_secs(5), || async { c.is_closed() }).await;
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert!(e.is_closed() || sqlstate(&e) == "57P05", "{e:?}");
 }
@@ -264,7 +267,7 @@ async fn idle_transaction_timeout_ends_the_client_and_rolls_back() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("BEGIN").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the broker to end the client", Duration::from_secs(5), || async { c.is_closed() }).await;
     assert!(c.simple_query("SELECT 1").await.is_err());
     let next = connect_bench(b.local_addr()).await;
     assert_eq!(one(&next, "SELECT pg_current_xact_id_if_assigned() IS NULL").await, "t");
@@ -421,15 +424,16 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
         .output();
     let bench = tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(60), bench).await });
     let sampler = direct("postgres").await;
-    let pool = eventually_pool(&b, db).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let pool = eventually("a pool for the load", Duration::from_secs(20), || async {
+        b.app().pools.all().into_iter().find(|p| p.key().database == db)
+    })
+    .await;
     // Full, and every server logged in (the pool counts a server from the moment it connects).
-    let mut seen = server_pids(&sampler, db).await;
-    while pool.stats().open < full || seen.len() < full {
-        assert!(Instant::now() < deadline, "the pool never filled under load: {:?}", pool.stats());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        seen = server_pids(&sampler, db).await;
-    }
+    let mut seen = eventually("the pool to fill under load", Duration::from_secs(20), || async {
+        let pids = server_pids(&sampler, db).await;
+        if pool.stats().open >= full && pids.len() >= full { Ok(pids) } else { Err((pool.stats(), pids.len())) }
+    })
+    .await;
 
     std::fs::write(&path, shrink_config_text(db, after.0, after.1)).unwrap();
     b.app().reload().await.unwrap();
@@ -448,6 +452,7 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
         assert!(now.len() <= counts[counts.len() - 1], "the server count rose: {counts:?} then {}", now.len());
         counts.push(now.len());
         seen.extend(now);
+        // The sampling interval, not a wait for something to happen.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = bench.await.unwrap().expect("pgbench finished in time").unwrap();
@@ -456,16 +461,4 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
     assert!(text.contains("number of failed transactions: 0"), "{text}");
     assert!(counts.contains(&cap), "never came down to {cap}: {counts:?}");
     assert_eq!(pool.stats().open, cap, "holds the new cap under load");
-}
-
-/// The broker's pool for database `db`, once a client has created it.
-async fn eventually_pool(b: &pgbroker::app::Broker, db: &str) -> Arc<pgbroker::pool::Pool> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(p) = b.app().pools.all().into_iter().find(|p| p.key().database == db) {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "no pool for {db}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

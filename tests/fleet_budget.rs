@@ -5,14 +5,13 @@
 
 mod common;
 
+use common::process::BrokerProcess;
 use pgbroker::cluster::{Cluster, ClusterOptions};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
 /// max_connections 60 - superuser_reserved_connections 3 - reserved_connections 5.
 const USABLE: u32 = 52;
 const INTERVAL: Duration = Duration::from_secs(2);
@@ -22,23 +21,21 @@ const OTHERS: u32 = 1;
 /// Clients per broker, each running short transactions back to back.
 const CLIENTS: usize = 12;
 
+/// A broker process with its load's stop flag, count of transactions served, and count of
+/// load clients still running.
 struct Broker {
-    child: Child,
+    process: BrokerProcess,
     port: u16,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
+    clients: Arc<AtomicU64>,
 }
 
 impl Drop for Broker {
+    /// Stops its load; the process is killed right after.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A broker config for `pg` in transaction mode, trust auth, `[budget]` as given.
@@ -69,20 +66,10 @@ password = "postgres"
     )
 }
 
-fn start_broker(pg: &Cluster, dir: &std::path::Path, name: &str, budget: &str) -> Broker {
-    let port = free_port();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config_text(pg, &format!("127.0.0.1:{port}"), budget)).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Broker { child, port, stop: Arc::default(), done: Arc::default() }
+/// Starts a broker process (not waiting for it to listen).
+fn start_broker(pg: &Cluster, budget: &str) -> Broker {
+    let process = BrokerProcess::spawn_new(|p| config_text(pg, &format!("127.0.0.1:{}", p.port), budget), &[]);
+    Broker { port: process.ports.port, process, stop: Arc::default(), done: Arc::default(), clients: Arc::default() }
 }
 
 fn fleet_budget() -> String {
@@ -93,18 +80,45 @@ fn fleet_budget() -> String {
 }
 
 async fn wait_listening(b: &Broker) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while tokio::net::TcpStream::connect(("127.0.0.1", b.port)).await.is_err() {
-        assert!(Instant::now() < deadline, "broker on {} did not start", b.port);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    b.process.wait_listening().await;
+}
+
+/// Counts a load client as running until dropped.
+struct Running(Arc<AtomicU64>);
+
+impl Running {
+    fn new(count: &Arc<AtomicU64>) -> Running {
+        count.fetch_add(1, Ordering::Relaxed);
+        Running(count.clone())
     }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sets the stop flag of `brokers`' load and waits until its clients have all returned, so
+/// that every error they saw is recorded and none of them is mid-query.
+async fn stop_load(brokers: &[&Broker]) {
+    for b in brokers {
+        b.stop.store(true, Ordering::Relaxed);
+    }
+    common::eventually("the load clients to stop", Duration::from_secs(10), || async {
+        let running: Vec<u64> = brokers.iter().map(|b| b.clients.load(Ordering::Relaxed)).collect();
+        if running.iter().all(|&n| n == 0) { Ok(()) } else { Err(running) }
+    })
+    .await;
 }
 
 /// Starts `CLIENTS` clients looping short transactions through `b` until its stop flag.
 fn load(b: &Broker, errors: &Arc<Mutex<Vec<String>>>) {
     for _ in 0..CLIENTS {
         let (port, stop, done, errors) = (b.port, b.stop.clone(), b.done.clone(), errors.clone());
+        let running = Running::new(&b.clients);
         tokio::spawn(async move {
+            let _running = running;
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let c = match common::connect(addr, "postgres", "x", "db").await {
                 Ok(c) => c,
@@ -163,6 +177,7 @@ async fn sampler(pg: &Cluster) -> Sampler {
             let all: u64 = row[0]["all"].parse().unwrap();
             max_fleet.fetch_max(fleet, Ordering::Relaxed);
             max_all.fetch_max(all, Ordering::Relaxed);
+            // The sampling period.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
@@ -173,8 +188,8 @@ async fn sampler(pg: &Cluster) -> Sampler {
 /// most `limit`; returns the shares.
 async fn converge(brokers: &[&Broker], n: u32, limit: Duration) -> Vec<u32> {
     let fair = (USABLE - OTHERS - n - (FLOOR + 1)) / n;
-    let started = Instant::now();
-    loop {
+    let what = format!("shares of {n} instances within one of fair {fair}");
+    common::eventually(&what, limit, || async {
         let mut shares = Vec::new();
         let mut ok = true;
         for b in brokers {
@@ -183,21 +198,16 @@ async fn converge(brokers: &[&Broker], n: u32, limit: Duration) -> Vec<u32> {
             ok &= num(&row, "instances") == n && share.abs_diff(fair) <= 1;
             shares.push(share);
         }
-        if ok {
-            return shares;
-        }
-        assert!(started.elapsed() < limit, "shares {shares:?} not within one of fair {fair} after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if ok { Ok(shares) } else { Err(shares) }
+    })
+    .await
 }
 
 /// Waits (at most 15 s) until `b` has served a round of its load.
 async fn warmed_up(b: &Broker) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while b.done.load(Ordering::Relaxed) < CLIENTS as u64 {
-        assert!(Instant::now() < deadline, "no load served through {}", b.port);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("a round of load served through {}", b.port);
+    common::eventually(&what, Duration::from_secs(15), || async { b.done.load(Ordering::Relaxed) >= CLIENTS as u64 })
+        .await;
 }
 
 /// Transactions per second through each group of brokers, measured over the same window so
@@ -205,6 +215,7 @@ async fn warmed_up(b: &Broker) {
 async fn throughputs(a: &[&Broker], b: &[&Broker], over: Duration) -> (f64, f64) {
     let done = |g: &[&Broker]| -> u64 { g.iter().map(|b| b.done.load(Ordering::Relaxed)).sum() };
     let before = (done(a), done(b));
+    // A measurement window, not a wait for something to happen.
     tokio::time::sleep(over).await;
     let tps = |after: u64, before: u64| (after - before) as f64 / over.as_secs_f64();
     (tps(done(a), before.0), tps(done(b), before.1))
@@ -213,21 +224,19 @@ async fn throughputs(a: &[&Broker], b: &[&Broker], over: Duration) -> (f64, f64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
     let pg = Cluster::start(ClusterOptions { max_connections: 60, ..ClusterOptions::default() }).unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let errors = Arc::new(Mutex::new(Vec::new()));
     let samples = sampler(&pg).await;
 
     // One instance: it holds everything but its lease and room for a joiner.
-    let first = start_broker(&pg, dir.path(), "b0", &fleet_budget());
+    let first = start_broker(&pg, &fleet_budget());
     wait_listening(&first).await;
     load(&first, &errors);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    warmed_up(&first).await;
     let alone = converge(&[&first], 1, INTERVAL * 3).await;
     assert_eq!(alone, vec![USABLE - OTHERS - 1 - (FLOOR + 1)]);
 
     // Five more at once.
-    let joiners: Vec<Broker> =
-        (1..6).map(|i| start_broker(&pg, dir.path(), &format!("b{i}"), &fleet_budget())).collect();
+    let joiners: Vec<Broker> = (1..6).map(|_| start_broker(&pg, &fleet_budget())).collect();
     for b in &joiners {
         wait_listening(b).await;
         load(b, &errors);
@@ -242,10 +251,7 @@ async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
     // Four die at once (SIGKILL): their connections vanish, their shares go to the rest.
     let mut joiners = joiners;
     let survivor = joiners.remove(0);
-    for b in &joiners {
-        b.stop.store(true, Ordering::Relaxed);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_load(&joiners.iter().collect::<Vec<_>>()).await;
     drop(joiners);
     let two = converge(&[&first, &survivor], 2, INTERVAL * 3).await;
 
@@ -253,7 +259,7 @@ async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
     // instances, in front of a twin server.
     let twin = Cluster::start(ClusterOptions { max_connections: 60, ..ClusterOptions::default() }).unwrap();
     let fixed = "mode = \"static\"\nmax_instances = 2";
-    let statics: Vec<Broker> = (0..2).map(|i| start_broker(&twin, dir.path(), &format!("s{i}"), fixed)).collect();
+    let statics: Vec<Broker> = (0..2).map(|_| start_broker(&twin, fixed)).collect();
     for b in &statics {
         wait_listening(b).await;
         load(b, &errors);
@@ -263,12 +269,9 @@ async fn a_fleet_shares_max_connections_as_instances_come_and_go() {
     }
     let (fleet_tps, static_tps) =
         throughputs(&[&first, &survivor], &statics.iter().collect::<Vec<_>>(), Duration::from_secs(3)).await;
-    for b in [&first, &survivor].into_iter().chain(&statics) {
-        b.stop.store(true, Ordering::Relaxed);
-    }
+    stop_load(&[&first, &survivor].into_iter().chain(&statics).collect::<Vec<_>>()).await;
     drop((first, survivor));
     samples.stop.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let errors = errors.lock().await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
@@ -302,15 +305,11 @@ async fn show_budget(b: &pgbroker::app::Broker) -> std::collections::HashMap<Str
 
 /// Polls until `f` holds for SHOW BUDGET of `b`, at most 10 s.
 async fn until(b: &pgbroker::app::Broker, f: impl Fn(&std::collections::HashMap<String, String>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    common::eventually("SHOW BUDGET to get there", Duration::from_secs(10), || async {
         let row = show_budget(b).await;
-        if f(&row) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "SHOW BUDGET never got there: {row:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        if f(&row) { Ok(()) } else { Err(row) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -426,7 +425,7 @@ async fn a_server_dropped_and_added_again_by_reloads_gets_a_share_again() {
     // The only database moves to another server, then back.
     let elsewhere = original
         .replace("[databases.db]", "[databases.db2]")
-        .replace(&format!("port = {}", pg.port()), &format!("port = {}", free_port()));
+        .replace(&format!("port = {}", pg.port()), &format!("port = {}", common::free_port()));
     std::fs::write(&path, elsewhere).unwrap();
     a.app().reload().await.unwrap();
     std::fs::write(&path, &original).unwrap();

@@ -54,6 +54,7 @@ async fn a_busy_client_does_not_hibernate_between_its_transactions() {
     let until = Instant::now() + PAST_HIBERNATION;
     while Instant::now() < until {
         one(&c, "SELECT 1").await;
+        // The client's pace: busy, but never quiet for the hibernation delay.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(b.app().hibernating_clients(), 0);
     }
@@ -64,6 +65,7 @@ async fn a_client_inside_a_transaction_does_not_hibernate() {
     let b = broker(mode_config(PoolMode::Transaction, 2)).await;
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("BEGIN").await.unwrap();
+    // Nothing is supposed to happen (no hibernation), so there is no event to wait for.
     tokio::time::sleep(PAST_HIBERNATION).await;
     assert_eq!(b.app().hibernating_clients(), 0, "it holds a server");
     assert_eq!(one(&c, "SELECT 'still in it'").await, "still in it");

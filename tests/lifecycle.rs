@@ -3,33 +3,25 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::process::{BIN, BrokerProcess, Ports};
 use common::*;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
-
-/// A broker process; killed if the test ends early.
+/// A broker process with the socket it sends its systemd notifications to; killed if the
+/// test ends early.
 struct Proc {
-    child: Child,
+    process: BrokerProcess,
     notify: UnixDatagram,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Proc {
     fn signal(&self, sig: &str) {
-        Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        self.process.signal(sig);
     }
 
     /// The next sd_notify message, within `limit`.
@@ -54,19 +46,8 @@ impl Proc {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.process.wait_exit(limit)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Writes a config for the shared cluster: database `lc` (dbname `db`) in transaction mode.
@@ -85,17 +66,17 @@ fn write_config(dir: &Path, port: u16, http: u16, db: &str, pool_size: u32, max_
     path
 }
 
-fn start(config: &Path, dir: Option<tempfile::TempDir>, extra_env: &[(&str, &str)]) -> Proc {
+/// Starts a broker on `config` (which listens on `port` and `http`) and waits for its
+/// READY=1.
+fn start(config: &Path, port: u16, http: u16, extra_env: &[(&str, &str)]) -> Proc {
     let sock_dir = tempfile::tempdir().unwrap().keep();
     let sock_path = sock_dir.join("notify");
     let notify = UnixDatagram::bind(&sock_path).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--config"]).arg(config).env("NOTIFY_SOCKET", &sock_path).env("RUST_LOG", "warn");
-    for (k, v) in extra_env {
-        cmd.env(k, v);
-    }
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let p = Proc { child, notify, _dir: dir };
+    let sock = sock_path.to_str().unwrap();
+    let mut env = vec![("NOTIFY_SOCKET", sock), ("RUST_LOG", "warn")];
+    env.extend_from_slice(extra_env);
+    let process = BrokerProcess::spawn(config, Ports { port, http }, &env);
+    let p = Proc { process, notify };
     p.expect("READY=1");
     p
 }
@@ -163,6 +144,7 @@ async fn peak(db: &str, period: Duration) -> usize {
     let mut max = 0;
     while Instant::now() < until {
         max = max.max(server_conns(db).await);
+        // The sampling period.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     max
@@ -174,7 +156,7 @@ async fn sighup_changes_pool_size_and_budget_under_load_without_failures() {
     let dir = tempfile::tempdir().unwrap();
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_reload", 2, 55);
-    let p = start(&path, None, &[]);
+    let p = start(&path, port, http, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let running = load(port, 8, stop.clone());
     let before = peak("lc_reload", Duration::from_secs(2)).await;
@@ -189,7 +171,12 @@ async fn sighup_changes_pool_size_and_budget_under_load_without_failures() {
     write_config(dir.path(), port, http, "lc_reload", 6, 8);
     p.signal("-HUP");
     p.expect("READY=1");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Servers over the new budget close as their transactions end.
+    eventually("the pool to shrink to the budget of 3", Duration::from_secs(10), || async {
+        let n = server_conns("lc_reload").await;
+        if n <= 3 { Ok(()) } else { Err(n) }
+    })
+    .await;
     let shrunk = peak("lc_reload", Duration::from_secs(2)).await;
     assert!(shrunk <= 3, "budget 3: saw {shrunk}");
     stop.store(true, Ordering::Relaxed);
@@ -204,23 +191,14 @@ async fn invalid_reload_keeps_the_old_config_and_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_bad", 2, 55);
-    let p = start(&path, None, &[]);
+    let p = start(&path, port, http, &[]);
     std::fs::write(&path, "[broker]\nthis is not toml\n").unwrap();
     p.signal("-HUP");
     p.expect("READY=1");
     let c = client(port).await.unwrap();
     assert_eq!(one(&c, "SELECT 'still serving'").await, "still serving");
-    let metrics = http_get(http, "/metrics").await;
+    let (_, metrics) = http_get(p.process.http_addr(), "/metrics").await;
     assert!(metrics.contains("pgbroker_config_reload_failures_total 1"), "{metrics}");
-}
-
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
@@ -230,15 +208,15 @@ async fn sigterm_lets_transactions_commit_and_refuses_new_clients() {
     let dir = tempfile::tempdir().unwrap();
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_term", 4, 55);
-    let mut p = start(&path, None, &[]);
+    let mut p = start(&path, port, http, &[]);
     let busy = client(port).await.unwrap();
     busy.simple_query("BEGIN; INSERT INTO t VALUES (42)").await.unwrap();
     let idle = client(port).await.unwrap();
     one(&idle, "SELECT 1").await;
     p.signal("-TERM");
     p.expect("STOPPING=1");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // The idle client was told and closed; the busy one finishes its transaction.
+    eventually("the idle client to be closed", Duration::from_secs(5), || async { idle.is_closed() }).await;
     assert!(idle.simple_query("SELECT 1").await.is_err(), "idle client closed at once");
     busy.simple_query("COMMIT").await.unwrap();
     let committed = pg().psql("lc_term", "SELECT count(*) FROM t WHERE i = 42").unwrap();
@@ -258,7 +236,7 @@ async fn a_second_process_takes_over_the_port_while_the_first_drains() {
     let dir = tempfile::tempdir().unwrap();
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_swap", 4, 55);
-    let mut old = start(&path, None, &[]);
+    let mut old = start(&path, port, http, &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicUsize::new(0));
     let served = Arc::new(AtomicUsize::new(0));
@@ -282,12 +260,19 @@ async fn a_second_process_takes_over_the_port_while_the_first_drains() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let new = start(&path, None, &[]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served_at_least = |n: usize| {
+        let served = served.clone();
+        async move { served.load(Ordering::Relaxed) >= n }
+    };
+    eventually("the old process to serve the loop", Duration::from_secs(10), || served_at_least(5)).await;
+    // Logging at info, the new process tells when it serves a client.
+    let new = start(&path, port, http, &[("RUST_LOG", "info")]);
+    new.process.log_line("client logged in", Duration::from_secs(10)).await;
     old.signal("-TERM");
     assert!(old.wait_exit(Duration::from_secs(20)).expect("old process exited").success());
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let after_exit = served.load(Ordering::Relaxed) + 10;
+    eventually("the new process alone to serve the loop", Duration::from_secs(10), || served_at_least(after_exit))
+        .await;
     stop.store(true, Ordering::Relaxed);
     looping.await.unwrap();
     assert_eq!(
@@ -307,7 +292,7 @@ async fn systemd_notifications_ready_reloading_stopping_and_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_notify", 2, 55);
-    let mut p = start(&path, None, &[("WATCHDOG_USEC", "400000")]);
+    let mut p = start(&path, port, http, &[("WATCHDOG_USEC", "400000")]);
     p.expect("WATCHDOG=1");
     p.signal("-HUP");
     let reloading = p.expect("RELOADING=1");

@@ -48,6 +48,26 @@ async fn next_json<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// Waits until the hub's listener has run one of `statements` (`LISTEN "chan"`, ...) on
+/// the server: a backend shows it as its last statement, finished.
+///
+/// A `subscribed` reply alone does not say so: a subscribe that comes while the listener is
+/// still logging in is answered at once, and the LISTEN follows when the login completes.
+async fn server_ran(statements: &[&str]) {
+    let admin = direct("bench").await;
+    let list: Vec<String> = statements.iter().map(|s| format!("'{}'", s.replace('\'', "''"))).collect();
+    let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE query IN ({}) AND state = 'idle'", list.join(", "));
+    let what = format!("the listener to run one of {statements:?}");
+    eventually(&what, Duration::from_secs(10), || async {
+        if one(&admin, &sql).await != "0" {
+            return Ok(());
+        }
+        // What the backends ran last, for the failure message.
+        Err(col(&admin, "SELECT state || ': ' || query FROM pg_stat_activity WHERE query ILIKE '%LISTEN%'").await)
+    })
+    .await;
+}
+
 async fn subscribe<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     ws: &mut tokio_tungstenite::WebSocketStream<S>,
     channels: &[&str],
@@ -69,7 +89,7 @@ async fn subscriber_receives_notifications_with_parsed_json_payload() {
     let c = connect_bench(b.local_addr()).await;
     let hub = b.app().hubs.all().into_iter().next().unwrap();
     wait_for(|| hub.subscribers("employee_changes") == 1).await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // the LISTEN is in place
+    server_ran(&["LISTEN \"employee_changes\""]).await;
     c.simple_query(r#"SELECT pg_notify('employee_changes', '{"id": 7, "name": "Ada"}')"#).await.unwrap();
     c.simple_query("SELECT pg_notify('employee_changes', 'plain text')").await.unwrap();
     let n1 = next_json(&mut ws).await;
@@ -83,14 +103,8 @@ async fn subscriber_receives_notifications_with_parsed_json_payload() {
     assert_eq!(n2["messageId"].as_u64().unwrap(), n1["messageId"].as_u64().unwrap() + 1, "monotonic ids");
 }
 
-async fn wait_for(mut cond: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition not reached in time");
+async fn wait_for(cond: impl Fn() -> bool) {
+    eventually("the hub's counts", Duration::from_secs(5), || async { cond() }).await;
 }
 
 #[tokio::test]
@@ -100,9 +114,13 @@ async fn unsubscribe_stops_delivery_and_unlistens() {
     next_json(&mut ws).await;
     // `subscribed` comes once the listener LISTENs on the channels.
     subscribe(&mut ws, &["a_chan", "b_chan"]).await;
+    // The listener is connected and LISTENs (so the UNLISTEN below is run, not folded into
+    // its login).
+    server_ran(&["LISTEN \"a_chan\"", "LISTEN \"b_chan\""]).await;
     ws.send(Message::Text(json!({"type": "unsubscribe", "channels": ["a_chan"]}).to_string().into())).await.unwrap();
     assert_eq!(next_json(&mut ws).await, json!({"type": "unsubscribed", "channels": ["b_chan"]}));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The UNLISTEN is sent after the reply.
+    server_ran(&["UNLISTEN \"a_chan\""]).await;
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("SELECT pg_notify('a_chan', 'not for you'), pg_notify('b_chan', 'for you')").await.unwrap();
     let n = next_json(&mut ws).await;
@@ -196,7 +214,7 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_gets_everything() {
     let mut fast = open(&url(&b, "")).await;
     next_json(&mut fast).await;
     subscribe(&mut fast, &["firehose"]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server_ran(&["LISTEN \"firehose\""]).await;
 
     // 6,000 x 4 KiB: far more than the slow client's queue and socket buffers can hold.
     const N: usize = 6000;
@@ -208,6 +226,7 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_gets_everything() {
             let sql: Vec<String> =
                 (0..50).map(|i| format!("SELECT pg_notify('firehose', '{}-{big}')", chunk * 50 + i)).collect();
             c.simple_query(&sql.join(";")).await.unwrap();
+            // Pacing of the load.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -249,7 +268,7 @@ async fn listener_killed_gives_resync_then_delivery_resumes() {
     let mut ws = open(&url(&b, "")).await;
     next_json(&mut ws).await;
     subscribe(&mut ws, &["resilient"]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server_ran(&["LISTEN \"resilient\""]).await;
     let admin = direct("bench").await;
     let killed =
         col(&admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%resilient%'")
@@ -307,7 +326,6 @@ async fn a_client_that_never_answers_pings_is_closed() {
     let b = broker(cfg).await;
     let ws = open(&url(&b, "")).await;
     // Never read, so never answer a ping: the broker gives up and closes the TCP connection.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(b.app().ws.total(), 0, "the connection was dropped");
+    eventually("the connection to be dropped", Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await;
     drop(ws);
 }

@@ -106,7 +106,7 @@ async fn liveness_and_readiness() {
     // A database nobody listens on makes the broker not ready.
     let mut cfg = config();
     let mut dead = cfg.databases["bench"].clone();
-    dead.port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    dead.port = free_port();
     cfg.databases.insert("dead".into(), dead);
     cfg.budget.server_max_connections = pgbroker::config::ServerMaxConnections::Fixed(50);
     let b = broker(cfg).await;
@@ -130,7 +130,12 @@ async fn events_and_metric_snapshots_stream_on_the_bridge() {
     c.simple_query("BEGIN").await.unwrap();
     let other = connect_bench(b.local_addr()).await;
     let blocked = tokio::spawn(async move { one(&other, "SELECT 1").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    eventually("the second client to wait for the server", Duration::from_secs(10), || async {
+        let stats = pool.stats();
+        if stats.waiting == 1 { Ok(()) } else { Err(stats) }
+    })
+    .await;
     c.simple_query("COMMIT").await.unwrap();
     blocked.await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -77,7 +77,11 @@ async fn a_frozen_limit_does_not_pass_a_closed_servers_slot_to_a_waiter() {
         let pool = pool.clone();
         async move { pool.checkout(Duration::from_millis(800)).await.is_ok() }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually("the checkout to queue", Duration::from_secs(5), || async {
+        let stats = pool.stats();
+        if stats.waiting == 1 { Ok(()) } else { Err(stats) }
+    })
+    .await;
     // The fleet lost its lease (say the server restarted): what closes is not reopened.
     limit.freeze();
     drop(held);

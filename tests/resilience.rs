@@ -5,13 +5,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+use common::process::BrokerProcess;
 use common::{pg, rows, startup_packet};
 use pgbroker::app::Broker;
 use pgbroker::cluster::{Cluster, ClusterOptions};
 use pgbroker::config::Config;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,6 @@ use tokio::task::block_in_place;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pgbroker");
 const SEC: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
@@ -126,42 +126,27 @@ fn code(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_string())
 }
 
-/// Polls `check` every 100 ms until it returns true; false if `limit` passes first.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+/// Polls `check` until it returns true; false if `limit` passes first.
+async fn eventually<F, Fut>(limit: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
+    common::poll(limit, check).await.is_ok()
 }
 
-/// Polls `get` every 100 ms until `done` accepts its value: `Ok(value)`, or `Err(last value)`
-/// once `limit` has passed.
-async fn settle<T, F, Fut>(limit: Duration, mut get: F, done: impl Fn(&T) -> bool) -> Result<T, T>
+/// Polls `get` until `done` accepts its value: `Ok(value)`, or `Err(last value)` once
+/// `limit` has passed.
+async fn settle<T: std::fmt::Debug, F, Fut>(limit: Duration, get: F, done: impl Fn(&T) -> bool) -> Result<T, T>
 where
-    F: FnMut() -> Fut,
+    F: Fn() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
+    common::poll(limit, || async {
         let v = get().await;
-        if done(&v) {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            return Err(v);
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
+        if done(&v) { Ok(v) } else { Err(v) }
+    })
+    .await
 }
 
 /// Backends whose (current or last) query contains `marker`, leaving out the test's own
@@ -273,70 +258,17 @@ async fn raw_select_one(s: &mut TcpStream) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // The broker as a separate process, for memory and file descriptor measurements.
 
-struct BrokerProc {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
+/// Starts `pgbroker --config FILE` (logging warnings) and waits until it accepts connections.
+async fn broker_process(broker: &str, databases: &str) -> BrokerProcess {
+    let config = |p: common::process::Ports| {
+        config_text(&format!("127.0.0.1:{}", p.port), &format!("127.0.0.1:{}", p.http), broker, databases)
+    };
+    BrokerProcess::start_with(config, &[("RUST_LOG", "warn")]).await
 }
 
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-impl BrokerProc {
-    /// Starts `pgbroker --config FILE` and waits (up to 20 s) until it accepts connections.
-    async fn start(broker: &str, databases: &str) -> BrokerProc {
-        let dir = tempfile::tempdir().unwrap();
-        let (port, http) = (free_port(), free_port());
-        let text = config_text(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{http}"), broker, databases);
-        let path = dir.path().join("pgbroker.toml");
-        std::fs::write(&path, text).unwrap();
-        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut p = BrokerProc { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), dir };
-        let deadline = Instant::now() + 20 * SEC;
-        while TcpStream::connect(p.addr).await.is_err() {
-            assert!(p.child.try_wait().unwrap().is_none(), "broker exited: {}", p.log());
-            assert!(Instant::now() < deadline, "broker not listening within 20 s: {}", p.log());
-            sleep(Duration::from_millis(50)).await;
-        }
-        p
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// The tail of the broker's stderr.
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// Resident memory, bytes.
-    fn rss(&self) -> u64 {
-        proc_status_kb(&format!("/proc/{}/status", self.pid()), "VmRSS:") * 1024
-    }
+/// Resident memory of the broker process, bytes.
+fn rss(b: &BrokerProcess) -> u64 {
+    proc_status_kb(&format!("/proc/{}/status", b.pid()), "VmRSS:") * 1024
 }
 
 fn proc_status_kb(path: &str, key: &str) -> u64 {
@@ -1033,22 +965,24 @@ async fn client_vanishing_mid_query_has_the_query_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_the_brokers_own_replies_does_not_grow_broker_memory() {
     let _gate = shared_gate().await;
-    let mut b = BrokerProc::start("pool_mode = \"transaction\"", &db("selfreply", pg().port(), "pool_size = 2")).await;
-    let rss_before = b.rss();
+    let b = broker_process("pool_mode = \"transaction\"", &db("selfreply", pg().port(), "pool_size = 2")).await;
+    let rss_before = rss(&b);
     // Close + Sync of a statement it never prepared, answered by the broker without a server
     // (CloseComplete, ReadyForQuery), 4 million times; the client reads none of it.
-    let mut s = within(raw_login(b.addr, "selfreply")).await.unwrap();
+    let mut s = within(raw_login(b.addr(), "selfreply")).await.unwrap();
     let pair: &[u8] = &[b'C', 0, 0, 0, 7, b'S', b'x', 0, b'S', 0, 0, 0, 4];
     let flood = pair.repeat(4_000_000);
     let writer = tokio::spawn(async move {
         let _ = s.write_all(&flood).await;
         s
     });
+    // A window for the broker to grow in, if it buffered what it cannot send: nothing is
+    // supposed to happen, so there is no event to wait for.
     sleep(Duration::from_secs(6)).await;
-    let grown = b.rss().saturating_sub(rss_before);
+    let grown = rss(&b).saturating_sub(rss_before);
     assert!(grown < 24 << 20, "broker RSS grew {} MiB", grown >> 20);
     writer.abort();
-    let next = client(b.addr, "selfreply").await;
+    let next = client(b.addr(), "selfreply").await;
     assert_eq!(timeout(10 * SEC, one(&next, "SELECT 1")).await.unwrap(), "1");
     assert!(b.alive());
 }
@@ -1056,11 +990,11 @@ async fn a_client_that_never_reads_the_brokers_own_replies_does_not_grow_broker_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_never_reads_does_not_grow_broker_memory() {
     let _gate = shared_gate().await;
-    let mut b = BrokerProc::start("pool_mode = \"transaction\"", &db("flood", pg().port(), "pool_size = 2")).await;
-    let rss_before = b.rss();
+    let b = broker_process("pool_mode = \"transaction\"", &db("flood", pg().port(), "pool_size = 2")).await;
+    let rss_before = rss(&b);
 
     // About 2 GB of result, and the client never reads a byte of it.
-    let mut s = within(raw_login(b.addr, "flood")).await.unwrap();
+    let mut s = within(raw_login(b.addr(), "flood")).await.unwrap();
     let flood = query_msg("SELECT repeat('x', 1000) FROM generate_series(1, 2000000) /* never-read */");
     within(s.write_all(&flood)).await.unwrap();
 
@@ -1073,7 +1007,7 @@ async fn client_that_never_reads_does_not_grow_broker_memory() {
     // The broker's memory stays flat while the backend waits.
     let mut samples = Vec::new();
     for _ in 0..20 {
-        samples.push(b.rss());
+        samples.push(rss(&b));
         sleep(Duration::from_millis(250)).await;
     }
     let mib = |v: u64| v as f64 / (1024.0 * 1024.0);
@@ -1093,11 +1027,11 @@ async fn client_that_never_reads_does_not_grow_broker_memory() {
 
     // The client leaves; the broker serves the next one and the backend goes away.
     drop(s);
-    let next = client(b.addr, "flood").await;
+    let next = client(b.addr(), "flood").await;
     assert_eq!(timeout(10 * SEC, one(&next, "SELECT 1")).await.unwrap(), "1");
     let gone = eventually(10 * SEC, || async { backends_running(&d, "never-read */").await.is_empty() }).await;
     assert!(gone, "the abandoned query still runs");
-    assert!(b.alive(), "broker exited: {}", b.log());
+    assert!(b.alive(), "broker exited: {}", b.log_tail(20));
 }
 
 // =============================================================================================
@@ -1132,7 +1066,7 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
     let started = Instant::now();
     let broker = "pool_mode = \"transaction\"\nmax_client_conn = 10000\ndefault_pool_size = 20\n\
                   query_wait_timeout = \"60s\"\nclient_login_timeout = \"60s\"";
-    let mut b = BrokerProc::start(broker, &db("storm", pg().port(), "")).await;
+    let b = broker_process(broker, &db("storm", pg().port(), "")).await;
     let (broker_soft, _) = nofile(&b.pid().to_string());
     assert!(broker_soft >= need, "the broker's soft NOFILE limit is {broker_soft}; need {need}");
 
@@ -1143,7 +1077,7 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
     let storm_done = Arc::new(AtomicBool::new(false));
     let (connected_tx, connected) = tokio::sync::oneshot::channel();
     let poller = {
-        let (done, addr) = (storm_done.clone(), b.addr);
+        let (done, addr) = (storm_done.clone(), b.addr());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
@@ -1170,7 +1104,7 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         let gate = gate.clone();
-        let addr = b.addr;
+        let addr = b.addr();
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.unwrap();
             let served = timeout(60 * SEC, async {
@@ -1199,11 +1133,11 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
     assert_eq!(open.len(), clients);
     // Every slot is taken: the 10,001st client is refused with 53300, while another console
     // session still gets in (the admin reserve).
-    let mut extra = within(TcpStream::connect(b.addr)).await.unwrap();
+    let mut extra = within(TcpStream::connect(b.addr())).await.unwrap();
     within(extra.write_all(&startup_packet(&[("user", "postgres"), ("database", "storm")]))).await.unwrap();
     let reply = within(read_until(&mut extra, &mut Vec::new(), |t| t == b'Z' || t == b'E')).await.unwrap();
     assert_eq!(reply.error_code().as_deref(), Some("53300"));
-    let late_console = within(client(b.addr, "pgbroker")).await;
+    let late_console = within(client(b.addr(), "pgbroker")).await;
     assert!(within(late_console.simple_query("SHOW POOLS")).await.is_ok(), "a console session when full");
     drop(late_console);
 
@@ -1213,7 +1147,7 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
         "storm: {} of {clients} served in {storm_took:?}; console answered {polls} SHOW POOLS, slowest {slowest:?}; \
          broker RSS {:.1} MiB",
         open.len(),
-        b.rss() as f64 / (1024.0 * 1024.0)
+        rss(&b) as f64 / (1024.0 * 1024.0)
     );
     assert!(slowest <= 2 * SEC, "the console took {slowest:?} to answer SHOW POOLS");
     assert!(polls >= 5, "the console was polled only {polls} times");
@@ -1222,5 +1156,5 @@ async fn storm_of_10000_clients_is_served_while_the_console_answers() {
     let servers: usize = row["sv_active"].parse::<usize>().unwrap() + row["sv_idle"].parse::<usize>().unwrap();
     assert!(servers <= 20, "{row:?}");
     drop(open);
-    assert!(b.alive(), "broker exited: {}", b.log());
+    assert!(b.alive(), "broker exited: {}", b.log_tail(20));
 }

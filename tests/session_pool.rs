@@ -237,16 +237,21 @@ async fn waiting_client_gets_the_server_when_it_frees_up() {
     let addr = b.local_addr();
     let c1 = connect_bench(addr).await;
     let waiter = tokio::spawn(async move {
-        let started = Instant::now();
         let c2 = connect_bench(addr).await;
         c2.simple_query("SELECT 1").await.unwrap();
-        started.elapsed()
+        Instant::now()
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    eventually("the second client to queue for the server", Duration::from_secs(10), || async {
+        let stats = pool.stats();
+        if stats.waiting == 1 { Ok(()) } else { Err(stats) }
+    })
+    .await;
     assert!(!waiter.is_finished(), "second client waits while the only server is held");
+    let released = Instant::now();
     drop(c1);
-    let waited = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
-    assert!(waited >= Duration::from_millis(400));
+    let served = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    assert!(served >= released, "served only once the server was released");
 }
 
 #[tokio::test]
@@ -267,8 +272,15 @@ async fn cancel_request_reaches_the_running_query() {
     let c = connect_bench(b.local_addr()).await;
     let token = c.cancel_token();
     let started = Instant::now();
-    let query = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let query = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20) /* to cancel */").await });
+    // A cancel that arrives before the query runs has nothing to cancel.
+    let server = direct("bench").await;
+    eventually("the query to run on the server", Duration::from_secs(10), || async {
+        let running = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE query = 'SELECT pg_sleep(20) /* to cancel */' AND state = 'active'";
+        one(&server, running).await == "1"
+    })
+    .await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), query).await.unwrap().unwrap().unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
@@ -297,10 +309,12 @@ async fn idle_transaction_timeout_applies_in_session_mode_too() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("SELECT 1").await.unwrap();
+    // Idle past the timeout outside a transaction: nothing is supposed to happen, so there
+    // is nothing to wait for.
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.simple_query("SELECT 1").await.expect("idle outside a transaction is fine");
     c.simple_query("BEGIN").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the broker to end the client", Duration::from_secs(5), || async { c.is_closed() }).await;
     assert!(c.simple_query("SELECT 1").await.is_err(), "idle inside a transaction ends the client");
     let next = connect_bench(b.local_addr()).await;
     let row = next.query_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[]).await.unwrap();

@@ -12,7 +12,6 @@ use pgbroker::config::PoolMode;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 struct Browser(Child);
@@ -26,36 +25,6 @@ impl Drop for Browser {
 
 fn chromium() -> Option<&'static str> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| std::path::Path::new(p).exists())
-}
-
-/// A small HTTP GET; Chromium's DevTools server keeps connections open, so the body is read
-/// by its Content-Length, within a time limit.
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = s.read(&mut buf).await.ok()?;
-            raw.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&raw).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
-                    .and_then(|v| v.parse::<usize>().ok());
-                if n == 0 || len.is_some_and(|l| body.len() >= l) {
-                    return Some(body.to_string());
-                }
-            } else if n == 0 {
-                return None;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), fetch).await.ok().flatten()
 }
 
 /// Reads the page's live figures through Runtime.evaluate.
@@ -98,7 +67,7 @@ async fn status_page_shows_live_numbers_that_move_under_load() {
     let b = broker(mode_config(PoolMode::Transaction, 4)).await;
     let page = format!("http://{}/", b.http_addr());
     let profile = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let _browser = Browser(
         Command::new(bin)
             .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
@@ -115,7 +84,8 @@ async fn status_page_shows_live_numbers_that_move_under_load() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let ws_url = loop {
         assert!(Instant::now() < deadline, "Chromium's DevTools did not come up");
-        if let Some(body) = http_get(port, "/json/list").await {
+        // DevTools keeps the connection open: the body ends at its Content-Length.
+        if let Some((_, body)) = try_http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/json/list").await {
             if let Ok(targets) = serde_json::from_str::<Vec<Value>>(&body) {
                 if let Some(t) = targets.iter().find(|t| t["type"] == "page" && t["url"].as_str() == Some(&page)) {
                     // Use the address we know it listens on, whatever host name it reports.

@@ -26,8 +26,11 @@ async fn server_is_held_for_the_whole_transaction_and_released_after() {
     let pool = &b.app().pools.all()[0];
     assert_eq!(pool.stats().idle, 0, "held while in the transaction");
     c.simple_query("COMMIT").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(pool.stats().idle, pool.stats().open, "released at ReadyForQuery 'I'");
+    eventually("released at ReadyForQuery 'I'", Duration::from_secs(5), || async {
+        let stats = pool.stats();
+        if stats.idle == stats.open { Ok(()) } else { Err(stats) }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::{Client, NoTls};
 
+pub mod process;
+
 /// Stored md5 secret for user `md5user`, password `md5secret`: "md5" + md5("md5secret" + "md5user").
 pub const MD5USER_SECRET: &str = "md51df59ed3db2d942a46e855424bbafc45";
 
@@ -259,16 +261,121 @@ pub async fn rows(c: &Client, sql: &str) -> Vec<std::collections::HashMap<String
         .collect()
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked: another process may take it before use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.1 GET within 10 s: (status, body), or `None` when nothing answers. The body
+/// ends at its Content-Length when there is one (a server may keep the connection open), else
+/// where the server closes.
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let fetch = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = s.read(&mut buf).await.ok()?;
+            raw.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&raw);
+            match text.split_once("\r\n\r\n") {
+                Some((head, body)) => {
+                    let len = head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    });
+                    if n == 0 || len.is_some_and(|l| body.len() >= l) {
+                        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+                        return Some((status, body.to_string()));
+                    }
+                }
+                None if n == 0 => return None,
+                None => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch).await.ok().flatten()
+}
+
 /// A plain HTTP/1.1 GET; returns (status, body).
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).await.unwrap_or_else(|| panic!("no HTTP answer from {addr}{path} within 10 s"))
+}
+
+/// What a condition polled by [`eventually`] returns: done with a value, or not yet with what
+/// was seen (for the failure message).
+pub trait Check {
+    /// The value once the condition holds.
+    type Done;
+    /// What was seen while it did not.
+    type Pending: std::fmt::Debug;
+    /// `Ok` once the condition holds.
+    fn check(self) -> Result<Self::Done, Self::Pending>;
+}
+
+impl Check for bool {
+    type Done = ();
+    type Pending = bool;
+    fn check(self) -> Result<(), bool> {
+        if self { Ok(()) } else { Err(false) }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Done = T;
+    type Pending = Option<()>;
+    fn check(self) -> Result<T, Option<()>> {
+        self.ok_or(None)
+    }
+}
+
+/// `Err(state)`: not yet, and `state` is what was seen.
+impl<T, E: std::fmt::Debug> Check for Result<T, E> {
+    type Done = T;
+    type Pending = E;
+    fn check(self) -> Result<T, E> {
+        self
+    }
+}
+
+/// How often [`eventually`] polls.
+pub const POLL: Duration = Duration::from_millis(25);
+
+/// Polls `f` every 25 ms until its condition holds (`true`, `Some(v)` or `Ok(v)`), at most
+/// `limit`: `Ok(value)`, or `Err(what was seen last)` once `limit` has passed.
+pub async fn poll<C, F, Fut>(limit: Duration, mut f: F) -> Result<C::Done, C::Pending>
+where
+    C: Check,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = C>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let seen = match f().await.check() {
+            Ok(v) => return Ok(v),
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(seen);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits for an observable condition instead of a fixed time: polls `f` every 25 ms until
+/// it holds (`true`, `Some(v)` or `Ok(v)`) and returns its value; panics naming `what` and
+/// the last state seen (the `Err`) if `limit` passes first.
+pub async fn eventually<C, F, Fut>(what: &str, limit: Duration, f: F) -> C::Done
+where
+    C: Check,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = C>,
+{
+    match poll(limit, f).await {
+        Ok(v) => v,
+        Err(seen) => panic!("{what}: not within {limit:?}; last seen: {seen:?}"),
+    }
 }
