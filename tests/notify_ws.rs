@@ -51,8 +51,8 @@ async fn next_json<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 /// Waits until the hub's listener has run one of `statements` (`LISTEN "chan"`, ...) on
 /// the server: a backend shows it as its last statement, finished.
 ///
-/// A `subscribed` reply alone does not say so: a subscribe that comes while the listener is
-/// still logging in is answered at once, and the LISTEN follows when the login completes.
+/// For what the bridge says of the server's own state (an UNLISTEN after the last
+/// subscriber leaves, a LISTEN again after a reconnect), which no reply announces.
 async fn server_ran(statements: &[&str]) {
     let admin = direct("bench").await;
     let list: Vec<String> = statements.iter().map(|s| format!("'{}'", s.replace('\'', "''"))).collect();
@@ -101,6 +101,21 @@ async fn subscriber_receives_notifications_with_parsed_json_payload() {
     let n2 = next_json(&mut ws).await;
     assert_eq!(n2["payload"], "plain text");
     assert_eq!(n2["messageId"].as_u64().unwrap(), n1["messageId"].as_u64().unwrap() + 1, "monotonic ids");
+}
+
+#[tokio::test]
+async fn a_subscribe_answered_while_the_listener_logs_in_misses_no_notification() {
+    // The first subscriber of a fresh broker: its subscribe comes while the hub's listener
+    // is still logging in. Once it reads `subscribed`, the LISTEN is in place.
+    let b = broker(ws_config()).await;
+    let c = direct("bench").await;
+    let mut ws = open(&url(&b, "")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    let sub = subscribe(&mut ws, &["first_login"]).await;
+    assert_eq!(sub, json!({"type": "subscribed", "channels": ["first_login"]}));
+    c.simple_query("SELECT pg_notify('first_login', 'right after')").await.unwrap();
+    let n = next_json(&mut ws).await;
+    assert_eq!((n["channel"].as_str(), n["payload"].as_str()), (Some("first_login"), Some("right after")));
 }
 
 async fn wait_for(cond: impl Fn() -> bool) {

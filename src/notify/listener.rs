@@ -17,6 +17,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
     let mut backoff = FIRST_BACKOFF;
     let mut connected_before = false;
+    // Subscribers waiting for a LISTEN queued while disconnected: answered once the wanted
+    // set (which covers their channels) is LISTENed, so none is told it is subscribed before
+    // its notifications can arrive.
+    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     loop {
         let Some(pool) = hub.upgrade().map(|h| h.pool.clone()) else { return };
         let checkout = tokio::select! {
@@ -28,7 +32,13 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
                 server.release = Release::Close;
                 backoff = FIRST_BACKOFF;
                 // Commands queued while disconnected are covered by LISTENing on the wanted set.
-                while cmds.try_recv().is_ok() {}
+                while let Ok(cmd) = cmds.try_recv() {
+                    if let Cmd::Listen(_, Some(ack)) = cmd {
+                        // Only subscribers still waiting: the list cannot outgrow them.
+                        waiting.retain(|a| !a.is_closed());
+                        waiting.push(ack);
+                    }
+                }
                 let Some(h) = hub.upgrade() else { return };
                 let wanted = h.wanted();
                 drop(h);
@@ -41,6 +51,9 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
                 }
                 match result {
                     Ok(()) => {
+                        for ack in waiting.drain(..) {
+                            let _ = ack.send(());
+                        }
                         if let Some(h) = hub.upgrade() {
                             tracing::info!(database = %h.database, channels = wanted.len(), "notification listener connected");
                             if connected_before {
