@@ -201,3 +201,19 @@ fn database_debug_output_redacts_the_password() {
     let shown = format!("{c:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+#[test]
+fn password_errors_name_the_key_but_never_the_password() {
+    for (line, secret) in [
+        ("password = \"hun${ter2\"", "ter2"),
+        ("password = \"a${hun ter2}b\"", "ter2"),
+        ("url = \"postgres://u:hun%zzter2@127.0.0.1:5432/x\"", "ter2"),
+        ("url = \"postgres://u:hun/ter2@127.0.0.1:5432/x\"", "ter2"),
+        ("url = \"postgres://u:hunter2@127.0.0.1:5432/x?port=hunter2\"", "ter2"),
+        ("url = \"postgres://u:hun%ffter2@127.0.0.1:5432/x\"", "ter2"),
+    ] {
+        let e = err_text(&format!("[auth]\ntype = \"trust\"\n[databases.x]\n{line}\n"));
+        assert!(e.contains("databases.x."), "names the key: {e}");
+        assert!(!e.contains(secret), "{line}: the password must not reach logs or replies: {e}");
+    }
+}

@@ -29,7 +29,10 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        // Errors never quote the value: it may be a password that happens to hold `${`.
+        let end = after
+            .find('}')
+            .ok_or("an unterminated ${ (a password with \"${\" in it can be given through an environment variable)")?;
         let (name, default) = match after[..end].split_once(":-") {
             Some((name, default)) => (name, Some(default)),
             None => (&after[..end], None),
@@ -37,7 +40,8 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         let value = match (env(name).filter(|v| !v.is_empty() || default.is_none()), default) {
             (Some(v), _) => v,
             (None, Some(d)) => d.to_string(),
-            (None, None) => return Err(format!("environment variable {name} is not set")),
+            (None, None) if is_env_name(name) => return Err(format!("environment variable {name} is not set")),
+            (None, None) => return Err("a ${...} that names no environment variable".into()),
         };
         out.push_str(&value);
         rest = &after[end + 1..];
@@ -61,7 +65,12 @@ pub struct PgUrl {
     pub password: Option<String>,
 }
 
-/// Parses a libpq-style connection URL (single host).
+/// A URL's port that is not a number: often a password with `/`, `@` or `:` left unescaped.
+const BAD_PORT: &str =
+    "the port is not a number (in a URL, write '/', '@', ':' and '%' in a password as %2F, %40, %3A and %25)";
+
+/// Parses a libpq-style connection URL (single host). Errors never quote the URL: it holds
+/// a password.
 pub fn parse_pg_url(url: &str) -> Result<PgUrl, String> {
     let rest = url
         .strip_prefix("postgres://")
@@ -93,7 +102,7 @@ pub fn parse_pg_url(url: &str) -> Result<PgUrl, String> {
     };
     out.host = non_empty(host);
     if let Some(p) = port.filter(|p| !p.is_empty()) {
-        out.port = Some(p.parse().map_err(|_| format!("invalid port {p:?}"))?);
+        out.port = Some(p.parse().map_err(|_| BAD_PORT)?);
     }
     out.dbname = non_empty(percent_decode(path)?);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -101,7 +110,7 @@ pub fn parse_pg_url(url: &str) -> Result<PgUrl, String> {
         let v = percent_decode(v)?;
         match k {
             "host" => out.host = non_empty(v),
-            "port" => out.port = Some(v.parse().map_err(|_| format!("invalid port {v:?}"))?),
+            "port" => out.port = Some(v.parse().map_err(|_| BAD_PORT)?),
             "dbname" => out.dbname = non_empty(v),
             "user" => out.user = non_empty(v),
             "password" => out.password = Some(v),
@@ -124,13 +133,20 @@ fn percent_decode(s: &str) -> Result<String, String> {
         if b == b'%' {
             let hex: String =
                 [bytes.next(), bytes.next()].into_iter().map(|c| c.map(char::from).unwrap_or('?')).collect();
-            let v = u8::from_str_radix(&hex, 16).map_err(|_| format!("bad %-escape in {s:?}"))?;
+            let v = u8::from_str_radix(&hex, 16).map_err(|_| "a bad %-escape (write a literal % as %25)")?;
             out.push(v);
         } else {
             out.push(b);
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 after %-decoding"))
+    String::from_utf8(out).map_err(|_| "a %-escaped part that is not UTF-8".to_string())
+}
+
+/// True for a name the shell would take as a variable: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
