@@ -15,6 +15,7 @@
 //! - [`cancel`]: client cancel keys mapped to the server running their query.
 //! - [`notify`]: LISTEN/NOTIFY fan-out to WebSocket clients and pooled SQL clients.
 //! - [`http`]: the HTTP listener (WebSocket bridge).
+//! - [`logline`]: log lines that stay one line whatever peers put in them.
 //! - [`admin`]: the admin console (virtual database `pgbroker`).
 //! - [`stats`], [`clients`]: counters and the client registry behind it.
 //! - [`app`]: wiring, accept loop and signals.
@@ -38,6 +39,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod histogram;
 pub mod http;
+pub mod logline;
 pub mod metrics;
 pub mod net;
 pub mod notify;

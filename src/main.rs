@@ -35,11 +35,14 @@ enum Command {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        builder.json().init();
+        builder.with_writer(std::io::stderr).json().init();
     } else {
-        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        // Peer-chosen strings (user names, databases, channels) stay inside their line.
+        let writer = move || pgbroker::logline::OneLine::new(std::io::stderr(), ansi);
+        builder.with_writer(writer).with_ansi(ansi).init();
     }
 }
 

@@ -204,3 +204,28 @@ async fn secrets_and_query_parameters_never_reach_the_logs_or_the_admin_console(
         assert!(!console.contains(secret), "{secret} on the admin console:\n{console}");
     }
 }
+
+#[tokio::test]
+async fn a_user_name_with_a_newline_cannot_forge_a_log_line() {
+    let config = |p: common::process::Ports| {
+        format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:0\"\n[auth]\ntype = \"trust\"\n\
+             [databases.bench]\nport = {}\nuser = \"postgres\"\npassword = \"postgres\"\n",
+            p.port,
+            pg().port()
+        )
+    };
+    let broker = BrokerProcess::start(config).await;
+    let forged = "x\n2026-01-01T00:00:00.000000Z  INFO pgbroker: FORGED admin granted";
+    let mut s = raw(broker.addr()).await;
+    let database = format!("nosuchdb\u{1b}[2J{forged}");
+    send(&mut s, &startup_packet(&[("user", forged), ("database", &database)])).await;
+    let reply = read_until_close(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("3D000"), "refused: unknown database");
+    broker.signal("-TERM");
+    broker.wait_exit(Duration::from_secs(15)).expect("the broker exits");
+    let logs = broker.log();
+    assert!(logs.contains("nosuchdb\\x1b[2J"), "the refusal was logged, escaped:\n{logs}");
+    assert!(!logs.contains('\u{1b}'), "no terminal escape reaches the log:\n{logs}");
+    assert!(logs.lines().all(|l| !l.contains("FORGED") || !l.starts_with("2026-01-01")), "a forged line:\n{logs}");
+}
