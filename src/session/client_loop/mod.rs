@@ -397,7 +397,11 @@ impl ClientLoop {
         let mut out = BytesMut::new();
         for (t, msg) in crate::proto::frame::messages(&batch) {
             self.pending.observe_client(t, false);
-            match p.on_client(t, msg, &mut out, &mut server.statements) {
+            let action = p.on_client(t, msg, &mut out, &mut server.statements);
+            for _ in 0..p.take_skipped() {
+                self.pending.withdraw();
+            }
+            match action {
                 Action::Forward => to_server.extend_from_slice(msg),
                 Action::Replace => to_server.extend_from_slice(&out),
                 Action::Drop | Action::Stop => {}

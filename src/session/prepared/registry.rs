@@ -63,6 +63,7 @@ impl Registry {
 }
 
 /// A client's statement: its definition and the server-side name of the version it knows.
+#[derive(Debug)]
 pub(super) struct Entry {
     pub(super) def: Arc<StmtDef>,
     pub(super) version: u32,
