@@ -390,6 +390,28 @@ fn error_fields(bytes: &[u8]) -> (String, String) {
     (error_code(bytes).unwrap_or_default(), field('M'))
 }
 
+#[tokio::test]
+async fn statement_names_differing_only_in_case_are_two_statements() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    let batch = [
+        parse("S1", "SELECT 'upper'"),
+        parse("s1", "SELECT 'lower'"),
+        bind_execute("S1"),
+        bind_execute("s1"),
+        msg(b'S', b""),
+    ];
+    let r = read_after(&mut s, &batch.concat()).await;
+    assert_eq!(tags(&r), "112DC2DCZ", "{:?}", String::from_utf8_lossy(&r));
+    let text = String::from_utf8_lossy(&r);
+    assert!(text.find("upper").unwrap() < text.find("lower").unwrap(), "{text}");
+    // Again, each name on its own.
+    let r = read_after(&mut s, &[bind_execute("s1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("lower"));
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("upper"));
+}
+
 /// Reads until a ReadyForQuery with `status`.
 async fn read_until_ready(s: &mut tokio::net::TcpStream, status: u8) -> Vec<u8> {
     let mut got = Vec::new();
@@ -405,6 +427,37 @@ async fn read_until_ready(s: &mut tokio::net::TcpStream, status: u8) -> Vec<u8> 
 async fn read_after(s: &mut tokio::net::TcpStream, bytes: &[u8]) -> Vec<u8> {
     send(s, bytes).await;
     read_until_idle(s).await
+}
+
+#[tokio::test]
+async fn deallocate_folds_unquoted_names_to_lower_case_and_keeps_quoted_ones() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    let both = [parse("S1", "SELECT 'upper'"), parse("s1", "SELECT 'lower'"), msg(b'S', b"")].concat();
+    assert_eq!(tags(&read_after(&mut s, &both).await), "11Z");
+    // Unquoted: folded, so it names "s1".
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', b"DEALLOCATE S1\0")).await), "CZ");
+    let r = read_after(&mut s, &[bind_execute("s1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"));
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("upper"), "\"S1\" is still there");
+    // Quoted: exact.
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', b"DEALLOCATE \"S1\"\0")).await), "CZ");
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn deallocate_folds_only_ascii_letters_as_postgresql_does_in_utf8() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    assert_eq!(tags(&read_after(&mut s, &[parse("ÉTAT", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    // PostgreSQL folds `ÉTAT` to "État": the statement is not that one.
+    let r = read_after(&mut s, &msg(b'Q', "DEALLOCATE ÉTAT\0".as_bytes())).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"), "{:?}", String::from_utf8_lossy(&r));
+    assert_eq!(tags(&read_after(&mut s, &[parse("Étau", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    // ...and `ÉTAU` names "Étau".
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', "DEALLOCATE ÉTAU\0".as_bytes())).await), "CZ");
 }
 
 #[tokio::test]
