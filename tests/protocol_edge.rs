@@ -237,3 +237,39 @@ async fn a_query_sent_after_an_extended_protocol_error_arrived_leaves_the_server
     assert_eq!(tags(&read_until_ready(&mut s).await), "Z", "the skipped Query gets nothing");
     the_only_server_is_free(&b).await;
 }
+
+/// Polls a direct connection until `sql` returns `want`, for up to 10 s.
+async fn eventually(sql: &str, want: &str) {
+    let c = direct("bench").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = one(&c, sql).await;
+        if got == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sql}: {got}, expected {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A query sent in one write with Terminate, by a client that closes at once.
+async fn query_then_terminate_runs(mode: pgbroker::config::PoolMode, table: &str) {
+    let admin = direct("bench").await;
+    admin.simple_query(&format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (n int)")).await.unwrap();
+    let b = trust_broker(mode, 1).await;
+    let mut s = logged_in(b.local_addr()).await;
+    send(&mut s, &[query(&format!("INSERT INTO {table} VALUES (1)")), msg(b'X', b"")].concat()).await;
+    drop(s);
+    eventually(&format!("SELECT count(*) FROM {table}"), "1").await;
+    the_only_server_is_free(&b).await;
+}
+
+#[tokio::test]
+async fn a_query_sent_with_terminate_in_one_write_is_run_in_transaction_mode() {
+    query_then_terminate_runs(pgbroker::config::PoolMode::Transaction, "edge_terminate_txn").await;
+}
+
+#[tokio::test]
+async fn a_query_sent_with_terminate_in_one_write_is_run_in_session_mode() {
+    query_then_terminate_runs(pgbroker::config::PoolMode::Session, "edge_terminate_session").await;
+}
