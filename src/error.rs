@@ -53,6 +53,9 @@ impl SqlState {
     /// 42601 is a syntax error; used here for unknown admin commands and bad SQL made by clients.
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
 
+    /// 42P05: a Parse named a prepared statement the client already has.
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
+
     /// A code received from a server; anything not five ASCII alphanumerics becomes XX000.
     pub fn from_code(code: &str) -> SqlState {
         match <[u8; 5]>::try_from(code.as_bytes()) {

@@ -380,3 +380,163 @@ async fn an_extended_protocol_copy_from_stdin_leaves_the_server_free() {
     assert_eq!(one(&c, "SELECT 'after the copy'").await, "after the copy");
     the_only_server_is_free(&b).await;
 }
+
+/// The SQLSTATE and message of the first ErrorResponse in `bytes`.
+fn error_fields(bytes: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(bytes);
+    let field = |k: char| {
+        text.split('\0').find_map(|f| f.strip_prefix(k).filter(|_| f.len() > 1)).unwrap_or_default().to_string()
+    };
+    (error_code(bytes).unwrap_or_default(), field('M'))
+}
+
+#[tokio::test]
+async fn statement_names_differing_only_in_case_are_two_statements() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    let batch = [
+        parse("S1", "SELECT 'upper'"),
+        parse("s1", "SELECT 'lower'"),
+        bind_execute("S1"),
+        bind_execute("s1"),
+        msg(b'S', b""),
+    ];
+    let r = read_after(&mut s, &batch.concat()).await;
+    assert_eq!(tags(&r), "112DC2DCZ", "{:?}", String::from_utf8_lossy(&r));
+    let text = String::from_utf8_lossy(&r);
+    assert!(text.find("upper").unwrap() < text.find("lower").unwrap(), "{text}");
+    // Again, each name on its own.
+    let r = read_after(&mut s, &[bind_execute("s1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("lower"));
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("upper"));
+}
+
+/// Reads until a ReadyForQuery with `status`.
+async fn read_until_ready(s: &mut tokio::net::TcpStream, status: u8) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, status]) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+async fn read_after(s: &mut tokio::net::TcpStream, bytes: &[u8]) -> Vec<u8> {
+    send(s, bytes).await;
+    read_until_idle(s).await
+}
+
+#[tokio::test]
+async fn deallocate_folds_unquoted_names_to_lower_case_and_keeps_quoted_ones() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    let both = [parse("S1", "SELECT 'upper'"), parse("s1", "SELECT 'lower'"), msg(b'S', b"")].concat();
+    assert_eq!(tags(&read_after(&mut s, &both).await), "11Z");
+    // Unquoted: folded, so it names "s1".
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', b"DEALLOCATE S1\0")).await), "CZ");
+    let r = read_after(&mut s, &[bind_execute("s1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"));
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert!(String::from_utf8_lossy(&r).contains("upper"), "\"S1\" is still there");
+    // Quoted: exact.
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', b"DEALLOCATE \"S1\"\0")).await), "CZ");
+    let r = read_after(&mut s, &[bind_execute("S1"), msg(b'S', b"")].concat()).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn deallocate_folds_only_ascii_letters_as_postgresql_does_in_utf8() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    assert_eq!(tags(&read_after(&mut s, &[parse("ÉTAT", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    // PostgreSQL folds `ÉTAT` to "État": the statement is not that one.
+    let r = read_after(&mut s, &msg(b'Q', "DEALLOCATE ÉTAT\0".as_bytes())).await;
+    assert_eq!(error_code(&r).as_deref(), Some("26000"), "{:?}", String::from_utf8_lossy(&r));
+    assert_eq!(tags(&read_after(&mut s, &[parse("Étau", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    // ...and `ÉTAU` names "Étau".
+    assert_eq!(tags(&read_after(&mut s, &msg(b'Q', "DEALLOCATE ÉTAU\0".as_bytes())).await), "CZ");
+}
+
+#[tokio::test]
+async fn parse_of_a_live_statement_name_fails_with_42p05_and_skips_to_sync() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    assert_eq!(tags(&read_after(&mut s, &[parse("dup", "SELECT 'first'"), msg(b'S', b"")].concat()).await), "1Z");
+    let batch = [
+        parse("other", "SELECT 'other'"),
+        bind_execute("other"),
+        parse("dup", "SELECT 'second'"),
+        bind_execute("dup"),
+        msg(b'S', b""),
+    ];
+    let r = read_after(&mut s, &batch.concat()).await;
+    // What came before runs; the Parse fails; its Bind and Execute are skipped.
+    assert_eq!(tags(&r), "12DCEZ", "{:?}", String::from_utf8_lossy(&r));
+    let (code, message) = error_fields(&r);
+    assert_eq!((code.as_str(), message.as_str()), ("42P05", "prepared statement \"dup\" already exists"));
+    // The live statement is the first one still.
+    let r = read_after(&mut s, &[bind_execute("dup"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&r), "2DCZ");
+    assert!(String::from_utf8_lossy(&r).contains("first"));
+}
+
+#[tokio::test]
+async fn parse_and_sync_of_a_live_statement_name_fails_with_42p05() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    assert_eq!(tags(&read_after(&mut s, &[parse("dup", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    let r = read_after(&mut s, &[parse("dup", "SELECT 2"), msg(b'S', b"")].concat()).await;
+    assert_eq!(tags(&r), "EZ");
+    assert_eq!(error_code(&r).as_deref(), Some("42P05"));
+}
+
+#[tokio::test]
+async fn a_duplicate_parse_aborts_the_transaction_as_postgresql_does() {
+    let b = trust_broker(2).await;
+    let admin = direct("bench").await;
+    admin.simple_query("DROP TABLE IF EXISTS ps_dup_tx; CREATE TABLE ps_dup_tx (n int)").await.unwrap();
+    let mut s = raw_session(&b).await;
+    assert_eq!(tags(&read_after(&mut s, &[parse("dup", "SELECT 1"), msg(b'S', b"")].concat()).await), "1Z");
+    send(&mut s, &msg(b'Q', b"BEGIN; INSERT INTO ps_dup_tx VALUES (1)\0")).await;
+    read_until_ready(&mut s, b'T').await;
+    send(&mut s, &[parse("dup", "SELECT 2"), msg(b'S', b"")].concat()).await;
+    let r = read_until_ready(&mut s, b'E').await;
+    assert_eq!(error_code(&r).as_deref(), Some("42P05"));
+    let r = read_after(&mut s, &msg(b'Q', b"COMMIT\0")).await;
+    assert!(String::from_utf8_lossy(&r).contains("ROLLBACK"), "{:?}", String::from_utf8_lossy(&r));
+    assert_eq!(one(&admin, "SELECT count(*) FROM ps_dup_tx").await, "0");
+}
+
+#[tokio::test]
+async fn a_parse_of_the_same_name_by_another_client_is_not_a_duplicate() {
+    let b = trust_broker(1).await;
+    let mut first = raw_session(&b).await;
+    let mut second = raw_session(&b).await;
+    let batch = |text: &str| [parse("same", text), bind_execute("same"), msg(b'S', b"")].concat();
+    let r = read_after(&mut first, &batch("SELECT 'one'")).await;
+    assert_eq!(tags(&r), "12DCZ");
+    let r = read_after(&mut second, &batch("SELECT 'two'")).await;
+    assert_eq!(tags(&r), "12DCZ");
+    assert!(String::from_utf8_lossy(&r).contains("two"));
+}
+
+#[tokio::test]
+async fn the_unnamed_statement_is_replaced_silently() {
+    let b = trust_broker(2).await;
+    let mut s = raw_session(&b).await;
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let batch = [
+        parse("", "SELECT 'a'"),
+        parse("", "SELECT 'b'"),
+        msg(b'B', &bind),
+        msg(b'E', &[0, 0, 0, 0, 0]),
+        msg(b'S', b""),
+    ];
+    let r = read_after(&mut s, &batch.concat()).await;
+    assert_eq!(tags(&r), "112DCZ");
+    assert!(String::from_utf8_lossy(&r).contains('b'));
+}

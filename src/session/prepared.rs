@@ -5,6 +5,7 @@
 //! broker answers itself are put in their place in the reply stream.
 
 use super::pipe::Action;
+use crate::error::SqlState;
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, build, split_cstr, tag};
 use crate::server::statements::Statements;
@@ -17,10 +18,11 @@ use std::sync::atomic::Ordering;
 #[derive(Debug)]
 enum Expect {
     /// ParseComplete; `hide` for Parses the broker injected. `name` is the server-side name,
-    /// forgotten again if the Parse fails or is skipped.
+    /// forgotten again if the Parse fails or is skipped, as is the client's name (`undo`).
     Parse {
         name: Option<Arc<str>>,
         hide: bool,
+        undo: Undo,
     },
     /// BindComplete. For a named statement, its definition and the version bound, in case
     /// the server reports the cached plan stale.
@@ -37,8 +39,12 @@ enum Expect {
     Sync,
     /// A simple Query or FunctionCall: everything up to ReadyForQuery.
     Query,
-    /// Replies the broker makes itself once every earlier reply has passed.
-    Mine(Mine),
+    /// The Parse that cannot succeed, sent in place of a client's Parse of a name it already
+    /// has (see `duplicate`): its error becomes 42P05 for this name.
+    Duplicate(Box<[u8]>),
+    /// Replies the broker makes itself once every earlier reply has passed, and how to take
+    /// back what the message did to the client's names if the server skips it.
+    Mine(Mine, Undo),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +65,9 @@ pub struct Prepared {
     expect: VecDeque<Expect>,
     /// The server reported an extended-protocol error and ignores messages until Sync.
     skipping: bool,
+    /// Simple Queries and FunctionCalls the server skipped that way: no ReadyForQuery comes
+    /// for them (see `take_skipped`).
+    skipped: u32,
     /// An Execute started a COPY FROM STDIN: the server ignores Syncs until CopyDone or
     /// CopyFail.
     copying: bool,
@@ -103,6 +112,7 @@ impl Prepared {
             client: HashMap::new(),
             expect: VecDeque::new(),
             skipping: false,
+            skipped: 0,
             copying: false,
             batch: Batch::Off,
             recorded: BytesMut::new(),
@@ -176,15 +186,23 @@ impl Prepared {
     fn expect(&mut self, e: Expect) -> Action {
         if !self.skipping {
             self.expect.push_back(e);
+        } else if matches!(e, Expect::Query) {
+            self.skipped += 1;
         }
         Action::Forward
     }
 
-    fn mine(&mut self, m: Mine) -> Action {
+    fn mine(&mut self, m: Mine, undo: Undo) -> Action {
         if !self.skipping {
-            self.expect.push_back(Expect::Mine(m));
+            self.expect.push_back(Expect::Mine(m, undo));
         }
         Action::Drop
+    }
+
+    /// Simple Queries and FunctionCalls the server will not answer since the last call: it
+    /// skipped them after an extended-protocol error, as it skips everything up to Sync.
+    pub fn take_skipped(&mut self) -> u32 {
+        std::mem::take(&mut self.skipped)
     }
 
     /// Writes a Parse of `name` (and a Close of the statement it evicts) unless the server
@@ -211,26 +229,52 @@ impl Prepared {
             put_cstr(b, name.as_bytes());
             b.put_slice(&def.body);
         });
-        self.expect.push_back(Expect::Parse { name: Some(name.clone()), hide });
+        self.expect.push_back(Expect::Parse { name: Some(name.clone()), hide, undo: Undo::Nothing });
         true
     }
 
     fn parse(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
-        let unnamed = Expect::Parse { name: None, hide: false };
+        // The unnamed statement is replaced silently, as PostgreSQL does.
+        let unnamed = Expect::Parse { name: None, hide: false, undo: Undo::Nothing };
         let Some((name, rest)) = split_cstr(body) else { return self.expect(unnamed) };
         if name.is_empty() {
             return self.expect(unnamed);
+        }
+        if self.skipping {
+            // The server skips it: no reply, and no statement.
+            return Action::Drop;
+        }
+        if self.client.contains_key(name) {
+            return self.duplicate(name, out);
         }
         let mut entry = Entry::new(self.registry.intern(rest));
         let server_name = entry.current().clone();
         let def = entry.def.clone();
         self.client.insert(name.into(), entry);
+        let undo = Undo::Forget(name.into());
         if self.ensure(&server_name, &def, out, server, false) {
+            if let Some(Expect::Parse { undo: u, .. }) = self.expect.back_mut() {
+                *u = undo;
+            }
             Action::Replace
         } else {
             // The server has it already: the client still gets its ParseComplete.
-            self.mine(Mine::ParseComplete)
+            self.mine(Mine::ParseComplete, undo)
         }
+    }
+
+    /// A Parse of a name the client has: PostgreSQL fails it with 42P05, which also aborts
+    /// the transaction and skips the rest up to Sync. The server is made to do just that with
+    /// a Parse that cannot succeed; its error is swapped for 42P05 on the way back.
+    fn duplicate(&mut self, name: &[u8], out: &mut BytesMut) -> Action {
+        write_message(out, tag::PARSE, |b| {
+            // Named, so that the client's unnamed statement is left alone.
+            put_cstr(b, b"pgb_duplicate");
+            put_cstr(b, DUPLICATE_PROBE);
+            b.put_u16(0);
+        });
+        self.expect.push_back(Expect::Duplicate(name.into()));
+        Action::Replace
     }
 
     fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
@@ -283,9 +327,13 @@ impl Prepared {
         let (kind, name) = (body.first().copied(), body.get(1..).and_then(split_cstr).map(|(n, _)| n));
         match (kind, name) {
             (Some(b'S'), Some(n)) if !n.is_empty() => {
+                if self.skipping {
+                    // The server skips it: the statement stays.
+                    return Action::Drop;
+                }
                 // The client's name goes; the server keeps the statement for others.
-                self.client.remove(n);
-                self.mine(Mine::CloseComplete)
+                let undo = self.client.remove_entry(n).map_or(Undo::Nothing, |(k, e)| Undo::Restore(k, e));
+                self.mine(Mine::CloseComplete, undo)
             }
             _ => self.expect(Expect::Close { evicted: None }),
         }
@@ -293,9 +341,10 @@ impl Prepared {
 
     fn query(&mut self, body: &[u8]) -> Action {
         // `DEALLOCATE ALL` goes to the server, which drops everything; its reply clears our maps.
-        if let Some(super::sql::Command::Deallocate(Some(name))) = super::sql::parse(body) {
-            if self.client.remove(name.as_bytes()).is_some() {
-                return self.mine(Mine::Deallocate);
+        // While the server skips to Sync, a Query is skipped too: it changes nothing.
+        if let (false, Some(super::sql::Command::Deallocate(Some(name)))) = (self.skipping, super::sql::parse(body)) {
+            if let Some((k, e)) = self.client.remove_entry(name.as_bytes()) {
+                return self.mine(Mine::Deallocate, Undo::Restore(k, e));
             }
         }
         self.expect(Expect::Query)
@@ -337,7 +386,15 @@ impl Prepared {
                 }
             }
             tag::ERROR_RESPONSE => {
-                hide = self.hold_stale_plan_error(msg, status);
+                if let Some(Expect::Duplicate(name)) = self.expect.front() {
+                    // Another error (25P02 in a failed transaction) is what PostgreSQL says too.
+                    if super::accounting::error_code(msg) == Some(b"42601") {
+                        duplicate_error(out, name);
+                        hide = true;
+                    }
+                } else {
+                    hide = self.hold_stale_plan_error(msg, status);
+                }
                 self.on_error(server);
             }
             tag::READY_FOR_QUERY => {
@@ -369,6 +426,10 @@ impl Prepared {
                 out.put_slice(msg);
                 out.unsplit(mine);
             }
+            return Action::Replace;
+        }
+        if !out.is_empty() {
+            // The broker's own error in place of the server's.
             return Action::Replace;
         }
         if hide { Action::Drop } else { Action::Forward }
@@ -409,22 +470,35 @@ impl Prepared {
         if matches!(self.expect.front(), Some(Expect::Query)) {
             return;
         }
+        let mut unrun = Vec::new();
+        let mut synced = false;
         while let Some(e) = self.expect.front() {
             if matches!(e, Expect::Sync) {
-                return;
+                synced = true;
+                break;
             }
-            let e = self.expect.pop_front();
-            forget_unrun(e, server);
+            if matches!(e, Expect::Query) {
+                self.skipped += 1;
+            }
+            unrun.extend(self.expect.pop_front());
         }
-        self.skipping = true;
+        self.skipping = !synced;
+        // Last first: a Close then a Parse of one name is undone back to the old statement.
+        for e in unrun.into_iter().rev() {
+            self.forget_unrun(e, server);
+        }
     }
 
     fn on_ready(&mut self, server: &mut Statements) {
+        let mut unrun = Vec::new();
         while let Some(e) = self.expect.pop_front() {
             if matches!(e, Expect::Sync | Expect::Query) {
-                return;
+                break;
             }
-            forget_unrun(Some(e), server);
+            unrun.push(e);
+        }
+        for e in unrun.into_iter().rev() {
+            self.forget_unrun(e, server);
         }
     }
 
@@ -432,7 +506,7 @@ impl Prepared {
     /// Returns true if it wrote any.
     pub fn due(&mut self, out: &mut BytesMut, status: TxnStatus) -> bool {
         let mut wrote = false;
-        while let Some(Expect::Mine(m)) = self.expect.front() {
+        while let Some(Expect::Mine(m, _)) = self.expect.front() {
             match m {
                 Mine::ParseComplete => write_message(out, b'1', |_| {}),
                 Mine::CloseComplete => write_message(out, b'3', |_| {}),
@@ -448,59 +522,11 @@ impl Prepared {
         wrote
     }
 
-    /// True if a client without a server can be answered by the broker alone: the messages
-    /// are named Parses and Closes, ending with a Sync, which is what `PQprepare` sends.
-    /// Answering them here needs no server, so a client that prepares synchronously while
-    /// its other connections hold every server cannot deadlock the pool. The statement is
-    /// checked by the server at its first Bind or Describe, which reports any error.
-    pub fn can_answer_alone<'m>(&self, messages: impl Iterator<Item = (u8, &'m [u8])>) -> bool {
-        let mut synced = false;
-        for (t, msg) in messages {
-            if synced {
-                return false;
-            }
-            let body = msg.get(HEADER_LEN..).unwrap_or_default();
-            let ok = match t {
-                tag::PARSE => split_cstr(body).is_some_and(|(name, _)| !name.is_empty()),
-                tag::CLOSE => {
-                    body.first() == Some(&b'S')
-                        && body.get(1..).and_then(split_cstr).is_some_and(|(n, _)| !n.is_empty())
-                }
-                tag::SYNC => {
-                    synced = true;
-                    true
-                }
-                _ => false,
-            };
-            if !ok {
-                return false;
-            }
-        }
-        synced
-    }
-
-    /// Answers one message of a batch `can_answer_alone` accepted.
-    pub fn answer_alone(&mut self, t: u8, msg: &[u8]) {
-        let body = msg.get(HEADER_LEN..).unwrap_or_default();
-        match t {
-            tag::PARSE => {
-                if let Some((name, rest)) = split_cstr(body) {
-                    self.client.insert(name.into(), Entry::new(self.registry.intern(rest)));
-                }
-                self.expect.push_back(Expect::Mine(Mine::ParseComplete));
-            }
-            tag::CLOSE => {
-                self.close(body);
-            }
-            tag::SYNC => self.expect.push_back(Expect::Mine(Mine::Ready)),
-            _ => {}
-        }
-    }
-
     /// Forgets in-flight bookkeeping when the server goes away mid-request.
     pub fn reset_in_flight(&mut self) {
         self.expect.clear();
         self.skipping = false;
+        self.skipped = 0;
         self.batch = Batch::Off;
         self.recorded.clear();
         self.executed = false;
@@ -510,13 +536,13 @@ impl Prepared {
     }
 }
 
-/// A message the server skipped (or that failed): undo what sending it assumed.
-fn forget_unrun(e: Option<Expect>, server: &mut Statements) {
-    match e {
-        Some(Expect::Parse { name: Some(n), .. }) => server.remove(&n),
-        Some(Expect::Close { evicted: Some(n) }) => server.restore(n),
-        _ => {}
-    }
+/// Query text that fails to parse whatever the server holds (see `Prepared::duplicate`).
+const DUPLICATE_PROBE: &[u8] = b"pgbroker: prepared statement already exists";
+
+/// PostgreSQL's error for a Parse of a name in use.
+fn duplicate_error(out: &mut BytesMut, name: &[u8]) {
+    let text = format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name));
+    build::error_response(out, build::Severity::Error, SqlState::DUPLICATE_PREPARED_STATEMENT, &text, None);
 }
 
 fn put_cstr(b: &mut BytesMut, s: &[u8]) {
@@ -533,9 +559,12 @@ fn write_message(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+mod alone;
 mod registry;
 #[cfg(test)]
 mod tests;
+mod undo;
 
 pub use registry::Registry;
 use registry::{Entry, StmtDef};
+use undo::Undo;

@@ -39,6 +39,31 @@ pub enum RelayError {
     Server(#[source] io::Error),
 }
 
+/// Stands in for a client that said Terminate while its server still had work: replies are
+/// dropped, and nothing more comes from it. Reads never complete, so they register no
+/// waker; the server side and the session's timers wake the relay.
+pub struct Gone;
+
+impl AsyncRead for Gone {
+    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for Gone {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Writes `pipe`'s approved bytes to `w` until done or `w` is not ready (its waker is then
 /// registered); pending only while a flush is.
 fn poll_drain<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, pipe: &mut Pipe) -> Poll<io::Result<()>> {

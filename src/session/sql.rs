@@ -46,16 +46,17 @@ pub fn parse(body: &[u8]) -> Option<Command> {
     }
 }
 
-/// One SQL identifier: `"Quoted ""as is"""`, or unquoted and folded to lower case.
+/// One SQL identifier: `"Quoted ""as is"""`, or unquoted and folded to lower case. As in
+/// PostgreSQL's scanner (UTF-8 databases), only ASCII letters fold, and any non-ASCII
+/// character may appear in an unquoted name.
 fn identifier(s: &str) -> Option<String> {
     if let Some(quoted) = s.strip_prefix('"') {
         let inner = quoted.strip_suffix('"')?;
         return (!inner.is_empty() && !inner.replace("\"\"", "").contains('"')).then(|| inner.replace("\"\"", "\""));
     }
-    let ok = !s.is_empty()
-        && s.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
-        && s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$');
-    ok.then(|| s.to_lowercase())
+    let start = |c: char| c.is_ascii_alphabetic() || c == '_' || !c.is_ascii();
+    let ok = s.chars().next().is_some_and(start) && s.chars().all(|c| start(c) || c.is_ascii_digit() || c == '$');
+    ok.then(|| s.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -77,6 +78,15 @@ mod tests {
         assert_eq!(parse(b"  deallocate prepare Foo ;\0"), Some(Command::Deallocate(Some("foo".into()))));
         assert_eq!(parse(b"DEALLOCATE \"Mixed\"\"Q\"\0"), Some(Command::Deallocate(Some("Mixed\"Q".into()))));
         assert_eq!(parse(b"DEALLOCATE ALL\0"), Some(Command::Deallocate(None)));
+    }
+
+    #[test]
+    fn unquoted_names_fold_ascii_letters_only() {
+        let dealloc = |sql: &str| parse(format!("{sql}\0").as_bytes());
+        assert_eq!(dealloc("DEALLOCATE ÉTAT"), Some(Command::Deallocate(Some("État".into()))));
+        assert_eq!(dealloc("DEALLOCATE \"ÉTAT\""), Some(Command::Deallocate(Some("ÉTAT".into()))));
+        assert_eq!(dealloc("DEALLOCATE s€1"), Some(Command::Deallocate(Some("s€1".into()))));
+        assert_eq!(dealloc("DEALLOCATE ǅx"), Some(Command::Deallocate(Some("ǅx".into()))));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::params::ClientSettings;
 use super::pending::Pending;
 use super::pipe::{Action, Pipe};
 use super::prepared::Prepared;
-use super::relay::{RelayError, poll_relay};
+use super::relay::{Gone, RelayError, poll_relay};
 use super::sql;
 use super::stream::ClientStream;
 use super::timers::{Held, Timers};
@@ -171,7 +171,14 @@ impl ClientLoop {
         let mut was_held = false;
         let mut was_owed = false;
         let mut quiet = idle::Quiet::new();
+        // The client said Terminate behind requests the server has not answered yet.
+        let mut terminating = false;
         loop {
+            if terminating && (self.is_done() || self.copy_in) {
+                // A COPY FROM STDIN would wait for data that will never come: the server is
+                // closed, as PostgreSQL ends the COPY when its client goes.
+                return Ok(Exit::Done);
+            }
             // Without a server, a transaction starts with the client's next message (which
             // the client loop reads only once it knows which server the bytes go to).
             let mut scan = client_data;
@@ -194,7 +201,14 @@ impl ClientLoop {
                 }
             }
             if scan && self.scan_client()? {
-                return Ok(Exit::Done);
+                if self.server.is_none() || self.is_done() {
+                    return Ok(Exit::Done);
+                }
+                // PostgreSQL runs what came before Terminate: the server gets it, and the
+                // session stays until it has answered (to no one), so that it goes back clean.
+                terminating = true;
+                client_data = false;
+                continue;
             }
             if scan && self.server.is_some() && self.pending.is_settled() && self.up.ready().is_empty() {
                 // Everything the client asked was answered by the broker (a DEALLOCATE of
@@ -227,7 +241,11 @@ impl ClientLoop {
                 biased;
                 r = poll_fn(|cx| {
                     let server = self.server.as_mut().map(|s| &mut s.stream);
-                    poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
+                    if terminating {
+                        poll_relay(cx, &mut Gone, server, &mut self.up, &mut self.down)
+                    } else {
+                        poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
+                    }
                 }) => r,
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
@@ -273,6 +291,9 @@ impl ClientLoop {
                 self.timers.server_spoke();
                 self.scan_server()?;
                 self.replay();
+                if terminating {
+                    self.down.discard_ready();
+                }
                 self.detach_if_done(io).await?;
             }
             if ev.server_closed {
@@ -397,7 +418,11 @@ impl ClientLoop {
         let mut out = BytesMut::new();
         for (t, msg) in crate::proto::frame::messages(&batch) {
             self.pending.observe_client(t, false);
-            match p.on_client(t, msg, &mut out, &mut server.statements) {
+            let action = p.on_client(t, msg, &mut out, &mut server.statements);
+            for _ in 0..p.take_skipped() {
+                self.pending.withdraw();
+            }
+            match action {
                 Action::Forward => to_server.extend_from_slice(msg),
                 Action::Replace => to_server.extend_from_slice(&out),
                 Action::Drop | Action::Stop => {}
@@ -491,6 +516,11 @@ impl ClientLoop {
             (true, PoolMode::Session) => Release::Reset,
             (true, _) => Release::Reuse,
         });
+    }
+
+    /// True when the server owes nothing and every request for it has been written.
+    fn is_done(&self) -> bool {
+        self.pending.is_settled() && self.up.ready().is_empty()
     }
 
     /// What the timers see: a server running or inside a transaction for this client.

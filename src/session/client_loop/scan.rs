@@ -41,7 +41,14 @@ impl ClientLoop {
                 }
                 let before = pending.sync_points;
                 let action = match (pending.observe_client(t, *copy_in), prepared.as_mut()) {
-                    (Action::Forward, Some((p, statements))) => p.on_client(t, msg, out, statements),
+                    (Action::Forward, Some((p, statements))) => {
+                        let action = p.on_client(t, msg, out, statements);
+                        // The server skips it (it is skipping to Sync after an error).
+                        for _ in 0..p.take_skipped() {
+                            pending.withdraw();
+                        }
+                        action
+                    }
                     (action, _) => action,
                 };
                 // A request the broker answers itself (DEALLOCATE of a client's statement) is
@@ -115,7 +122,15 @@ impl ClientLoop {
                         _ => {}
                     }
                     let action = match prepared.as_mut() {
-                        Some(p) => p.on_server(t, msg, out, &mut server.statements, server.status),
+                        Some(p) => {
+                            let action = p.on_server(t, msg, out, &mut server.statements, server.status);
+                            // An extended-protocol error: the server skips to Sync, and sends
+                            // no ReadyForQuery for a Query or FunctionCall pipelined before it.
+                            for _ in 0..p.take_skipped() {
+                                pending.withdraw();
+                            }
+                            action
+                        }
                         None => Action::Forward,
                     };
                     if !refuse {

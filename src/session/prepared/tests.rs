@@ -181,3 +181,101 @@ fn eviction_past_the_limit_closes_the_oldest_and_hides_the_reply() {
     assert_eq!(tags(&got), b"1Z");
     assert_eq!(s.len(), 1);
 }
+
+fn error(code: &str) -> Vec<u8> {
+    msg(b'E', format!("SERROR\0C{code}\0Mx\0\0").as_bytes())
+}
+
+#[test]
+fn a_query_before_sync_skipped_after_an_extended_error_is_not_owed_a_reply() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[bind("nope"), msg(b'Q', b"SELECT 1\0"), msg(b'F', b""), msg(b'S', b"")]);
+    assert_eq!(p.take_skipped(), 0, "not known until the error");
+    server_replies(&mut p, &mut s, &[error("26000")]);
+    assert_eq!(p.take_skipped(), 2);
+    let got = server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"Z");
+    assert!(p.is_idle());
+}
+
+#[test]
+fn a_query_sent_while_the_server_skips_is_not_owed_a_reply() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[bind("nope"), msg(b'H', b"")]);
+    server_replies(&mut p, &mut s, &[error("26000")]);
+    client(&mut p, &mut s, &[msg(b'Q', b"SELECT 1\0"), msg(b'S', b"")]);
+    assert_eq!(p.take_skipped(), 1);
+    server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    assert!(p.is_idle());
+}
+
+#[test]
+fn a_simple_query_error_skips_nothing() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[msg(b'Q', b"SELECT x\0"), msg(b'Q', b"SELECT 1\0")]);
+    server_replies(&mut p, &mut s, &[error("42703"), msg(b'Z', b"I")]);
+    assert_eq!(p.take_skipped(), 0);
+}
+
+#[test]
+fn a_parse_of_a_live_name_becomes_a_failing_parse_whose_error_is_42p05() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[parse("s1", "SELECT 2"), bind("s1"), msg(b'S', b"")]);
+    assert_eq!(tags(&sent), b"PBS");
+    assert!(String::from_utf8_lossy(&sent).contains("pgbroker: prepared statement already exists"));
+    let got = server_replies(&mut p, &mut s, &[error("42601"), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"EZ");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("C42P05\0") && text.contains("prepared statement \"s1\" already exists"), "{text}");
+    // The first statement is still the client's.
+    let sent = client(&mut p, &mut s, &[bind("s1")]);
+    assert!(String::from_utf8_lossy(&sent).contains("pgb_"));
+    assert!(!p.client.is_empty());
+}
+
+#[test]
+fn a_duplicate_parse_in_a_failed_transaction_gets_the_servers_error() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    client(&mut p, &mut s, &[parse("s1", "SELECT 2"), msg(b'S', b"")]);
+    let got = server_replies(&mut p, &mut s, &[error("25P02"), msg(b'Z', b"E")]);
+    assert!(String::from_utf8_lossy(&got).contains("C25P02\0"));
+}
+
+#[test]
+fn a_failed_or_skipped_parse_leaves_no_name_behind() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("bad", "SELEC"), bind("nope"), parse("later", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[error("42601"), msg(b'Z', b"I")]);
+    assert!(p.client.is_empty(), "PostgreSQL created neither");
+    assert!(s.is_empty());
+    let sent = client(&mut p, &mut s, &[parse("bad", "SELECT 1"), msg(b'S', b"")]);
+    assert!(!String::from_utf8_lossy(&sent).contains("pgbroker:"), "not a duplicate");
+}
+
+#[test]
+fn a_skipped_close_then_parse_of_one_name_leaves_the_old_statement() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let old = p.client.get(&b"s1"[..]).map(|e| e.name.clone());
+    client(&mut p, &mut s, &[bind("nope"), msg(b'C', b"Ss1\0"), parse("s1", "SELECT 2"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[error("26000"), msg(b'Z', b"I")]);
+    assert_eq!(p.client.get(&b"s1"[..]).map(|e| e.name.clone()), old);
+}
+
+#[test]
+fn a_batch_answered_alone_is_refused_for_a_live_or_repeated_name() {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    let batch = |msgs: &[Vec<u8>]| msgs.concat();
+    let alone = |p: &Prepared, bytes: &[u8]| p.can_answer_alone(crate::proto::frame::messages(bytes));
+    assert!(alone(&p, &batch(&[parse("a", "SELECT 1"), msg(b'S', b"")])));
+    assert!(!alone(&p, &batch(&[parse("a", "SELECT 1"), parse("a", "SELECT 2"), msg(b'S', b"")])));
+    assert!(alone(&p, &batch(&[parse("a", "SELECT 1"), msg(b'C', b"Sa\0"), parse("a", "SELECT 2"), msg(b'S', b"")])));
+    client(&mut p, &mut s, &[parse("a", "SELECT 1"), msg(b'S', b"")]);
+    assert!(!alone(&p, &batch(&[parse("a", "SELECT 1"), msg(b'S', b"")])));
+    assert!(alone(&p, &batch(&[msg(b'C', b"Sa\0"), parse("a", "SELECT 1"), msg(b'S', b"")])));
+}

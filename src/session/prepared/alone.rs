@@ -1,0 +1,70 @@
+//! Parses and Closes answered without a server (what `PQprepare` sends).
+
+use super::{Entry, Expect, Mine, Prepared, Undo};
+use crate::proto::frame::HEADER_LEN;
+use crate::proto::{split_cstr, tag};
+use std::collections::HashMap;
+
+impl Prepared {
+    /// True if a client without a server can be answered by the broker alone: the messages
+    /// are named Parses and Closes, ending with a Sync, which is what `PQprepare` sends.
+    /// Answering them here needs no server, so a client that prepares synchronously while
+    /// its other connections hold every server cannot deadlock the pool. The statement is
+    /// checked by the server at its first Bind or Describe, which reports any error. A Parse
+    /// of a name in use is left to the server path, which fails it as PostgreSQL does.
+    pub fn can_answer_alone<'m>(&self, messages: impl Iterator<Item = (u8, &'m [u8])>) -> bool {
+        let mut synced = false;
+        // Names this batch created (true) or closed (false).
+        let mut batch: HashMap<&[u8], bool> = HashMap::new();
+        for (t, msg) in messages {
+            if synced {
+                return false;
+            }
+            let body = msg.get(HEADER_LEN..).unwrap_or_default();
+            let ok = match t {
+                tag::PARSE => match split_cstr(body) {
+                    Some((name, _)) if !name.is_empty() => {
+                        let live = batch.get(name).copied().unwrap_or_else(|| self.client.contains_key(name));
+                        batch.insert(name, true);
+                        !live
+                    }
+                    _ => false,
+                },
+                tag::CLOSE => match body.get(1..).and_then(split_cstr) {
+                    Some((name, _)) if body.first() == Some(&b'S') && !name.is_empty() => {
+                        batch.insert(name, false);
+                        true
+                    }
+                    _ => false,
+                },
+                tag::SYNC => {
+                    synced = true;
+                    true
+                }
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+        }
+        synced
+    }
+
+    /// Answers one message of a batch `can_answer_alone` accepted.
+    pub fn answer_alone(&mut self, t: u8, msg: &[u8]) {
+        let body = msg.get(HEADER_LEN..).unwrap_or_default();
+        match t {
+            tag::PARSE => {
+                if let Some((name, rest)) = split_cstr(body) {
+                    self.client.insert(name.into(), Entry::new(self.registry.intern(rest)));
+                }
+                self.expect.push_back(Expect::Mine(Mine::ParseComplete, Undo::Nothing));
+            }
+            tag::CLOSE => {
+                self.close(body);
+            }
+            tag::SYNC => self.expect.push_back(Expect::Mine(Mine::Ready, Undo::Nothing)),
+            _ => {}
+        }
+    }
+}
