@@ -58,10 +58,10 @@ fn main() {
                 while let Some(Ok(msg)) = ws.next().await {
                     if let Message::Text(t) = msg {
                         // The payload is the sender's clock in microseconds: `"payload":123,`.
-                        if let Some(sent) = t.split("\"payload\":").nth(1).and_then(|r| r.split([',', '}']).next()) {
-                            if let Ok(sent) = sent.parse::<u64>() {
-                                let _ = tx.send(now_us().saturating_sub(sent));
-                            }
+                        if let Some(sent) = t.split("\"payload\":").nth(1).and_then(|r| r.split([',', '}']).next())
+                            && let Ok(sent) = sent.parse::<u64>()
+                        {
+                            let _ = tx.send(now_us().saturating_sub(sent));
                         }
                     }
                     if !running.load(Ordering::Relaxed) {

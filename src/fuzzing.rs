@@ -28,16 +28,16 @@ pub fn decode_startup(data: &[u8]) {
     };
     if let Ok(len) = startup::body_len(*prefix) {
         // The session reads exactly `len` more bytes; a short input is a truncated read.
-        if let Some(body) = rest.get(..len) {
-            if let Ok(Packet::Startup(startup)) = startup::parse(body) {
-                for (name, value) in &startup.params {
-                    assert!(!name.is_empty(), "empty parameter name accepted");
-                    assert!(!name.contains('\0'), "NUL in parameter name {name:?}");
-                    assert!(!value.contains('\0'), "NUL in parameter value {value:?}");
-                }
-                for option in &startup.protocol_options {
-                    assert!(!option.contains('\0'), "NUL in protocol option {option:?}");
-                }
+        if let Some(body) = rest.get(..len)
+            && let Ok(Packet::Startup(startup)) = startup::parse(body)
+        {
+            for (name, value) in &startup.params {
+                assert!(!name.is_empty(), "empty parameter name accepted");
+                assert!(!name.contains('\0'), "NUL in parameter name {name:?}");
+                assert!(!value.contains('\0'), "NUL in parameter value {value:?}");
+            }
+            for option in &startup.protocol_options {
+                assert!(!option.contains('\0'), "NUL in protocol option {option:?}");
             }
         }
     }
@@ -523,10 +523,10 @@ pub fn ws_json(data: &[u8]) {
         assert_eq!(restricted, open, "the token changed an accepted command");
     }
     for result in [&restricted, &nothing] {
-        if let Err(refusal) = result {
-            if refusal.code != "forbidden_channel" {
-                assert_eq!(result, &open, "the token changed a refusal that was not about the token");
-            }
+        if let Err(refusal) = result
+            && refusal.code != "forbidden_channel"
+        {
+            assert_eq!(result, &open, "the token changed a refusal that was not about the token");
         }
     }
     let about_channels =

@@ -269,12 +269,12 @@ pub async fn monitor(app: Arc<App>) {
             );
             last_status = health.status;
         }
-        if n % 2 == 0 && app.events.metrics_watched() {
+        if n.is_multiple_of(2) && app.events.metrics_watched() {
             let xacts = total_xacts(&app);
             let tps = xacts.saturating_sub(last_xacts) as f64 / 2.0;
             last_xacts = xacts;
             app.events.publish_metrics(|| snapshot(&app, &health, tps));
-        } else if n % 2 == 0 {
+        } else if n.is_multiple_of(2) {
             last_xacts = total_xacts(&app);
         }
     }

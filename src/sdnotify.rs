@@ -48,10 +48,10 @@ fn monotonic_usec() -> Option<u64> {
 /// The watchdog interval systemd set for this process (`WatchdogSec=`), if any.
 pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
-        if pid != std::process::id() {
-            return None;
-        }
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
     }
     (usec > 0).then(|| Duration::from_micros(usec))
 }

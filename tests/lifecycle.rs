@@ -36,10 +36,10 @@ impl Proc {
     fn expect(&self, what: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(m) = self.notification(Duration::from_secs(1)) {
-                if m.contains(what) {
-                    return m;
-                }
+            if let Some(m) = self.notification(Duration::from_secs(1))
+                && m.contains(what)
+            {
+                return m;
             }
         }
         panic!("no {what:?} notification");

@@ -85,15 +85,14 @@ async fn status_page_shows_live_numbers_that_move_under_load() {
     let ws_url = loop {
         assert!(Instant::now() < deadline, "Chromium's DevTools did not come up");
         // DevTools keeps the connection open: the body ends at its Content-Length.
-        if let Some((_, body)) = try_http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/json/list").await {
-            if let Ok(targets) = serde_json::from_str::<Vec<Value>>(&body) {
-                if let Some(t) = targets.iter().find(|t| t["type"] == "page" && t["url"].as_str() == Some(&page)) {
-                    // Use the address we know it listens on, whatever host name it reports.
-                    let url = t["webSocketDebuggerUrl"].as_str().unwrap();
-                    let path = url.splitn(4, '/').nth(3).unwrap_or_default();
-                    break format!("ws://127.0.0.1:{port}/{path}");
-                }
-            }
+        if let Some((_, body)) = try_http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/json/list").await
+            && let Ok(targets) = serde_json::from_str::<Vec<Value>>(&body)
+            && let Some(t) = targets.iter().find(|t| t["type"] == "page" && t["url"].as_str() == Some(&page))
+        {
+            // Use the address we know it listens on, whatever host name it reports.
+            let url = t["webSocketDebuggerUrl"].as_str().unwrap();
+            let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+            break format!("ws://127.0.0.1:{port}/{path}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };

@@ -120,10 +120,10 @@ impl Broker {
         // Databases with fixed channels listen from the start.
         let cfg = app.config();
         for (name, db) in &cfg.databases {
-            if !db.channels.is_empty() {
-                if let Err(e) = app.hub(&cfg, name) {
-                    tracing::warn!(database = %name, error = %e, "cannot start the notification listener");
-                }
+            if !db.channels.is_empty()
+                && let Err(e) = app.hub(&cfg, name)
+            {
+                tracing::warn!(database = %name, error = %e, "cannot start the notification listener");
             }
         }
         tracing::info!(%addr, %http_addr, "listening for PostgreSQL clients and HTTP");

@@ -94,13 +94,13 @@ impl Validator<'_> {
             None => self.int("budget.max_instances", b.max_instances, 1, 1)?,
         };
         let reserved_connections = self.int("budget.reserved_connections", b.reserved_connections, 5, 0)?;
-        if let ServerMaxConnections::Fixed(n) = server_max_connections {
-            if n <= reserved_connections {
-                return Err(self.invalid(
-                    "budget.reserved_connections",
-                    format!("{reserved_connections} leaves no connections of server_max_connections = {n}"),
-                ));
-            }
+        if let ServerMaxConnections::Fixed(n) = server_max_connections
+            && n <= reserved_connections
+        {
+            return Err(self.invalid(
+                "budget.reserved_connections",
+                format!("{reserved_connections} leaves no connections of server_max_connections = {n}"),
+            ));
         }
         let mode = match self.string("budget.mode", &b.mode)?.as_deref() {
             None | Some("static") => BudgetMode::Static,

@@ -90,10 +90,10 @@ fn check_subscribe(ch: &str, allowed: Option<&[String]>) -> Result<(), Refusal> 
     if let Err(why) = check_channel(ch) {
         return Err(Refusal::new("bad_channel", format!("{ch:?}: {why}")));
     }
-    if let Some(patterns) = allowed {
-        if !patterns.iter().any(|p| glob_match(p, ch)) {
-            return Err(Refusal::new("forbidden_channel", format!("the token does not allow channel {ch:?}")));
-        }
+    if let Some(patterns) = allowed
+        && !patterns.iter().any(|p| glob_match(p, ch))
+    {
+        return Err(Refusal::new("forbidden_channel", format!("the token does not allow channel {ch:?}")));
     }
     Ok(())
 }

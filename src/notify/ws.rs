@@ -341,10 +341,10 @@ async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Opti
     match cmd {
         Command::Subscribe { broker, database } => {
             for ch in &broker {
-                if let Some(slot) = reserved.slot(ch) {
-                    if slot.is_none() {
-                        *slot = app.events.subscribe(ch);
-                    }
+                if let Some(slot) = reserved.slot(ch)
+                    && slot.is_none()
+                {
+                    *slot = app.events.subscribe(ch);
                 }
             }
             let hub = match (&sub.sub, database.is_empty()) {

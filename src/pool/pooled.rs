@@ -111,17 +111,18 @@ impl Pool {
     /// Rolls back (and with `reset`, runs the reset query), bounded by `reset_timeout`.
     async fn clean_and_checkin(self: Arc<Self>, mut conn: Conn, reset: bool) {
         let clean = async {
-            if conn.status != TxnStatus::Idle {
-                if let Err(e) = conn.simple_query("ROLLBACK").await? {
-                    tracing::warn!(pool = %self.key, error = %e.message, "ROLLBACK failed");
-                    return Ok(false);
-                }
+            if conn.status != TxnStatus::Idle
+                && let Err(e) = conn.simple_query("ROLLBACK").await?
+            {
+                tracing::warn!(pool = %self.key, error = %e.message, "ROLLBACK failed");
+                return Ok(false);
             }
-            if reset && !self.settings().reset_query.is_empty() {
-                if let Err(e) = conn.simple_query(&self.settings().reset_query).await? {
-                    tracing::warn!(pool = %self.key, code = ?e.code, error = %e.message, "server_reset_query failed");
-                    return Ok(false);
-                }
+            if reset
+                && !self.settings().reset_query.is_empty()
+                && let Err(e) = conn.simple_query(&self.settings().reset_query).await?
+            {
+                tracing::warn!(pool = %self.key, code = ?e.code, error = %e.message, "server_reset_query failed");
+                return Ok(false);
             }
             Ok::<bool, ServerError>(conn.status == TxnStatus::Idle)
         };

@@ -583,10 +583,10 @@ fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -
 /// Reads one whole backend message, bounded in size.
 async fn read_message(stream: &mut Stream, buf: &mut BytesMut) -> Result<Message, ServerError> {
     loop {
-        if let Some(h) = Header::parse(buf)? {
-            if h.len() as usize > MAX_SERVER_MESSAGE {
-                return Err(protocol("message over 64 MiB during a broker query"));
-            }
+        if let Some(h) = Header::parse(buf)?
+            && h.len() as usize > MAX_SERVER_MESSAGE
+        {
+            return Err(protocol("message over 64 MiB during a broker query"));
         }
         if let Some(m) = Message::parse(buf)? {
             return Ok(m);

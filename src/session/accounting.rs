@@ -44,12 +44,10 @@ impl Accounting {
         if pending > 0 {
             self.query_start = Some(now);
         }
-        if transaction_over {
-            if let Some(start) = self.xact_start.take() {
-                Counters::add(&counters.xact_count, 1);
-                add_us(&counters.xact_time_us, start, now);
-                m.transaction.record(now.duration_since(start));
-            }
+        if transaction_over && let Some(start) = self.xact_start.take() {
+            Counters::add(&counters.xact_count, 1);
+            add_us(&counters.xact_time_us, start, now);
+            m.transaction.record(now.duration_since(start));
         }
     }
 

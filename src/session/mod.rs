@@ -105,10 +105,10 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr, admin_only:
             }
             _ => {}
         }
-        if let Err(e) = result {
-            if let Some((code, message)) = e.client_message() {
-                send_fatal(&mut io, code, &message).await;
-            }
+        if let Err(e) = result
+            && let Some((code, message)) = e.client_message()
+        {
+            send_fatal(&mut io, code, &message).await;
         }
     }
     .instrument(span)

@@ -327,13 +327,13 @@ impl ClientSettings {
         for (key, value) in plan.set.iter().zip(row) {
             let Some(value) = value else { continue };
             let reported = server.param_ci(key).is_some();
-            if let Some(i) = self.items.iter().position(|s| &s.key == key) {
-                if &self.items[i].value != value {
-                    let s = &mut Arc::make_mut(&mut self.items)[i];
-                    value.clone_into(&mut s.value);
-                    if reported {
-                        changed.push(s.clone());
-                    }
+            if let Some(i) = self.items.iter().position(|s| &s.key == key)
+                && &self.items[i].value != value
+            {
+                let s = &mut Arc::make_mut(&mut self.items)[i];
+                value.clone_into(&mut s.value);
+                if reported {
+                    changed.push(s.clone());
                 }
             }
             if !reported {

@@ -342,10 +342,10 @@ impl Prepared {
     fn query(&mut self, body: &[u8]) -> Action {
         // `DEALLOCATE ALL` goes to the server, which drops everything; its reply clears our maps.
         // While the server skips to Sync, a Query is skipped too: it changes nothing.
-        if let (false, Some(super::sql::Command::Deallocate(Some(name)))) = (self.skipping, super::sql::parse(body)) {
-            if let Some((k, e)) = self.client.remove_entry(name.as_bytes()) {
-                return self.mine(Mine::Deallocate, Undo::Restore(k, e));
-            }
+        if let (false, Some(super::sql::Command::Deallocate(Some(name)))) = (self.skipping, super::sql::parse(body))
+            && let Some((k, e)) = self.client.remove_entry(name.as_bytes())
+        {
+            return self.mine(Mine::Deallocate, Undo::Restore(k, e));
         }
         self.expect(Expect::Query)
     }

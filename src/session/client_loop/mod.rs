@@ -231,11 +231,11 @@ impl ClientLoop {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            if let Some(d) = deadline {
-                if armed.is_none_or(|a| d < a) {
-                    timer.as_mut().reset(d);
-                    armed = Some(d);
-                }
+            if let Some(d) = deadline
+                && armed.is_none_or(|a| d < a)
+            {
+                timer.as_mut().reset(d);
+                armed = Some(d);
             }
             let relayed = tokio::select! {
                 biased;
