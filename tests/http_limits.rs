@@ -1,0 +1,139 @@
+//! Issue 17, "one client or one local process must never hurt everyone", on `http_listen`:
+//! slow and oversized request heads, and the HTTP connection cap. Each test runs the attack
+//! and checks that legitimate clients keep getting answers meanwhile.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::http::*;
+use common::*;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The tests measure the process's RSS and open hundreds of sockets: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A SQL query through the broker still gets its answer.
+async fn sql_answers(b: &pgbroker::app::Broker) {
+    let c = tokio::time::timeout(Duration::from_secs(10), connect_bench(b.local_addr())).await.unwrap();
+    assert_eq!(one(&c, "SELECT 41 + 1").await, "42");
+}
+
+/// Row 4a: a slow or silent request head is closed at `http_header_timeout`, whether it
+/// stalls or trickles a byte at a time; /health answers meanwhile.
+#[tokio::test]
+async fn slow_request_head_closed_at_header_timeout() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.broker.http_header_timeout = Duration::from_secs(1);
+    let b = broker(cfg).await;
+    let addr = b.http_addr();
+    let start = Instant::now();
+    let mut stalled = Vec::new();
+    for i in 0..40 {
+        let mut s = raw(addr).await;
+        if i % 2 == 0 {
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").await.unwrap();
+        }
+        stalled.push(s);
+    }
+    // Slowloris proper: a byte every 100 ms, forever, until the broker closes it.
+    let trickle = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let t = Instant::now();
+        for b in b"GET /health HTTP/1.1\r\nHost: localhost\r\n".iter().cycle().take(200) {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        t.elapsed()
+    });
+    assert!(health_ok(addr).await, "/health must answer while slow heads are open");
+    for s in &mut stalled {
+        let left = Duration::from_secs(6).saturating_sub(start.elapsed());
+        assert!(closed_within(s, left).await.is_some(), "a stalled head outlived http_header_timeout");
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(900), "closed before the timeout: {took:?}");
+    let trickled = tokio::time::timeout(Duration::from_secs(10), trickle).await.unwrap().unwrap();
+    assert!(trickled < Duration::from_secs(4), "a trickling head was served for {trickled:?}");
+    assert!(health_ok(addr).await);
+    sql_answers(&b).await;
+}
+
+/// Row 4b: past `max_http_connections`, a connection is closed at once without an answer;
+/// SQL clients are unaffected, and /health answers again once the holders go.
+#[tokio::test]
+async fn http_connections_past_the_cap_are_closed_unserved() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.broker.max_http_connections = 8;
+    cfg.broker.http_header_timeout = Duration::from_secs(60);
+    let b = broker(cfg).await;
+    let addr = b.http_addr();
+    assert!(health_ok(addr).await);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(raw(addr).await);
+    }
+    // Once the holders are accepted, a full request on another connection gets no answer.
+    let refused = || async move {
+        let mut s = raw(addr).await;
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
+        matches!(closed_within(&mut s, Duration::from_secs(2)).await, Some(bytes) if bytes.is_empty())
+    };
+    assert!(eventually(Duration::from_secs(10), refused).await, "the cap never applied");
+    let start = Instant::now();
+    for _ in 0..100 {
+        let mut s = raw(addr).await;
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+        let got = closed_within(&mut s, Duration::from_secs(2)).await;
+        assert_eq!(got, Some(Vec::new()), "a connection over the cap was served or left open");
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "closing over the cap is not prompt");
+    sql_answers(&b).await;
+    drop(held);
+    assert!(eventually(Duration::from_secs(10), || health_ok(addr)).await, "/health did not come back");
+}
+
+/// Row 4c: a 380 KB request head is refused (431 or a close) after at most `MAX_HTTP_HEAD`
+/// read; 50 of them at once leave the broker's memory as it was.
+#[tokio::test]
+async fn oversized_request_head_refused_not_buffered() {
+    let _serial = SERIAL.lock().await;
+    let b = broker(config()).await;
+    let addr = b.http_addr();
+    let mut head = b"GET /health HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+    for i in 0..6 {
+        head.extend_from_slice(format!("X-Pad-{i}: ").as_bytes());
+        head.extend(std::iter::repeat_n(b'a', 63_000));
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    assert!(head.len() > 375_000);
+    let head = Arc::new(head);
+    assert!(health_ok(addr).await);
+    let before = rss_kib();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let head = head.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            // The broker stops reading and closes: the write may fail, which is the point.
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(&head)).await;
+            closed_within(&mut s, Duration::from_secs(5)).await
+        }));
+    }
+    for t in tasks {
+        let got = t.await.unwrap().expect("an oversized head was held open");
+        let text = String::from_utf8_lossy(&got);
+        assert!(got.is_empty() || text.starts_with("HTTP/1.1 431"), "unexpected answer: {text:.80}");
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 10 * 1024, "RSS grew by {grown} KiB for 50 oversized heads");
+    assert!(health_ok(addr).await);
+    sql_answers(&b).await;
+}
