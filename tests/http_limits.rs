@@ -1,24 +1,56 @@
 //! Issue 17, "one client or one local process must never hurt everyone", on `http_listen`:
-//! slow and oversized request heads, and the HTTP connection cap. Each test runs the attack
-//! and checks that legitimate clients keep getting answers meanwhile.
+//! slow and oversized request heads, the HTTP connection cap, and WebSocket frames announcing
+//! more than the message limit. Each test runs the attack and checks that legitimate clients
+//! keep getting answers meanwhile.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 use common::http::*;
 use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The tests measure the process's RSS and open hundreds of sockets: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WS_PATH: &str = "/ws?database=bench";
 
 /// A SQL query through the broker still gets its answer.
 async fn sql_answers(b: &pgbroker::app::Broker) {
     let c = tokio::time::timeout(Duration::from_secs(10), connect_bench(b.local_addr())).await.unwrap();
     assert_eq!(one(&c, "SELECT 41 + 1").await, "42");
+}
+
+/// A WebSocket client subscribes and gets its `subscribed` reply.
+async fn ws_subscribe_answers(b: &pgbroker::app::Broker) {
+    let url = format!("ws://{}{WS_PATH}", b.http_addr());
+    let (mut ws, _) =
+        tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
+    ws.send(Message::Text(r#"{"type":"subscribe","channels":["limits_legit"]}"#.into())).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] != "connection_ack" {
+                        break v;
+                    }
+                }
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["channels"], serde_json::json!(["limits_legit"]));
+    let _ = ws.close(None).await;
 }
 
 /// Row 4a: a slow or silent request head is closed at `http_header_timeout`, whether it
@@ -136,4 +168,49 @@ async fn oversized_request_head_refused_not_buffered() {
     assert!(grown < 10 * 1024, "RSS grew by {grown} KiB for 50 oversized heads");
     assert!(health_ok(addr).await);
     sql_answers(&b).await;
+}
+
+/// Row 7: a frame header announcing 16 MiB is refused from its header (the 64 KiB message
+/// limit also bounds frames): the connection closes at once and nothing is buffered.
+#[tokio::test]
+async fn websocket_frame_over_limit_closed_from_its_header() {
+    let _serial = SERIAL.lock().await;
+    let b = broker(config()).await;
+    let addr = b.http_addr();
+    let chunk = Arc::new(vec![b'x'; 1 << 20]);
+    ws_subscribe_answers(&b).await;
+    let before = rss_kib();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let chunk = chunk.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = ws_raw(addr, WS_PATH).await;
+            s.write_all(&ws_frame_header(0x2, 16 << 20)).await.unwrap();
+            // Up to 4 MiB of the 16: the broker should have stopped reading long before.
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                for _ in 0..4 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            closed_within(&mut s, Duration::from_secs(3)).await
+        }));
+    }
+    for t in tasks {
+        let got = t.await.unwrap().expect("a 16 MiB frame was being read");
+        // Whatever came before the close: the ack, and perhaps a close frame (1009).
+        if let Some(i) = got.windows(2).position(|w| w[0] == 0x88) {
+            let code = got.get(i + 2..i + 4).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            assert!(code.is_none() || code == Some(1009), "close code {code:?}");
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(8), "closing took {:?}", start.elapsed());
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 8 * 1024, "RSS grew by {grown} KiB for 10 announced 16 MiB frames");
+    assert!(eventually(Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await);
+    ws_subscribe_answers(&b).await;
+    assert!(health_ok(addr).await);
 }

@@ -117,6 +117,9 @@ pub async fn handler(
     };
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
+        // A frame is refused from its header: without this a client could announce a 16 MiB
+        // frame (tungstenite's default) and have it buffered before the message limit applies.
+        .max_frame_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
