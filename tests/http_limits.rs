@@ -1,7 +1,7 @@
 //! Issue 17, "one client or one local process must never hurt everyone", on `http_listen`:
-//! slow and oversized request heads, the HTTP connection cap, and WebSocket frames announcing
-//! more than the message limit. Each test runs the attack and checks that legitimate clients
-//! keep getting answers meanwhile.
+//! slow and oversized request heads, the HTTP connection cap, WebSocket frames announcing
+//! more than the message limit, and WebSocket clients that stop reading. Each test runs the
+//! attack and checks that legitimate clients keep getting answers meanwhile.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -213,4 +213,75 @@ async fn websocket_frame_over_limit_closed_from_its_header() {
     assert!(eventually(Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await);
     ws_subscribe_answers(&b).await;
     assert!(health_ok(addr).await);
+}
+
+/// Row 9: a client that sends 400 commands and never reads its replies is closed about
+/// `pong_timeout` after its replies back up, instead of holding its session (and a drain).
+#[tokio::test]
+async fn websocket_client_that_never_reads_is_closed() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.websocket.ping_interval = Duration::from_millis(500);
+    cfg.websocket.pong_timeout = Duration::from_secs(1);
+    let b = broker(cfg).await;
+    let addr = b.http_addr();
+    let mut s = ws_raw(addr, WS_PATH).await;
+    assert!(eventually(Duration::from_secs(5), || async { b.app().ws.total() == 1 }).await);
+    // Every `subscribed` reply lists all the channels so far: ~18 MB of replies in all,
+    // more than the socket buffers between the broker and this client hold.
+    let pad = "p".repeat(44);
+    let mut commands = Vec::new();
+    for i in 0..400 {
+        let chans: Vec<String> = (0..4).map(|j| format!("slow_{i:03}_{j}_{pad}")).collect();
+        let cmd = serde_json::json!({"type": "subscribe", "channels": chans}).to_string();
+        commands.extend(ws_text(&cmd));
+    }
+    tokio::time::timeout(Duration::from_secs(10), s.write_all(&commands)).await.unwrap().unwrap();
+    let sent = Instant::now();
+    // Meanwhile the others are served.
+    assert!(health_ok(addr).await);
+    ws_subscribe_answers(&b).await;
+    let limit = Duration::from_secs(1 + 5);
+    let left = limit.saturating_sub(sent.elapsed());
+    assert!(
+        eventually(left, || async { b.app().ws.total() == 0 }).await,
+        "a client that stopped reading was still connected {:?} after its commands",
+        sent.elapsed()
+    );
+    // The broker closed the TCP connection too: after the replies it got, EOF.
+    assert!(closed_within(&mut s, Duration::from_secs(10)).await.is_some());
+    sql_answers(&b).await;
+}
+
+/// Row 9, the drain: a client that stopped reading, its replies backed up, does not hold a
+/// graceful stop for `shutdown_timeout` (a send in progress gives way to the drain, and the
+/// close frame waits at most 1 s, not `pong_timeout`). A guard: the old code passed it too
+/// when its session was between sends at the drain.
+#[tokio::test]
+async fn websocket_client_that_never_reads_does_not_hold_a_drain() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    // No pong deadline or send bound ends the session within the test: only the drain may.
+    cfg.websocket.ping_interval = Duration::from_millis(200);
+    cfg.websocket.pong_timeout = Duration::from_secs(60);
+    let b = broker(cfg).await;
+    let mut s = ws_raw(b.http_addr(), WS_PATH).await;
+    assert!(eventually(Duration::from_secs(5), || async { b.app().ws.total() == 1 }).await);
+    let pad = "p".repeat(44);
+    let mut commands = Vec::new();
+    for i in 0..400 {
+        let chans: Vec<String> = (0..4).map(|j| format!("drain_{i:03}_{j}_{pad}")).collect();
+        commands.extend(ws_text(&serde_json::json!({"type": "subscribe", "channels": chans}).to_string()));
+    }
+    tokio::time::timeout(Duration::from_secs(10), s.write_all(&commands)).await.unwrap().unwrap();
+    // Wait until the replies back up: the broker's side of the connection holds unsent bytes
+    // (its session is then blocked in a send).
+    let (client, server) = (s.local_addr().unwrap(), b.http_addr());
+    let backed_up = || async move { tcp_queues(server, client).is_some_and(|(tx, _)| tx >= 64 * 1024) };
+    assert!(eventually(Duration::from_secs(10), backed_up).await, "the replies never backed up");
+    ws_subscribe_answers(&b).await;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), b.drain(Duration::from_secs(30))).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5), "the drain took {:?}", start.elapsed());
+    assert_eq!(b.app().ws.total(), 0);
 }
