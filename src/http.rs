@@ -3,13 +3,23 @@
 
 use crate::app::App;
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
 /// The status page, embedded in the binary (no CDN, no external assets).
 const STATUS_PAGE: &str = include_str!("../assets/status.html");
@@ -80,12 +90,127 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// Largest HTTP request head (request line and headers) read from a client: a longer one is
+/// answered 431 and the connection closed, so a client pins at most this much.
+pub const MAX_HTTP_HEAD: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until the broker stops.
+///
+/// Connections are served one task each by hyper with a header-read timeout
+/// (`http_header_timeout`) and a head size cap ([`MAX_HTTP_HEAD`]). At most
+/// `max_http_connections` are open at once, upgraded WebSockets included: one over the cap is
+/// closed as soon as it is accepted, before a byte of it is read, so idle or slow clients
+/// cannot take the descriptors the PostgreSQL listener and `/health` need.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let cfg = app.config();
+    let limits = Limits { header_timeout: cfg.broker.http_header_timeout };
+    let permits = Arc::new(Semaphore::new(cfg.broker.max_http_connections));
+    let router = router(app.clone());
     let shutdown = app.shutdown.clone();
-    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, service).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    let conns = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "max_http_connections reached: connection closed");
+            drop(stream);
+            continue;
+        };
+        let io = TokioIo::new(Capped { io: stream, _permit: permit });
+        conns.spawn(connection(io, peer, router.clone(), limits, shutdown.clone()));
+    }
+    drop(listener);
+    conns.close();
+    conns.wait().await;
+}
+
+/// Per-connection settings, read once at start (restart required).
+#[derive(Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+}
+
+/// One HTTP/1.1 connection until it closes or is upgraded; on shutdown, in-flight requests
+/// finish and keep-alive ends.
+async fn connection(
+    io: TokioIo<Capped<TcpStream>>,
+    peer: SocketAddr,
+    router: Router,
+    limits: Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        // What `into_make_service_with_connect_info` would add: the WebSocket handler needs it.
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        tower_service::Service::call(&mut router, req)
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout((!limits.header_timeout.is_zero()).then_some(limits.header_timeout))
+        .max_buf_size(MAX_HTTP_HEAD)
+        .max_header_size(MAX_HTTP_HEAD);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
-        tracing::error!(error = %e, "HTTP listener failed");
+        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
+/// A connection holding one of the `max_http_connections` permits until it is dropped, also
+/// after an upgrade to WebSocket (hyper hands this same I/O object to the upgrade).
+struct Capped<T> {
+    io: T,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Capped<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Capped<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

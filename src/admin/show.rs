@@ -274,8 +274,16 @@ fn databases(app: &Arc<App>) -> Table {
 }
 
 /// Settings that take effect only at restart.
-const RESTART_ONLY: [&str; 6] =
-    ["broker.listen", "broker.http_listen", "broker.log_format", "websocket.path", "budget.mode", "budget.fleet"];
+const RESTART_ONLY: [&str; 8] = [
+    "broker.listen",
+    "broker.http_listen",
+    "broker.http_header_timeout",
+    "broker.max_http_connections",
+    "broker.log_format",
+    "websocket.path",
+    "budget.mode",
+    "budget.fleet",
+];
 
 fn config(app: &Arc<App>) -> Table {
     let mut t = Table::new(&[("key", Text), ("value", Text), ("changeable", Text)]);

@@ -44,6 +44,8 @@ impl App {
         for (key, changed) in [
             ("broker.listen", new.broker.listen != old.broker.listen),
             ("broker.http_listen", new.broker.http_listen != old.broker.http_listen),
+            ("broker.http_header_timeout", new.broker.http_header_timeout != old.broker.http_header_timeout),
+            ("broker.max_http_connections", new.broker.max_http_connections != old.broker.max_http_connections),
             ("broker.log_format", new.broker.log_format != old.broker.log_format),
             ("websocket.path", new.websocket.path != old.websocket.path),
             ("budget.mode", new.budget.mode != old.budget.mode),
@@ -55,6 +57,8 @@ impl App {
         }
         new.broker.listen = old.broker.listen;
         new.broker.http_listen = old.broker.http_listen;
+        new.broker.http_header_timeout = old.broker.http_header_timeout;
+        new.broker.max_http_connections = old.broker.max_http_connections;
         new.broker.log_format = old.broker.log_format;
         new.websocket.path = old.websocket.path.clone();
         new.budget.mode = old.budget.mode;

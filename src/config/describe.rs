@@ -37,6 +37,7 @@ impl Config {
             ("transaction_timeout", b.transaction_timeout),
             ("shutdown_timeout", b.shutdown_timeout),
             ("query_timeout", b.query_timeout),
+            ("http_header_timeout", b.http_header_timeout),
         ] {
             let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
         }
@@ -49,6 +50,7 @@ impl Config {
             ("server_max_uses", b.server_max_uses),
             ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
             ("max_prepared_statements", b.max_prepared_statements as u64),
+            ("max_http_connections", b.max_http_connections as u64),
         ] {
             let _ = writeln!(s, "{k} = {n}");
         }

@@ -197,6 +197,11 @@ pub struct Broker {
     pub listen: SocketAddr,
     /// HTTP listener (metrics, health, WebSocket bridge).
     pub http_listen: SocketAddr,
+    /// How long an HTTP client may take to send a request head (restart required).
+    pub http_header_timeout: Duration,
+    /// Most HTTP connections open at once on `http_listen`, WebSockets included; more are
+    /// closed at accept (restart required).
+    pub max_http_connections: usize,
     /// Default pool mode.
     pub pool_mode: PoolMode,
     /// Most client connections open at once.
@@ -459,6 +464,8 @@ impl Validator<'_> {
         Ok(Broker {
             listen: self.addr("broker.listen", &b.listen, "127.0.0.1:6432")?,
             http_listen: self.addr("broker.http_listen", &b.http_listen, "127.0.0.1:6433")?,
+            http_header_timeout: self.duration("broker.http_header_timeout", &b.http_header_timeout, 10)?,
+            max_http_connections: self.int("broker.max_http_connections", b.max_http_connections, 1024, 1)?,
             pool_mode: self.pool_mode("broker.pool_mode", &b.pool_mode)?.unwrap_or(PoolMode::Session),
             max_client_conn: self.int("broker.max_client_conn", b.max_client_conn, 10_000, 1)?,
             default_pool_size: b

@@ -49,6 +49,8 @@ pub struct Health {
 pub struct Broker {
     pub listen: Option<String>,
     pub http_listen: Option<String>,
+    pub http_header_timeout: Option<NumOrStr>,
+    pub max_http_connections: Option<i64>,
     pub pool_mode: Option<String>,
     pub max_client_conn: Option<i64>,
     pub default_pool_size: Option<i64>,

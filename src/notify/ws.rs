@@ -117,6 +117,9 @@ pub async fn handler(
     };
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
+        // A frame is refused from its header: without this a client could announce a 16 MiB
+        // frame (tungstenite's default) and have it buffered before the message limit applies.
+        .max_frame_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
@@ -157,6 +160,43 @@ fn admit(app: &Arc<App>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
     Some(Admission { app: app.clone(), ip })
 }
 
+/// How a session ends.
+enum End {
+    /// The socket failed or the client closed: nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// Close, but the client stopped reading: the close frame gets only a moment.
+    Stuck(u16, &'static str),
+}
+
+/// The hub cut the client off: its notification queue overflowed.
+const KICKED: End = End::Close(CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed");
+/// Longest wait for the close frame to go out.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the close frame may wait on a client that stopped reading.
+const STUCK_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What a send races with: a client that stops reading must not hold its session (nor a
+/// drain) for longer than `limit`, and a kick or a shutdown must be seen mid-send.
+struct Bound<'a> {
+    limit: std::time::Duration,
+    kicked: &'a Option<tokio_util::sync::CancellationToken>,
+    shutdown: &'a tokio_util::sync::CancellationToken,
+}
+
+/// Sends one message within `bound`.
+async fn send(socket: &mut WebSocket, msg: Message, bound: &Bound<'_>) -> Result<(), End> {
+    tokio::select! {
+        r = socket.send(msg) => r.map_err(|_| End::Gone),
+        _ = tokio::time::sleep(bound.limit) => {
+            Err(End::Stuck(CLOSE_TRY_AGAIN_LATER, "too slow: the client is not reading"))
+        }
+        _ = cancelled(bound.kicked) => Err(End::Stuck(CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
+        _ = bound.shutdown.cancelled() => Err(End::Stuck(CLOSE_GOING_AWAY, "pgbroker is shutting down")),
+    }
+}
+
 /// One connection, from the ack to the close.
 async fn session(
     mut socket: WebSocket,
@@ -170,81 +210,96 @@ async fn session(
     let shutdown = app.draining.clone();
     let mut reserved = Reserved::default();
     let kicked = sub.sub.as_ref().map(|s| s.kicked.clone());
+    // A client that cannot take a message within pong_timeout is as gone as one that does
+    // not answer a ping within it.
+    let bound = Bound { limit: w.pong_timeout.max(STUCK_CLOSE_WAIT), kicked: &kicked, shutdown: &shutdown };
     let id = app.ws.next_id();
-    if socket.send(Message::Text(json::ack(id).into())).await.is_err() {
-        return;
-    }
+    let end = match send(&mut socket, Message::Text(json::ack(id).into()), &bound).await {
+        Ok(()) => session_loop(&mut socket, &mut sub, &mut reserved, allowed.as_deref(), &cfg, &app, &bound).await,
+        Err(end) => end,
+    };
+    let (code, reason, wait) = match end {
+        End::Gone => return,
+        // A client that reads takes a close frame at once: one that does not must not hold a
+        // drain for pong_timeout.
+        End::Close(code, reason) => (code, reason, w.pong_timeout.min(CLOSE_WAIT)),
+        End::Stuck(code, reason) => (code, reason, STUCK_CLOSE_WAIT),
+    };
+    let frame = CloseFrame { code, reason: reason.into() };
+    let _ = tokio::time::timeout(wait, socket.send(Message::Close(Some(frame)))).await;
+}
+
+/// The select loop of one connection: commands in, replies, notifications and pings out.
+/// Every send is bounded (see [`Bound`]).
+async fn session_loop(
+    socket: &mut WebSocket,
+    sub: &mut Hubbed,
+    reserved: &mut Reserved,
+    allowed: Option<&[String]>,
+    cfg: &Config,
+    app: &App,
+    bound: &Bound<'_>,
+) -> End {
+    let w = &cfg.websocket;
     let mut ping = tokio::time::interval_at(Instant::now() + w.ping_interval, w.ping_interval);
     let mut pong_deadline: Option<Instant> = None;
     let mut idle_since = Some(Instant::now());
-    let close = loop {
+    loop {
         let idle_deadline = idle_since.filter(|_| !w.idle_timeout.is_zero()).map(|t| t + w.idle_timeout);
         let wake = [pong_deadline, idle_deadline].into_iter().flatten().min();
-        tokio::select! {
+        let sent = tokio::select! {
             biased;
-            _ = cancelled(&kicked) => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
-            _ = shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "pgbroker is shutting down")),
+            _ = cancelled(bound.kicked) => return KICKED,
+            _ = bound.shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "pgbroker is shutting down"),
             ev = sub.recv() => {
                 let text = match ev {
                     Some(Event::Notify(n)) => n.json().to_string(),
                     Some(Event::Resync(reason)) => json::resync(&reason),
-                    None => break None,
+                    None => return End::Gone,
                 };
-                // A client that stops reading must not hold this task: the hub cuts it off
-                // once its queue is full, and that must be noticed mid-send.
-                tokio::select! {
-                    r = socket.send(Message::Text(text.into())) => if r.is_err() { break None },
-                    _ = cancelled(&kicked) => break Some((CLOSE_TRY_AGAIN_LATER, "too slow: notification queue overflowed")),
-                }
+                send(socket, Message::Text(text.into()), bound).await
             }
             r = recv_reserved(&mut reserved.events) => {
-                if socket.send(Message::Text(reserved_text(r, &mut reserved.events).into())).await.is_err() {
-                    break None;
-                }
+                send(socket, Message::Text(reserved_text(r, &mut reserved.events).into()), bound).await
             }
             r = recv_reserved(&mut reserved.metrics) => {
-                if socket.send(Message::Text(reserved_text(r, &mut reserved.metrics).into())).await.is_err() {
-                    break None;
-                }
+                send(socket, Message::Text(reserved_text(r, &mut reserved.metrics).into()), bound).await
             }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = command(&sub, &app, &mut reserved, allowed.as_deref(), &text).await;
+                    let reply = command(sub, app, reserved, allowed, &text).await;
                     let subscribed = sub.sub.as_ref().map_or(0, |s| s.hub.subscriptions(s.id)) + reserved.count();
                     idle_since = if subscribed == 0 { idle_since.or(Some(Instant::now())) } else { None };
-                    if socket.send(Message::Text(reply.into())).await.is_err() {
-                        break None;
-                    }
+                    send(socket, Message::Text(reply.into()), bound).await
                 }
-                Some(Ok(Message::Pong(_))) => pong_deadline = None,
-                Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
+                Some(Ok(Message::Pong(_))) => {
+                    pong_deadline = None;
+                    Ok(())
+                }
+                Some(Ok(Message::Ping(_))) => Ok(()), // answered by the WebSocket layer
                 Some(Ok(Message::Binary(_))) => {
-                    if socket.send(Message::Text(json::error("bad_request", "send JSON text messages").into())).await.is_err() {
-                        break None;
-                    }
+                    send(socket, Message::Text(json::error("bad_request", "send JSON text messages").into()), bound).await
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return End::Gone,
             },
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
-                    break None;
-                }
                 pong_deadline.get_or_insert(Instant::now() + w.pong_timeout);
+                send(socket, Message::Ping(Vec::new().into()), bound).await
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
                 let now = Instant::now();
                 if pong_deadline.is_some_and(|d| now >= d) {
-                    break Some((CLOSE_GOING_AWAY, "no pong within pong_timeout"));
+                    return End::Close(CLOSE_GOING_AWAY, "no pong within pong_timeout");
                 }
                 if idle_deadline.is_some_and(|d| now >= d) {
-                    break Some((CLOSE_GOING_AWAY, "idle_timeout: no subscriptions"));
+                    return End::Close(CLOSE_GOING_AWAY, "idle_timeout: no subscriptions");
                 }
+                Ok(())
             }
+        };
+        if let Err(end) = sent {
+            return end;
         }
-    };
-    if let Some((code, reason)) = close {
-        let frame = CloseFrame { code, reason: reason.into() };
-        let _ = tokio::time::timeout(w.pong_timeout, socket.send(Message::Close(Some(frame)))).await;
     }
 }
 

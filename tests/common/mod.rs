@@ -1,5 +1,6 @@
 //! Test harness: one throwaway PostgreSQL per test binary, and brokers started in-process.
 #![allow(dead_code, clippy::unwrap_used)]
+pub mod http;
 
 use pgbroker::app::Broker;
 use pgbroker::cluster::{Cluster, ClusterOptions};
