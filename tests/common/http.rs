@@ -1,12 +1,10 @@
 //! Byte-level HTTP and WebSocket clients for the limits tests: requests that may be refused,
 //! handshakes without a WebSocket library, hand-made frames, and the process's RSS.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Resident set size of this process, in KiB (the broker runs in-process).
 pub fn rss_kib() -> u64 {
@@ -20,42 +18,9 @@ pub fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// A GET that may be refused: `(status, body)`, or `None` when the connection is closed or
-/// reset without an answer, or none comes within 5 s.
-pub async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
-}
-
 /// Whether `/health` answers 200 with its JSON document.
 pub async fn health_ok(addr: SocketAddr) -> bool {
-    matches!(try_get(addr, "/health").await, Some((200, body)) if body.contains("\"status\""))
-}
-
-/// Polls `check` every 50 ms until it holds or `limit` passes; returns whether it held.
-pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    matches!(super::try_http_get(addr, "/health").await, Some((200, body)) if body.contains("\"status\""))
 }
 
 /// Reads until the peer closes `s` (EOF or reset): `Some(bytes received)` if that happens
