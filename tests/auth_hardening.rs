@@ -229,3 +229,57 @@ async fn a_user_name_with_a_newline_cannot_forge_a_log_line() {
     assert!(!logs.contains('\u{1b}'), "no terminal escape reaches the log:\n{logs}");
     assert!(logs.lines().all(|l| !l.contains("FORGED") || !l.starts_with("2026-01-01")), "a forged line:\n{logs}");
 }
+
+/// The first authentication request the broker sends `user`: its code (5 md5, 10 SASL) and,
+/// for SASL, the salt of its server-first-message.
+async fn challenge(addr: std::net::SocketAddr, user: &str) -> (i32, Option<String>) {
+    use tokio::io::AsyncReadExt;
+    let mut s = raw(addr).await;
+    send(&mut s, &startup_packet(&[("user", user), ("database", "bench")])).await;
+    let mut read_auth = async |s: &mut tokio::net::TcpStream| {
+        let tag = s.read_u8().await.unwrap();
+        assert_eq!(tag, b'R', "an authentication request");
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (i32::from_be_bytes([body[0], body[1], body[2], body[3]]), body[4..].to_vec())
+    };
+    let (code, _) = read_auth(&mut s).await;
+    if code != 10 {
+        return (code, None);
+    }
+    let first = b"n,,n=,r=abcdefghijklmnopqrstuvwx";
+    let mut msg = b"SCRAM-SHA-256\0".to_vec();
+    msg.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    msg.extend_from_slice(first);
+    let mut pkt = vec![b'p'];
+    pkt.extend_from_slice(&((msg.len() + 4) as i32).to_be_bytes());
+    pkt.extend_from_slice(&msg);
+    send(&mut s, &pkt).await;
+    let (code, data) = read_auth(&mut s).await;
+    assert_eq!(code, 11, "SASL continue");
+    let text = String::from_utf8(data).unwrap();
+    let salt = text.split(',').find_map(|f| f.strip_prefix("s=")).map(str::to_string);
+    (10, salt)
+}
+
+#[tokio::test]
+async fn unknown_users_get_a_salt_of_their_own_that_stays_the_same() {
+    let b = broker(config()).await;
+    let (ghost, again) = (challenge(b.local_addr(), "ghost_one").await, challenge(b.local_addr(), "ghost_one").await);
+    let other = challenge(b.local_addr(), "ghost_two").await;
+    assert!(ghost.1.is_some(), "a SCRAM challenge for an unknown user: {ghost:?}");
+    assert_eq!(ghost, again, "the same name gets the same salt, as a real user's does");
+    assert_ne!(ghost.1, other.1, "each unknown name its own salt");
+    let known = challenge(b.local_addr(), "app").await;
+    assert_eq!(known.1.as_ref().map(String::len), ghost.1.as_ref().map(String::len), "salts of the same size");
+}
+
+#[tokio::test]
+async fn under_md5_unknown_users_get_the_challenge_most_users_get() {
+    // The test auth file: two plain, one md5 and one SCRAM secret; md5 challenges mostly.
+    let b = broker(config_with("md5", "")).await;
+    assert_eq!(challenge(b.local_addr(), "app").await.0, 5);
+    assert_eq!(challenge(b.local_addr(), "scramuser").await.0, 10, "a SCRAM secret upgrades to SCRAM");
+    assert_eq!(challenge(b.local_addr(), "ghost").await.0, 5, "an unknown user looks like most users");
+}

@@ -57,11 +57,16 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         (AuthType::Trust, e) => e.map(|_| from_secret()).ok_or(()),
         (AuthType::Md5, Some(e)) if matches!(e.secret, Secret::Scram(_)) => {
             // As PostgreSQL does: an md5 rule with a SCRAM secret upgrades to SCRAM.
-            scram_exchange(io, e.scram.clone(), binding).await?.map(scram_keys)
+            scram_exchange(io, user, e.scram.clone(), binding).await?.map(scram_keys)
+        }
+        // An unknown user gets the challenge most known users get, so the method does not
+        // tell them apart.
+        (AuthType::Md5, None) if !auth.users.unknown_users_get_md5() => {
+            scram_exchange(io, user, None, binding).await?.map(scram_keys)
         }
         (AuthType::Md5, e) => md5_exchange(io, e, user).await?.then(from_secret).ok_or(()),
         (AuthType::ScramSha256, e) => {
-            scram_exchange(io, e.and_then(|e| e.scram.clone()), binding).await?.map(scram_keys)
+            scram_exchange(io, user, e.and_then(|e| e.scram.clone()), binding).await?.map(scram_keys)
         }
     };
     match credential {
@@ -105,30 +110,33 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(entry.is_some_and(|e| md5::verify_md5_response(&e.secret, user, salt, response)))
 }
 
-/// A secret no password matches, so unknown users go through the same exchange as known ones.
-fn mock_secret() -> Arc<ScramSecret> {
-    static MOCK: OnceLock<Arc<ScramSecret>> = OnceLock::new();
-    MOCK.get_or_init(|| {
-        let random: [u8; 32] = rand::random();
-        Arc::new(ScramSecret::from_password(&base64_of(&random)))
+/// A secret no password matches, so an unknown user goes through the same exchange as a
+/// known one. Its salt comes from the name and a per-process key, as PostgreSQL derives
+/// its mock salt: each name its own salt, the same each time it is asked, so salts do not
+/// tell unknown names from known ones.
+fn mock_secret(user: &str) -> Arc<ScramSecret> {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(rand::random);
+    let salt = md5::hmac_sha256(key, user.as_bytes());
+    Arc::new(ScramSecret {
+        // PostgreSQL's defaults for a new secret.
+        iterations: 4096,
+        salt: salt.get(..16).unwrap_or(&salt).to_vec(),
+        stored_key: md5::hmac_sha256(key, b"mock stored key"),
+        server_key: md5::hmac_sha256(key, b"mock server key"),
     })
-    .clone()
-}
-
-fn base64_of(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Runs a SCRAM exchange; `Ok(Ok(client_key))` when the proof is valid for a known secret,
 /// `Ok(Err(()))` when it is not.
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
+    user: &str,
     secret: Option<Arc<ScramSecret>>,
     binding: Option<Arc<[u8]>>,
 ) -> Result<Result<Option<[u8; 32]>, ()>, SessionError> {
     let known = secret.is_some();
-    let secret = secret.unwrap_or_else(mock_secret);
+    let secret = secret.unwrap_or_else(|| mock_secret(user));
     // PostgreSQL's order: the channel-bound mechanism first when the connection allows it.
     let mechanisms: &[&str] = match binding {
         Some(_) => &[scram::SCRAM_SHA_256_PLUS, scram::SCRAM_SHA_256],

@@ -179,6 +179,9 @@ impl UserEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Userlist {
     users: HashMap<String, UserEntry>,
+    /// Fewer than half the users have a SCRAM secret: under `auth.type = "md5"` most get an
+    /// md5 challenge, and so do unknown users.
+    mostly_md5: bool,
 }
 
 impl Userlist {
@@ -194,8 +197,10 @@ impl Userlist {
             }
         }
         // Derive SCRAM verifiers only after de-duplication: PBKDF2 is deliberately slow.
+        let scram = secrets.values().filter(|s| matches!(s, Secret::Scram(_))).count();
+        let mostly_md5 = !secrets.is_empty() && scram * 2 < secrets.len();
         let users = secrets.into_iter().map(|(user, secret)| (user, UserEntry::new(secret))).collect();
-        Ok(Userlist { users })
+        Ok(Userlist { users, mostly_md5 })
     }
 
     /// The entry for `user`, if listed.
@@ -206,6 +211,12 @@ impl Userlist {
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()
+    }
+
+    /// True when an md5 rule should challenge an unknown user with md5 rather than SCRAM,
+    /// as most listed users are (with no list, PostgreSQL's default of SCRAM).
+    pub fn unknown_users_get_md5(&self) -> bool {
+        self.mostly_md5
     }
 
     /// True when no user is listed.
@@ -378,5 +389,15 @@ mod tests {
         let list = Userlist::parse("\"u\" \"\"").unwrap();
         assert!(list.get("u").unwrap().scram.is_none());
         assert!(!list.is_empty());
+    }
+
+    #[test]
+    fn unknown_users_get_md5_only_where_most_listed_users_do() {
+        let md5 = format!("md5{}", "ab".repeat(16));
+        let mostly_md5 = format!("\"a\" \"pw\"\n\"b\" \"{md5}\"\n\"c\" \"{SCRAM}\"");
+        assert!(Userlist::parse(&mostly_md5).unwrap().unknown_users_get_md5());
+        let mostly_scram = format!("\"a\" \"{SCRAM}\"\n\"b\" \"{SCRAM}\"\n\"c\" \"pw\"");
+        assert!(!Userlist::parse(&mostly_scram).unwrap().unknown_users_get_md5());
+        assert!(!Userlist::default().unknown_users_get_md5(), "no list: PostgreSQL's default, SCRAM");
     }
 }
