@@ -236,7 +236,7 @@ async fn challenge(addr: std::net::SocketAddr, user: &str) -> (i32, Option<Strin
     use tokio::io::AsyncReadExt;
     let mut s = raw(addr).await;
     send(&mut s, &startup_packet(&[("user", user), ("database", "bench")])).await;
-    let mut read_auth = async |s: &mut tokio::net::TcpStream| {
+    let read_auth = async |s: &mut tokio::net::TcpStream| {
         let tag = s.read_u8().await.unwrap();
         assert_eq!(tag, b'R', "an authentication request");
         let len = s.read_i32().await.unwrap() as usize;
