@@ -21,3 +21,49 @@ pub fn tune(stream: &TcpStream, keepalive: bool) {
         }
     }
 }
+
+/// The key per-address limits count a peer under: one host for the whole loopback range
+/// (127.0.0.0/8, `::1`), an IPv6 peer by its /64 (what one machine or subscriber is
+/// usually given), an IPv4-mapped IPv6 address as the IPv4 one. Otherwise a local process
+/// or one IPv6 host could rotate addresses to get around the limit.
+pub fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        return IpAddr::V4(Ipv4Addr::LOCALHOST);
+    }
+    match ip {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+    use std::net::IpAddr;
+
+    fn key(s: &str) -> String {
+        peer_key(s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]))).to_string()
+    }
+
+    #[test]
+    fn loopback_addresses_are_one_host() {
+        for a in ["127.0.0.1", "127.0.0.2", "127.255.1.9", "::1", "::ffff:127.0.0.5"] {
+            assert_eq!(key(a), "127.0.0.1", "{a}");
+        }
+    }
+
+    #[test]
+    fn ipv6_peers_are_counted_by_their_64() {
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn other_ipv4_peers_are_counted_by_address() {
+        assert_eq!(key("10.0.0.7"), "10.0.0.7");
+        assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
+    }
+}

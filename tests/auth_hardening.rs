@@ -283,3 +283,120 @@ async fn under_md5_unknown_users_get_the_challenge_most_users_get() {
     assert_eq!(challenge(b.local_addr(), "scramuser").await.0, 10, "a SCRAM secret upgrades to SCRAM");
     assert_eq!(challenge(b.local_addr(), "ghost").await.0, 5, "an unknown user looks like most users");
 }
+
+/// How one raw SCRAM login that sends a wrong proof ended.
+#[derive(Debug, PartialEq)]
+enum Guess {
+    /// Refused before any exchange, with this SQLSTATE.
+    Refused(String),
+    /// Its proof was evaluated, and answered with this SQLSTATE.
+    Evaluated(String),
+}
+
+/// Connects as `user`; once the exchange reaches server-first, reports it on `admitted` and
+/// waits for `go` before sending a wrong proof.
+async fn paused_guess(
+    mut s: tokio::net::TcpStream,
+    user: &str,
+    admitted: tokio::sync::mpsc::UnboundedSender<()>,
+    mut go: tokio::sync::watch::Receiver<bool>,
+) -> Guess {
+    use tokio::io::AsyncReadExt;
+    send(&mut s, &startup_packet(&[("user", user), ("database", "appdb")])).await;
+    async fn message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+        let tag = s.read_u8().await.unwrap();
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    }
+    let code = |tag: u8, body: &[u8]| {
+        let mut msg = vec![tag];
+        msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        msg.extend_from_slice(body);
+        error_code(&msg).unwrap_or_else(|| format!("not an error: {}", tag as char))
+    };
+    let (tag, body) = message(&mut s).await;
+    if tag != b'R' {
+        return Guess::Refused(code(tag, &body));
+    }
+    let first = b"n,,n=,r=abcdefghijklmnopqrstuvwx";
+    let mut init = b"SCRAM-SHA-256\0".to_vec();
+    init.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    init.extend_from_slice(first);
+    send(&mut s, &[&[b'p'][..], &((init.len() + 4) as i32).to_be_bytes(), &init].concat()).await;
+    let (_, server_first) = message(&mut s).await;
+    let server_first = String::from_utf8_lossy(&server_first[4..]).to_string();
+    let nonce = server_first.split(',').find_map(|f| f.strip_prefix("r=")).unwrap().to_string();
+    let _ = admitted.send(());
+    go.wait_for(|g| *g).await.unwrap();
+    let last = format!("c=biws,r={nonce},p={}", "A".repeat(43) + "=");
+    send(&mut s, &[&[b'p'][..], &((last.len() + 4) as i32).to_be_bytes(), last.as_bytes()].concat()).await;
+    let (tag, body) = message(&mut s).await;
+    Guess::Evaluated(code(tag, &body))
+}
+
+#[tokio::test]
+async fn guesses_sent_together_are_evaluated_no_more_than_the_limit() {
+    const LIMIT: usize = 5;
+    let mut cfg = config_with("scram-sha-256", "");
+    cfg.auth.throttle.max_failures_per_ip = LIMIT as u32;
+    cfg.broker.client_login_timeout = Duration::from_secs(20);
+    let b = broker(cfg).await;
+    let (admitted_tx, mut admitted) = tokio::sync::mpsc::unbounded_channel();
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let guesses: Vec<_> = (0..30)
+        .map(|_| {
+            let (admitted, go) = (admitted_tx.clone(), go.clone());
+            let addr = b.local_addr();
+            tokio::spawn(async move { paused_guess(raw(addr).await, "app", admitted, go).await })
+        })
+        .collect();
+    // The first LIMIT reach server-first; the others wait for one of them to end.
+    for _ in 0..LIMIT {
+        tokio::time::timeout(Duration::from_secs(10), admitted.recv()).await.expect("admitted in time").unwrap();
+    }
+    go_tx.send(true).unwrap();
+    let mut outcomes = Vec::new();
+    for g in guesses {
+        outcomes.push(tokio::time::timeout(Duration::from_secs(15), g).await.expect("answered in time").unwrap());
+    }
+    let evaluated = outcomes.iter().filter(|o| matches!(o, Guess::Evaluated(_))).count();
+    assert_eq!(evaluated, LIMIT, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| *o == Guess::Evaluated("28P01".into()) || *o == Guess::Refused("28000".into())));
+}
+
+#[tokio::test]
+async fn an_honest_burst_of_logins_past_the_failure_limit_all_get_in() {
+    let mut cfg = config_with("scram-sha-256", "");
+    cfg.auth.throttle.max_failures_per_ip = 3;
+    cfg.databases.get_mut("appdb").unwrap().pool_mode = pgbroker::config::PoolMode::Transaction;
+    let b = broker(cfg).await;
+    let logins = (0..40).map(|_| connect(b.local_addr(), "app", "apppw", "appdb"));
+    for c in futures_util::future::join_all(logins).await {
+        let c = c.expect("an honest login is slowed at most, never refused");
+        assert_eq!(one(&c, "SELECT 1").await, "1");
+    }
+}
+
+/// A guess from source address `from`, sent at once.
+async fn guess_from(addr: std::net::SocketAddr, from: [u8; 4]) -> Guess {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let s = socket.connect(addr).await.unwrap();
+    let (admitted, _) = tokio::sync::mpsc::unbounded_channel();
+    let (_go, go) = tokio::sync::watch::channel(true);
+    paused_guess(s, "app", admitted, go).await
+}
+
+#[tokio::test]
+async fn rotating_loopback_source_addresses_share_one_failure_count() {
+    let mut cfg = config_with("scram-sha-256", "");
+    cfg.auth.throttle.max_failures_per_ip = 3;
+    cfg.auth.throttle.failure_delay = Duration::ZERO;
+    let b = broker(cfg).await;
+    for last in 2..5 {
+        assert_eq!(guess_from(b.local_addr(), [127, 0, 0, last]).await, Guess::Evaluated("28P01".into()));
+    }
+    assert_eq!(guess_from(b.local_addr(), [127, 0, 0, 9]).await, Guess::Refused("28000".into()));
+}

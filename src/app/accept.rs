@@ -58,12 +58,12 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
         tokio::spawn(refuse(stream, msg));
         return;
     };
-    let Ok(per_ip) = IpSlot::take(app, peer.ip(), cfg.broker.max_client_conn_per_ip) else {
+    let host = crate::net::peer_key(peer.ip());
+    let Ok(per_ip) = IpSlot::take(app, host, cfg.broker.max_client_conn_per_ip) else {
         app.refusals.max_client_conn_per_ip.fetch_add(1, Relaxed);
         tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
         let msg = format!(
-            "too many connections from {} (max_client_conn_per_ip = {})",
-            peer.ip(),
+            "too many connections from {host} (max_client_conn_per_ip = {})",
             cfg.broker.max_client_conn_per_ip
         );
         tokio::spawn(refuse(stream, msg));

@@ -99,13 +99,17 @@ pub async fn handler(
         (None, 1) => cfg.databases.keys().next().cloned().unwrap_or_default(),
         (None, _) => return refuse(StatusCode::BAD_REQUEST, "several databases are configured: add ?database=NAME"),
     };
-    let Some(admission) = admit(&app, &cfg, peer.ip()) else {
+    let Some(admission) = admit(&app, &cfg, crate::net::peer_key(peer.ip())) else {
         return if app.ws.total() >= w.max_ws_connections {
             refuse(StatusCode::SERVICE_UNAVAILABLE, &format!("max_ws_connections ({}) reached", w.max_ws_connections))
         } else {
             refuse(
                 StatusCode::TOO_MANY_REQUESTS,
-                &format!("max_ws_connections_per_ip ({}) reached for {}", w.max_ws_connections_per_ip, peer.ip()),
+                &format!(
+                    "max_ws_connections_per_ip ({}) reached for {}",
+                    w.max_ws_connections_per_ip,
+                    crate::net::peer_key(peer.ip())
+                ),
             )
         };
     };

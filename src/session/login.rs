@@ -46,8 +46,8 @@ pub(super) async fn serve(
         Ok(Err(e)) => {
             count_refusal(app, &e);
             if matches!(&e, SessionError::Fatal { code, .. } if *code == SqlState::INVALID_PASSWORD) {
-                // Answered late, and counted: guessing costs time, and then a refusal.
-                app.login_throttle.record_failure(peer.ip());
+                // Answered late (the failure was counted as the exchange ended): guessing
+                // costs time, and then a refusal.
                 tokio::time::sleep(cfg.auth.throttle.failure_delay).await;
             }
             return Err(e);
@@ -220,12 +220,17 @@ async fn handshake(
             format!("{TLS_REQUIRED}: this broker refuses unencrypted connections (client_tls_sslmode = require)"),
         ));
     }
-    if let Err(wait) = app.login_throttle.check(ip, cfg.auth.throttle.max_failures_per_ip) {
-        return Err(SessionError::fatal(
-            SqlState::INVALID_AUTHORIZATION,
-            format!("{THROTTLED} {ip}; try again in {} s", wait.as_secs() + 1),
-        ));
-    }
+    // Counted from here, a failure unless the credentials prove right: an exchange abandoned
+    // halfway, or a lookup of an unknown name, counts too.
+    let attempt = match app.login_throttle.begin(ip, cfg.auth.throttle.max_failures_per_ip).await {
+        Ok(a) => a,
+        Err(wait) => {
+            return Err(SessionError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("{THROTTLED} {}; try again in {} s", crate::net::peer_key(ip), wait.as_secs() + 1),
+            ));
+        }
+    };
     if startup.minor > 0 || !startup.protocol_options.is_empty() {
         build::negotiate_protocol_version(&mut io.wbuf, 0, &startup.protocol_options);
     }
@@ -256,6 +261,7 @@ async fn handshake(
         None => None,
     };
     let authenticated = auth::authenticate(io, &cfg.auth, &user, entry, binding).await?;
+    attempt.succeeded();
     let db = if crate::admin::is_console(&database) {
         if !cfg.auth.admin_users.contains(&user) && !cfg.auth.stats_users.contains(&user) {
             return Err(SessionError::fatal(
