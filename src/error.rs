@@ -53,6 +53,9 @@ impl SqlState {
     /// 42601 is a syntax error; used here for unknown admin commands and bad SQL made by clients.
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
 
+    /// 54000: a per-client cap of the broker's (channels LISTENed) would be exceeded.
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState(*b"54000");
+
     /// 42P05: a Parse named a prepared statement the client already has.
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
 

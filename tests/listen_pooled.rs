@@ -76,3 +76,26 @@ async fn unlisten_stops_delivery() {
     other.simple_query("NOTIFY b_ch, 'after unlisten'").await.unwrap();
     assert!(tokio::time::timeout(Duration::from_millis(500), notes.recv()).await.is_err());
 }
+
+#[tokio::test]
+async fn a_client_listening_past_max_channels_per_client_gets_54000_and_keeps_its_channels() {
+    let mut cfg = mode_config(PoolMode::Transaction, 2);
+    cfg.websocket.max_channels_per_client = 20;
+    let b = broker(cfg).await;
+    let (listener, mut notes) = listening_client(b.local_addr()).await;
+    // 20 fit, the 21st is refused.
+    for i in 0..20 {
+        listener.simple_query(&format!("LISTEN ch_{i}")).await.unwrap();
+    }
+    listener.simple_query("LISTEN ch_3").await.expect("a channel it has is not a new one");
+    let e = listener.simple_query("LISTEN one_too_many").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "54000", "{e}");
+    assert!(e.as_db_error().unwrap().message().contains("max_channels_per_client"), "{e}");
+    // Only that LISTEN failed: the client and its channels go on, as does everyone else.
+    let other = connect_bench(b.local_addr()).await;
+    other.simple_query("NOTIFY ch_19, 'still here'").await.unwrap();
+    assert_eq!(next(&mut notes).await, ("ch_19".to_string(), "still here".to_string()));
+    assert_eq!(one(&listener, "SELECT 1").await, "1");
+    listener.simple_query("UNLISTEN ch_0").await.unwrap();
+    listener.simple_query("LISTEN one_too_many").await.expect("room again after an UNLISTEN");
+}

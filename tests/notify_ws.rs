@@ -118,6 +118,34 @@ async fn a_subscribe_answered_while_the_listener_logs_in_misses_no_notification(
     assert_eq!((n["channel"].as_str(), n["payload"].as_str()), (Some("first_login"), Some("right after")));
 }
 
+#[tokio::test]
+async fn a_subscribe_past_max_channels_per_client_is_refused_whole_and_the_connection_goes_on() {
+    let mut cfg = ws_config();
+    cfg.websocket.max_channels_per_client = 50;
+    let b = broker(cfg).await;
+    let mut ws = open(&url(&b, "")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    let forty: Vec<String> = (0..40).map(|i| format!("cap_{i}")).collect();
+    let names: Vec<&str> = forty.iter().map(String::as_str).collect();
+    assert_eq!(subscribe(&mut ws, &names).await["channels"].as_array().unwrap().len(), 40);
+    // 2,000 in one command (as many as fit in a 64 KiB message), or 11 more, would pass 50:
+    // refused as a whole.
+    let many: Vec<String> = (0..2_000).map(|i| format!("flood_{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    for attempt in [&many[..], &many[..11]] {
+        let reply = subscribe(&mut ws, attempt).await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], "too_many_channels", "{reply}");
+    }
+    let hub = b.app().hubs.all().into_iter().next().unwrap();
+    assert_eq!(hub.subscribers("flood_0"), 0, "nothing of a refused subscribe was taken");
+    assert_eq!(subscribe(&mut ws, &many[..10]).await["channels"].as_array().unwrap().len(), 50, "up to the cap");
+    // A bystander is served meanwhile.
+    let mut other = open(&url(&b, "")).await;
+    assert_eq!(next_json(&mut other).await["type"], "connection_ack");
+    assert_eq!(subscribe(&mut other, &["bystander"]).await["type"], "subscribed");
+}
+
 async fn wait_for(cond: impl Fn() -> bool) {
     eventually("the hub's counts", Duration::from_secs(5), || async { cond() }).await;
 }

@@ -97,6 +97,7 @@ impl Config {
         let _ = writeln!(s, "max_ws_connections = {}", w.max_ws_connections);
         let _ = writeln!(s, "max_ws_connections_per_ip = {}", w.max_ws_connections_per_ip);
         let _ = writeln!(s, "ws_send_queue = {}", w.ws_send_queue);
+        let _ = writeln!(s, "max_channels_per_client = {}", w.max_channels_per_client);
         let _ = writeln!(s, "allowed_origins = {:?}", w.allowed_origins);
         for t in &w.tokens {
             let _ = writeln!(s, "# token <redacted>: channels {:?}", t.channels);

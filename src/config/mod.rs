@@ -169,6 +169,9 @@ pub struct WebSocket {
     pub max_ws_connections_per_ip: usize,
     /// Notifications queued per client before it is closed as too slow.
     pub ws_send_queue: usize,
+    /// Channels one client (a WebSocket connection, or a SQL client's LISTENs) may be
+    /// subscribed to at once.
+    pub max_channels_per_client: usize,
     /// Origins allowed to connect (empty = any).
     pub allowed_origins: Vec<String>,
     /// Bearer tokens; empty = no token needed.

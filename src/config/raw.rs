@@ -156,6 +156,7 @@ pub struct WebSocket {
     pub max_ws_connections: Option<i64>,
     pub max_ws_connections_per_ip: Option<i64>,
     pub ws_send_queue: Option<i64>,
+    pub max_channels_per_client: Option<i64>,
     pub allowed_origins: Option<Vec<String>>,
     pub tokens: Option<Vec<Token>>,
 }

@@ -30,6 +30,12 @@ impl Validator<'_> {
                 1,
             )?,
             ws_send_queue: self.int("websocket.ws_send_queue", w.ws_send_queue, 1024, 1)?,
+            max_channels_per_client: self.int(
+                "websocket.max_channels_per_client",
+                w.max_channels_per_client,
+                crate::notify::DEFAULT_MAX_CHANNELS,
+                1,
+            )?,
             allowed_origins: w.allowed_origins.clone().unwrap_or_default(),
             tokens,
         })

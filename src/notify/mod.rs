@@ -9,7 +9,7 @@ mod listener;
 pub mod ws;
 
 use crate::pool::Pool;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::SystemTime;
@@ -71,13 +71,22 @@ enum Cmd {
     Unlisten(String),
 }
 
+/// Default of `websocket.max_channels_per_client`.
+pub const DEFAULT_MAX_CHANNELS: usize = 1000;
+
+/// A subscribe that would take a client past `websocket.max_channels_per_client`.
+#[derive(Debug, thiserror::Error)]
+#[error("at most {0} channels per client (websocket.max_channels_per_client)")]
+pub struct TooManyChannels(pub usize);
+
 /// How long `subscribe` waits for the listener to confirm a new LISTEN.
 const LISTEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Sub {
     tx: mpsc::Sender<Event>,
     kicked: CancellationToken,
-    channels: HashSet<String>,
+    /// Kept in order, so listing them costs no sort.
+    channels: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -133,19 +142,24 @@ impl Drop for Subscription {
 impl Subscription {
     /// Subscribes to `channels` (already checked) and waits until the listener LISTENs on
     /// the new ones, so that every notification sent after this returns is delivered.
-    /// Returns every channel now subscribed.
-    pub async fn subscribe(&self, channels: &[String]) -> Vec<String> {
-        let (now, acks) = self.hub.subscribe(self.id, channels);
+    /// Refused as a whole if it would take the subscriber past `cap` channels.
+    pub async fn subscribe(&self, channels: &[String], cap: usize) -> Result<(), TooManyChannels> {
+        let acks = self.hub.subscribe(self.id, channels, cap)?;
         for ack in acks {
             // On timeout or a lost connection the LISTEN still happens at reconnect.
             let _ = tokio::time::timeout(LISTEN_WAIT, ack).await;
         }
-        now
+        Ok(())
     }
 
-    /// Unsubscribes from `channels` (`None` = all); returns those still subscribed.
-    pub fn unsubscribe(&self, channels: Option<&[String]>) -> Vec<String> {
+    /// Unsubscribes from `channels` (`None` = all).
+    pub fn unsubscribe(&self, channels: Option<&[String]>) {
         self.hub.unsubscribe(self.id, channels)
+    }
+
+    /// Every channel subscribed now, in order.
+    pub fn channels(&self) -> Vec<String> {
+        self.hub.lock().subs.get(&self.id).map(|s| s.channels.iter().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -182,7 +196,7 @@ impl Hub {
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(queue.max(1));
         let kicked = CancellationToken::new();
-        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: HashSet::new() });
+        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: BTreeSet::new() });
         Subscription { hub: self.clone(), id, rx, kicked }
     }
 
@@ -202,10 +216,21 @@ impl Hub {
         self.lock().channels.get(channel).map_or(0, HashSet::len)
     }
 
-    fn subscribe(&self, id: u64, channels: &[String]) -> (Vec<String>, Vec<oneshot::Receiver<()>>) {
+    fn subscribe(
+        &self,
+        id: u64,
+        channels: &[String],
+        cap: usize,
+    ) -> Result<Vec<oneshot::Receiver<()>>, TooManyChannels> {
         let mut inner = self.lock();
+        let held = inner.subs.get(&id).map_or(0, |s| s.channels.len());
+        let new: HashSet<&String> =
+            channels.iter().filter(|c| inner.subs.get(&id).is_none_or(|s| !s.channels.contains(*c))).collect();
+        if held + new.len() > cap {
+            return Err(TooManyChannels(cap));
+        }
         let mut acks = Vec::new();
-        for ch in channels {
+        for ch in new {
             let first = !inner.channels.contains_key(ch) && !inner.fixed.contains(ch);
             inner.channels.entry(ch.clone()).or_default().insert(id);
             if let Some(sub) = inner.subs.get_mut(&id) {
@@ -217,10 +242,10 @@ impl Hub {
                 let _ = self.cmds.send(Cmd::Listen(ch.clone(), Some(tx)));
             }
         }
-        (sorted(inner.subs.get(&id).map(|s| &s.channels)), acks)
+        Ok(acks)
     }
 
-    fn unsubscribe(&self, id: u64, channels: Option<&[String]>) -> Vec<String> {
+    fn unsubscribe(&self, id: u64, channels: Option<&[String]>) {
         let mut inner = self.lock();
         let names: Vec<String> = match channels {
             Some(c) => c.to_vec(),
@@ -232,7 +257,6 @@ impl Hub {
             }
             self.drop_from_channel(&mut inner, id, ch);
         }
-        sorted(inner.subs.get(&id).map(|s| &s.channels))
     }
 
     fn drop_from_channel(&self, inner: &mut Inner, id: u64, ch: &str) {
@@ -302,12 +326,6 @@ impl Hub {
             let _ = sub.tx.try_send(Event::Resync(reason.clone()));
         }
     }
-}
-
-fn sorted(set: Option<&HashSet<String>>) -> Vec<String> {
-    let mut v: Vec<String> = set.map(|s| s.iter().cloned().collect()).unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Hubs by database, created on first use.

@@ -407,8 +407,14 @@ async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Opti
                 }
             }
             let hub = match (&sub.sub, database.is_empty()) {
-                (Some(s), true) => s.unsubscribe(Some(&[])),
-                (Some(s), false) => s.subscribe(&database).await,
+                (Some(s), true) => s.channels(),
+                (Some(s), false) => {
+                    let cap = app.config().websocket.max_channels_per_client;
+                    if let Err(e) = s.subscribe(&database, cap).await {
+                        return json::error("too_many_channels", &e.to_string());
+                    }
+                    s.channels()
+                }
                 (None, true) => Vec::new(),
                 (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
             };
@@ -425,7 +431,14 @@ async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Opti
                     }
                 }
             }
-            let hub = sub.sub.as_ref().map(|s| s.unsubscribe(channels.as_deref())).unwrap_or_default();
+            let hub = sub
+                .sub
+                .as_ref()
+                .map(|s| {
+                    s.unsubscribe(channels.as_deref());
+                    s.channels()
+                })
+                .unwrap_or_default();
             json::channels("unsubscribed", &all_channels(reserved, hub))
         }
         Command::Ping => json::pong(),

@@ -55,7 +55,8 @@ impl Listens {
             self.sub = Some(hub.register(cfg.websocket.ws_send_queue));
         }
         if let Some(sub) = &self.sub {
-            sub.subscribe(&[channel]).await;
+            let cap = cfg.websocket.max_channels_per_client;
+            sub.subscribe(&[channel], cap).await.map_err(|e| (SqlState::PROGRAM_LIMIT_EXCEEDED, e.to_string()))?;
         }
         Ok(())
     }
