@@ -67,8 +67,6 @@ pub async fn serve(
     user: &str,
     client: &Arc<Client>,
 ) -> Result<(), SessionError> {
-    let cfg = app.config();
-    let admin = cfg.auth.admin_users.iter().any(|u| u == user);
     for (k, v) in [
         ("server_version", "15.0 (pgbroker)"),
         ("server_encoding", "UTF8"),
@@ -93,6 +91,18 @@ pub async fn serve(
         match t {
             tag::TERMINATE => return Ok(()),
             tag::QUERY => {
+                // Rights as the live config has them: a RELOAD that takes a user off
+                // admin_users takes effect at its next command, not its next login.
+                let cfg = app.config();
+                let admin = cfg.auth.admin_users.iter().any(|u| u == user);
+                if !admin && !cfg.auth.stats_users.iter().any(|u| u == user) {
+                    return Err(SessionError::fatal(
+                        SqlState::INVALID_AUTHORIZATION,
+                        format!(
+                            "user \"{user}\" is no longer allowed on the admin console (auth.admin_users, auth.stats_users)"
+                        ),
+                    ));
+                }
                 let text = split_cstr(&body).map(|(q, _)| String::from_utf8_lossy(q).into_owned()).unwrap_or_default();
                 let reply = run(app, admin, &text).await;
                 let shutdown = matches!(reply, Reply::Shutdown);

@@ -151,6 +151,25 @@ async fn non_admin_users_cannot_open_the_console_and_stats_users_cannot_change_a
 }
 
 #[tokio::test]
+async fn rights_taken_away_by_a_reload_apply_to_the_next_command_of_an_open_session() {
+    let b = broker(config()).await;
+    let admin = console(&b, "postgres", "postgres").await;
+    let stats = console(&b, "app", "apppw").await;
+    admin.simple_query("KILL viasocket").await.unwrap();
+    // As a RELOAD of a file with postgres moved to stats_users and app removed would.
+    let mut cfg = (*b.app().config()).clone();
+    cfg.auth.admin_users.clear();
+    cfg.auth.stats_users = vec!["postgres".into()];
+    b.app().store_config(cfg);
+    let e = admin.simple_query("KILL viasocket").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "now a stats user: {e}");
+    assert!(!rows(&admin, "SHOW POOLS").await.is_empty() || rows(&admin, "SHOW VERSION").await.len() == 1);
+    let e = stats.simple_query("SHOW POOLS").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "28000", "no longer allowed at all: {e}");
+    assert!(stats.is_closed() || stats.simple_query("SHOW VERSION").await.is_err(), "and the session ends");
+}
+
+#[tokio::test]
 async fn unknown_commands_get_a_clear_error() {
     let b = broker(config()).await;
     let admin = console(&b, "postgres", "postgres").await;
