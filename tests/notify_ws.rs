@@ -234,6 +234,33 @@ async fn a_disallowed_origin_is_refused() {
     assert!(tokio_tungstenite::connect_async(req).await.is_ok());
 }
 
+#[tokio::test]
+async fn without_tokens_or_allowed_origins_only_same_origin_pages_and_non_browsers_connect() {
+    let b = broker(ws_config()).await;
+    let with_origin = |origin: &str| {
+        let mut req = url(&b, "").into_client_request().unwrap();
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+        req
+    };
+    // Any page the operator's browser opens could otherwise read $pgbroker.events.
+    assert_eq!(refused_status(with_origin("https://evil.example")).await, 403);
+    assert_eq!(refused_status(with_origin("null")).await, 403);
+    // The broker's own status page, and clients that send no Origin (not browsers).
+    let own = format!("http://{}", b.http_addr());
+    assert!(tokio_tungstenite::connect_async(with_origin(&own)).await.is_ok());
+    assert!(tokio_tungstenite::connect_async(url(&b, "")).await.is_ok());
+}
+
+#[tokio::test]
+async fn with_tokens_a_page_of_another_origin_may_connect_with_its_token() {
+    let mut cfg = ws_config();
+    cfg.websocket.tokens = vec![Token { token: "tok-x".into(), channels: vec!["*".into()] }];
+    let b = broker(cfg).await;
+    let mut req = url(&b, "&token=tok-x").into_client_request().unwrap();
+    req.headers_mut().insert("Origin", "https://app.example".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_cut_off_while_a_fast_one_gets_everything() {
     let mut cfg = ws_config();

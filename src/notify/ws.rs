@@ -83,11 +83,18 @@ pub async fn handler(
 ) -> Response {
     let cfg = app.config();
     let w = &cfg.websocket;
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if !w.allowed_origins.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !w.allowed_origins.iter().any(|o| o == "*" || o == origin) {
+        if !w.allowed_origins.iter().any(|o| o == "*" || Some(o.as_str()) == origin) {
             return refuse(StatusCode::FORBIDDEN, "origin not allowed");
         }
+    } else if w.tokens.is_empty() && !same_origin(origin, &headers) {
+        // Nothing authenticates the bridge: a page of any site the operator's browser opens
+        // could otherwise read the broker's channels through the loopback listener.
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "cross-origin WebSocket refused: list the page's origin in websocket.allowed_origins, or configure tokens",
+        );
     }
     let allowed = match token_channels(&cfg, &headers, params.token.as_deref()) {
         Ok(a) => a,
@@ -127,6 +134,15 @@ pub async fn handler(
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
+}
+
+/// True for a request a browser page of another site cannot make: no `Origin` (not a
+/// browser), or an `Origin` naming the host the request was sent to (the status page).
+fn same_origin(origin: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(origin) = origin else { return true };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    authority.is_some_and(|a| !host.is_empty() && a.eq_ignore_ascii_case(host))
 }
 
 /// The channel patterns the request's token allows; `None` = no tokens configured, anything
