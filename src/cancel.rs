@@ -4,13 +4,23 @@ use crate::proto::startup::CancelKey;
 use crate::server::CancelTarget;
 use bytes::BytesMut;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// How long forwarding one CancelRequest may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// CancelRequests taken from one host (as [`crate::net::peer_key`] groups addresses) per
+/// second; more are dropped unread, as unknown keys are. An app cancels a handful of queries
+/// a second at most; a key guesser gets 100 guesses of 63 bits a second.
+pub const CANCELS_PER_SECOND: u32 = 100;
+
+/// Hosts whose cancel rate is tracked at most; past it the map is swept of past seconds.
+const MAX_TRACKED: usize = 65_536;
 
 /// The server a client's query is running on, if any. Updated on attach and detach, twice
 /// a transaction, and read only by a CancelRequest: an uncontended mutex is cheaper here than
@@ -38,7 +48,14 @@ impl CancelSlot {
 #[derive(Default)]
 pub struct CancelRegistry {
     keys: Mutex<HashMap<CancelKey, Arc<CancelSlot>>>,
-    next_pid: AtomicI32,
+    /// CancelRequests this second per host: (second's start, count).
+    rates: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// CancelRequests forwarded, for unknown or idle keys, and dropped past the rate.
+    pub forwarded: AtomicU64,
+    /// See `forwarded`.
+    pub unknown: AtomicU64,
+    /// See `forwarded`.
+    pub rate_limited: AtomicU64,
 }
 
 /// A client's registered key; dropping it unregisters the key.
@@ -66,8 +83,8 @@ impl CancelRegistry {
         let slot = Arc::new(CancelSlot::default());
         let mut keys = self.lock();
         let key = loop {
-            // The pid only needs to be distinct; the random secret is what protects the key.
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & i32::MAX;
+            // Both halves random: a guesser cannot learn the pid from a key of its own.
+            let pid = rand::random::<i32>() & i32::MAX;
             let key = CancelKey { pid, secret: rand::random() };
             if !keys.contains_key(&key) {
                 break key;
@@ -77,14 +94,37 @@ impl CancelRegistry {
         Registration { key, slot, registry: self.clone() }
     }
 
-    /// Forwards a client's CancelRequest to the server running its query. Unknown keys and
-    /// idle clients are ignored silently, as PostgreSQL does.
-    pub async fn cancel(&self, key: CancelKey) {
+    /// True if a CancelRequest from `ip` is within [`CANCELS_PER_SECOND`] for its host.
+    fn within_rate(&self, ip: IpAddr) -> bool {
+        let key = crate::net::peer_key(ip);
+        let now = Instant::now();
+        let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+        if rates.len() >= MAX_TRACKED && !rates.contains_key(&key) {
+            rates.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(1));
+        }
+        let (start, count) = rates.entry(key).or_insert((now, 0));
+        if now.duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *count) = (now, 0);
+        }
+        *count += 1;
+        *count <= CANCELS_PER_SECOND
+    }
+
+    /// Forwards a CancelRequest from `ip` to the server running the key's query. Unknown keys
+    /// and idle clients are ignored silently, as PostgreSQL does, and so are requests past
+    /// the host's rate.
+    pub async fn cancel(&self, ip: IpAddr, key: CancelKey) {
+        if !self.within_rate(ip) {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let target = self.lock().get(&key).and_then(|slot| slot.get());
         let Some(target) = target else {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pid = key.pid, "cancel request for an unknown or idle client ignored");
             return;
         };
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(CANCEL_TIMEOUT, send_cancel(&target)).await {
             Ok(Ok(())) => tracing::debug!(server_pid = target.pid, "cancel request forwarded"),
             Ok(Err(e)) => {

@@ -46,6 +46,12 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("pgbroker_received_bytes_total", 'c', Some(Unit::Bytes), "Bytes from clients to servers"),
     ("pgbroker_sent_bytes_total", 'c', Some(Unit::Bytes), "Bytes from servers to clients"),
     ("pgbroker_refused_connections_total", 'c', None, "Client connections refused, by reason"),
+    (
+        "pgbroker_cancel_requests_total",
+        'c',
+        None,
+        "CancelRequests from clients: forwarded, for an unknown or idle key, or dropped past the per-host rate",
+    ),
     ("pgbroker_server_errors_total", 'c', None, "Server errors by SQLSTATE class"),
     ("pgbroker_config_reloads_total", 'c', None, "Config reloads applied"),
     ("pgbroker_config_reload_failures_total", 'c', None, "Config reloads rejected"),
@@ -194,6 +200,13 @@ impl Metrics {
         }
         for (reason, n) in app.refusals.all() {
             self.counter("pgbroker_refused_connections_total", &[("reason", reason.into())], n);
+        }
+        for (result, n) in [
+            ("forwarded", &app.cancels.forwarded),
+            ("unknown", &app.cancels.unknown),
+            ("rate_limited", &app.cancels.rate_limited),
+        ] {
+            self.counter("pgbroker_cancel_requests_total", &[("result", result.into())], n.load(Relaxed));
         }
         self.counter("pgbroker_config_reloads_total", &[], app.reloads.load(Relaxed));
         self.counter("pgbroker_config_reload_failures_total", &[], app.reload_failures.load(Relaxed));

@@ -320,3 +320,51 @@ async fn idle_transaction_timeout_applies_in_session_mode_too() {
     let row = next.query_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[]).await.unwrap();
     assert!(row.get::<_, bool>(0), "the server was rolled back");
 }
+
+/// A CancelRequest packet for key (`pid`, `secret`).
+fn cancel_packet(pid: i32, secret: i32) -> Vec<u8> {
+    [16i32, 80_877_102, pid, secret].iter().flat_map(|v| v.to_be_bytes()).collect()
+}
+
+#[tokio::test]
+async fn cancel_requests_past_the_hosts_rate_are_dropped_and_a_real_one_lands_after() {
+    let b = broker(config()).await;
+    let addr = b.local_addr();
+    let started = Instant::now();
+    // 500 guessed keys at once from one host, each from its own loopback address.
+    let guesses = (0..500).map(|i: i32| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from(([127, 0, 1, (i % 250) as u8 + 1], 0))).unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        send(&mut s, &cancel_packet(i, i)).await;
+        read_until_close(&mut s, Duration::from_secs(10)).await
+    });
+    futures_util::future::join_all(guesses).await;
+    let elapsed = started.elapsed();
+    let cancels = &b.app().cancels;
+    let looked_up = cancels.unknown.load(std::sync::atomic::Ordering::Relaxed)
+        + cancels.forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    let limited = cancels.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(looked_up + limited, 500, "every request was answered by a close");
+    let allowed = u64::from(pgbroker::cancel::CANCELS_PER_SECOND) * (elapsed.as_secs() + 1);
+    assert!(looked_up <= allowed, "{looked_up} keys looked up in {elapsed:?}");
+    // A client's own cancel still lands once the host's second has passed.
+    let c = connect_bench(addr).await;
+    let token = c.cancel_token();
+    let query = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(20) /* rate */").await });
+    let server = direct("bench").await;
+    eventually("the query to run on the server", Duration::from_secs(10), || async {
+        let running =
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20) /* rate */' AND state = 'active'";
+        one(&server, running).await == "1"
+    })
+    .await;
+    eventually("a cancel to land", Duration::from_secs(10), || async {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        // Until it ends, or the next cancel if this one was still over the rate.
+        poll(Duration::from_millis(500), || async { query.is_finished() }).await.is_ok()
+    })
+    .await;
+    let e = query.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+}

@@ -207,7 +207,7 @@ async fn handshake(
             Packet::GssEncRequest => io.write_byte(b'N').await.map_err(SessionError::Io)?,
             Packet::Cancel(key) => {
                 if let Some(key) = key {
-                    app.cancels.cancel(key).await;
+                    app.cancels.cancel(ip, key).await;
                 }
                 return Ok(None);
             }
