@@ -276,3 +276,34 @@ async fn psql_reads_the_console() {
     assert!(text.contains("database|user|cl_active|cl_waiting"), "{text}");
     assert!(text.contains("pgbroker 0."), "{text}");
 }
+
+#[tokio::test]
+async fn connections_that_never_log_in_cannot_keep_the_console_or_clients_out() {
+    let mut cfg = config();
+    cfg.broker.max_client_conn = 5;
+    cfg.broker.client_login_timeout = Duration::from_secs(60);
+    let b = broker(cfg).await;
+    // Every slot, the console's reserve included, taken by connections that say nothing.
+    let mut silent = Vec::new();
+    for _ in 0..5 + pgbroker::app::ADMIN_RESERVE {
+        silent.push(raw(b.local_addr()).await);
+    }
+    eventually("the broker to count them", Duration::from_secs(5), || async {
+        b.app().logging_in.len() == 5 + pgbroker::app::ADMIN_RESERVE
+    })
+    .await;
+    // Once they have been logging in for over a second, newcomers get their places.
+    let admin = eventually("the console to let an admin in", Duration::from_secs(10), || async {
+        connect(b.local_addr(), "postgres", "postgres", "pgbroker").await.ok()
+    })
+    .await;
+    assert!(!rows(&admin, "SHOW CLIENTS").await.is_empty());
+    let client = eventually("a client to get in", Duration::from_secs(10), || async {
+        connect(b.local_addr(), "postgres", "postgres", "bench").await.map_err(|e| format!("{e:?}"))
+    })
+    .await;
+    assert_eq!(one(&client, "SELECT 1").await, "1");
+    // The oldest silent connections were told why they had to go.
+    let told = read_until_close(&mut silent[0], Duration::from_secs(5)).await;
+    assert_eq!(error_code(&told).as_deref(), Some("53300"));
+}

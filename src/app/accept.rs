@@ -51,7 +51,16 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
     crate::net::tune(&stream, cfg.broker.tcp_keepalive);
     // A few connections past the limit are let in for the admin console alone: an operator
     // can still look when the broker is full (the login refuses anyone else, 53300).
-    let Some(slot) = ClientSlot::take(app, cfg.broker.max_client_conn + ADMIN_RESERVE) else {
+    let limit = cfg.broker.max_client_conn + ADMIN_RESERVE;
+    // Past max_client_conn a newcomer would get one of the console's slots or none: a
+    // connection slow to log in (maybe a slowloris holding the slots) makes room, and the
+    // newcomer takes its place, the console's only if that one's was.
+    let full = app.clients_open.load(Relaxed) >= cfg.broker.max_client_conn;
+    let slot = match full.then(|| app.logging_in.evict_oldest()).flatten() {
+        Some(admin_only) => Some((admin_only, ClientSlot::force(app))),
+        None => ClientSlot::take(app, limit).map(|slot| (slot.1 >= cfg.broker.max_client_conn, slot)),
+    };
+    let Some((admin_only, slot)) = slot else {
         app.refusals.max_client_conn.fetch_add(1, Relaxed);
         tracing::warn!(%peer, "max_client_conn reached; refusing client");
         let msg = format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn);
@@ -69,7 +78,6 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
         tokio::spawn(refuse(stream, msg));
         return;
     };
-    let admin_only = slot.1 >= cfg.broker.max_client_conn;
     let app = app.clone();
     tracker.spawn(async move {
         let stopping = app.clone();
@@ -92,6 +100,12 @@ impl ClientSlot {
     fn take(app: &Arc<App>, limit: usize) -> Option<ClientSlot> {
         let counted = app.clients_open.fetch_update(Relaxed, Relaxed, |n| (n < limit).then_some(n + 1));
         counted.ok().map(|before| ClientSlot(app.clone(), before))
+    }
+
+    /// A slot past the limit, for a newcomer an evicted login made room for: counted over
+    /// it until that login is gone (at most `logins::MAX_EVICTING` at once).
+    fn force(app: &Arc<App>) -> ClientSlot {
+        ClientSlot(app.clone(), app.clients_open.fetch_add(1, Relaxed))
     }
 }
 

@@ -102,6 +102,7 @@ impl Broker {
             instance_id: crate::fleet::new_instance_id(),
             fleet: Mutex::default(),
             clients_open: AtomicUsize::new(0),
+            logging_in: Default::default(),
             hibernating: AtomicUsize::new(0),
             live: ArcSwap::from_pointee(config),
             pools: Pools::default(),

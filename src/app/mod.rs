@@ -4,8 +4,10 @@
 mod accept;
 mod broker;
 mod lifecycle;
+pub mod logins;
 mod reload;
 
+pub use accept::ADMIN_RESERVE;
 pub use broker::Broker;
 pub use lifecycle::{run, wait_for_stop_signal};
 
@@ -62,6 +64,8 @@ pub struct App {
     pub(crate) stopped_accepting: CancellationToken,
     /// Clients connected now, including those logging in (for `max_client_conn`).
     pub(crate) clients_open: AtomicUsize,
+    /// Connections still logging in (the oldest make room for newcomers when full).
+    pub logging_in: Arc<logins::LoggingIn>,
     /// Clients hibernating now (quiet, their relay state freed).
     pub(crate) hibernating: AtomicUsize,
     /// Per-server budgets and how each was derived; swapped on reload.

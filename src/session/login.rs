@@ -41,7 +41,21 @@ pub(super) async fn serve(
     let limit = cfg.broker.client_login_timeout;
     // The handshake's state (TLS, SCRAM) is boxed: it lives for the login only, while the
     // session future it would enlarge lives as long as the client.
-    let login = match tokio::time::timeout(limit, Box::pin(handshake(app, &cfg, io, peer.ip()))).await {
+    let ticket = app.logging_in.enter(admin_only);
+    let handshake = tokio::time::timeout(limit, Box::pin(handshake(app, &cfg, io, peer.ip())));
+    let outcome = tokio::select! {
+        r = handshake => r,
+        () = ticket.evicted() => Ok(Err(SessionError::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!(
+                "no more connections allowed (max_client_conn = {}): this connection was still logging in after {:?} and made room for a newer one",
+                cfg.broker.max_client_conn,
+                crate::app::logins::SLOW_LOGIN
+            ),
+        ))),
+    };
+    drop(ticket);
+    let login = match outcome {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             count_refusal(app, &e);
