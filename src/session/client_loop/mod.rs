@@ -38,6 +38,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use waits::{drained, next_event};
 
+/// How long a client cut off by the notification hub gets to take its queued replies and
+/// the ErrorResponse before its connection is closed anyway.
+const KICK_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -237,15 +241,22 @@ impl ClientLoop {
                 timer.as_mut().reset(d);
                 armed = Some(d);
             }
+            let backed_up = self.down.is_backed_up();
             let relayed = tokio::select! {
                 biased;
                 r = poll_fn(|cx| {
                     let server = self.server.as_mut().map(|s| &mut s.stream);
-                    if terminating {
+                    let r = if terminating {
                         poll_relay(cx, &mut Gone, server, &mut self.up, &mut self.down)
                     } else {
                         poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
+                    };
+                    // Notifications were held back while the replies backed up: once the
+                    // client has taken them, turn again so the event branch takes more.
+                    if r.is_pending() && backed_up && !self.down.is_backed_up() {
+                        return std::task::Poll::Ready(Ok(Default::default()));
                     }
+                    r
                 }) => r,
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
@@ -274,7 +285,10 @@ impl ClientLoop {
                 _ = drained(self.served, self.logged_in), if draining && held.is_none() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
-                ev = next_event(&mut self.listens), if self.server.is_none() => {
+                ev = next_event(&mut self.listens, backed_up), if self.server.is_none() => {
+                    if ev.is_none() {
+                        return Err(self.kicked(io).await);
+                    }
                     self.deliver(ev)?;
                     client_data = false;
                     continue;
@@ -392,9 +406,36 @@ impl ClientLoop {
         Ok(true)
     }
 
+    /// The hub cut the client off (its notification queue overflowed): the replies already
+    /// queued go out first, so the ErrorResponse is not spliced into a half-sent message, but
+    /// only for as long as `KICK_FLUSH_WAIT`; a client still not reading is just closed.
+    async fn kicked(&mut self, io: &mut ClientIo<ClientStream>) -> SessionError {
+        let message = format!(
+            "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
+            self.cfg.websocket.ws_send_queue
+        );
+        let mut out = BytesMut::new();
+        build::error_response(&mut out, build::Severity::Fatal, SqlState::CONFIGURATION_LIMIT_EXCEEDED, &message, None);
+        self.down.insert(&out);
+        let flush = async {
+            io.stream.write_all(self.down.ready()).await?;
+            io.stream.flush().await?;
+            io.stream.shutdown().await
+        };
+        let n = self.down.ready().len();
+        match tokio::time::timeout(KICK_FLUSH_WAIT, flush).await {
+            Ok(Ok(())) => self.down.consume(n),
+            Ok(Err(e)) => return SessionError::Io(e),
+            Err(_) => {}
+        }
+        tracing::info!(reason = %message, "client disconnected");
+        SessionError::Disconnected
+    }
+
     /// Hands a notification to the client between transactions.
     fn deliver(&mut self, ev: Option<Event>) -> Result<(), SessionError> {
         let Some(ev) = ev else {
+            // Seen only while a server was attached; `kicked` handles the idle case.
             return Err(SessionError::fatal(
                 SqlState::CONFIGURATION_LIMIT_EXCEEDED,
                 format!(
