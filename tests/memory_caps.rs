@@ -114,3 +114,98 @@ async fn a_listener_that_stops_reading_is_cut_off_with_53400_and_costs_only_its_
         got.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A frontend message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((4 + body.len()) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Parse of a named statement without parameter types.
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(name.len() + sql.len() + 4);
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    message(b'P', &body)
+}
+
+const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
+
+/// The tags of the backend messages in `bytes`.
+fn tags(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        out.push(rest[0]);
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        rest = &rest[(1 + len).min(rest.len())..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_preparing_without_end_gets_54000_past_its_caps_and_holds_no_more() {
+    let _gate = GATE.lock().await;
+    let mut cfg = trust_txn_config();
+    cfg.broker.max_client_prepared_bytes = 8 << 20;
+    cfg.broker.max_client_prepared_statements = 100;
+    let b = broker(cfg).await;
+    let bystander = connect_bench(b.local_addr()).await;
+    let mut s = logged_in(b.local_addr()).await;
+    let before = rss_kib();
+    // 200 named Parses of about 1 MB each, each with its Sync (answered without a server
+    // while under the caps); 8 fit in 8 MiB.
+    let filler = "x".repeat(1_000_000 - 20);
+    let (mut prepared, mut refused) = (0, 0);
+    for i in 0..200 {
+        let mut req = parse(&format!("s{i}"), &format!("SELECT '{i:05}{filler}'"));
+        req.extend_from_slice(SYNC);
+        s.write_all(&req).await.unwrap();
+        let reply = read_to_ready(&mut s).await;
+        match error_code(&reply).as_deref() {
+            None => {
+                assert_eq!(tags(&reply), b"1Z", "Parse {i}");
+                prepared += 1;
+            }
+            Some("54000") => {
+                assert_eq!(tags(&reply), b"EZ", "Parse {i}");
+                refused += 1;
+            }
+            Some(other) => panic!("Parse {i}: unexpected {other}"),
+        }
+        if i % 25 == 0 {
+            bystander_answers(&bystander, i).await;
+        }
+    }
+    assert_eq!((prepared, refused), (8, 192));
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 20 * MIB, "broker RSS grew {} MiB for 200 MB of refused statements", grown / MIB);
+    // Refused like any failed Parse: the rest up to Sync is skipped.
+    let mut req = parse("over", &format!("SELECT '{filler}'"));
+    req.extend_from_slice(&parse("small", "SELECT 42"));
+    req.extend_from_slice(SYNC);
+    s.write_all(&req).await.unwrap();
+    let reply = read_to_ready(&mut s).await;
+    assert_eq!(tags(&reply), b"EZ");
+    assert_eq!(error_code(&reply).as_deref(), Some("54000"));
+    // Closing one makes room: the client prepares and runs a statement again.
+    let mut close = vec![b'S'];
+    close.extend_from_slice(b"s0\0");
+    let mut req = message(b'C', &close);
+    req.extend_from_slice(SYNC);
+    s.write_all(&req).await.unwrap();
+    assert_eq!(tags(&read_to_ready(&mut s).await), b"3Z");
+    let mut req = parse("small", "SELECT 41 + 1");
+    req.extend_from_slice(&message(b'B', b"\0small\0\0\0\0\0\0\0"));
+    req.extend_from_slice(&message(b'E', b"\0\0\0\0\0"));
+    req.extend_from_slice(SYNC);
+    s.write_all(&req).await.unwrap();
+    let reply = read_to_ready(&mut s).await;
+    assert_eq!(tags(&reply), b"12DCZ", "{reply:?}");
+    assert!(reply.windows(2).any(|w| w == b"42"));
+    bystander_answers(&bystander, 1000).await;
+}

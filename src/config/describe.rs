@@ -50,6 +50,8 @@ impl Config {
             ("server_max_uses", b.server_max_uses),
             ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
             ("max_prepared_statements", b.max_prepared_statements as u64),
+            ("max_client_prepared_statements", b.max_client_prepared_statements as u64),
+            ("max_client_prepared_bytes", b.max_client_prepared_bytes as u64),
             ("max_http_connections", b.max_http_connections as u64),
         ] {
             let _ = writeln!(s, "{k} = {n}");

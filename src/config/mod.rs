@@ -260,6 +260,11 @@ pub struct Broker {
     pub track_extra_parameters: Vec<String>,
     /// Named prepared statements kept per server in transaction mode (0 = pass-through).
     pub max_prepared_statements: usize,
+    /// Named prepared statements one client may hold in transaction/statement mode; a Parse
+    /// past it fails (54000).
+    pub max_client_prepared_statements: usize,
+    /// Bytes of statement names and text one client's named statements may hold.
+    pub max_client_prepared_bytes: usize,
     /// Log format (restart required).
     pub log_format: LogFormat,
     /// How long a graceful stop waits for transactions before cancelling them.
@@ -505,6 +510,18 @@ impl Validator<'_> {
             transaction_timeout: self.duration("broker.transaction_timeout", &b.transaction_timeout, 0)?,
             track_extra_parameters: b.track_extra_parameters.clone().unwrap_or_else(|| vec!["search_path".to_string()]),
             max_prepared_statements: self.int("broker.max_prepared_statements", b.max_prepared_statements, 200, 0)?,
+            max_client_prepared_statements: self.int(
+                "broker.max_client_prepared_statements",
+                b.max_client_prepared_statements,
+                10_000,
+                1,
+            )?,
+            max_client_prepared_bytes: self.int(
+                "broker.max_client_prepared_bytes",
+                b.max_client_prepared_bytes,
+                16 << 20,
+                1024,
+            )?,
             log_format: match self.string("broker.log_format", &b.log_format)?.as_deref() {
                 None | Some("text") => LogFormat::Text,
                 Some("json") => LogFormat::Json,

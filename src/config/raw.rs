@@ -78,6 +78,8 @@ pub struct Broker {
     pub transaction_timeout: Option<NumOrStr>,
     pub track_extra_parameters: Option<Vec<String>>,
     pub max_prepared_statements: Option<i64>,
+    pub max_client_prepared_statements: Option<i64>,
+    pub max_client_prepared_bytes: Option<i64>,
     pub log_format: Option<String>,
     pub shutdown_timeout: Option<NumOrStr>,
     pub log_connections: Option<bool>,
