@@ -209,3 +209,106 @@ async fn a_client_preparing_without_end_gets_54000_past_its_caps_and_holds_no_mo
     assert!(reply.windows(2).any(|w| w == b"42"));
     bystander_answers(&bystander, 1000).await;
 }
+
+/// Sends `header` then `body_len` bytes of 'x' in 1 MiB writes, in the background; the
+/// handle reports how many bytes went out before the connection failed (or all of them).
+fn announce_and_send(
+    mut s: TcpStream,
+    header: Vec<u8>,
+    body_len: usize,
+) -> tokio::task::JoinHandle<(TcpStream, usize)> {
+    tokio::spawn(async move {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0;
+        if s.write_all(&header).await.is_ok() {
+            while sent < body_len {
+                if s.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+        }
+        (s, sent)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_query_is_streamed_through_unheld_and_large_queries_still_work() {
+    let _gate = GATE.lock().await;
+    let mut cfg = trust_txn_config();
+    cfg.databases.get_mut("bench").unwrap().pool_size = Some(4);
+    let b = broker(cfg).await;
+    let bystander = connect_bench(b.local_addr()).await;
+    // Warm up (first server login, buffers) before the baseline.
+    bystander_answers(&bystander, 0).await;
+    let before = rss_kib();
+    // Two clients announce a Query of 0x3FFFFFFF bytes and try to send 64 MiB of it each; a
+    // third announces 256 MiB and sends 64 MiB of it, then stalls. Nothing of them is held:
+    // the Queries go to their servers as they come. PostgreSQL takes messages up to
+    // 0x3FFFFFFE bytes: it closes the first two connections without a word (its log says
+    // "invalid message length"), and those clients get 08006 from the broker.
+    let mut writers = Vec::new();
+    for len in [0x3FFF_FFFFi32, 0x3FFF_FFFF, 256 << 20] {
+        let s = logged_in(b.local_addr()).await;
+        let mut header = vec![b'Q'];
+        header.extend_from_slice(&len.to_be_bytes());
+        writers.push(announce_and_send(s, header, 64 << 20));
+    }
+    let mut stalled = Vec::new();
+    for (i, w) in writers.into_iter().enumerate() {
+        let (mut s, sent) =
+            tokio::time::timeout(Duration::from_secs(60), w).await.expect("writer ends in time").unwrap();
+        if i < 2 {
+            let tail = closed_within(&mut s, Duration::from_secs(10)).await.expect("the client is closed");
+            assert_eq!(error_code(&tail).as_deref(), Some("08006"), "{}", String::from_utf8_lossy(&tail));
+        } else {
+            assert_eq!(sent, 64 << 20, "the broker passed the Query on as it came");
+            stalled.push(s);
+        }
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 12 * MIB, "broker RSS grew {} MiB for unfinished Queries of 64 MiB", grown / MIB);
+    bystander_answers(&bystander, 1).await;
+    drop(stalled);
+    // A legitimate 5 MiB Query and a 5 MiB Bind parameter (under max_buffered_message).
+    let five = "y".repeat(5 << 20);
+    assert_eq!(one(&bystander, &format!("SELECT length('{five}')")).await, (5 << 20).to_string());
+    let row = bystander.query_one("SELECT length($1::text)", &[&five]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 5 << 20);
+    bystander_answers(&bystander, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_must_be_held_whole_is_refused_from_its_length_past_max_buffered_message() {
+    let _gate = GATE.lock().await;
+    let mut cfg = trust_txn_config();
+    cfg.broker.max_buffered_message = 1 << 20;
+    let b = broker(cfg).await;
+    let bystander = connect_bench(b.local_addr()).await;
+    bystander_answers(&bystander, 0).await;
+    let before = rss_kib();
+    // Two clients announce a named Parse of 0x3FFFFFFF bytes (the broker rewrites statement
+    // names, so it would have to hold it) and try to send 64 MiB of it each.
+    let mut writers = Vec::new();
+    for _ in 0..2 {
+        let s = logged_in(b.local_addr()).await;
+        let mut header = vec![b'P'];
+        header.extend_from_slice(&0x3FFF_FFFFi32.to_be_bytes());
+        header.extend_from_slice(b"big\0SELECT '");
+        writers.push(announce_and_send(s, header, 64 << 20));
+    }
+    for w in writers {
+        let (mut s, sent) = tokio::time::timeout(Duration::from_secs(60), w).await.expect("writer ends").unwrap();
+        assert!(sent < 64 << 20, "refused before the body was read ({sent} bytes taken)");
+        let tail = closed_within(&mut s, Duration::from_secs(10)).await.expect("the broker closes the client");
+        assert_eq!(error_code(&tail).as_deref(), Some("54000"), "{}", String::from_utf8_lossy(&tail));
+        assert!(String::from_utf8_lossy(&tail).contains("max_buffered_message"));
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 6 * MIB, "broker RSS grew {} MiB", grown / MIB);
+    bystander_answers(&bystander, 1).await;
+    // Under the limit a Bind is held and rewritten as before.
+    let half = "z".repeat(512 << 10);
+    let row = bystander.query_one("SELECT length($1::text)", &[&half]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 512 << 10);
+}

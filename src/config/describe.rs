@@ -43,6 +43,7 @@ impl Config {
         }
         for (k, n) in [
             ("max_packet_size", b.max_packet_size as u64),
+            ("max_buffered_message", b.max_buffered_message as u64),
             ("min_pool_size", b.min_pool_size.into()),
             ("reserve_pool_size", b.reserve_pool_size.into()),
             ("max_db_connections", b.max_db_connections.into()),

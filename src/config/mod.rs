@@ -223,6 +223,9 @@ pub struct Broker {
     pub server_reset_timeout: Duration,
     /// Largest message accepted from a client (the length field's value).
     pub max_packet_size: usize,
+    /// Largest client message the broker holds whole to read or rewrite it (Parse, Bind,
+    /// Describe, Close in transaction mode); a longer Query is streamed, others refused.
+    pub max_buffered_message: usize,
     /// TCP keepalive on client and server sockets.
     pub tcp_keepalive: bool,
     /// Servers kept open per pool even when idle.
@@ -488,6 +491,7 @@ impl Validator<'_> {
             server_connect_timeout: self.duration("broker.server_connect_timeout", &b.server_connect_timeout, 15)?,
             server_reset_timeout: self.duration("broker.server_reset_timeout", &b.server_reset_timeout, 10)?,
             max_packet_size: self.int("broker.max_packet_size", b.max_packet_size, (1 << 30) - 1, 1024)?,
+            max_buffered_message: self.int("broker.max_buffered_message", b.max_buffered_message, 16 << 20, 16384)?,
             tcp_keepalive: b.tcp_keepalive.unwrap_or(true),
             min_pool_size: self.int("broker.min_pool_size", b.min_pool_size, 0, 0)?,
             reserve_pool_size: self.int("broker.reserve_pool_size", b.reserve_pool_size, 0, 0)?,

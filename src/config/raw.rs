@@ -60,6 +60,7 @@ pub struct Broker {
     pub server_connect_timeout: Option<NumOrStr>,
     pub server_reset_timeout: Option<NumOrStr>,
     pub max_packet_size: Option<i64>,
+    pub max_buffered_message: Option<i64>,
     pub tcp_keepalive: Option<bool>,
     pub min_pool_size: Option<i64>,
     pub reserve_pool_size: Option<i64>,

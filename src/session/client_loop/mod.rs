@@ -114,7 +114,8 @@ impl ClientLoop {
             served: false,
             logged_in: tokio::time::Instant::now(),
             timers: Timers::new(&cfg.broker),
-            up: Pipe::new(cfg.broker.max_packet_size),
+            up: Pipe::new(cfg.broker.max_packet_size)
+                .hold_limit(cfg.broker.max_buffered_message, streamable(&prepared)),
             down: Pipe::new(MAX_SERVER_MESSAGE),
             cfg,
             app,
@@ -572,6 +573,14 @@ impl ClientLoop {
         }
         Some((s.status, self.pending.sync_points))
     }
+}
+
+/// Client messages the loop asks whole but can stream when past `max_buffered_message`: a
+/// Query (and a Parse, when statement names are not rewritten) is only read for tracked
+/// settings, and a streamed one is taken to change them. A Parse that is rewritten, a Bind,
+/// Describe, Close or Terminate cannot be.
+fn streamable(prepared: &Option<Prepared>) -> fn(u8) -> bool {
+    if prepared.is_some() { |t| t == tag::QUERY } else { |t| t == tag::QUERY || t == tag::PARSE }
 }
 
 /// Why the relay loop returned.
