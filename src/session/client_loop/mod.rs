@@ -287,10 +287,9 @@ impl ClientLoop {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
                 ev = next_event(&mut self.listens, backed_up), if self.server.is_none() => {
-                    if ev.is_none() {
-                        return Err(self.kicked(io).await);
-                    }
-                    self.deliver(ev)?;
+                    // None: the hub cut the client off.
+                    let Some(ev) = ev else { return Err(self.kicked(io).await) };
+                    self.deliver(&ev);
                     client_data = false;
                     continue;
                 }
@@ -434,21 +433,10 @@ impl ClientLoop {
     }
 
     /// Hands a notification to the client between transactions.
-    fn deliver(&mut self, ev: Option<Event>) -> Result<(), SessionError> {
-        let Some(ev) = ev else {
-            // Seen only while a server was attached; `kicked` handles the idle case.
-            return Err(SessionError::fatal(
-                SqlState::CONFIGURATION_LIMIT_EXCEEDED,
-                format!(
-                    "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
-                    self.cfg.websocket.ws_send_queue
-                ),
-            ));
-        };
+    fn deliver(&mut self, ev: &Event) {
         let mut out = BytesMut::new();
-        listen::write_event(&ev, &mut out);
+        listen::write_event(ev, &mut out);
         self.down.insert(&out);
-        Ok(())
     }
 
     /// Sends a batch again after the server found a cached plan stale (see `prepared`).
