@@ -43,6 +43,7 @@ impl Config {
         }
         for (k, n) in [
             ("max_packet_size", b.max_packet_size as u64),
+            ("max_buffered_message", b.max_buffered_message as u64),
             ("min_pool_size", b.min_pool_size.into()),
             ("reserve_pool_size", b.reserve_pool_size.into()),
             ("max_db_connections", b.max_db_connections.into()),
@@ -50,6 +51,8 @@ impl Config {
             ("server_max_uses", b.server_max_uses),
             ("max_client_conn_per_ip", b.max_client_conn_per_ip as u64),
             ("max_prepared_statements", b.max_prepared_statements as u64),
+            ("max_client_prepared_statements", b.max_client_prepared_statements as u64),
+            ("max_client_prepared_bytes", b.max_client_prepared_bytes as u64),
             ("max_http_connections", b.max_http_connections as u64),
         ] {
             let _ = writeln!(s, "{k} = {n}");

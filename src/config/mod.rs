@@ -223,6 +223,9 @@ pub struct Broker {
     pub server_reset_timeout: Duration,
     /// Largest message accepted from a client (the length field's value).
     pub max_packet_size: usize,
+    /// Largest client message the broker holds whole to read or rewrite it (Parse, Bind,
+    /// Describe, Close in transaction mode); a longer Query is streamed, others refused.
+    pub max_buffered_message: usize,
     /// TCP keepalive on client and server sockets.
     pub tcp_keepalive: bool,
     /// Servers kept open per pool even when idle.
@@ -260,6 +263,11 @@ pub struct Broker {
     pub track_extra_parameters: Vec<String>,
     /// Named prepared statements kept per server in transaction mode (0 = pass-through).
     pub max_prepared_statements: usize,
+    /// Named prepared statements one client may hold in transaction/statement mode; a Parse
+    /// past it fails (54000).
+    pub max_client_prepared_statements: usize,
+    /// Bytes of statement names and text one client's named statements may hold.
+    pub max_client_prepared_bytes: usize,
     /// Log format (restart required).
     pub log_format: LogFormat,
     /// How long a graceful stop waits for transactions before cancelling them.
@@ -483,6 +491,7 @@ impl Validator<'_> {
             server_connect_timeout: self.duration("broker.server_connect_timeout", &b.server_connect_timeout, 15)?,
             server_reset_timeout: self.duration("broker.server_reset_timeout", &b.server_reset_timeout, 10)?,
             max_packet_size: self.int("broker.max_packet_size", b.max_packet_size, (1 << 30) - 1, 1024)?,
+            max_buffered_message: self.int("broker.max_buffered_message", b.max_buffered_message, 16 << 20, 16384)?,
             tcp_keepalive: b.tcp_keepalive.unwrap_or(true),
             min_pool_size: self.int("broker.min_pool_size", b.min_pool_size, 0, 0)?,
             reserve_pool_size: self.int("broker.reserve_pool_size", b.reserve_pool_size, 0, 0)?,
@@ -505,6 +514,18 @@ impl Validator<'_> {
             transaction_timeout: self.duration("broker.transaction_timeout", &b.transaction_timeout, 0)?,
             track_extra_parameters: b.track_extra_parameters.clone().unwrap_or_else(|| vec!["search_path".to_string()]),
             max_prepared_statements: self.int("broker.max_prepared_statements", b.max_prepared_statements, 200, 0)?,
+            max_client_prepared_statements: self.int(
+                "broker.max_client_prepared_statements",
+                b.max_client_prepared_statements,
+                10_000,
+                1,
+            )?,
+            max_client_prepared_bytes: self.int(
+                "broker.max_client_prepared_bytes",
+                b.max_client_prepared_bytes,
+                16 << 20,
+                1024,
+            )?,
             log_format: match self.string("broker.log_format", &b.log_format)?.as_deref() {
                 None | Some("text") => LogFormat::Text,
                 Some("json") => LogFormat::Json,

@@ -32,6 +32,20 @@ pub enum FrameError {
         /// The configured maximum.
         max: usize,
     },
+    /// A message the reader must hold whole (it reads or rewrites it) is longer than it may
+    /// hold; refused from the header, before the body is read.
+    #[error(
+        "message of type {} is {len} bytes, over broker.max_buffered_message ({max}), the most held of a message the broker must read whole",
+        tag_name(*.tag)
+    )]
+    TooLongToHold {
+        /// Message tag.
+        tag: u8,
+        /// Length field as received.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
 }
 
 /// Renders a tag for error messages: printable ASCII as `'Q'`, anything else as hex.
@@ -87,12 +101,25 @@ pub enum Step {
 pub struct Scanner {
     body_left: usize,
     max_len: usize,
+    /// Longest message delivered whole for a tag the caller asks whole (length field value).
+    max_whole: usize,
+    /// Tags the caller asks whole but can take streamed when longer than `max_whole`.
+    may_stream: fn(u8) -> bool,
 }
 
 impl Scanner {
     /// A scanner refusing messages longer than `max_len` bytes (length field value).
     pub fn new(max_len: usize) -> Scanner {
-        Scanner { body_left: 0, max_len }
+        Scanner { body_left: 0, max_len, max_whole: max_len, may_stream: |_| false }
+    }
+
+    /// Holds a message the caller asks whole only up to `max_whole` bytes: past it, a tag
+    /// `may_stream` accepts is streamed, and any other is refused from its header
+    /// (`TooLongToHold`), so a peer cannot make the reader buffer up to `max_len`.
+    pub fn hold_limit(mut self, max_whole: usize, may_stream: fn(u8) -> bool) -> Scanner {
+        self.max_whole = max_whole;
+        self.may_stream = may_stream;
+        self
     }
 
     /// True when a long message is half-way through.
@@ -124,11 +151,21 @@ impl Scanner {
         if body_len > self.max_len {
             return Err(FrameError::TooLong { tag, len: body_len, max: self.max_len });
         }
+        // Checked before the message is complete, so the answer does not depend on how the
+        // bytes arrived; one comparison for the usual short message.
+        let hold = if body_len > self.max_whole && whole(tag) {
+            if !(self.may_stream)(tag) {
+                return Err(FrameError::TooLongToHold { tag, len: body_len, max: self.max_whole });
+            }
+            false
+        } else {
+            whole(tag)
+        };
         let len = body_len + 1;
         if buf.len() >= len {
             return Ok(Step::Whole { tag, len });
         }
-        if len <= STREAM_THRESHOLD || whole(tag) {
+        if len <= STREAM_THRESHOLD || hold {
             return Ok(Step::NeedMore { need: len });
         }
         self.body_left = len - buf.len();
@@ -188,6 +225,24 @@ mod tests {
         let m = msg(b'P', &vec![b'x'; STREAM_THRESHOLD * 2]);
         let mut s = Scanner::new(1 << 20);
         assert_eq!(s.next(&m[..100], |t| t == b'P').unwrap(), Step::NeedMore { need: m.len() });
+    }
+
+    #[test]
+    fn a_whole_tag_past_the_hold_limit_is_streamed_or_refused_from_its_header() {
+        let header = [b'Q', 0x3f, 0xff, 0xff, 0xff];
+        let mut s = Scanner::new(1 << 30).hold_limit(1 << 20, |t| t == b'Q');
+        assert_eq!(s.next(&header, |_| true).unwrap(), Step::Start { tag: b'Q', len: 0x4000_0000, avail: 5 });
+        let mut s = Scanner::new(1 << 30).hold_limit(1 << 20, |t| t == b'Q');
+        let err = s.next(&[b'P', 0x3f, 0xff, 0xff, 0xff], |_| true).unwrap_err();
+        assert_eq!(err, FrameError::TooLongToHold { tag: b'P', len: 0x3fff_ffff, max: 1 << 20 });
+        // Whatever arrived already: a message past the limit is refused even when whole.
+        let m = msg(b'P', &vec![b'x'; (1 << 20) + 1]);
+        assert!(s.next(&m, |_| true).is_err());
+        // Up to the limit it is held whole; tags not asked whole stream as before.
+        let m = msg(b'P', &vec![b'x'; (1 << 20) - 4]);
+        assert_eq!(s.next(&m[..100], |_| true).unwrap(), Step::NeedMore { need: m.len() });
+        let big = msg(b'd', &vec![b'x'; 2 << 20]);
+        assert!(matches!(s.next(&big[..100], |t| t != b'd').unwrap(), Step::Start { .. }));
     }
 
     #[test]

@@ -75,6 +75,19 @@ impl Listens {
         }
     }
 
+    /// Resolves (to `None`, as `next` does then) once the hub has cut the client off;
+    /// pending forever while it listens on nothing.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: takes no event.
+    pub async fn kicked(&self) -> Option<Event> {
+        match self.sub.as_ref() {
+            Some(sub) => sub.kicked.cancelled().await,
+            None => std::future::pending().await,
+        }
+        None
+    }
+
     /// True while the client listens on something.
     pub fn is_active(&self) -> bool {
         self.sub.is_some()

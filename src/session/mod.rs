@@ -72,6 +72,10 @@ impl SessionError {
         match self {
             SessionError::Disconnected | SessionError::Io(_) | SessionError::Tls(_) => None,
             SessionError::Fatal { code, message } => Some((*code, message.clone())),
+            // Not a violation: a limit of the broker's, which PostgreSQL would have taken.
+            SessionError::Frame(e @ crate::proto::frame::FrameError::TooLongToHold { .. }) => {
+                Some((SqlState::PROGRAM_LIMIT_EXCEEDED, e.to_string()))
+            }
             SessionError::Frame(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
             SessionError::Startup(e) => Some((SqlState::PROTOCOL_VIOLATION, e.to_string())),
         }

@@ -7,7 +7,7 @@ use super::io::ClientIo;
 use super::listen::Listens;
 use super::login::Login;
 use super::params::{self, ClientSettings, Setting};
-use super::prepared::Prepared;
+use super::prepared::{Limits, Prepared};
 use super::stream::ClientStream;
 use crate::app::App;
 use crate::clients::Client;
@@ -64,7 +64,9 @@ fn welcome(
     build::ready_for_query(&mut io.wbuf, b'I');
     let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
     let max = cfg.broker.max_prepared_statements;
-    let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max));
+    let limits =
+        Limits { statements: cfg.broker.max_client_prepared_statements, bytes: cfg.broker.max_client_prepared_bytes };
+    let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max).limit(limits));
     let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
     ClientLoop::new(app.clone(), setup)
 }

@@ -52,6 +52,12 @@ impl Pipe {
         }
     }
 
+    /// Holds a message scanned whole only up to `max_whole` bytes (see `Scanner::hold_limit`).
+    pub fn hold_limit(mut self, max_whole: usize, may_stream: fn(u8) -> bool) -> Pipe {
+        self.scanner = self.scanner.hold_limit(max_whole, may_stream);
+        self
+    }
+
     /// Approved bytes waiting to be written.
     #[inline]
     pub fn ready(&self) -> &[u8] {

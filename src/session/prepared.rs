@@ -10,7 +10,7 @@ use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, build, split_cstr, tag};
 use crate::server::statements::Statements;
 use bytes::{BufMut, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -39,9 +39,9 @@ enum Expect {
     Sync,
     /// A simple Query or FunctionCall: everything up to ReadyForQuery.
     Query,
-    /// The Parse that cannot succeed, sent in place of a client's Parse of a name it already
-    /// has (see `duplicate`): its error becomes 42P05 for this name.
-    Duplicate(Box<[u8]>),
+    /// The Parse that cannot succeed, sent in place of a client's Parse the broker refuses
+    /// (see `refuse`): its error becomes this ErrorResponse.
+    Refused(Box<[u8]>),
     /// Replies the broker makes itself once every earlier reply has passed, and how to take
     /// back what the message did to the client's names if the server skips it.
     Mine(Mine, Undo),
@@ -61,7 +61,8 @@ enum Mine {
 pub struct Prepared {
     registry: Arc<Registry>,
     max_on_server: usize,
-    client: HashMap<Box<[u8]>, Entry>,
+    client: Names,
+    limits: Limits,
     expect: VecDeque<Expect>,
     /// The server reported an extended-protocol error and ignores messages until Sync.
     skipping: bool,
@@ -109,7 +110,8 @@ impl Prepared {
         Prepared {
             registry,
             max_on_server,
-            client: HashMap::new(),
+            client: Names::default(),
+            limits: Limits::NONE,
             expect: VecDeque::new(),
             skipping: false,
             skipped: 0,
@@ -121,6 +123,12 @@ impl Prepared {
             replay: None,
             replaying: false,
         }
+    }
+
+    /// Caps the client's named statements (see `names`).
+    pub fn limit(mut self, limits: Limits) -> Prepared {
+        self.limits = limits;
+        self
     }
 
     /// Tags whose whole message this module needs to read.
@@ -245,7 +253,14 @@ impl Prepared {
             return Action::Drop;
         }
         if self.client.contains_key(name) {
-            return self.duplicate(name, out);
+            let mut error = BytesMut::new();
+            duplicate_error(&mut error, name);
+            return self.refuse(&error, out);
+        }
+        if let Some(message) = self.over_limits(1, names::cost(name, rest.len())) {
+            let mut error = BytesMut::new();
+            build::error_response(&mut error, build::Severity::Error, SqlState::PROGRAM_LIMIT_EXCEEDED, &message, None);
+            return self.refuse(&error, out);
         }
         let mut entry = Entry::new(self.registry.intern(rest));
         let server_name = entry.current().clone();
@@ -263,18 +278,39 @@ impl Prepared {
         }
     }
 
-    /// A Parse of a name the client has: PostgreSQL fails it with 42P05, which also aborts
-    /// the transaction and skips the rest up to Sync. The server is made to do just that with
-    /// a Parse that cannot succeed; its error is swapped for 42P05 on the way back.
-    fn duplicate(&mut self, name: &[u8], out: &mut BytesMut) -> Action {
+    /// A Parse the broker refuses (a name the client has: 42P05, as PostgreSQL; past the
+    /// client's caps: 54000). A failed Parse also aborts the transaction and skips the rest
+    /// up to Sync: the server is made to do just that with a Parse that cannot succeed, and
+    /// its error is swapped for `error` on the way back.
+    fn refuse(&mut self, error: &[u8], out: &mut BytesMut) -> Action {
         write_message(out, tag::PARSE, |b| {
             // Named, so that the client's unnamed statement is left alone.
-            put_cstr(b, b"pgb_duplicate");
-            put_cstr(b, DUPLICATE_PROBE);
+            put_cstr(b, b"pgb_refused");
+            put_cstr(b, REFUSE_PROBE);
             b.put_u16(0);
         });
-        self.expect.push_back(Expect::Duplicate(name.into()));
+        self.expect.push_back(Expect::Refused(error.into()));
         Action::Replace
+    }
+
+    /// Why `more` new names holding `bytes` more would take the client past its caps, if
+    /// they would. 54000 rather than 53400: a retry fails the same until the client closes
+    /// statements, and PostgreSQL's class 53 reads as a shortage that may pass.
+    fn over_limits(&self, more: usize, bytes: usize) -> Option<String> {
+        let (count, held) = (self.client.len().saturating_add(more), self.client.bytes().saturating_add(bytes));
+        if count > self.limits.statements {
+            return Some(format!(
+                "too many prepared statements for this client (broker.max_client_prepared_statements = {}); close some first",
+                self.limits.statements
+            ));
+        }
+        if held > self.limits.bytes {
+            return Some(format!(
+                "this client's prepared statements would hold {held} bytes, over broker.max_client_prepared_bytes ({}); close some first",
+                self.limits.bytes
+            ));
+        }
+        None
     }
 
     fn bind(&mut self, msg: &[u8], body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
@@ -386,10 +422,10 @@ impl Prepared {
                 }
             }
             tag::ERROR_RESPONSE => {
-                if let Some(Expect::Duplicate(name)) = self.expect.front() {
+                if let Some(Expect::Refused(error)) = self.expect.front() {
                     // Another error (25P02 in a failed transaction) is what PostgreSQL says too.
                     if super::accounting::error_code(msg) == Some(b"42601") {
-                        duplicate_error(out, name);
+                        out.put_slice(error);
                         hide = true;
                     }
                 } else {
@@ -536,8 +572,8 @@ impl Prepared {
     }
 }
 
-/// Query text that fails to parse whatever the server holds (see `Prepared::duplicate`).
-const DUPLICATE_PROBE: &[u8] = b"pgbroker: prepared statement already exists";
+/// Query text that fails to parse whatever the server holds (see `Prepared::refuse`).
+const REFUSE_PROBE: &[u8] = b"pgbroker: Parse refused by the broker";
 
 /// PostgreSQL's error for a Parse of a name in use.
 fn duplicate_error(out: &mut BytesMut, name: &[u8]) {
@@ -560,11 +596,14 @@ fn write_message(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
 }
 
 mod alone;
+mod names;
 mod registry;
 #[cfg(test)]
 mod tests;
 mod undo;
 
+pub use names::Limits;
+use names::Names;
 pub use registry::Registry;
 use registry::{Entry, StmtDef};
 use undo::Undo;

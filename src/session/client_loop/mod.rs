@@ -38,6 +38,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use waits::{drained, next_event};
 
+/// How long a client cut off by the notification hub gets to take its queued replies and
+/// the ErrorResponse before its connection is closed anyway.
+const KICK_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -110,7 +114,8 @@ impl ClientLoop {
             served: false,
             logged_in: tokio::time::Instant::now(),
             timers: Timers::new(&cfg.broker),
-            up: Pipe::new(cfg.broker.max_packet_size),
+            up: Pipe::new(cfg.broker.max_packet_size)
+                .hold_limit(cfg.broker.max_buffered_message, streamable(&prepared)),
             down: Pipe::new(MAX_SERVER_MESSAGE),
             cfg,
             app,
@@ -237,15 +242,22 @@ impl ClientLoop {
                 timer.as_mut().reset(d);
                 armed = Some(d);
             }
+            let backed_up = self.down.is_backed_up();
             let relayed = tokio::select! {
                 biased;
                 r = poll_fn(|cx| {
                     let server = self.server.as_mut().map(|s| &mut s.stream);
-                    if terminating {
+                    let r = if terminating {
                         poll_relay(cx, &mut Gone, server, &mut self.up, &mut self.down)
                     } else {
                         poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
+                    };
+                    // Notifications were held back while the replies backed up: once the
+                    // client has taken them, turn again so the event branch takes more.
+                    if r.is_pending() && backed_up && !self.down.is_backed_up() {
+                        return std::task::Poll::Ready(Ok(Default::default()));
                     }
+                    r
                 }) => r,
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
@@ -274,8 +286,10 @@ impl ClientLoop {
                 _ = drained(self.served, self.logged_in), if draining && held.is_none() => {
                     return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
                 }
-                ev = next_event(&mut self.listens), if self.server.is_none() => {
-                    self.deliver(ev)?;
+                ev = next_event(&mut self.listens, backed_up), if self.server.is_none() => {
+                    // None: the hub cut the client off.
+                    let Some(ev) = ev else { return Err(self.kicked(io).await) };
+                    self.deliver(&ev);
                     client_data = false;
                     continue;
                 }
@@ -392,21 +406,37 @@ impl ClientLoop {
         Ok(true)
     }
 
-    /// Hands a notification to the client between transactions.
-    fn deliver(&mut self, ev: Option<Event>) -> Result<(), SessionError> {
-        let Some(ev) = ev else {
-            return Err(SessionError::fatal(
-                SqlState::CONFIGURATION_LIMIT_EXCEEDED,
-                format!(
-                    "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
-                    self.cfg.websocket.ws_send_queue
-                ),
-            ));
-        };
+    /// The hub cut the client off (its notification queue overflowed): the replies already
+    /// queued go out first, so the ErrorResponse is not spliced into a half-sent message, but
+    /// only for as long as `KICK_FLUSH_WAIT`; a client still not reading is just closed.
+    async fn kicked(&mut self, io: &mut ClientIo<ClientStream>) -> SessionError {
+        let message = format!(
+            "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
+            self.cfg.websocket.ws_send_queue
+        );
         let mut out = BytesMut::new();
-        listen::write_event(&ev, &mut out);
+        build::error_response(&mut out, build::Severity::Fatal, SqlState::CONFIGURATION_LIMIT_EXCEEDED, &message, None);
         self.down.insert(&out);
-        Ok(())
+        let flush = async {
+            io.stream.write_all(self.down.ready()).await?;
+            io.stream.flush().await?;
+            io.stream.shutdown().await
+        };
+        let n = self.down.ready().len();
+        match tokio::time::timeout(KICK_FLUSH_WAIT, flush).await {
+            Ok(Ok(())) => self.down.consume(n),
+            Ok(Err(e)) => return SessionError::Io(e),
+            Err(_) => {}
+        }
+        tracing::info!(reason = %message, "client disconnected");
+        SessionError::Disconnected
+    }
+
+    /// Hands a notification to the client between transactions.
+    fn deliver(&mut self, ev: &Event) {
+        let mut out = BytesMut::new();
+        listen::write_event(ev, &mut out);
+        self.down.insert(&out);
     }
 
     /// Sends a batch again after the server found a cached plan stale (see `prepared`).
@@ -531,6 +561,14 @@ impl ClientLoop {
         }
         Some((s.status, self.pending.sync_points))
     }
+}
+
+/// Client messages the loop asks whole but can stream when past `max_buffered_message`: a
+/// Query (and a Parse, when statement names are not rewritten) is only read for tracked
+/// settings, and a streamed one is taken to change them. A Parse that is rewritten, a Bind,
+/// Describe, Close or Terminate cannot be.
+fn streamable(prepared: &Option<Prepared>) -> fn(u8) -> bool {
+    if prepared.is_some() { |t| t == tag::QUERY } else { |t| t == tag::QUERY || t == tag::PARSE }
 }
 
 /// Why the relay loop returned.

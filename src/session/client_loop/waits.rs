@@ -16,8 +16,12 @@ pub(super) async fn drained(served: bool, logged_in: tokio::time::Instant) {
 }
 
 /// The next event of a listening client; pending forever for one that does not listen.
-pub(super) async fn next_event(listens: &mut Option<Listens>) -> Option<Event> {
+/// While the client's replies back up (`backed_up`) no event is taken, so notifications stay
+/// in the hub's bounded queue (a client that never reads would otherwise move them all into
+/// its unbounded outgoing buffer): only the hub cutting the client off (`None`) is seen.
+pub(super) async fn next_event(listens: &mut Option<Listens>, backed_up: bool) -> Option<Event> {
     match listens.as_mut() {
+        Some(l) if l.is_active() && backed_up => l.kicked().await,
         Some(l) if l.is_active() => l.next().await,
         _ => std::future::pending().await,
     }

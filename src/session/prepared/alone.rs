@@ -11,11 +11,15 @@ impl Prepared {
     /// Answering them here needs no server, so a client that prepares synchronously while
     /// its other connections hold every server cannot deadlock the pool. The statement is
     /// checked by the server at its first Bind or Describe, which reports any error. A Parse
-    /// of a name in use is left to the server path, which fails it as PostgreSQL does.
+    /// of a name in use, or past the client's caps, is left to the server path, which fails
+    /// it as PostgreSQL does.
     pub fn can_answer_alone<'m>(&self, messages: impl Iterator<Item = (u8, &'m [u8])>) -> bool {
         let mut synced = false;
         // Names this batch created (true) or closed (false).
         let mut batch: HashMap<&[u8], bool> = HashMap::new();
+        // New names and their bytes (Closes not subtracted: over-counting only sends the
+        // batch to the server path, which checks each Parse exactly).
+        let (mut more, mut bytes) = (0usize, 0usize);
         for (t, msg) in messages {
             if synced {
                 return false;
@@ -23,10 +27,12 @@ impl Prepared {
             let body = msg.get(HEADER_LEN..).unwrap_or_default();
             let ok = match t {
                 tag::PARSE => match split_cstr(body) {
-                    Some((name, _)) if !name.is_empty() => {
+                    Some((name, rest)) if !name.is_empty() => {
                         let live = batch.get(name).copied().unwrap_or_else(|| self.client.contains_key(name));
                         batch.insert(name, true);
-                        !live
+                        more += 1;
+                        bytes = bytes.saturating_add(super::names::cost(name, rest.len()));
+                        !live && self.over_limits(more, bytes).is_none()
                     }
                     _ => false,
                 },

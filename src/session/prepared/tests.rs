@@ -224,7 +224,7 @@ fn a_parse_of_a_live_name_becomes_a_failing_parse_whose_error_is_42p05() {
     server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
     let sent = client(&mut p, &mut s, &[parse("s1", "SELECT 2"), bind("s1"), msg(b'S', b"")]);
     assert_eq!(tags(&sent), b"PBS");
-    assert!(String::from_utf8_lossy(&sent).contains("pgbroker: prepared statement already exists"));
+    assert!(String::from_utf8_lossy(&sent).contains("pgbroker: Parse refused by the broker"));
     let got = server_replies(&mut p, &mut s, &[error("42601"), msg(b'Z', b"I")]);
     assert_eq!(tags(&got), b"EZ");
     let text = String::from_utf8_lossy(&got);
@@ -278,4 +278,38 @@ fn a_batch_answered_alone_is_refused_for_a_live_or_repeated_name() {
     client(&mut p, &mut s, &[parse("a", "SELECT 1"), msg(b'S', b"")]);
     assert!(!alone(&p, &batch(&[parse("a", "SELECT 1"), msg(b'S', b"")])));
     assert!(alone(&p, &batch(&[msg(b'C', b"Sa\0"), parse("a", "SELECT 1"), msg(b'S', b"")])));
+}
+
+#[test]
+fn a_parse_past_the_clients_caps_fails_with_54000_and_skips_to_sync() {
+    let limits = Limits { statements: 2, bytes: 1 << 20 };
+    let (mut p, mut s) = (prepared().limit(limits), Statements::default());
+    for name in ["s1", "s2"] {
+        client(&mut p, &mut s, &[parse(name, "SELECT 1"), msg(b'S', b"")]);
+        server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    }
+    let held = p.client.bytes();
+    let sent = client(&mut p, &mut s, &[parse("s3", "SELECT 3"), bind("s3"), msg(b'S', b"")]);
+    assert!(String::from_utf8_lossy(&sent).contains("pgbroker: Parse refused by the broker"));
+    let got = server_replies(&mut p, &mut s, &[error("42601"), msg(b'Z', b"I")]);
+    assert_eq!(tags(&got), b"EZ");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("C54000\0") && text.contains("max_client_prepared_statements"), "{text}");
+    assert_eq!((p.client.len(), p.client.bytes()), (2, held), "nothing more held");
+    // Closing one makes room; a statement too long for the byte cap is refused alone.
+    client(&mut p, &mut s, &[msg(b'C', b"Ss1\0"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    assert_eq!(p.client.len(), 1);
+    let sent = client(&mut p, &mut s, &[parse("s3", "SELECT 3"), msg(b'S', b"")]);
+    assert!(!String::from_utf8_lossy(&sent).contains("pgbroker:"));
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    client(&mut p, &mut s, &[msg(b'C', b"Ss3\0"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    let sent = client(&mut p, &mut s, &[parse("huge", &"x".repeat(1 << 20)), msg(b'S', b"")]);
+    assert!(String::from_utf8_lossy(&sent).contains("pgbroker: Parse refused by the broker"));
+    let got = server_replies(&mut p, &mut s, &[error("42601"), msg(b'Z', b"I")]);
+    assert!(String::from_utf8_lossy(&got).contains("max_client_prepared_bytes"));
+    client(&mut p, &mut s, &[msg(b'C', b"Ss2\0"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
+    assert_eq!((p.client.len(), p.client.bytes()), (0, 0), "the count and bytes go back to nothing");
 }
