@@ -97,8 +97,11 @@ async fn a_listener_that_stops_reading_is_cut_off_with_53400_and_costs_only_its_
     .await;
     let grown = rss_kib().saturating_sub(before);
     eprintln!("broker RSS grew {grown} KiB");
-    // The queue bound (8 MiB) plus a few MiB; without it every notification (63 MB) was held.
-    assert!(grown < 16 * MIB, "broker RSS grew {} MiB for a listener that does not read", grown / MIB);
+    // The queue bound (8 MiB), plus what the listener connection has read but not yet handed
+    // out and the allocator keeps: 2-8 MiB on a quiet machine, up to 28 MiB with both cores
+    // busy (the listener reads ahead while the hub's consumers are starved). Without the cap
+    // every notification (63 MB, over 70 MiB of RSS) was held.
+    assert!(grown < 40 * MIB, "broker RSS grew {} MiB for a listener that does not read", grown / MIB);
     // Reading now, the client gets what was queued, then 53400, then the close.
     let tail = closed_within(&mut s, Duration::from_secs(20)).await.expect("the broker closes the listener");
     assert_eq!(error_code(&tail).as_deref(), Some("53400"), "{} bytes, no 53400", tail.len());
