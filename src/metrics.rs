@@ -52,6 +52,12 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
         None,
         "CancelRequests from clients: forwarded, for an unknown or idle key, or dropped past the per-host rate",
     ),
+    (
+        "pgbroker_logins_slowed_total",
+        'c',
+        None,
+        "Login exchanges made to wait because failed logins from all addresses passed auth.max_failures_global",
+    ),
     ("pgbroker_server_errors_total", 'c', None, "Server errors by SQLSTATE class"),
     ("pgbroker_config_reloads_total", 'c', None, "Config reloads applied"),
     ("pgbroker_config_reload_failures_total", 'c', None, "Config reloads rejected"),
@@ -208,6 +214,7 @@ impl Metrics {
         ] {
             self.counter("pgbroker_cancel_requests_total", &[("result", result.into())], n.load(Relaxed));
         }
+        self.counter("pgbroker_logins_slowed_total", &[], app.login_throttle.slowed.load(Relaxed));
         self.counter("pgbroker_config_reloads_total", &[], app.reloads.load(Relaxed));
         self.counter("pgbroker_config_reload_failures_total", &[], app.reload_failures.load(Relaxed));
         self.gauge("pgbroker_websocket_clients", &[], app.ws.total() as f64);

@@ -128,6 +128,35 @@ async fn repeated_failures_from_one_ip_are_refused_even_with_the_right_password(
     assert!(message.contains("too many failed logins") && message.contains("127.0.0.1"), "{message}");
 }
 
+#[tokio::test]
+async fn failures_past_the_global_rate_slow_new_logins_without_refusing_them() {
+    let b = broker(config_with("scram-sha-256", "")).await;
+    let mut cfg = (*b.app().config()).clone();
+    cfg.auth.throttle.failure_delay = Duration::ZERO;
+    cfg.auth.throttle.max_failures_per_ip = 1000;
+    // 30 a minute: past them, one login exchange every 2 s.
+    cfg.auth.throttle.max_failures_global = 30;
+    b.app().store_config(cfg);
+    for _ in 0..30 {
+        let e = connect(b.local_addr(), "app", "guess", "appdb").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "28P01");
+    }
+    let slowed = || b.app().login_throttle.slowed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(slowed(), 0, "within the rate nobody waits");
+    // The next two start 2 s apart: another guess, then the right password, which gets in,
+    // slowed and not refused.
+    let started = Instant::now();
+    connect(b.local_addr(), "app", "guess", "appdb").await.unwrap_err();
+    connect(b.local_addr(), "app", "apppw", "appdb").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1900), "{:?}", started.elapsed());
+    assert_eq!(slowed(), 1);
+    // The address logged in within the minute: it is not slowed any more.
+    connect(b.local_addr(), "app", "apppw", "appdb").await.unwrap();
+    assert_eq!(slowed(), 1);
+    let (_, metrics) = http_get(b.http_addr(), "/metrics").await;
+    assert!(metrics.contains("pgbroker_logins_slowed_total 1"), "{metrics}");
+}
+
 /// Runs `pgbroker check` on a config whose auth file has `mode`; returns stderr.
 fn check_with_auth_file_mode(mode: u32) -> String {
     use std::os::unix::fs::PermissionsExt;

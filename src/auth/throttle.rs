@@ -7,10 +7,17 @@
 //! exchange waits for one in flight to end (an honest pool opening many connections at once
 //! is only slowed), and one that ends without success, abandoned included, is a failure.
 //! Addresses are grouped as [`crate::net::peer_key`] says.
+//!
+//! Failures from all addresses together are held to `auth.max_failures_global` a minute: past
+//! it, exchanges from addresses with no success in the window start no closer together than
+//! one per `WINDOW / limit`. They are slowed, never refused, so a spray from many addresses
+//! cannot lock everyone out, and an address that logged in recently is not slowed at all.
 
+use crate::config::Throttle;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,15 +26,24 @@ use tokio::time::Instant;
 pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// Addresses tracked at most; beyond it new addresses are not counted (each one is still
-/// slowed by `failure_delay`), so a spray from many addresses cannot grow memory.
+/// slowed by `failure_delay` and the global rate), so a spray from many addresses cannot
+/// grow memory.
 const MAX_TRACKED: usize = 65_536;
 
-/// Failure counts per address. Only touched on the login path, never while relaying.
+/// Failure counts per address and in all. Only touched on the login path, never while relaying.
 #[derive(Debug, Default)]
 pub struct LoginThrottle {
-    failures: Mutex<HashMap<IpAddr, Window>>,
+    state: Mutex<State>,
     /// An exchange ended: waiters look again.
     ended: Notify,
+    /// Exchanges made to wait by the global failure rate.
+    pub slowed: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    addresses: HashMap<IpAddr, Window>,
+    global: Global,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,15 +52,36 @@ struct Window {
     count: u32,
     /// Exchanges under way, not yet known to fail or succeed.
     in_flight: u32,
+    /// The address's last successful login.
+    succeeded_at: Option<Instant>,
 }
 
-/// One login exchange counted against its address's limit: a failure unless
-/// [`succeeded`](Attempt::succeeded) is called before it is dropped.
+/// Failures from every address in the current window, and when the next slowed exchange
+/// may start.
+#[derive(Debug, Default, Clone, Copy)]
+struct Global {
+    start: Option<Instant>,
+    count: u32,
+    next_start: Option<Instant>,
+}
+
+impl Global {
+    fn roll(&mut self, now: Instant) {
+        if self.start.is_none_or(|s| now >= s + WINDOW) {
+            (self.start, self.count) = (Some(now), 0);
+        }
+    }
+}
+
+/// One login exchange counted against its address's limit and the global rate: a failure
+/// unless [`succeeded`](Attempt::succeeded) is called before it is dropped.
 #[derive(Debug)]
 pub struct Attempt<'a> {
     throttle: &'a LoginThrottle,
     /// The address's key, when counted.
     key: Option<IpAddr>,
+    /// Counted in the global failures.
+    global: bool,
     succeeded: bool,
 }
 
@@ -57,50 +94,72 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        let Some(key) = self.key else { return };
+        if self.key.is_none() && !self.global {
+            return;
+        }
         let now = Instant::now();
-        let mut map = self.throttle.lock();
-        if let Some(w) = map.get_mut(&key) {
+        let mut state = self.throttle.lock();
+        if self.global && !self.succeeded {
+            state.global.roll(now);
+            state.global.count = state.global.count.saturating_add(1);
+        }
+        if let Some(w) = self.key.and_then(|k| state.addresses.get_mut(&k)) {
             w.in_flight = w.in_flight.saturating_sub(1);
-            if !self.succeeded {
+            if self.succeeded {
+                w.succeeded_at = Some(now);
+            } else {
                 if now >= w.start + WINDOW {
                     (w.start, w.count) = (now, 0);
                 }
                 w.count = w.count.saturating_add(1);
             }
         }
-        drop(map);
+        drop(state);
         self.throttle.ended.notify_waiters();
     }
 }
 
 impl LoginThrottle {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
-        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts an exchange from `ip`: `Err(retry_after)` if its address has failed `limit`
-    /// times in the current window (0 = off); waits while failures and exchanges in flight
-    /// fill the limit.
-    pub async fn begin(&self, ip: IpAddr, limit: u32) -> Result<Attempt<'_>, Duration> {
+    /// Starts an exchange from `ip`: `Err(retry_after)` if its address has failed
+    /// `max_failures_per_ip` times in the current window (0 = off); waits while failures and
+    /// exchanges in flight fill that limit, and while the global failure rate is spent.
+    pub async fn begin(&self, ip: IpAddr, limits: &Throttle) -> Result<Attempt<'_>, Duration> {
         let key = crate::net::peer_key(ip);
-        let untracked = Attempt { throttle: self, key: None, succeeded: false };
-        if limit == 0 {
-            return Ok(untracked);
+        let key = match limits.max_failures_per_ip {
+            0 => None,
+            limit => self.admit(key, limit).await?,
+        };
+        let global = limits.max_failures_global > 0;
+        // From here a dropped attempt (the caller gave up while slowed) is a failure.
+        let attempt = Attempt { throttle: self, key, global, succeeded: false };
+        if let Some(at) = self.global_slot(crate::net::peer_key(ip), limits.max_failures_global) {
+            self.slowed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep_until(at).await;
         }
+        Ok(attempt)
+    }
+
+    /// Counts an exchange in flight for `key` (`None`: too many addresses to track), or the
+    /// time until its window ends if it is refused.
+    async fn admit(&self, key: IpAddr, limit: u32) -> Result<Option<IpAddr>, Duration> {
         loop {
             // Registered before looking, so an end between the look and the wait wakes it.
             let ended = self.ended.notified();
             let until = {
                 let now = Instant::now();
-                let mut map = self.lock();
+                let mut state = self.lock();
+                let map = &mut state.addresses;
                 if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
                     map.retain(|_, w| now < w.start + WINDOW || w.in_flight > 0);
                     if map.len() >= MAX_TRACKED {
-                        return Ok(untracked);
+                        return Ok(None);
                     }
                 }
-                let w = map.entry(key).or_insert(Window { start: now, count: 0, in_flight: 0 });
+                let w = map.entry(key).or_insert(Window { start: now, count: 0, in_flight: 0, succeeded_at: None });
                 if now >= w.start + WINDOW {
                     (w.start, w.count) = (now, 0);
                 }
@@ -109,7 +168,7 @@ impl LoginThrottle {
                 }
                 if w.count.saturating_add(w.in_flight) < limit {
                     w.in_flight += 1;
-                    return Ok(Attempt { throttle: self, key: Some(key), succeeded: false });
+                    return Ok(Some(key));
                 }
                 w.start + WINDOW
             };
@@ -118,13 +177,35 @@ impl LoginThrottle {
         }
     }
 
+    /// When an exchange from `key` may start, if the global failure rate makes it wait:
+    /// past `limit` failures in the window, unless the address logged in successfully within
+    /// the window, exchanges are spaced `WINDOW / limit` apart.
+    fn global_slot(&self, key: IpAddr, limit: u32) -> Option<Instant> {
+        if limit == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.global.roll(now);
+        if state.global.count < limit {
+            return None;
+        }
+        let trusted = state.addresses.get(&key).and_then(|w| w.succeeded_at).is_some_and(|t| now < t + WINDOW);
+        if trusted {
+            return None;
+        }
+        let at = state.global.next_start.map_or(now, |n| n.max(now));
+        state.global.next_start = Some(at + WINDOW / limit);
+        (at > now).then_some(at)
+    }
+
     /// Addresses currently refused (for metrics and SHOW output).
     pub fn blocked(&self, limit: u32) -> usize {
         if limit == 0 {
             return 0;
         }
         let now = Instant::now();
-        self.lock().values().filter(|w| w.count >= limit && now < w.start + WINDOW).count()
+        self.lock().addresses.values().filter(|w| w.count >= limit && now < w.start + WINDOW).count()
     }
 }
 
@@ -136,8 +217,22 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
+    fn per_ip(limit: u32) -> Throttle {
+        Throttle { failure_delay: Duration::ZERO, max_failures_per_ip: limit, max_failures_global: 0 }
+    }
+
+    fn both(per_ip: u32, global: u32) -> Throttle {
+        Throttle { failure_delay: Duration::ZERO, max_failures_per_ip: per_ip, max_failures_global: global }
+    }
+
+    /// An address of the 10.1.0.0/16 range, each `n` counted apart.
+    fn nth(n: u16) -> IpAddr {
+        let [a, b] = n.to_be_bytes();
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 1, a, b))
+    }
+
     async fn fail(t: &LoginThrottle, ip: IpAddr, limit: u32) {
-        drop(t.begin(ip, limit).await.unwrap());
+        drop(t.begin(ip, &per_ip(limit)).await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
@@ -146,11 +241,11 @@ mod tests {
         for _ in 0..3 {
             fail(&t, A, 3).await;
         }
-        let wait = t.begin(A, 3).await.unwrap_err();
+        let wait = t.begin(A, &per_ip(3)).await.unwrap_err();
         assert!(wait <= WINDOW && wait > WINDOW - Duration::from_secs(1), "{wait:?}");
-        assert!(t.begin(B, 3).await.is_ok(), "other addresses are not affected");
+        assert!(t.begin(B, &per_ip(3)).await.is_ok(), "other addresses are not affected");
         tokio::time::advance(WINDOW).await;
-        assert!(t.begin(A, 3).await.is_ok(), "the window has passed");
+        assert!(t.begin(A, &per_ip(3)).await.is_ok(), "the window has passed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -159,7 +254,7 @@ mod tests {
         for _ in 0..100 {
             fail(&t, A, 0).await;
         }
-        assert!(t.begin(A, 0).await.is_ok());
+        assert!(t.begin(A, &per_ip(0)).await.is_ok());
         assert_eq!(t.blocked(0), 0);
     }
 
@@ -170,7 +265,7 @@ mod tests {
         fail(&t, A, 2).await;
         tokio::time::advance(WINDOW + Duration::from_secs(1)).await;
         fail(&t, A, 2).await;
-        t.begin(A, 2).await.expect("only one failure in the new window").succeeded();
+        t.begin(A, &per_ip(2)).await.expect("only one failure in the new window").succeeded();
         assert_eq!(t.blocked(2), 0);
     }
 
@@ -178,9 +273,9 @@ mod tests {
     async fn a_success_is_not_a_failure() {
         let t = LoginThrottle::default();
         for _ in 0..10 {
-            t.begin(A, 2).await.unwrap().succeeded();
+            t.begin(A, &per_ip(2)).await.unwrap().succeeded();
         }
-        assert!(t.begin(A, 2).await.is_ok());
+        assert!(t.begin(A, &per_ip(2)).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -190,7 +285,7 @@ mod tests {
         // A fourth waits for one of the three in flight to end.
         let fourth = tokio::spawn({
             let t = t.clone();
-            async move { t.begin(A, 3).await.map(|a| a.succeeded()) }
+            async move { t.begin(A, &per_ip(3)).await.map(|a| a.succeeded()) }
         });
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -207,7 +302,7 @@ mod tests {
         let held = futures_free_begin(&t, 3).await;
         let fourth = tokio::spawn({
             let t = t.clone();
-            async move { t.begin(A, 3).await.map(|a| a.succeeded()) }
+            async move { t.begin(A, &per_ip(3)).await.map(|a| a.succeeded()) }
         });
         for a in held {
             a.succeeded();
@@ -221,16 +316,76 @@ mod tests {
         for last in 2..5u8 {
             fail(&t, IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)), 3).await;
         }
-        assert!(t.begin(IpAddr::V4(std::net::Ipv4Addr::new(127, 9, 9, 9)), 3).await.is_err());
-        assert!(t.begin("::1".parse().unwrap(), 3).await.is_err());
+        assert!(t.begin(IpAddr::V4(std::net::Ipv4Addr::new(127, 9, 9, 9)), &per_ip(3)).await.is_err());
+        assert!(t.begin("::1".parse().unwrap(), &per_ip(3)).await.is_err());
     }
 
     /// `n` attempts from `A` with a limit of `n`, held.
     async fn futures_free_begin(t: &LoginThrottle, n: u32) -> Vec<Attempt<'_>> {
         let mut held = Vec::new();
         for _ in 0..n {
-            held.push(t.begin(A, n).await.unwrap());
+            held.push(t.begin(A, &per_ip(n)).await.unwrap());
         }
         held
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn below_the_global_limit_nobody_waits() {
+        let t = LoginThrottle::default();
+        let start = Instant::now();
+        for n in 0..10 {
+            drop(t.begin(nth(n), &both(30, 10)).await.unwrap());
+        }
+        assert_eq!(Instant::now(), start, "ten failures fit in a limit of ten");
+        assert_eq!(t.slowed.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_global_limit_new_addresses_are_spaced_out_not_refused() {
+        let t = LoginThrottle::default();
+        for n in 0..10 {
+            drop(t.begin(nth(n), &both(30, 10)).await.unwrap());
+        }
+        // 10 a minute: one exchange every 6 s, each from a fresh address, none refused.
+        let start = Instant::now();
+        for n in 10..14 {
+            drop(t.begin(nth(n), &both(30, 10)).await.expect("slowed, never refused"));
+        }
+        assert_eq!(Instant::now() - start, Duration::from_secs(18), "the first goes at once, then every 6 s");
+        assert_eq!(t.slowed.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_that_logged_in_recently_is_not_slowed_by_the_global_limit() {
+        let t = LoginThrottle::default();
+        let app = nth(1000);
+        t.begin(app, &both(30, 10)).await.unwrap().succeeded();
+        for n in 0..12 {
+            drop(t.begin(nth(n), &both(30, 10)).await.unwrap());
+        }
+        let start = Instant::now();
+        t.begin(app, &both(30, 10)).await.unwrap().succeeded();
+        assert_eq!(Instant::now(), start);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_limit_counts_anew_each_window() {
+        let t = LoginThrottle::default();
+        for n in 0..10 {
+            drop(t.begin(nth(n), &both(30, 10)).await.unwrap());
+        }
+        tokio::time::advance(WINDOW).await;
+        let start = Instant::now();
+        drop(t.begin(nth(20), &both(30, 10)).await.unwrap());
+        assert_eq!(Instant::now(), start);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_limit_applies_with_the_per_address_limit_off() {
+        let t = LoginThrottle::default();
+        for n in 0..12 {
+            drop(t.begin(nth(n), &both(0, 10)).await.unwrap());
+        }
+        assert_eq!(t.slowed.load(Ordering::Relaxed), 1, "the 12th waited");
     }
 }

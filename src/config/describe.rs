@@ -114,6 +114,7 @@ impl Config {
         let _ = writeln!(s, "stats_users = {:?}", a.stats_users);
         let _ = writeln!(s, "failure_delay = \"{}ms\"", a.throttle.failure_delay.as_millis());
         let _ = writeln!(s, "max_failures_per_ip = {}", a.throttle.max_failures_per_ip);
+        let _ = writeln!(s, "max_failures_global = {}", a.throttle.max_failures_global);
         if let Some(q) = &a.query {
             let _ = writeln!(s, "user = {:?}\nquery = {:?}", q.user, q.query);
             if let Some(d) = &q.dbname {

@@ -128,6 +128,7 @@ pub struct Auth {
     pub dbname: Option<String>,
     pub failure_delay: Option<NumOrStr>,
     pub max_failures_per_ip: Option<i64>,
+    pub max_failures_global: Option<i64>,
 }
 
 /// `[databases.NAME]`: one upstream database.

@@ -54,6 +54,8 @@ pub struct Throttle {
     pub failure_delay: Duration,
     /// Failed logins per IP address per minute before further attempts are refused (0 = off).
     pub max_failures_per_ip: u32,
+    /// Failed logins from all addresses per minute before new exchanges are spaced out (0 = off).
+    pub max_failures_global: u32,
 }
 
 impl Validator<'_> {
@@ -133,6 +135,7 @@ impl Validator<'_> {
         Ok(Throttle {
             failure_delay,
             max_failures_per_ip: self.int("auth.max_failures_per_ip", a.max_failures_per_ip, 30, 0)?,
+            max_failures_global: self.int("auth.max_failures_global", a.max_failures_global, 300, 0)?,
         })
     }
 }

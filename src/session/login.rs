@@ -236,7 +236,7 @@ async fn handshake(
     }
     // Counted from here, a failure unless the credentials prove right: an exchange abandoned
     // halfway, or a lookup of an unknown name, counts too.
-    let attempt = match app.login_throttle.begin(ip, cfg.auth.throttle.max_failures_per_ip).await {
+    let attempt = match app.login_throttle.begin(ip, &cfg.auth.throttle).await {
         Ok(a) => a,
         Err(wait) => {
             return Err(SessionError::fatal(
