@@ -44,13 +44,21 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
                 drop(h);
                 let mut result = Ok(());
                 for ch in &wanted {
-                    result = command(&mut server, "LISTEN", ch).await;
+                    result = command(&hub, &mut server, "LISTEN", ch).await;
                     if result.is_err() {
                         break;
                     }
                 }
                 match result {
                     Ok(()) => {
+                        // What arrived during the LISTENs on channels that were waiting for
+                        // theirs was sent before them.
+                        if deliver(&hub, &mut server).is_none() {
+                            return;
+                        }
+                        if let Some(h) = hub.upgrade() {
+                            h.listened(None);
+                        }
                         for ack in waiting.drain(..) {
                             let _ = ack.send(());
                         }
@@ -97,13 +105,19 @@ async fn serve(
             cmd = cmds.recv() => match cmd {
                 None => return None,
                 Some(Cmd::Listen(ch, ack)) => {
-                    let r = command(server, "LISTEN", &ch).await;
+                    let r = command(hub, server, "LISTEN", &ch).await;
+                    if r.is_ok() {
+                        // Read before the LISTEN was done, so sent before it: dropped for `ch`
+                        // (still pending), delivered for the others.
+                        deliver(hub, server)?;
+                        hub.upgrade()?.listened(Some(&ch));
+                    }
                     if let Some(ack) = ack {
                         let _ = ack.send(());
                     }
                     r
                 }
-                Some(Cmd::Unlisten(ch)) => command(server, "UNLISTEN", &ch).await,
+                Some(Cmd::Unlisten(ch)) => command(hub, server, "UNLISTEN", &ch).await,
             },
             n = server.next_notification() => n.map(|n| server.notifications.push_front(n)),
         };
@@ -125,10 +139,17 @@ fn deliver(hub: &Weak<Hub>, server: &mut ServerConn) -> Option<()> {
     Some(())
 }
 
-/// Runs `LISTEN "ch"` or `UNLISTEN "ch"` (the name quoted as an identifier).
-async fn command(server: &mut ServerConn, verb: &str, channel: &str) -> Result<(), ServerError> {
+/// Runs `LISTEN "ch"` or `UNLISTEN "ch"` (the name quoted as an identifier), handing the
+/// notifications that arrive meanwhile to the hub as they come.
+async fn command(hub: &Weak<Hub>, server: &mut ServerConn, verb: &str, channel: &str) -> Result<(), ServerError> {
     let sql = format!("{verb} {}", escape_identifier(channel));
-    match server.simple_query(&sql).await? {
+    let h = hub.upgrade();
+    let mut notified = |n: crate::server::Notification| {
+        if let Some(h) = &h {
+            h.dispatch(n.pid, n.channel, n.payload);
+        }
+    };
+    match server.simple_query_notifying(&sql, &mut notified).await? {
         Ok(()) => Ok(()),
         Err(e) => {
             // A refused channel name is the subscriber's problem, not the connection's.

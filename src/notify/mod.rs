@@ -94,6 +94,9 @@ struct Inner {
     subs: HashMap<u64, Sub>,
     channels: HashMap<String, HashSet<u64>>,
     fixed: HashSet<String>,
+    /// Channels whose LISTEN is queued but not yet done: whatever arrives on them was sent
+    /// before it, and none of their subscribers (all newer than it) may get it.
+    pending: HashSet<String>,
 }
 
 /// Counters for the admin console and metrics.
@@ -237,6 +240,7 @@ impl Hub {
                 sub.channels.insert(ch.clone());
             }
             if first {
+                inner.pending.insert(ch.clone());
                 let (tx, rx) = oneshot::channel();
                 acks.push(rx);
                 let _ = self.cmds.send(Cmd::Listen(ch.clone(), Some(tx)));
@@ -293,6 +297,9 @@ impl Hub {
             json: OnceLock::new(),
         });
         let mut inner = self.lock();
+        if inner.pending.contains(&n.channel) {
+            return;
+        }
         let Some(ids) = inner.channels.get(&n.channel) else { return };
         let mut slow = Vec::new();
         for id in ids {
@@ -314,6 +321,18 @@ impl Hub {
                     self.drop_from_channel(&mut inner, id, &ch);
                 }
             }
+        }
+    }
+
+    /// The LISTEN on `channel` (`None`: on every wanted channel) is done and what was read
+    /// before it delivered: from here its notifications go to its subscribers.
+    fn listened(&self, channel: Option<&str>) {
+        let mut inner = self.lock();
+        match channel {
+            Some(ch) => {
+                inner.pending.remove(ch);
+            }
+            None => inner.pending.clear(),
         }
     }
 

@@ -381,7 +381,19 @@ impl ServerConn {
     pub async fn simple_query(&mut self, sql: &str) -> Result<Result<(), QueryError>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(sql, &mut out)?;
-        self.run(&out, |_| {}).await
+        self.run(&out, |_| {}, None).await
+    }
+
+    /// Like `simple_query`, handing each notification that arrives meanwhile to `notified` at
+    /// once: a listening connection must not hold what a busy server sends before its reply.
+    pub async fn simple_query_notifying(
+        &mut self,
+        sql: &str,
+        notified: &mut (dyn FnMut(Notification) + Send),
+    ) -> Result<Result<(), QueryError>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        self.run(&out, |_| {}, Some(notified)).await
     }
 
     /// Like `simple_query`, returning the first row's values as text.
@@ -423,17 +435,22 @@ impl ServerConn {
     async fn first_row(&mut self, out: &[u8]) -> Result<Result<Option<Vec<Option<String>>>, QueryError>, ServerError> {
         let mut first: Option<Vec<Option<String>>> = None;
         let r = self
-            .run(out, |row| {
-                if first.is_none() {
-                    let buf = row.buffer();
-                    let mut values = Vec::new();
-                    let mut ranges = row.ranges();
-                    while let Ok(Some(range)) = ranges.next() {
-                        values.push(range.and_then(|r| buf.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()));
+            .run(
+                out,
+                |row| {
+                    if first.is_none() {
+                        let buf = row.buffer();
+                        let mut values = Vec::new();
+                        let mut ranges = row.ranges();
+                        while let Ok(Some(range)) = ranges.next() {
+                            values
+                                .push(range.and_then(|r| buf.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()));
+                        }
+                        first = Some(values);
                     }
-                    first = Some(values);
-                }
-            })
+                },
+                None,
+            )
             .await?;
         Ok(r.map(|()| first))
     }
@@ -443,6 +460,7 @@ impl ServerConn {
         &mut self,
         out: &[u8],
         mut on_row: impl FnMut(&postgres_protocol::message::backend::DataRowBody),
+        mut notified: Option<&mut (dyn FnMut(Notification) + Send)>,
     ) -> Result<Result<(), QueryError>, ServerError> {
         self.synced = None;
         self.stream.write_all(out).await?;
@@ -454,11 +472,17 @@ impl ServerConn {
                 }
                 Message::DataRow(row) => on_row(&row),
                 Message::ParameterStatus(body) => set_param(&mut self.params, body.name()?, body.value()?),
-                Message::NotificationResponse(body) => self.notifications.push_back(Notification {
-                    pid: body.process_id(),
-                    channel: body.channel()?.to_string(),
-                    payload: body.message()?.to_string(),
-                }),
+                Message::NotificationResponse(body) => {
+                    let n = Notification {
+                        pid: body.process_id(),
+                        channel: body.channel()?.to_string(),
+                        payload: body.message()?.to_string(),
+                    };
+                    match notified.as_mut() {
+                        Some(f) => f(n),
+                        None => self.notifications.push_back(n),
+                    }
+                }
                 Message::ReadyForQuery(body) => {
                     // Anything after it (a notification) stays in `rbuf` for whoever reads next.
                     self.status = TxnStatus::from_byte(body.status());
