@@ -336,3 +336,40 @@ async fn a_message_that_must_be_held_whole_is_refused_from_its_length_past_max_b
     let row = bystander.query_one("SELECT length($1::text)", &[&half]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 512 << 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_fatal_gives_back_its_slot() {
+    let mut cfg = trust_txn_config();
+    cfg.broker.max_client_conn = 2;
+    let b = broker(cfg).await;
+    // A victim with a tiny receive buffer asks for 20 MB and reads none of it.
+    let mut victim = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&b.local_addr().into()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        TcpStream::from_std(s.into()).unwrap()
+    };
+    send(&mut victim, &startup_packet(&[("user", "postgres"), ("database", "bench")])).await;
+    read_to_ready(&mut victim).await;
+    victim.write_all(&query("SELECT repeat('x', 20000000) AS stalled")).await.unwrap();
+    // Every buffer on the way is full once the server itself waits to write.
+    let direct_client = direct("bench").await;
+    eventually("the server to block writing to the broker", Duration::from_secs(20), || async {
+        let q = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS stalled' AND wait_event = 'ClientWrite'";
+        one(&direct_client, q).await == "1"
+    })
+    .await;
+    let admin = connect(b.local_addr(), "postgres", "postgres", "pgbroker").await.unwrap();
+    admin.simple_query("KILL bench").await.unwrap();
+    // Its FATAL cannot be written; after a bounded wait the victim's slot is free again.
+    eventually("two clients to fit in max_client_conn = 2", Duration::from_secs(20), || async {
+        let (one, two) = tokio::join!(
+            connect(b.local_addr(), "postgres", "postgres", "bench"),
+            connect(b.local_addr(), "postgres", "postgres", "bench")
+        );
+        one.is_ok() && two.is_ok()
+    })
+    .await;
+    drop(victim);
+}

@@ -119,13 +119,21 @@ pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr, admin_only:
     .await
 }
 
-/// Tells the client why it is being disconnected, best effort.
+/// How long a client being closed gets to take its last message: one that does not read
+/// would otherwise hold its session, socket and slot for good.
+pub(crate) const LAST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells the client why it is being disconnected, best effort, for at most
+/// `LAST_MESSAGE_WAIT`.
 pub async fn send_fatal<S: tokio::io::AsyncWrite + Unpin>(io: &mut ClientIo<S>, code: SqlState, message: &str) {
     let mut buf = BytesMut::new();
     build::error_response(&mut buf, Severity::Fatal, code, message, None);
-    let _ = io.stream.write_all(&buf).await;
-    let _ = io.stream.flush().await;
-    let _ = io.stream.shutdown().await;
+    let send = async {
+        io.stream.write_all(&buf).await?;
+        io.stream.flush().await?;
+        io.stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(LAST_MESSAGE_WAIT, send).await;
 }
 
 /// Fleet mode keeps the fleet's `application_name` on servers, since peers count the fleet's

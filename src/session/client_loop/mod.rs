@@ -38,10 +38,6 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use waits::{drained, next_event};
 
-/// How long a client cut off by the notification hub gets to take its queued replies and
-/// the ErrorResponse before its connection is closed anyway.
-const KICK_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -408,7 +404,7 @@ impl ClientLoop {
 
     /// The hub cut the client off (its notification queue overflowed): the replies already
     /// queued go out first, so the ErrorResponse is not spliced into a half-sent message, but
-    /// only for as long as `KICK_FLUSH_WAIT`; a client still not reading is just closed.
+    /// only for as long as `LAST_MESSAGE_WAIT`; a client still not reading is just closed.
     async fn kicked(&mut self, io: &mut ClientIo<ClientStream>) -> SessionError {
         let message = format!(
             "too many notifications queued for this client (websocket.ws_send_queue = {}); read them faster",
@@ -423,7 +419,7 @@ impl ClientLoop {
             io.stream.shutdown().await
         };
         let n = self.down.ready().len();
-        match tokio::time::timeout(KICK_FLUSH_WAIT, flush).await {
+        match tokio::time::timeout(super::LAST_MESSAGE_WAIT, flush).await {
             Ok(Ok(())) => self.down.consume(n),
             Ok(Err(e)) => return SessionError::Io(e),
             Err(_) => {}
