@@ -31,6 +31,66 @@ impl State {
     }
 }
 
+/// Why a client keeps its server between transactions in transaction mode: session state
+/// that cannot follow it to another server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    /// A session-level advisory lock is held.
+    AdvisoryLock = 0,
+    /// A `WITH HOLD` cursor is open.
+    Cursor = 1,
+    /// A temporary table exists.
+    TempTable = 2,
+    /// A statement prepared with SQL `PREPARE` exists.
+    Prepare = 3,
+    /// The server session LISTENs (a `LISTEN` sent inside a transaction block).
+    Listen = 4,
+}
+
+impl PinReason {
+    /// Every reason, in the order they are listed.
+    pub const ALL: [PinReason; 5] =
+        [PinReason::AdvisoryLock, PinReason::Cursor, PinReason::TempTable, PinReason::Prepare, PinReason::Listen];
+
+    /// The name SHOW CLIENTS and `/metrics` give it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::Cursor => "cursor",
+            PinReason::TempTable => "temp_table",
+            PinReason::Prepare => "prepare",
+            PinReason::Listen => "listen",
+        }
+    }
+}
+
+/// A set of pin reasons; empty when the client is not pinned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins(u8);
+
+impl Pins {
+    /// The set with `reason` added.
+    pub fn with(self, reason: PinReason) -> Pins {
+        Pins(self.0 | 1 << reason as u8)
+    }
+
+    /// True if `reason` is in the set.
+    pub fn has(self, reason: PinReason) -> bool {
+        self.0 & 1 << reason as u8 != 0
+    }
+
+    /// True when the client is not pinned.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The reasons' names, comma-separated (empty when not pinned).
+    pub fn names(self) -> String {
+        let names: Vec<&str> = PinReason::ALL.iter().filter(|r| self.has(**r)).map(|r| r.as_str()).collect();
+        names.join(",")
+    }
+}
+
 /// One connected client.
 #[derive(Debug)]
 pub struct Client {
@@ -55,6 +115,8 @@ pub struct Client {
     pub drain: Flag,
     drain_reason: std::sync::OnceLock<String>,
     state: AtomicU8,
+    /// Why it keeps its server between transactions (`Pins` bits).
+    pins: AtomicU8,
     /// Unix microseconds of the last state change.
     since_us: AtomicU64,
 }
@@ -79,6 +141,16 @@ impl Client {
             2 => State::Waiting,
             _ => State::Idle,
         }
+    }
+
+    /// Records why it keeps its server (empty: it does not).
+    pub fn set_pins(&self, pins: Pins) {
+        self.pins.store(pins.0, Relaxed);
+    }
+
+    /// Why it keeps its server between transactions.
+    pub fn pins(&self) -> Pins {
+        Pins(self.pins.load(Relaxed))
     }
 
     /// Asks the client to leave at its next transaction boundary, telling it `reason`.
@@ -158,6 +230,7 @@ impl Clients {
             application_name: c.application_name,
             kill: Flag::default(),
             state: AtomicU8::new(State::Idle as u8),
+            pins: AtomicU8::new(0),
             since_us: AtomicU64::new(now_us()),
         });
         if let Some(reason) = late {

@@ -58,6 +58,8 @@ impl SqlState {
 
     /// 42P05: a Parse named a prepared statement the client already has.
     pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState(*b"42P05");
+    /// 57014: a statement cancelled, by a cancel request or `statement_timeout`.
+    pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
 
     /// A code received from a server; anything not five ASCII alphanumerics becomes XX000.
     pub fn from_code(code: &str) -> SqlState {

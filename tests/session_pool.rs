@@ -133,11 +133,15 @@ async fn startup_parameters_apply_to_the_server_session() {
 }
 
 #[tokio::test]
-async fn invalid_startup_setting_is_refused_like_postgres_does() {
+async fn invalid_startup_setting_is_refused_when_the_server_is_linked() {
     let b = broker(config()).await;
     let conn =
         format!("{} options='-c statement_timeout=banana'", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
-    let e = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.err().unwrap();
+    // The login is answered from the pool's defaults, as PgBouncer does; the setting meets a
+    // server at the first query, which fails as PostgreSQL fails such a login.
+    let (client, task) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(task);
+    let e = client.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "22023");
     // The server it used is reset and reused, not leaked.
     let c = connect_bench(b.local_addr()).await;
@@ -236,6 +240,8 @@ async fn waiting_client_gets_the_server_when_it_frees_up() {
     let b = broker(single_server_config()).await;
     let addr = b.local_addr();
     let c1 = connect_bench(addr).await;
+    // The server is linked at the first message and kept until the client leaves.
+    c1.simple_query("SELECT 1").await.unwrap();
     let waiter = tokio::spawn(async move {
         let c2 = connect_bench(addr).await;
         c2.simple_query("SELECT 1").await.unwrap();
@@ -259,8 +265,11 @@ async fn pool_wait_timeout_gives_53300_naming_the_pool() {
     let mut cfg = single_server_config();
     cfg.broker.query_wait_timeout = Duration::from_millis(300);
     let b = broker(cfg).await;
-    let _holder = connect_bench(b.local_addr()).await;
-    let e = connect(b.local_addr(), "postgres", "postgres", "bench").await.unwrap_err();
+    let holder = connect_bench(b.local_addr()).await;
+    holder.simple_query("SELECT 1").await.unwrap();
+    // Logging in needs no server; the first query waits for one.
+    let c = connect(b.local_addr(), "postgres", "postgres", "bench").await.unwrap();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "53300");
     let msg = e.as_db_error().unwrap().message();
     assert!(msg.contains("bench/postgres"), "{msg}");
@@ -367,4 +376,28 @@ async fn cancel_requests_past_the_hosts_rate_are_dropped_and_a_real_one_lands_af
     .await;
     let e = query.await.unwrap().unwrap_err();
     assert_eq!(sqlstate(&e), "57014");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_connect_at_once_to_a_pool_of_twenty_and_all_are_served() {
+    // Trust: 500 SCRAM exchanges of a debug build, 30 at a time from one host (the login
+    // throttle), are not what this tests.
+    let mut cfg = config_with("trust", "");
+    cfg.databases.get_mut("bench").unwrap().pool_size = Some(20);
+    cfg.broker.query_wait_timeout = Duration::from_secs(60);
+    cfg.broker.client_login_timeout = Duration::from_secs(60);
+    let b = broker(cfg).await;
+    let addr = b.local_addr();
+    // Every client logs in while none holds a server: logins cost none.
+    let clients: Vec<_> = futures_util::future::join_all((0..500).map(|_| connect_bench(addr))).await;
+    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let stats = pool.stats();
+    assert_eq!(stats.idle, stats.open, "no logged-in client holds a server: {stats:?}");
+    // Then each runs a query and leaves, handing its server to one still waiting.
+    let answers = clients.into_iter().enumerate().map(|(i, c)| async move {
+        let i = i as i32;
+        let got: i32 = c.query_one("SELECT $1::int4 * 2", &[&i]).await.unwrap().get(0);
+        assert_eq!(got, i * 2);
+    });
+    futures_util::future::join_all(answers).await;
 }

@@ -132,6 +132,7 @@ fn clients(app: &Arc<App>) -> Table {
         ("wait_us", Int8),
         ("application_name", Text),
         ("id", Int8),
+        ("pinned", Text),
     ]);
     for c in app.clients.all() {
         let in_state = c.in_state_us();
@@ -150,6 +151,7 @@ fn clients(app: &Arc<App>) -> Table {
             s(if waiting { in_state % 1_000_000 } else { 0 }),
             s(&c.application_name),
             s(c.id),
+            s(c.pins().names()),
         ]);
     }
     t

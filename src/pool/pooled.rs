@@ -117,12 +117,13 @@ impl Pool {
                 tracing::warn!(pool = %self.key, error = %e.message, "ROLLBACK failed");
                 return Ok(false);
             }
-            if reset
-                && !self.settings().reset_query.is_empty()
-                && let Err(e) = conn.simple_query(&self.settings().reset_query).await?
-            {
-                tracing::warn!(pool = %self.key, code = ?e.code, error = %e.message, "server_reset_query failed");
-                return Ok(false);
+            let reset_query = &self.settings().reset_query;
+            if reset && !reset_query.is_empty() {
+                if let Err(e) = conn.simple_query(reset_query).await? {
+                    tracing::warn!(pool = %self.key, code = ?e.code, error = %e.message, "server_reset_query failed");
+                    return Ok(false);
+                }
+                conn.after_reset(reset_query);
             }
             Ok::<bool, ServerError>(conn.status == TxnStatus::Idle)
         };

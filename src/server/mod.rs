@@ -396,6 +396,15 @@ impl ServerConn {
         self.run(&out, |_| {}, Some(notified)).await
     }
 
+    /// Like `simple_query`, returning every row's values as text.
+    pub async fn query_rows(&mut self, sql: &str) -> Result<Result<Vec<Vec<Option<String>>>, QueryError>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        let mut rows = Vec::new();
+        let r = self.run(&out, |row| rows.push(row_values(row)), None).await?;
+        Ok(r.map(|()| rows))
+    }
+
     /// Like `simple_query`, returning the first row's values as text.
     pub async fn query_row(&mut self, sql: &str) -> Result<Result<Vec<Option<String>>, QueryError>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
@@ -439,14 +448,7 @@ impl ServerConn {
                 out,
                 |row| {
                     if first.is_none() {
-                        let buf = row.buffer();
-                        let mut values = Vec::new();
-                        let mut ranges = row.ranges();
-                        while let Ok(Some(range)) = ranges.next() {
-                            values
-                                .push(range.and_then(|r| buf.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()));
-                        }
-                        first = Some(values);
+                        first = Some(row_values(row));
                     }
                 },
                 None,
@@ -552,6 +554,27 @@ impl ServerConn {
         self.synced = None;
         set_param(&mut self.applied, key, value);
     }
+
+    /// Records that `sql` ran on the session as a whole: a `DISCARD ALL` or `RESET ALL`
+    /// took every setting the broker applied back to its default.
+    pub fn after_reset(&mut self, sql: &str) {
+        self.synced = None;
+        let lower = sql.to_ascii_lowercase();
+        if lower.contains("discard all") || lower.contains("reset all") {
+            self.applied.clear();
+        }
+    }
+}
+
+/// A DataRow's values as text (NULL as `None`).
+fn row_values(row: &postgres_protocol::message::backend::DataRowBody) -> Vec<Option<String>> {
+    let buf = row.buffer();
+    let mut values = Vec::new();
+    let mut ranges = row.ranges();
+    while let Ok(Some(range)) = ranges.next() {
+        values.push(range.and_then(|r| buf.get(r)).map(|v| String::from_utf8_lossy(v).into_owned()));
+    }
+    values
 }
 
 /// Splits a ParameterStatus body (`name\0value\0`).

@@ -2,11 +2,11 @@
 
 use super::io::ClientIo;
 use super::stream::ClientStream;
-use super::{SessionError, mode_session, mode_txn};
+use super::{SessionError, welcome};
 use crate::app::App;
 use crate::auth;
 use crate::clients::NewClient;
-use crate::config::{Config, Database, PoolMode};
+use crate::config::{Config, Database};
 use crate::error::SqlState;
 use crate::pool::Pool;
 use crate::proto::build;
@@ -114,11 +114,7 @@ pub(super) async fn serve(
     if cfg.broker.log_connections {
         tracing::info!(user = %login.user, database = %login.database, "client logged in");
     }
-    match mode {
-        PoolMode::Session => mode_session::run(app, &cfg, io, login, pool, client).await,
-        PoolMode::Transaction => mode_txn::run(app, &cfg, io, login, pool, false, client).await,
-        PoolMode::Statement => mode_txn::run(app, &cfg, io, login, pool, true, client).await,
-    }
+    welcome::run(app, &cfg, io, login, pool, mode, client).await
 }
 
 /// Start of the message refusing an address after too many failed logins.

@@ -1,24 +1,25 @@
 //! A client session: the task that owns one client socket from startup to goodbye.
 //!
-//! Login (startup packet, authentication) happens here; then one loop per pool mode relays
-//! bytes between the client and a server checked out from its pool.
+//! Login (startup packet, authentication) happens here; then the client loop relays bytes
+//! between the client and a server checked out from its pool at its first message.
 
 pub(crate) mod accounting;
 mod buffers;
 mod client_loop;
+mod hints;
 pub mod io;
 mod listen;
 mod login;
-mod mode_session;
-mod mode_txn;
 pub(crate) mod params;
 mod pending;
 pub mod pipe;
 pub mod prepared;
+mod probe;
 pub mod relay;
 mod sql;
 pub mod stream;
 mod timers;
+mod welcome;
 
 use crate::app::App;
 use crate::error::{SqlState, is_disconnect};

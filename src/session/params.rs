@@ -68,19 +68,6 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// One statement applying `settings` as session defaults. `set_config` takes the value as the
-/// string form a startup packet carries, so list settings such as search_path keep their meaning.
-pub fn set_config_sql(settings: &[(String, String)]) -> Option<String> {
-    if settings.is_empty() {
-        return None;
-    }
-    let calls: Vec<String> = settings
-        .iter()
-        .map(|(k, v)| format!("pg_catalog.set_config({}, {}, false)", escape_literal(k), escape_literal(v)))
-        .collect();
-    Some(format!("SELECT {}", calls.join(", ")))
-}
-
 /// Reported settings a client may change that follow it from server to server in
 /// transaction mode (lowercase), as PgBouncer tracks them.
 pub const SYNCED_REPORTED: [&str; 6] =
@@ -103,38 +90,20 @@ pub struct ClientSettings {
     /// Shared with the servers last brought to these settings (copied on write), so a server
     /// handed over between clients with equal settings needs no comparison per transaction.
     items: Arc<Vec<Setting>>,
-    /// Tracked settings the server does not report (lowercase), re-read after a transaction
-    /// that may have changed them.
+    /// `track_extra_parameters` (lowercase): unreported settings whose pool defaults every
+    /// client starts from.
     extras: Arc<[String]>,
-    /// The first bytes of what `may_change_extras` looks for (see `first_bit`); all bits set:
-    /// a name starts with another byte, so any byte may start one.
-    firsts: u32,
 }
 
 /// A pending sync: the statement to run and which settings it sets, in column order.
 #[derive(Debug)]
 pub struct SyncPlan {
-    /// SQL: one `SELECT set_config(..)` row, then `RESET`s.
+    /// SQL: `RESET`s, then one `SELECT set_config(..)` row.
     pub sql: String,
     /// Keys set by the SELECT, in column order.
     pub set: Vec<String>,
     /// Keys reset.
     pub reset: Vec<String>,
-}
-
-/// A letter or `_`, either case, as one of 32 bits (a few other bytes share them, which only
-/// makes `may_change_extras` look closer); `None` for other bytes.
-#[inline]
-fn first_bit(b: u8) -> Option<u32> {
-    let folded = b | 0x20;
-    (0x60..0x80).contains(&folded).then(|| 1 << (folded - 0x60))
-}
-
-/// True if `hay` has `needle` (lowercase) at `at`, ignoring ASCII case. Byte by byte with an
-/// early exit: most places a needle could start differ at the second byte.
-#[inline]
-fn starts_with_folded(hay: &[u8], at: usize, needle: &[u8]) -> bool {
-    needle.iter().enumerate().all(|(j, n)| hay.get(at + j).is_some_and(|h| h.to_ascii_lowercase() == *n))
 }
 
 /// Distinct settings lists of clients now connected, at most this many.
@@ -199,9 +168,7 @@ impl ClientSettings {
     /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
     /// overlaid with the client's startup settings.
     pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
-        let mut out = ClientSettings { items: Arc::default(), extras: lowercase_extras(extras), firsts: 0 };
-        out.firsts =
-            out.needles().filter_map(|n| n.first()).fold(0, |m, &b| first_bit(b).map_or(u32::MAX, |bit| m | bit));
+        let mut out = ClientSettings { items: Arc::default(), extras: lowercase_extras(extras) };
         // Gathered as references: a client whose settings another one already has (most of
         // them) allocates nothing for them.
         let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(SYNCED_REPORTED.len() + startup.len());
@@ -215,15 +182,6 @@ impl ClientSettings {
         }
         out.items = intern(&wanted);
         out
-    }
-
-    fn set(&mut self, name: &str, value: &str) {
-        let key = name.to_lowercase();
-        let items = Arc::make_mut(&mut self.items);
-        match items.iter_mut().find(|s| s.key == key) {
-            Some(s) => value.clone_into(&mut s.value),
-            None => items.push(Setting { key, name: name.to_string(), value: value.to_string() }),
-        }
     }
 
     /// The settings list, shared with the clients that logged in with the same settings.
@@ -250,29 +208,9 @@ impl ClientSettings {
         }
     }
 
-    /// Tracked settings the server does not report.
+    /// `track_extra_parameters`, lowercase.
     pub fn extras(&self) -> &[String] {
         &self.extras
-    }
-
-    /// True if a client statement may change a tracked setting the server does not report:
-    /// it names one, or resets everything. Conservative; a false alarm costs one query.
-    pub fn may_change_extras(&self, sql: &[u8]) -> bool {
-        if self.extras.is_empty() {
-            return false;
-        }
-        // Runs on every statement: one pass over the bytes, a bit test each, and the needles
-        // compared only where one could start.
-        let wide = self.firsts == u32::MAX;
-        (0..sql.len()).any(|i| {
-            let candidate = sql.get(i).and_then(|&b| first_bit(b)).map_or(wide, |bit| self.firsts & bit != 0);
-            candidate && self.needles().any(|n| starts_with_folded(sql, i, n))
-        })
-    }
-
-    /// What `may_change_extras` looks for (lowercase).
-    fn needles(&self) -> impl Iterator<Item = &[u8]> {
-        self.extras.iter().map(String::as_bytes).chain([&b"reset all"[..], b"discard all"])
     }
 
     /// The statement that makes `server` match this client, if they differ. `defaults` are the
@@ -307,9 +245,14 @@ impl ClientSettings {
         if set.is_empty() && reset.is_empty() {
             return None;
         }
-        let mut sql = if calls.is_empty() { String::new() } else { format!("SELECT {};", calls.join(", ")) };
+        // RESETs first: the server may carry another client's statement_timeout, which must
+        // not apply to the SELECT that sets this one's.
+        let mut sql = String::new();
         for k in &reset {
             sql.push_str(&format!("RESET {};", escape_identifier(k)));
+        }
+        if !calls.is_empty() {
+            sql.push_str(&format!("SELECT {};", calls.join(", ")));
         }
         Some(SyncPlan { sql, set, reset })
     }
@@ -344,25 +287,44 @@ impl ClientSettings {
         changed
     }
 
-    /// The query reading the extras back after a transaction that may have changed them.
-    pub fn extras_query(&self) -> Option<String> {
-        if self.extras.is_empty() {
-            return None;
-        }
-        let cols: Vec<String> =
-            self.extras.iter().map(|e| format!("pg_catalog.current_setting({}, true)", escape_literal(e))).collect();
-        Some(format!("SELECT {}", cols.join(", ")))
-    }
-
-    /// Records the extras read back from the client's server.
-    pub fn apply_extras(&mut self, row: &[Option<String>], server: &mut ServerConn) {
-        let extras = self.extras.clone();
-        for (key, value) in extras.iter().zip(row) {
-            if let Some(v) = value {
-                self.set(key, v);
-                server.set_applied(key, v);
+    /// Takes what the probe found the session to have set after a transaction (see
+    /// `probe`): those are now the client's values. An unreported setting no longer set goes
+    /// back to the pool's default, or is dropped if the pool has none (the server's default is
+    /// what the client then wants). Reported settings follow ParameterStatus instead. The
+    /// server is recorded as holding exactly these, and as matching the client.
+    pub fn apply_session(
+        &mut self,
+        session: &[(String, String)],
+        server: &mut ServerConn,
+        defaults: &[(String, String)],
+    ) {
+        let reported = |key: &str| server.param_ci(key).is_some();
+        let items = Arc::make_mut(&mut self.items);
+        items.retain_mut(|s| {
+            if reported(&s.key) {
+                return true;
             }
+            match value_in(session, &s.key).or_else(|| value_in(defaults, &s.key)) {
+                Some(v) => {
+                    v.clone_into(&mut s.value);
+                    true
+                }
+                None => false,
+            }
+        });
+        let mut applied = Vec::new();
+        for (name, value) in session {
+            let key = name.to_lowercase();
+            if reported(&key) {
+                continue;
+            }
+            if !items.iter().any(|s| s.key == key) {
+                items.push(Setting { key: key.clone(), name: name.clone(), value: value.clone() });
+            }
+            applied.push((key, value.clone()));
         }
+        server.applied = applied;
+        self.mark_synced(server);
     }
 }
 
@@ -446,44 +408,5 @@ mod tests {
         a.observe("TimeZone", "Asia/Tokyo");
         assert!(!Arc::ptr_eq(&a.items, &b.items));
         assert_eq!(b.get("timezone"), Some("UTC"), "the other client keeps its settings");
-    }
-
-    #[test]
-    fn extras_changes_are_suspected_from_statement_text() {
-        let c = ClientSettings::new(&defaults(), &[], &["search_path".into()]);
-        assert!(c.may_change_extras(b"SET SEARCH_PATH TO app"));
-        assert!(c.may_change_extras(b"discard all"));
-        assert!(!c.may_change_extras(b"SELECT 1"));
-        assert!(!ClientSettings::new(&defaults(), &[], &[]).may_change_extras(b"SET search_path TO x"));
-        assert!(c.may_change_extras(b"select pg_catalog.set_config('Search_Path', 'x', false)"));
-        assert!(c.may_change_extras(b"RESET ALL"));
-        let odd = ClientSettings::new(&defaults(), &[], &["\u{e9}t\u{e9}".into()]);
-        assert!(odd.may_change_extras("SET \u{e9}t\u{e9} = 1".as_bytes()));
-        assert!(!odd.may_change_extras(b"SELECT 1"));
-    }
-
-    #[test]
-    fn extras_are_found_at_every_offset_and_case_as_a_plain_search_finds_them() {
-        let c = ClientSettings::new(&defaults(), &[], &["search_path".into(), "app.tenant".into()]);
-        let naive = |sql: &[u8]| c.needles().any(|n| sql.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n)));
-        for pad in 0..20 {
-            for needle in
-                ["SEARCH_PATH", "search_Path", "App.Tenant", "reset ALL", "Discard All", "searchpath", "reset al"]
-            {
-                for tail in ["", " = x", ";"] {
-                    let sql = format!("{}{needle}{tail}", "x".repeat(pad));
-                    assert_eq!(c.may_change_extras(sql.as_bytes()), naive(sql.as_bytes()), "{sql:?}");
-                }
-            }
-        }
-        let every_byte: Vec<u8> = (0u8..=255).chain(b"S@R_D".iter().copied()).collect();
-        assert_eq!(c.may_change_extras(&every_byte), naive(&every_byte));
-    }
-
-    #[test]
-    fn set_config_quotes_names_and_values() {
-        let sql = set_config_sql(&pairs(&[("application_name", "it's")])).unwrap();
-        assert_eq!(sql, "SELECT pg_catalog.set_config('application_name', 'it''s', false)");
-        assert_eq!(set_config_sql(&[]), None);
     }
 }

@@ -1,6 +1,6 @@
-//! The relay loop every pool mode runs once a client is logged in. In session mode the
-//! server is attached for good; in transaction mode from the first message of a transaction
-//! to the ReadyForQuery that ends it; in statement mode to the end of each statement. Bytes
+//! The relay loop every pool mode runs once a client is logged in. A server is attached at
+//! the client's first message: in session mode for good; in transaction mode to the
+//! ReadyForQuery that ends the transaction; in statement mode to the end of each statement. Bytes
 //! pass unchanged; only tags (and ReadyForQuery / ParameterStatus bodies) are read.
 
 mod faults;
@@ -10,12 +10,14 @@ mod waits;
 
 use super::SessionError;
 use super::accounting::Accounting;
+use super::hints::{self, Hints};
 use super::io::ClientIo;
 use super::listen::{self, Listens};
 use super::params::ClientSettings;
 use super::pending::Pending;
 use super::pipe::{Action, Pipe};
 use super::prepared::Prepared;
+use super::probe::{self, Probe};
 use super::relay::{Gone, RelayError, poll_relay};
 use super::sql;
 use super::stream::ClientStream;
@@ -47,13 +49,13 @@ pub(super) struct Setup {
     pub mode: PoolMode,
     /// The client's pool.
     pub pool: Arc<Pool>,
-    /// The pool's default settings (empty in session mode).
+    /// The pool's default settings.
     pub defaults: Arc<Defaults>,
-    /// The client's settings (tracked in transaction and statement mode).
+    /// The client's settings, applied to each server it gets.
     pub settings: ClientSettings,
     /// The client's cancel key.
     pub registration: Registration,
-    /// The server, attached from the start in session mode.
+    /// The server, if one is attached already.
     pub server: Option<Pooled>,
     /// Named prepared statement handling (transaction and statement mode).
     pub prepared: Option<Prepared>,
@@ -81,8 +83,13 @@ pub(super) struct ClientLoop {
     up: Pipe,
     down: Pipe,
     pending: Pending,
-    /// A statement in the current transaction may have changed an unreported tracked setting.
-    recheck: bool,
+    /// What the statements since the server was attached hinted at (see `hints`).
+    hints: Hints,
+    /// The hints of the client's prepared statements, for their executions.
+    statements: hints::Statements,
+    /// Custom settings (`app.tenant`) the client's statements set, which the probe must
+    /// ask for by name.
+    custom: Vec<String>,
     /// The server is in COPY FROM STDIN: it waits for the client, not the other way round.
     copy_in: bool,
     /// A CancelRequest `query_timeout` sent to the attached server: until it has been
@@ -122,7 +129,9 @@ impl ClientLoop {
             registration,
             server,
             pending: Pending::default(),
-            recheck: false,
+            hints: Hints::NONE,
+            statements: Default::default(),
+            custom: Vec::new(),
             copy_in: false,
             cancelling: None,
             prepared,
@@ -466,11 +475,13 @@ impl ClientLoop {
             return Ok(false);
         }
         let mut synced = false;
+        let (statements, custom) = (&mut self.statements, &mut self.custom);
         self.up.scan(Prepared::needs_whole, |t, msg, _| {
             if synced {
                 return Action::Stop;
             }
             synced = t == tag::SYNC;
+            statements.observe_alone(t, msg.get(HEADER_LEN..).unwrap_or_default(), custom);
             p.answer_alone(t, msg);
             Action::Drop
         })?;
@@ -480,37 +491,70 @@ impl ClientLoop {
         Ok(true)
     }
 
-    /// Gives the server back once the transaction is over and nothing more is owed.
+    /// Gives the server back once the transaction is over and nothing more is owed, unless
+    /// the client keeps it: in session mode, or while state that cannot move pins it.
     async fn detach_if_done(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
-        let Some(server) = self.server.as_mut() else { return Ok(()) };
-        let done = self.mode != PoolMode::Session
+        let Some(server) = self.server.as_ref() else { return Ok(()) };
+        let over = self.mode != PoolMode::Session
             && self.pending.is_settled()
             && !self.copy_in
             && self.up.ready().is_empty()
             && !self.down.has_unscanned()
             && (self.mode == PoolMode::Statement || server.status == TxnStatus::Idle);
-        if !done {
+        if !over {
             return Ok(());
         }
-        if self.recheck {
-            self.recheck = false;
-            if let Some(sql) = self.settings.extras_query() {
-                // The client's reply is complete: let it have it before this extra round trip.
-                io.stream.write_all(self.down.ready()).await.map_err(SessionError::Io)?;
-                io.stream.flush().await.map_err(SessionError::Io)?;
-                let n = self.down.ready().len();
-                self.down.consume(n);
-                match Box::pin(server.query_row(&sql)).await {
-                    Ok(Ok(row)) => self.settings.apply_extras(&row, server),
-                    Ok(Err(e)) => tracing::warn!(error = %e.message, "cannot read tracked settings"),
-                    Err(e) => return Err(self.server_lost(io, Some(std::io::Error::other(e))).await),
-                }
-            }
+        let pinned = !self.client.pins().is_empty();
+        let hints = std::mem::take(&mut self.hints);
+        if hints.has(Hints::SETTINGS | Hints::PIN) || (pinned && hints.has(Hints::RELEASE)) {
+            self.probe(io).await?;
+        }
+        if !self.client.pins().is_empty() {
+            return Ok(());
         }
         if let Some(p) = self.prepared.as_mut() {
             p.reset_in_flight();
         }
         self.release(Release::Reuse);
+        Ok(())
+    }
+
+    /// Asks the server what the transaction left in its session: the settings follow the
+    /// client, and state that cannot move pins the client to this server until it is gone.
+    async fn probe(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        // The client's reply is complete: let it have it before this extra round trip.
+        io.stream.write_all(self.down.ready()).await.map_err(SessionError::Io)?;
+        io.stream.flush().await.map_err(SessionError::Io)?;
+        let n = self.down.ready().len();
+        self.down.consume(n);
+        let Some(server) = self.server.as_mut() else { return Ok(()) };
+        let mut names = self.settings.extras().to_vec();
+        names.extend(self.custom.iter().filter(|c| !names.contains(c)).cloned().collect::<Vec<_>>());
+        let mut result = Box::pin(server.query_rows(&probe::sql(&names, false))).await;
+        if matches!(&result, Ok(Err(e)) if e.code == SqlState::QUERY_CANCELED) {
+            // The client's own statement_timeout is shorter than the probe.
+            result = Box::pin(server.query_rows(&probe::sql(&names, true))).await;
+        }
+        let found = match result {
+            Ok(Ok(rows)) => Probe::from_rows(&rows),
+            Ok(Err(e)) => {
+                // Nothing known: the server cannot be handed to anyone else.
+                tracing::warn!(error = %e.message, "cannot read the session state; closing the server after this client");
+                server.release = Release::Close;
+                return Err(SessionError::fatal(e.code, e.message));
+            }
+            Err(e) => return Err(self.server_lost(io, Some(std::io::Error::other(e))).await),
+        };
+        self.settings.apply_session(&found.settings, server, self.defaults.all());
+        let before = self.client.pins();
+        if found.pins != before {
+            if found.pins.is_empty() {
+                tracing::debug!(was = %before.names(), "client unpinned: its server goes back to the pool");
+            } else {
+                tracing::debug!(reason = %found.pins.names(), "client pinned to its server");
+            }
+            self.client.set_pins(found.pins);
+        }
         Ok(())
     }
 
@@ -537,11 +581,16 @@ impl ClientLoop {
             // connection the budget no longer counts: cancel the request too.
             tokio::spawn(cancel_query(server.cancel.clone()));
         }
+        let pinned = !self.client.pins().is_empty();
         self.release(match (clean, self.mode) {
             (false, _) => Release::Close,
+            // Locks, cursors and temporary tables must not outlive their client; closing is
+            // sure whatever `server_reset_query` is.
+            _ if pinned => Release::Close,
             (true, PoolMode::Session) => Release::Reset,
             (true, _) => Release::Reuse,
         });
+        self.client.set_pins(Default::default());
     }
 
     /// True when the server owes nothing and every request for it has been written.
@@ -552,7 +601,8 @@ impl ClientLoop {
     /// What the timers see: a server running or inside a transaction for this client.
     fn held(&self) -> Held {
         let s = self.server.as_deref()?;
-        if self.mode == PoolMode::Session && s.status == TxnStatus::Idle && self.pending.is_settled() {
+        let keeps = self.mode == PoolMode::Session || !self.client.pins().is_empty();
+        if keeps && s.status == TxnStatus::Idle && self.pending.is_settled() {
             return None;
         }
         Some((s.status, self.pending.sync_points))

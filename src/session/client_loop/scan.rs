@@ -7,9 +7,10 @@ use crate::config::PoolMode;
 use crate::error::SqlState;
 use crate::proto::build::{self, Severity};
 use crate::proto::frame::{HEADER_LEN, messages};
-use crate::proto::{TxnStatus, tag};
+use crate::proto::{TxnStatus, split_cstr, tag};
 use crate::session::SessionError;
 use crate::session::accounting;
+use crate::session::hints::Hints;
 use crate::session::pipe::Action;
 use crate::session::prepared::Prepared;
 use bytes::BytesMut;
@@ -18,23 +19,51 @@ impl ClientLoop {
     /// Looks at client messages; true when the client said Terminate.
     pub(super) fn scan_client(&mut self) -> Result<bool, SessionError> {
         let pending = &mut self.pending;
-        let settings = &self.settings;
-        let recheck = &mut self.recheck;
+        let hints = &mut self.hints;
+        let statements = &mut self.statements;
+        let custom = &mut self.custom;
         let copy_in = &mut self.copy_in;
-        let inspect = !settings.extras().is_empty();
+        // In session mode the client keeps its server: nothing it does needs following.
+        let inspect = self.mode != PoolMode::Session;
+        let binds = inspect && !statements.is_empty();
         let mut prepared = self.prepared.as_mut().zip(self.server.as_deref_mut().map(|s| &mut s.statements));
         let track = prepared.is_some();
         let stopped = self.up.scan(
             |t| {
                 t == tag::TERMINATE
                     || (inspect && (t == tag::QUERY || t == tag::PARSE))
+                    || (binds && (t == tag::BIND || t == tag::CLOSE))
                     || (track && Prepared::needs_whole(t))
             },
             |t, msg, out| {
-                if inspect && (t == tag::QUERY || t == tag::PARSE) {
-                    // Streamed (huge) statements cannot be read: assume the worst.
+                if inspect {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
-                    *recheck |= body.is_empty() || settings.may_change_extras(body);
+                    match t {
+                        // Streamed (huge) statements cannot be read: assume the worst.
+                        tag::QUERY | tag::PARSE if body.is_empty() => *hints |= Hints::ALL,
+                        tag::QUERY => *hints |= statement_hints(body, custom),
+                        tag::PARSE => {
+                            if let Some((name, text)) = split_cstr(body) {
+                                let found = statement_hints(text, custom);
+                                statements.parsed(name, found);
+                                *hints |= found;
+                            }
+                        }
+                        // Bind: portal name, then statement name.
+                        tag::BIND if binds => {
+                            if let Some((name, _)) = split_cstr(body).and_then(|(_, rest)| split_cstr(rest)) {
+                                *hints |= statements.bound(name);
+                            }
+                        }
+                        tag::CLOSE if binds => {
+                            if let Some((b'S', rest)) = body.split_first()
+                                && let Some((name, _)) = split_cstr(rest)
+                            {
+                                statements.closed(name);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 if t == tag::COPY_DONE || t == tag::COPY_FAIL {
                     *copy_in = false;
@@ -150,6 +179,15 @@ impl ClientLoop {
         self.pool.record_metrics(|m| acct.answered(counters, m, answered, sync_points, over));
         Ok(())
     }
+}
+
+/// The hints of a statement's text; custom settings it may set are added to `custom`.
+fn statement_hints(text: &[u8], custom: &mut Vec<String>) -> Hints {
+    let found = crate::session::hints::hints(text);
+    if found.has(Hints::SETTINGS) {
+        crate::session::hints::custom_names(text, custom);
+    }
+    found
 }
 
 /// Statement mode: replaces the ReadyForQuery the client would get (`msg` itself, or the one

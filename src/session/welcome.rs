@@ -1,5 +1,6 @@
-//! Transaction and statement pooling: login without a server (the pool's defaults describe
-//! one), then the client loop attaches a server per transaction (or statement).
+//! Every pool mode logs in without a server, as PgBouncer does: the pool's defaults describe
+//! one, and the client loop links a server at the client's first message, for a transaction,
+//! a statement or (session mode) until the client leaves. Idle clients cost no server.
 
 use super::SessionError;
 use super::client_loop::{ClientLoop, Setup};
@@ -24,11 +25,11 @@ pub(super) async fn run(
     io: &mut ClientIo<ClientStream>,
     login: Box<Login>,
     pool: Arc<Pool>,
-    statement: bool,
+    mode: PoolMode,
     client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let defaults = pool_defaults(&pool, cfg).await?;
-    let client_loop = welcome(app, cfg, io, login, pool, statement, client, defaults);
+    let client_loop = welcome(app, cfg, io, login, pool, mode, client, defaults);
     io.flush().await?;
     client_loop.run(io).await
 }
@@ -42,7 +43,7 @@ fn welcome(
     io: &mut ClientIo<ClientStream>,
     login: Box<Login>,
     pool: Arc<Pool>,
-    statement: bool,
+    mode: PoolMode,
     client: Arc<Client>,
     defaults: Arc<Defaults>,
 ) -> Box<ClientLoop> {
@@ -50,7 +51,9 @@ fn welcome(
     let own_name = super::keep_fleet_tag(cfg, &mut startup);
     let settings = ClientSettings::new(defaults.all(), &startup, &cfg.broker.track_extra_parameters);
     drop(startup);
-    let listens = Some(Listens::new(app.clone(), login.database.clone()));
+    // In session mode the client keeps its server: its LISTENs and statements stay there.
+    let pooled = mode != PoolMode::Session;
+    let listens = pooled.then(|| Listens::new(app.clone(), login.database.clone()));
     // The login (startup packet, database settings) is not needed past this point and would
     // otherwise stay allocated for the life of the client.
     drop(login);
@@ -62,11 +65,10 @@ fn welcome(
     }
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
     build::ready_for_query(&mut io.wbuf, b'I');
-    let mode = if statement { PoolMode::Statement } else { PoolMode::Transaction };
     let max = cfg.broker.max_prepared_statements;
     let limits =
         Limits { statements: cfg.broker.max_client_prepared_statements, bytes: cfg.broker.max_client_prepared_bytes };
-    let prepared = (max > 0).then(|| Prepared::new(app.statements.clone(), max).limit(limits));
+    let prepared = (pooled && max > 0).then(|| Prepared::new(app.statements.clone(), max).limit(limits));
     let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
     ClientLoop::new(app.clone(), setup)
 }

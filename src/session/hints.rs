@@ -1,0 +1,383 @@
+//! What a statement's text says it may do to session state, found in one pass over the bytes
+//! of every Query and Parse in transaction and statement mode. A hint only asks for a closer
+//! look (the probe after the transaction): a false alarm costs one query, a miss costs
+//! correctness, so the patterns are wide where that is cheap.
+
+/// What a statement may do, as a set of flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hints(u8);
+
+impl Hints {
+    /// Nothing to look at.
+    pub const NONE: Hints = Hints(0);
+    /// May change a setting (`SET`, `RESET`, `DISCARD`, `set_config`).
+    pub const SETTINGS: Hints = Hints(1);
+    /// May create state that cannot follow the client to another server.
+    pub const PIN: Hints = Hints(2);
+    /// May drop such state.
+    pub const RELEASE: Hints = Hints(4);
+    /// Reads the session's last sequence value (`lastval`, `currval`).
+    pub const LASTVAL: Hints = Hints(8);
+    /// A statement too long to read: anything may happen.
+    pub const ALL: Hints = Hints(15);
+
+    /// True if any flag of `other` is set.
+    #[inline]
+    pub fn has(self, other: Hints) -> bool {
+        self.0 & other.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Hints {
+    type Output = Hints;
+    fn bitor(self, rhs: Hints) -> Hints {
+        Hints(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Hints {
+    fn bitor_assign(&mut self, rhs: Hints) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// Named statements kept at most in [`Statements`]; past it every execution is suspect.
+const MAX_STATEMENTS: usize = 1024;
+
+/// The hints of a client's prepared statements whose text hinted at something, so that each
+/// execution (a Bind, maybe in a later transaction than its Parse) hints the same. Statements
+/// that hint nothing, most of them, are not kept.
+#[derive(Debug, Default)]
+pub struct Statements {
+    names: std::collections::HashMap<Box<[u8]>, Hints>,
+    /// More were kept than `MAX_STATEMENTS`: any Bind may run one.
+    overflow: bool,
+}
+
+impl Statements {
+    /// A Parse of `name` whose text hinted `hints`.
+    pub fn parsed(&mut self, name: &[u8], hints: Hints) {
+        if hints == Hints::NONE {
+            if !self.names.is_empty() {
+                self.names.remove(name);
+            }
+        } else if self.names.len() < MAX_STATEMENTS || self.names.contains_key(name) {
+            self.names.insert(name.into(), hints);
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    /// What a Bind of `name` hints.
+    pub fn bound(&self, name: &[u8]) -> Hints {
+        if self.overflow {
+            return Hints::ALL;
+        }
+        self.names.get(name).copied().unwrap_or_default()
+    }
+
+    /// A Close of statement `name`.
+    pub fn closed(&mut self, name: &[u8]) {
+        self.names.remove(name);
+    }
+
+    /// A Parse or Close the broker answers without a server: kept as if the server saw it.
+    /// Custom settings a parsed statement may set are added to `custom`.
+    pub fn observe_alone(&mut self, tag: u8, body: &[u8], custom: &mut Vec<String>) {
+        let Some((name, rest)) = split_cstr_at(tag, body) else { return };
+        if tag != b'P' {
+            return self.closed(name);
+        }
+        let found = hints(rest);
+        if found.has(Hints::SETTINGS) {
+            custom_names(rest, custom);
+        }
+        self.parsed(name, found);
+    }
+
+    /// True if no Bind can hint anything: Binds need not be read.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.overflow
+    }
+}
+
+/// A Parse's statement name and text, or a statement Close's name.
+fn split_cstr_at(tag: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
+    match tag {
+        b'P' => crate::proto::split_cstr(body),
+        b'C' => match body.split_first() {
+            Some((b'S', rest)) => crate::proto::split_cstr(rest),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Where a keyword counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// As a statement's first word (`UPDATE t SET x` is no `SET`).
+    Start,
+    /// As a whole word anywhere.
+    Word,
+    /// As the start of a word anywhere (`pg_advisory_lock_shared`).
+    Prefix,
+}
+
+/// The keywords looked for (lowercase), where, and what they hint.
+const KEYWORDS: [(&[u8], Place, Hints); 19] = [
+    (b"set", Place::Start, Hints::SETTINGS),
+    (b"reset", Place::Start, Hints::SETTINGS),
+    (b"discard", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RELEASE.0)),
+    (b"set_config", Place::Word, Hints::SETTINGS),
+    (b"pg_advisory_lock", Place::Prefix, Hints::PIN),
+    (b"pg_try_advisory_lock", Place::Prefix, Hints::PIN),
+    (b"hold", Place::Word, Hints::PIN),
+    (b"temp", Place::Word, Hints::PIN),
+    (b"temporary", Place::Word, Hints::PIN),
+    (b"pg_temp", Place::Prefix, Hints::PIN),
+    (b"prepare", Place::Start, Hints::PIN),
+    (b"listen", Place::Start, Hints::PIN),
+    (b"pg_advisory_unlock", Place::Prefix, Hints::RELEASE),
+    (b"close", Place::Start, Hints::RELEASE),
+    (b"drop", Place::Start, Hints::RELEASE),
+    (b"deallocate", Place::Start, Hints::RELEASE),
+    (b"unlisten", Place::Start, Hints::RELEASE),
+    (b"lastval", Place::Word, Hints::LASTVAL),
+    (b"currval", Place::Word, Hints::LASTVAL),
+];
+
+/// The first letters of `KEYWORDS`, one bit each (`a` = bit 0).
+const FIRSTS: u32 = {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < KEYWORDS.len() {
+        mask |= 1 << (KEYWORDS[i].0[0] - b'a');
+        i += 1;
+    }
+    mask
+};
+
+#[inline]
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+/// The hints of a statement text (a Query body or a Parse's query; a NUL ends it).
+pub fn hints(sql: &[u8]) -> Hints {
+    let mut out = Hints::NONE;
+    let mut at_start = true;
+    let mut prev_ident = false;
+    let mut i = 0;
+    while let Some(&b) = sql.get(i) {
+        if b == 0 {
+            break;
+        }
+        if at_start {
+            // Comments and blanks before a statement's first word.
+            if b.is_ascii_whitespace() {
+                i += 1;
+                continue;
+            }
+            if sql.get(i..i + 2) == Some(b"--") {
+                i = sql[i..].iter().position(|&c| c == b'\n').map_or(sql.len(), |p| i + p + 1);
+                continue;
+            }
+            if sql.get(i..i + 2) == Some(b"/*") {
+                i = sql[i + 2..].windows(2).position(|w| w == b"*/").map_or(sql.len(), |p| i + 2 + p + 2);
+                continue;
+            }
+        }
+        let folded = b | 0x20;
+        if !prev_ident && folded.is_ascii_lowercase() && FIRSTS & (1 << (folded - b'a')) != 0 {
+            out |= keyword_at(sql, i, at_start);
+        }
+        at_start = b == b';';
+        prev_ident = is_ident(b);
+        i += 1;
+    }
+    out
+}
+
+/// Custom setting names kept per client at most.
+pub const MAX_CUSTOM_NAMES: usize = 64;
+
+/// Adds to `out` the custom setting names (`app.tenant`: a dot in them) that a statement
+/// which hinted `SETTINGS` sets: the literal first argument of `set_config`, or the name after
+/// `SET` / `RESET` (`SESSION` or `LOCAL` skipped). `pg_settings` does not list them, so the
+/// probe must ask for them by name. A name passed as a parameter cannot be seen.
+pub fn custom_names(sql: &[u8], out: &mut Vec<String>) {
+    let text = String::from_utf8_lossy(sql.split(|&b| b == 0).next().unwrap_or_default());
+    let lower = text.to_ascii_lowercase();
+    let mut found = Vec::new();
+    for (at, _) in lower.match_indices("set_config") {
+        let rest = text[at + "set_config".len()..].trim_start();
+        let Some(rest) = rest.strip_prefix('(').map(str::trim_start) else { continue };
+        let Some(rest) = rest.strip_prefix('\'') else { continue };
+        let mut name = String::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\'' {
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            name.push(c);
+        }
+        found.push(name);
+    }
+    for statement in text.split(';') {
+        let mut words = statement.split_whitespace();
+        let Some(verb) = words.next() else { continue };
+        if !verb.eq_ignore_ascii_case("set") && !verb.eq_ignore_ascii_case("reset") {
+            continue;
+        }
+        let mut name = words.next().unwrap_or_default();
+        if name.eq_ignore_ascii_case("session") || name.eq_ignore_ascii_case("local") {
+            name = words.next().unwrap_or_default();
+        }
+        // `SET app.tenant = 'x'`, `SET app.tenant='x'`, `SET app.tenant TO 'x'`.
+        let name = name.split('=').next().unwrap_or_default();
+        found.push(name.to_ascii_lowercase());
+    }
+    for name in found {
+        let custom = name.contains('.') && !name.is_empty() && !name.contains('\0');
+        if custom && !out.iter().any(|n| n.eq_ignore_ascii_case(&name)) && out.len() < MAX_CUSTOM_NAMES {
+            out.push(name);
+        }
+    }
+}
+
+/// The hints of the keywords that start at `i` (the start of a word).
+#[inline]
+fn keyword_at(sql: &[u8], i: usize, at_start: bool) -> Hints {
+    let mut out = Hints::NONE;
+    for &(word, place, hint) in KEYWORDS.iter() {
+        if place == Place::Start && !at_start {
+            continue;
+        }
+        let Some(candidate) = sql.get(i..i + word.len()) else { continue };
+        if !candidate.eq_ignore_ascii_case(word) {
+            continue;
+        }
+        let ends = sql.get(i + word.len()).is_none_or(|&b| !is_ident(b));
+        if place == Place::Prefix || ends {
+            out |= hint;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_statements_are_hinted_at_a_statement_start_only() {
+        assert!(hints(b"SET statement_timeout = 0").has(Hints::SETTINGS));
+        assert!(hints(b"  set local work_mem='1MB'").has(Hints::SETTINGS));
+        assert!(hints(b"BEGIN; SET search_path TO app; COMMIT").has(Hints::SETTINGS));
+        assert!(hints(b"RESET ALL").has(Hints::SETTINGS));
+        assert!(hints(b"discard all").has(Hints::SETTINGS));
+        assert!(hints(b"/* app */ SET x = 1").has(Hints::SETTINGS));
+        assert!(hints(b"-- note\nSET x = 1").has(Hints::SETTINGS));
+        assert!(hints(b"SELECT pg_catalog.set_config('a', 'b', false)").has(Hints::SETTINGS));
+        assert!(!hints(b"UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 2").has(Hints::SETTINGS));
+        assert!(!hints(b"SELECT * FROM t OFFSET 10").has(Hints::SETTINGS));
+        assert!(!hints(b"SELECT settings FROM t").has(Hints::SETTINGS));
+    }
+
+    #[test]
+    fn pinning_statements_are_hinted() {
+        assert!(hints(b"SELECT pg_advisory_lock(1)").has(Hints::PIN));
+        assert!(hints(b"select PG_TRY_ADVISORY_LOCK_SHARED($1)").has(Hints::PIN));
+        assert!(hints(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1").has(Hints::PIN));
+        assert!(hints(b"CREATE TEMP TABLE t (i int)").has(Hints::PIN));
+        assert!(hints(b"create temporary table t (i int)").has(Hints::PIN));
+        assert!(hints(b"CREATE TABLE pg_temp.t (i int)").has(Hints::PIN));
+        assert!(hints(b"PREPARE p AS SELECT 1").has(Hints::PIN));
+        assert!(hints(b"BEGIN; LISTEN x").has(Hints::PIN));
+        assert!(!hints(b"SELECT pg_advisory_xact_lock(1)").has(Hints::PIN), "released with the transaction");
+        assert!(!hints(b"SELECT temperature, holder FROM readings").has(Hints::PIN));
+    }
+
+    #[test]
+    fn releasing_statements_are_hinted() {
+        for sql in [
+            &b"SELECT pg_advisory_unlock(1)"[..],
+            b"select pg_advisory_unlock_all()",
+            b"CLOSE c",
+            b"close all",
+            b"DROP TABLE t",
+            b"DEALLOCATE p",
+            b"UNLISTEN *",
+            b"DISCARD TEMP",
+        ] {
+            assert!(hints(sql).has(Hints::RELEASE), "{}", String::from_utf8_lossy(sql));
+        }
+    }
+
+    #[test]
+    fn sequence_reads_are_hinted() {
+        assert!(hints(b"SELECT lastval()").has(Hints::LASTVAL));
+        assert!(hints(b"SELECT CURRVAL('s')").has(Hints::LASTVAL));
+        assert!(!hints(b"SELECT nextval('s')").has(Hints::LASTVAL));
+    }
+
+    #[test]
+    fn ordinary_statements_hint_nothing() {
+        for sql in [
+            &b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"[..],
+            b"UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2",
+            b"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+            b"BEGIN",
+            b"END",
+            b"",
+        ] {
+            assert_eq!(hints(sql), Hints::NONE, "{}", String::from_utf8_lossy(sql));
+        }
+    }
+
+    #[test]
+    fn a_statement_that_hinted_hints_again_at_each_execution_until_closed() {
+        let mut st = Statements::default();
+        assert!(st.is_empty());
+        st.parsed(b"s1", hints(b"SELECT pg_advisory_lock($1)"));
+        st.parsed(b"s2", hints(b"SELECT 1"));
+        assert!(st.bound(b"s1").has(Hints::PIN));
+        assert_eq!(st.bound(b"s2"), Hints::NONE);
+        st.parsed(b"s1", hints(b"SELECT 2"));
+        assert_eq!(st.bound(b"s1"), Hints::NONE, "the name was prepared again");
+        st.parsed(b"s3", Hints::SETTINGS);
+        st.closed(b"s3");
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn past_the_cap_every_execution_is_suspect() {
+        let mut st = Statements::default();
+        for i in 0..=MAX_STATEMENTS {
+            st.parsed(format!("s{i}").as_bytes(), Hints::PIN);
+        }
+        assert_eq!(st.bound(b"never-prepared"), Hints::ALL);
+    }
+
+    #[test]
+    fn custom_setting_names_are_taken_from_set_config_and_set() {
+        let mut names = Vec::new();
+        custom_names(b"SELECT set_config('app.tenant', $1, false), SET_CONFIG ( 'it''s.x', 'v', false)", &mut names);
+        custom_names(
+            b"SET app.user_id = 7; set local app.local TO 1; RESET App.Gone; SET work_mem = '1MB'",
+            &mut names,
+        );
+        custom_names(b"SELECT set_config('app.tenant', 'again', false)", &mut names);
+        assert_eq!(names, ["app.tenant", "it's.x", "app.user_id", "app.local", "app.gone"]);
+    }
+
+    #[test]
+    fn text_after_a_nul_is_not_read() {
+        assert_eq!(hints(b"SELECT 1\0SET x = 1"), Hints::NONE);
+    }
+}

@@ -1,0 +1,246 @@
+//! Transaction pooling that keeps session semantics (issue 18): settings follow the client,
+//! state that cannot move pins it to its server until it is gone, and nothing leaks to
+//! another client. Transaction mode, a pool of 3, and 10 other clients running transactions
+//! the whole time, so that each statement may land on any server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use pgbroker::app::Broker;
+use pgbroker::config::PoolMode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// A transaction-mode broker with a pool of 3.
+async fn pooled_broker() -> Broker {
+    let mut cfg = config();
+    let db = cfg.databases.get_mut("bench").unwrap();
+    db.pool_mode = PoolMode::Transaction;
+    db.pool_size = Some(3);
+    broker(cfg).await
+}
+
+/// Ten clients running short transactions until dropped (at most 2 minutes).
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(b: &Broker) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let c = connect_bench(b.local_addr()).await;
+            let (stop, done) = (stop.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                let until = tokio::time::Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
+                    let sql = if i % 2 == 0 { "SELECT 1" } else { "BEGIN; SELECT 1; COMMIT" };
+                    c.batch_execute(sql).await.expect("a bystander's transaction fails");
+                    done.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }));
+        }
+        let load = Load { stop, done, tasks };
+        load.running().await;
+        load
+    }
+
+    /// Waits until the bystanders have run more transactions.
+    async fn running(&self) {
+        let from = self.done.load(Ordering::Relaxed);
+        eventually("the bystanders to run transactions", Duration::from_secs(20), || async {
+            self.done.load(Ordering::Relaxed) >= from + 20
+        })
+        .await;
+    }
+
+    /// Stops the bystanders; panics if one failed.
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// Advisory locks with `key` held on the server, by any session.
+async fn advisory_locks(key: i64) -> i64 {
+    let d = direct("bench").await;
+    let sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1::bigint::oid";
+    d.query_one(sql, &[&key]).await.unwrap().get(0)
+}
+
+/// The `pinned` column SHOW CLIENTS gives the client that logged in as `application_name`.
+async fn pinned_as(b: &Broker, application_name: &str) -> String {
+    let admin = connect(b.local_addr(), "postgres", "postgres", "pgbroker").await.unwrap();
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let me = clients.iter().find(|r| r.get("application_name").map(String::as_str) == Some(application_name));
+    me.and_then(|r| r.get("pinned").cloned()).unwrap_or_else(|| panic!("no client {application_name}: {clients:?}"))
+}
+
+/// A client that logs in with `application_name`, which SHOW CLIENTS lists it by.
+async fn named(b: &Broker, name: &str) -> Client {
+    let info = format!("{} application_name={name}", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
+    let (c, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+async fn bool_of(c: &Client, sql: &str) -> bool {
+    one(c, sql).await == "t"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_advisory_lock_pins_its_client_until_unlocked_in_a_later_statement() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let runner = named(&b, "migrations-1").await;
+    assert!(bool_of(&runner, "SELECT pg_advisory_lock(18001) IS NOT NULL").await);
+    assert_eq!(pinned_as(&b, "migrations-1").await, "advisory_lock");
+    for _ in 0..5 {
+        one(&runner, "SELECT 1").await;
+        load.running().await;
+    }
+    assert!(bool_of(&runner, "SELECT pg_advisory_unlock(18001)").await, "the unlock found the lock");
+    assert_eq!(advisory_locks(18001).await, 0);
+    assert_eq!(pinned_as(&b, "migrations-1").await, "", "the server went back");
+    // A second runner takes the lock at once.
+    let second = connect_bench(b.local_addr()).await;
+    assert!(bool_of(&second, "SELECT pg_try_advisory_lock(18001)").await);
+    assert!(bool_of(&second, "SELECT pg_advisory_unlock(18001)").await);
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_lock_over_the_extended_protocol_pins_and_unpins_the_same_way() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let runner = named(&b, "migrations-2").await;
+    let key = 18002i64;
+    let got: bool = runner.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.unwrap().get(0);
+    assert!(got);
+    for _ in 0..5 {
+        runner.query_one("SELECT $1::int", &[&1i32]).await.unwrap();
+        load.running().await;
+    }
+    let released: bool = runner.query_one("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap().get(0);
+    assert!(released);
+    assert_eq!(advisory_locks(key).await, 0);
+    assert_eq!(pinned_as(&b, "migrations-2").await, "");
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_inside_a_transaction_block_outlives_it_and_pins() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let runner = named(&b, "migrations-3").await;
+    runner.batch_execute("BEGIN; SELECT pg_advisory_lock(18003); COMMIT").await.unwrap();
+    load.running().await;
+    one(&runner, "SELECT 2").await;
+    assert!(bool_of(&runner, "SELECT pg_advisory_unlock(18003)").await);
+    assert_eq!(advisory_locks(18003).await, 0);
+    let second = connect_bench(b.local_addr()).await;
+    assert!(bool_of(&second, "SELECT pg_try_advisory_lock(18003)").await, "taken at once");
+    one(&second, "SELECT pg_advisory_unlock_all()::text").await;
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_with_hold_cursor_is_fetched_to_the_end_across_statements_and_close_unpins() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let c = named(&b, "cursor-reader").await;
+    c.batch_execute("DECLARE big CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 1000) g").await.unwrap();
+    assert_eq!(pinned_as(&b, "cursor-reader").await, "cursor");
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        for r in rows(&c, "FETCH 100 FROM big").await {
+            seen.push(r["g"].parse::<i32>().unwrap());
+        }
+        load.running().await;
+    }
+    assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+    c.batch_execute("CLOSE big").await.unwrap();
+    assert_eq!(pinned_as(&b, "cursor-reader").await, "");
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temp_table_is_readable_in_the_next_statement_and_discard_all_unpins() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let c = named(&b, "temp-user").await;
+    c.batch_execute("CREATE TEMP TABLE scratch AS SELECT 42 AS answer").await.unwrap();
+    load.running().await;
+    assert_eq!(one(&c, "SELECT answer::text FROM scratch").await, "42");
+    assert_eq!(pinned_as(&b, "temp-user").await, "temp_table");
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(pinned_as(&b, "temp-user").await, "");
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_setting_follows_its_client_and_never_reaches_another() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let a = connect_bench(b.local_addr()).await;
+    let other = connect_bench(b.local_addr()).await;
+    a.batch_execute("SET statement_timeout = '1ms'").await.unwrap();
+    for _ in 0..10 {
+        // Whichever server it lands on, the other client runs without A's timeout.
+        other.batch_execute("SELECT pg_sleep(0.05)").await.expect("another client's setting applied");
+        // And A's next transactions time out on whichever server they land on.
+        let e = a.batch_execute("SELECT pg_sleep(0.05)").await.unwrap_err();
+        assert_eq!(sqlstate(&e), "57014");
+        load.running().await;
+    }
+    a.batch_execute("RESET ALL").await.unwrap();
+    for _ in 0..5 {
+        a.batch_execute("SELECT pg_sleep(0.01)").await.expect("RESET ALL cleared the timeout");
+    }
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_and_a_set_rolled_back_do_not_persist() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let a = connect_bench(b.local_addr()).await;
+    a.batch_execute("BEGIN; SET LOCAL work_mem = '3MB'; COMMIT").await.unwrap();
+    a.batch_execute("BEGIN; SET work_mem = '5MB'; ROLLBACK").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(one(&a, "SHOW work_mem").await, "4MB");
+        load.running().await;
+    }
+    a.batch_execute("SET work_mem = '6MB'").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(one(&a, "SHOW work_mem").await, "6MB");
+        load.running().await;
+    }
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_outside_a_transaction_follows_the_client() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let a = connect_bench(b.local_addr()).await;
+    let v: String = a.query_one("SELECT set_config('app.tenant', $1, false)", &[&"acme"]).await.unwrap().get(0);
+    assert_eq!(v, "acme");
+    let other = connect_bench(b.local_addr()).await;
+    for _ in 0..5 {
+        assert_eq!(one(&a, "SELECT current_setting('app.tenant', true)").await, "acme");
+        let theirs = other.query_one("SELECT current_setting('app.tenant', true)", &[]).await.unwrap();
+        assert!(theirs.get::<_, Option<String>>(0).unwrap_or_default().is_empty(), "leaked to another client");
+        load.running().await;
+    }
+    load.finish().await;
+}
