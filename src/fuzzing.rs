@@ -536,3 +536,9 @@ pub fn ws_json(data: &[u8]) {
         assert_eq!(nothing, open, "the empty token changed an outcome that does not depend on channels");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// message_scanner
+
+mod message_scanner;
+pub use message_scanner::message_scanner;
