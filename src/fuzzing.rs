@@ -538,7 +538,9 @@ pub fn ws_json(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// message_scanner
+// message_scanner, ws_frames
 
 mod message_scanner;
+mod ws_frames;
 pub use message_scanner::message_scanner;
+pub use ws_frames::ws_frames;

@@ -68,3 +68,8 @@ fn websocket_command_corpus_replays_clean() {
 fn capped_message_scanner_corpus_replays_clean() {
     replay("message_scanner", pgbroker::fuzzing::message_scanner);
 }
+
+#[test]
+fn websocket_frame_corpus_replays_clean() {
+    replay("ws_frames", pgbroker::fuzzing::ws_frames);
+}
