@@ -536,3 +536,11 @@ pub fn ws_json(data: &[u8]) {
         assert_eq!(nothing, open, "the empty token changed an outcome that does not depend on channels");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// message_scanner, ws_frames
+
+mod message_scanner;
+mod ws_frames;
+pub use message_scanner::message_scanner;
+pub use ws_frames::ws_frames;

@@ -63,3 +63,13 @@ fn config_file_corpus_replays_clean() {
 fn websocket_command_corpus_replays_clean() {
     replay("ws_json", pgbroker::fuzzing::ws_json);
 }
+
+#[test]
+fn capped_message_scanner_corpus_replays_clean() {
+    replay("message_scanner", pgbroker::fuzzing::message_scanner);
+}
+
+#[test]
+fn websocket_frame_corpus_replays_clean() {
+    replay("ws_frames", pgbroker::fuzzing::ws_frames);
+}

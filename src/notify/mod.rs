@@ -3,7 +3,7 @@
 //! transaction mode) wants, and hands each notification to their bounded queues.
 
 pub mod command;
-mod json;
+pub(crate) mod json;
 pub use json::rfc3339;
 mod listener;
 pub mod ws;

@@ -22,7 +22,7 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 /// Close code when the server goes away (broker shutting down, heartbeat missed).
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// Largest client message accepted.
-const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Most bytes buffered for writing to one client; its queue holds the rest.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -126,6 +126,13 @@ pub async fn handler(
         Ok(h) => (Some(h.register(w.ws_send_queue)), None),
         Err(e) => (None, Some(e)),
     };
+    limits(upgrade)
+        .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
+}
+
+/// The bridge's size limits on an upgrade; one function so the `ws_frames` fuzz target runs
+/// the WebSocket layer exactly as configured here.
+pub fn limits(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
     upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         // A frame is refused from its header: without this a client could announce a 16 MiB
@@ -133,7 +140,6 @@ pub async fn handler(
         .max_frame_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
 }
 
 /// True for a request a browser page of another site cannot make: no `Origin` (not a

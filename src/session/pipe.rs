@@ -5,9 +5,9 @@ use crate::proto::frame::{FrameError, HEADER_LEN, Scanner, Step};
 use bytes::{Buf, BytesMut};
 
 /// Bytes buffered per direction before reading pauses (unless one message needs more).
-const HIGH_WATER: usize = 64 * 1024;
+pub(crate) const HIGH_WATER: usize = 64 * 1024;
 /// Smallest free space offered to a read.
-const READ_CHUNK: usize = super::buffers::CHUNK;
+pub(crate) const READ_CHUNK: usize = super::buffers::CHUNK;
 
 /// What to do with a scanned message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -147,7 +147,10 @@ impl Prepared {
         let body = msg.get(HEADER_LEN..).unwrap_or_default();
         if self.batch == Batch::Recording {
             self.recorded.extend_from_slice(msg);
-            if self.recorded.len() > MAX_REPLAY {
+            // A Query streamed past `max_buffered_message` comes as its header alone: a batch
+            // holding one cannot be sent again (the replay would stop at it, before its Sync).
+            let whole = crate::proto::frame::messages(msg).next().is_some_and(|(_, m)| m.len() == msg.len());
+            if self.recorded.len() > MAX_REPLAY || !whole {
                 self.batch = Batch::Off;
                 self.recorded.clear();
             }

@@ -313,3 +313,32 @@ fn a_parse_past_the_clients_caps_fails_with_54000_and_skips_to_sync() {
     server_replies(&mut p, &mut s, &[msg(b'Z', b"I")]);
     assert_eq!((p.client.len(), p.client.bytes()), (0, 0), "the count and bytes go back to nothing");
 }
+
+fn stale_plan() -> Vec<u8> {
+    msg(b'E', b"SERROR\0C0A000\0Mcached plan must not change result type\0\0")
+}
+
+/// A batch on a named statement whose Bind the server finds stale; returns what reaches the
+/// client and the batch to send again, if any.
+fn stale_batch(query: &[u8]) -> (Vec<u8>, Option<BytesMut>) {
+    let (mut p, mut s) = (prepared(), Statements::default());
+    client(&mut p, &mut s, &[parse("s1", "SELECT 1"), msg(b'S', b"")]);
+    server_replies(&mut p, &mut s, &[msg(b'1', b""), msg(b'Z', b"I")]);
+    let execute = msg(b'E', b"\0\0\0\0\0");
+    client(&mut p, &mut s, &[bind("s1"), execute, query.to_vec(), msg(b'S', b"")]);
+    let got = server_replies(&mut p, &mut s, &[stale_plan(), msg(b'Z', b"I")]);
+    (got, p.take_replay())
+}
+
+#[test]
+fn a_batch_with_a_query_streamed_past_the_hold_limit_is_not_replayed() {
+    let (got, replay) = stale_batch(&msg(b'Q', b"SELECT 2\0"));
+    assert!(got.is_empty(), "the error is held back for the replay");
+    assert_eq!(tags(&replay.unwrap()), b"BEQS");
+    // Streamed, the Query reaches `on_client` as its header alone: sent again, the batch
+    // would end there, without its Sync, and the client would wait for ever.
+    let long = msg(b'Q', &vec![b' '; 100_000]);
+    let (got, replay) = stale_batch(&long[..HEADER_LEN]);
+    assert!(replay.is_none(), "a batch holding a streamed message replayed");
+    assert_eq!(tags(&got), b"EZ", "the client gets the server's error");
+}
