@@ -61,6 +61,12 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("pgbroker_server_errors_total", 'c', None, "Server errors by SQLSTATE class"),
     ("pgbroker_config_reloads_total", 'c', None, "Config reloads applied"),
     ("pgbroker_config_reload_failures_total", 'c', None, "Config reloads rejected"),
+    (
+        "pgbroker_pinned_clients",
+        'g',
+        None,
+        "Transaction-mode clients keeping their server for session state, by reason",
+    ),
     ("pgbroker_websocket_clients", 'g', None, "WebSocket bridge connections"),
     ("pgbroker_notifications_received_total", 'c', None, "Notifications received from the database"),
     ("pgbroker_notifications_forwarded_total", 'c', None, "Notifications queued to subscribers"),
@@ -180,6 +186,12 @@ impl Metrics {
                 self.gauge("pgbroker_servers", &labels(Some(("state", state.into()))), n as f64);
             }
             self.gauge("pgbroker_waiting_clients", &labels(None), st.waiting as f64);
+            let mine: Vec<crate::clients::Pins> =
+                clients.iter().filter(|c| c.pool.as_ref() == Some(k)).map(|c| c.pins()).collect();
+            for reason in crate::clients::PinReason::ALL {
+                let n = mine.iter().filter(|p| p.has(reason)).count();
+                self.gauge("pgbroker_pinned_clients", &labels(Some(("reason", reason.as_str().into()))), n as f64);
+            }
             let c = p.counters.snapshot();
             self.counter("pgbroker_transactions_total", &labels(None), c.xact_count);
             self.counter("pgbroker_queries_total", &labels(None), c.query_count);

@@ -104,6 +104,12 @@ async fn a_session_advisory_lock_pins_its_client_until_unlocked_in_a_later_state
     let runner = named(&b, "migrations-1").await;
     assert!(bool_of(&runner, "SELECT pg_advisory_lock(18001) IS NOT NULL").await);
     assert_eq!(pinned_as(&b, "migrations-1").await, "advisory_lock");
+    let (_, metrics) = http_get(b.http_addr(), "/metrics").await;
+    let gauge = metrics
+        .lines()
+        .find(|l| l.starts_with("pgbroker_pinned_clients{") && l.contains("reason=\"advisory_lock\""))
+        .unwrap_or_else(|| panic!("no pinned gauge: {metrics}"));
+    assert!(gauge.ends_with(" 1") && gauge.contains("database=\"bench\""), "{gauge}");
     for _ in 0..5 {
         one(&runner, "SELECT 1").await;
         load.running().await;
@@ -242,5 +248,55 @@ async fn set_config_outside_a_transaction_follows_the_client() {
         assert!(theirs.get::<_, Option<String>>(0).unwrap_or_default().is_empty(), "leaked to another client");
         load.running().await;
     }
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lastval_after_an_insert_is_the_clients_own_id_or_an_error_never_anothers() {
+    let b = pooled_broker().await;
+    direct("bench")
+        .await
+        .batch_execute(
+            "DROP TABLE IF EXISTS lastval_check; CREATE TABLE lastval_check (id serial PRIMARY KEY, who int)",
+        )
+        .await
+        .unwrap();
+    let load = Load::start(&b).await;
+    let runs = (0..20).map(|who: i32| {
+        let addr = b.local_addr();
+        async move {
+            let c = connect_bench(addr).await;
+            let (mut own, mut refused) = (0, 0);
+            for _ in 0..50 {
+                // As PHP PDO's lastInsertId(): the INSERT, then lastval() on its own.
+                let got = if who % 2 == 0 {
+                    c.execute("INSERT INTO lastval_check (who) VALUES ($1)", &[&who]).await.unwrap();
+                    c.query_one("SELECT lastval()", &[]).await.map(|r| r.get::<_, i64>(0))
+                } else {
+                    c.batch_execute(&format!("INSERT INTO lastval_check (who) VALUES ({who})")).await.unwrap();
+                    c.query_one("SELECT lastval()", &[]).await.map(|r| r.get::<_, i64>(0))
+                };
+                match got {
+                    Ok(id) => {
+                        let whose: i32 = c
+                            .query_one("SELECT who FROM lastval_check WHERE id = $1", &[&(id as i32)])
+                            .await
+                            .unwrap()
+                            .get(0);
+                        assert_eq!(whose, who, "lastval() gave row {id}, another client's");
+                        own += 1;
+                    }
+                    Err(e) => {
+                        assert_eq!(sqlstate(&e), "55000", "{e}");
+                        refused += 1;
+                    }
+                }
+            }
+            (own, refused)
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let own: i32 = results.iter().map(|r| r.0).sum();
+    eprintln!("lastval: {own} own ids, {} refused", results.iter().map(|r| r.1).sum::<i32>());
     load.finish().await;
 }

@@ -89,6 +89,27 @@ impl Pool {
         Some(Pooled::tracked(self.clone(), conn))
     }
 
+    /// Server `id` again, if it is idle and nobody has checked it out since its use number
+    /// was `uses`: what its last client left in the session (`lastval()`) is still that
+    /// client's.
+    pub fn try_checkout_again(self: &Arc<Self>, id: u64, uses: u64) -> Option<Pooled> {
+        if *self.paused.borrow() {
+            return None;
+        }
+        let mut inner = self.lock();
+        let at = inner.idle.iter().position(|c| c.id == id && c.uses == uses)?;
+        let mut conn = inner.idle.remove(at);
+        if !conn.is_idle_healthy() {
+            // `take_idle` closes it in its turn.
+            inner.idle.insert(at, conn);
+            return None;
+        }
+        Self::track_in(&mut inner, &conn, tokio::time::Instant::now());
+        drop(inner);
+        conn.uses += 1;
+        Some(Pooled::tracked(self.clone(), conn))
+    }
+
     fn release(self: &Arc<Self>, conn: Conn, how: Release) {
         let needs_work = how == Release::Reset || conn.status != TxnStatus::Idle;
         if how != Release::Close && !needs_work {

@@ -199,6 +199,18 @@ pub fn hints(sql: &[u8]) -> Hints {
     out
 }
 
+/// True if a statement text calls `lastval` or `currval` (the word, then `(`): a cheap look
+/// for `val` behind `last` or `curr`, run before a server is chosen for the statement.
+pub fn reads_lastval(sql: &[u8]) -> bool {
+    sql.windows(7).enumerate().any(|(i, w)| {
+        (w[4] | 0x20) == b'v'
+            && w[5..].eq_ignore_ascii_case(b"al")
+            && (w[..4].eq_ignore_ascii_case(b"last") || w[..4].eq_ignore_ascii_case(b"curr"))
+            && (i == 0 || sql.get(i - 1).is_some_and(|&b| !is_ident(b)))
+            && sql.get(i + 7..).is_some_and(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'('))
+    })
+}
+
 /// Custom setting names kept per client at most.
 pub const MAX_CUSTOM_NAMES: usize = 64;
 
@@ -374,6 +386,18 @@ mod tests {
         );
         custom_names(b"SELECT set_config('app.tenant', 'again', false)", &mut names);
         assert_eq!(names, ["app.tenant", "it's.x", "app.user_id", "app.local", "app.gone"]);
+    }
+
+    #[test]
+    fn lastval_and_currval_are_found_before_a_server_is_chosen() {
+        assert!(reads_lastval(b"SELECT lastval()"));
+        assert!(reads_lastval(b"select CURRVAL('s')"));
+        assert!(!reads_lastval(b"SELECT nextval('s')"));
+        assert!(!reads_lastval(b"SELECT interval '1 day'"));
+        assert!(!reads_lastval(b"val"));
+        assert!(reads_lastval(b"SELECT pg_catalog.lastval ()"));
+        assert!(!reads_lastval(b"SELECT who FROM lastval_check WHERE id = $1"));
+        assert!(!reads_lastval(b"SELECT my_lastval(1)"));
     }
 
     #[test]

@@ -40,6 +40,10 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use waits::{drained, next_event};
 
+/// What a client is told when its `lastval()` or `currval()` is on a server another client
+/// has used since.
+const LASTVAL_ELSEWHERE: &str = "lastval() and currval() read the sequence state of a pooled server session, which has served another client since this client's last transaction; use INSERT ... RETURNING, or call it in the same transaction as nextval()";
+
 /// Largest message accepted from a server while relaying (PostgreSQL's own limit is 1 GiB).
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -90,6 +94,9 @@ pub(super) struct ClientLoop {
     /// Custom settings (`app.tenant`) the client's statements set, which the probe must
     /// ask for by name.
     custom: Vec<String>,
+    /// The server of the client's last transaction and its use number then: where its
+    /// `lastval()` is, while nobody else has used it.
+    last_server: Option<(u64, u64)>,
     /// The server is in COPY FROM STDIN: it waits for the client, not the other way round.
     copy_in: bool,
     /// A CancelRequest `query_timeout` sent to the attached server: until it has been
@@ -132,6 +139,7 @@ impl ClientLoop {
             hints: Hints::NONE,
             statements: Default::default(),
             custom: Vec::new(),
+            last_server: None,
             copy_in: false,
             cancelling: None,
             prepared,
@@ -335,6 +343,17 @@ impl ClientLoop {
             self.timers.set_limits(&cfg.broker);
             self.cfg = cfg;
         }
+        if self.mode != PoolMode::Session && self.reads_lastval() {
+            // lastval()/currval() belong to the session that ran the client's last
+            // transaction: that server, untouched since, or an error, never another's value.
+            match self.last_server.and_then(|(id, uses)| self.pool.try_checkout_again(id, uses)) {
+                Some(server) => return self.attached(server).await,
+                None => {
+                    self.scan_client()?;
+                    return self.refuse_requests(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, LASTVAL_ELSEWHERE);
+                }
+            }
+        }
         let checkout = match self.pool.try_checkout() {
             Some(server) => {
                 self.pool.record_metrics(|m| Accounting::waited(&self.pool.counters, m, None));
@@ -350,7 +369,7 @@ impl ClientLoop {
                 r
             }
         };
-        let mut server = match checkout {
+        let server = match checkout {
             Ok(s) => s,
             Err(e) => {
                 self.client.set_state(ClientState::Idle);
@@ -358,6 +377,26 @@ impl ClientLoop {
                 return self.refuse_requests(e.sqlstate(), &chain(&e));
             }
         };
+        self.attached(server).await
+    }
+
+    /// True if the requests about to start a transaction call `lastval()` or `currval()`.
+    fn reads_lastval(&self) -> bool {
+        self.up.whole_messages().any(|(t, msg)| {
+            let body = msg.get(HEADER_LEN..).unwrap_or_default();
+            match t {
+                tag::QUERY => hints::reads_lastval(body),
+                tag::PARSE => hints::reads_lastval(crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text)),
+                tag::BIND if !self.statements.is_empty() => crate::proto::split_cstr(body)
+                    .and_then(|(_, rest)| crate::proto::split_cstr(rest))
+                    .is_some_and(|(name, _)| self.statements.bound(name).has(Hints::LASTVAL)),
+                _ => false,
+            }
+        })
+    }
+
+    /// Brings a server just checked out to the client's settings and attaches it.
+    async fn attached(&mut self, mut server: Pooled) -> Result<(), SessionError> {
         self.client.set_state(ClientState::Active);
         if let Some(plan) = self.settings.plan_sync(&server, self.defaults.all()) {
             // Boxed, as the other rare awaits here: the loop's future lives as long as the client.
@@ -561,6 +600,7 @@ impl ClientLoop {
     fn release(&mut self, how: Release) {
         let cancelling = self.cancelling.take().is_some_and(|c| !c.is_finished());
         if let Some(mut server) = self.server.take() {
+            self.last_server = Some((server.id, server.uses));
             server.release = if cancelling { Release::Close } else { how };
         }
         self.copy_in = false;
