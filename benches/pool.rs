@@ -36,6 +36,8 @@ fn settings() -> PoolSettings {
         // Servers are never idle this long during a run: no liveness query on checkout.
         check_delay: Duration::from_secs(3600),
         track_extra: Vec::new(),
+        max_pinned: 1,
+        refuse_pins: false,
         metrics: PoolMetrics::default(),
         events: None,
     }

@@ -32,6 +32,8 @@ fn pool_of_one_under(limit: Arc<Limit>) -> Arc<Pool> {
         check_query: String::new(),
         check_delay: Duration::from_secs(3600),
         track_extra: Vec::new(),
+        max_pinned: 1,
+        refuse_pins: false,
         metrics: PoolMetrics::default(),
         events: None,
     };

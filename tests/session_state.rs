@@ -85,6 +85,17 @@ async fn pinned_as(b: &Broker, application_name: &str) -> String {
     me.and_then(|r| r.get("pinned").cloned()).unwrap_or_else(|| panic!("no client {application_name}: {clients:?}"))
 }
 
+/// Waits until SHOW CLIENTS gives `expected` as the client's `pinned` column: the broker
+/// reads the session state after the client has its reply.
+async fn wait_pinned(b: &Broker, application_name: &str, expected: &str) {
+    let what = format!("{application_name} pinned for \"{expected}\"");
+    eventually(&what, Duration::from_secs(20), || async {
+        let seen = pinned_as(b, application_name).await;
+        if seen == expected { Ok(()) } else { Err(seen) }
+    })
+    .await;
+}
+
 /// A client that logs in with `application_name`, which SHOW CLIENTS lists it by.
 async fn named(b: &Broker, name: &str) -> Client {
     let info = format!("{} application_name={name}", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
@@ -103,7 +114,7 @@ async fn a_session_advisory_lock_pins_its_client_until_unlocked_in_a_later_state
     let load = Load::start(&b).await;
     let runner = named(&b, "migrations-1").await;
     assert!(bool_of(&runner, "SELECT pg_advisory_lock(18001) IS NOT NULL").await);
-    assert_eq!(pinned_as(&b, "migrations-1").await, "advisory_lock");
+    wait_pinned(&b, "migrations-1", "advisory_lock").await;
     let (_, metrics) = http_get(b.http_addr(), "/metrics").await;
     let gauge = metrics
         .lines()
@@ -116,7 +127,7 @@ async fn a_session_advisory_lock_pins_its_client_until_unlocked_in_a_later_state
     }
     assert!(bool_of(&runner, "SELECT pg_advisory_unlock(18001)").await, "the unlock found the lock");
     assert_eq!(advisory_locks(18001).await, 0);
-    assert_eq!(pinned_as(&b, "migrations-1").await, "", "the server went back");
+    wait_pinned(&b, "migrations-1", "").await;
     // A second runner takes the lock at once.
     let second = connect_bench(b.local_addr()).await;
     assert!(bool_of(&second, "SELECT pg_try_advisory_lock(18001)").await);
@@ -139,7 +150,7 @@ async fn a_try_lock_over_the_extended_protocol_pins_and_unpins_the_same_way() {
     let released: bool = runner.query_one("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap().get(0);
     assert!(released);
     assert_eq!(advisory_locks(key).await, 0);
-    assert_eq!(pinned_as(&b, "migrations-2").await, "");
+    wait_pinned(&b, "migrations-2", "").await;
     load.finish().await;
 }
 
@@ -165,7 +176,7 @@ async fn a_with_hold_cursor_is_fetched_to_the_end_across_statements_and_close_un
     let load = Load::start(&b).await;
     let c = named(&b, "cursor-reader").await;
     c.batch_execute("DECLARE big CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 1000) g").await.unwrap();
-    assert_eq!(pinned_as(&b, "cursor-reader").await, "cursor");
+    wait_pinned(&b, "cursor-reader", "cursor").await;
     let mut seen = Vec::new();
     for _ in 0..10 {
         for r in rows(&c, "FETCH 100 FROM big").await {
@@ -175,7 +186,7 @@ async fn a_with_hold_cursor_is_fetched_to_the_end_across_statements_and_close_un
     }
     assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
     c.batch_execute("CLOSE big").await.unwrap();
-    assert_eq!(pinned_as(&b, "cursor-reader").await, "");
+    wait_pinned(&b, "cursor-reader", "").await;
     load.finish().await;
 }
 
@@ -187,9 +198,9 @@ async fn a_temp_table_is_readable_in_the_next_statement_and_discard_all_unpins()
     c.batch_execute("CREATE TEMP TABLE scratch AS SELECT 42 AS answer").await.unwrap();
     load.running().await;
     assert_eq!(one(&c, "SELECT answer::text FROM scratch").await, "42");
-    assert_eq!(pinned_as(&b, "temp-user").await, "temp_table");
+    wait_pinned(&b, "temp-user", "temp_table").await;
     c.batch_execute("DISCARD ALL").await.unwrap();
-    assert_eq!(pinned_as(&b, "temp-user").await, "");
+    wait_pinned(&b, "temp-user", "").await;
     load.finish().await;
 }
 
@@ -299,4 +310,59 @@ async fn lastval_after_an_insert_is_the_clients_own_id_or_an_error_never_another
     let own: i32 = results.iter().map(|r| r.0).sum();
     eprintln!("lastval: {own} own ids, {} refused", results.iter().map(|r| r.1).sum::<i32>());
     load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_pinned_clients_a_statement_that_would_pin_is_refused_and_others_are_served() {
+    // A pool of 3 lets one client be pinned (half the pool, rounded down).
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let first = named(&b, "pinned-first").await;
+    assert!(bool_of(&first, "SELECT pg_advisory_lock(18010) IS NOT NULL").await);
+    let second = connect_bench(b.local_addr()).await;
+    let e = second.batch_execute("SELECT pg_advisory_lock(18011)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "53400", "{e}");
+    assert!(e.as_db_error().unwrap().message().contains("max_pinned_clients = 1"), "{e}");
+    assert_eq!(advisory_locks(18011).await, 0, "the refused statement never ran");
+    // The refused client and everyone else go on.
+    assert_eq!(one(&second, "SELECT 'still here'").await, "still here");
+    load.running().await;
+    assert!(bool_of(&first, "SELECT pg_advisory_unlock(18010)").await);
+    wait_pinned(&b, "pinned-first", "").await;
+    assert!(bool_of(&second, "SELECT pg_try_advisory_lock(18011)").await, "room again once the first let go");
+    assert!(bool_of(&second, "SELECT pg_advisory_unlock(18011)").await);
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_that_disconnects_frees_its_place_under_max_pinned_clients() {
+    let b = pooled_broker().await;
+    let first = named(&b, "pinned-leaver").await;
+    assert!(bool_of(&first, "SELECT pg_advisory_lock(18012) IS NOT NULL").await);
+    wait_pinned(&b, "pinned-leaver", "advisory_lock").await;
+    drop(first);
+    // Its server closes with it, and with it the lock.
+    eventually("the leaver's lock to go", Duration::from_secs(20), || async { advisory_locks(18012).await == 0 }).await;
+    let second = connect_bench(b.local_addr()).await;
+    eventually("room for another pinned client", Duration::from_secs(20), || async {
+        second.simple_query("SELECT pg_advisory_lock(18013)").await.map(|_| ()).map_err(|e| e.to_string())
+    })
+    .await;
+    assert!(bool_of(&second, "SELECT pg_advisory_unlock(18013)").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_session_state_error_a_statement_that_would_pin_is_refused() {
+    let mut cfg = config();
+    let db = cfg.databases.get_mut("bench").unwrap();
+    db.pool_mode = PoolMode::Transaction;
+    db.pool_size = Some(3);
+    db.session_state = pgbroker::config::SessionState::Error;
+    let b = broker(cfg).await;
+    let c = connect_bench(b.local_addr()).await;
+    let e = c.batch_execute("CREATE TEMP TABLE refused (i int)").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e}");
+    assert!(e.as_db_error().unwrap().message().contains("session_state = \"error\""), "{e}");
+    // A column named temp is no temporary table.
+    one(&c, "SELECT 1 AS temp").await;
 }

@@ -274,6 +274,8 @@ impl App {
             check_query: b.server_check_query.clone(),
             check_delay: b.server_check_delay,
             track_extra: b.track_extra_parameters.clone(),
+            max_pinned: crate::config::max_pinned(db.max_pinned_clients, size),
+            refuse_pins: db.session_state == crate::config::SessionState::Error,
             metrics: self.metrics.pool(&origin.database, &origin.user),
             events: Some(self.events.clone()),
         };

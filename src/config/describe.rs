@@ -12,6 +12,10 @@ impl Config {
         let _ = writeln!(s, "listen = \"{}\"", b.listen);
         let _ = writeln!(s, "http_listen = \"{}\"", b.http_listen);
         let _ = writeln!(s, "pool_mode = \"{}\"", b.pool_mode.as_str());
+        let _ = writeln!(s, "session_state = \"{}\"", b.session_state.as_str());
+        if let Some(n) = b.max_pinned_clients {
+            let _ = writeln!(s, "max_pinned_clients = {n}");
+        }
         let _ = writeln!(s, "max_client_conn = {}", b.max_client_conn);
         match b.default_pool_size {
             Some(n) => {
@@ -147,6 +151,10 @@ impl Config {
                 }
             }
             let _ = writeln!(s, "pool_mode = \"{}\"", d.pool_mode.as_str());
+            let _ = writeln!(s, "session_state = \"{}\"", d.session_state.as_str());
+            if let Some(n) = d.max_pinned_clients {
+                let _ = writeln!(s, "max_pinned_clients = {n}");
+            }
             let _ = writeln!(
                 s,
                 "min_pool_size = {}\nreserve_pool_size = {}\nmax_db_connections = {}\nchannels = {:?}",

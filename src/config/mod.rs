@@ -3,6 +3,8 @@
 //! `raw` holds the file as written; this module checks every value and names the key at fault.
 
 mod describe;
+mod pinning;
+pub use pinning::{SessionState, max_pinned};
 pub mod raw;
 mod sections;
 mod security;
@@ -207,6 +209,10 @@ pub struct Broker {
     pub max_http_connections: usize,
     /// Default pool mode.
     pub pool_mode: PoolMode,
+    /// Default `session_state`.
+    pub session_state: SessionState,
+    /// Default `max_pinned_clients` (`None`: half the pool size).
+    pub max_pinned_clients: Option<u32>,
     /// Most client connections open at once.
     pub max_client_conn: usize,
     /// Pool size for databases that do not set one; `None` splits the budget across databases.
@@ -357,6 +363,10 @@ pub struct Database {
     pub pool_size: Option<u32>,
     /// Pool mode for this database.
     pub pool_mode: PoolMode,
+    /// Transaction mode: pin clients to their server for state that cannot move, or refuse it.
+    pub session_state: SessionState,
+    /// Transaction mode: most clients of a pool pinned at once (`None`: half the pool size).
+    pub max_pinned_clients: Option<u32>,
     /// Servers kept open per pool.
     pub min_pool_size: u32,
     /// Extra servers usable after `reserve_pool_timeout`.
@@ -478,6 +488,8 @@ impl Validator<'_> {
             http_header_timeout: self.duration("broker.http_header_timeout", &b.http_header_timeout, 10)?,
             max_http_connections: self.int("broker.max_http_connections", b.max_http_connections, 1024, 1)?,
             pool_mode: self.pool_mode("broker.pool_mode", &b.pool_mode)?.unwrap_or(PoolMode::Session),
+            session_state: self.session_state("broker.session_state", &b.session_state)?.unwrap_or_default(),
+            max_pinned_clients: self.max_pinned_clients("broker.max_pinned_clients", b.max_pinned_clients)?,
             max_client_conn: self.int("broker.max_client_conn", b.max_client_conn, 10_000, 1)?,
             default_pool_size: b
                 .default_pool_size
@@ -602,6 +614,10 @@ impl Validator<'_> {
             password,
             pool_size: d.pool_size.map(|n| self.int(&key("pool_size"), Some(n), 0, 1)).transpose()?,
             pool_mode: self.pool_mode(&key("pool_mode"), &d.pool_mode)?.unwrap_or(broker.pool_mode),
+            session_state: self.session_state(&key("session_state"), &d.session_state)?.unwrap_or(broker.session_state),
+            max_pinned_clients: self
+                .max_pinned_clients(&key("max_pinned_clients"), d.max_pinned_clients)?
+                .or(broker.max_pinned_clients),
             min_pool_size: self.int(&key("min_pool_size"), d.min_pool_size, broker.min_pool_size, 0)?,
             reserve_pool_size: self.int(&key("reserve_pool_size"), d.reserve_pool_size, broker.reserve_pool_size, 0)?,
             max_db_connections: self.int(

@@ -75,6 +75,10 @@ pub struct PoolSettings {
     pub check_delay: Duration,
     /// Settings PostgreSQL does not report whose defaults are read from the first server.
     pub track_extra: Vec<String>,
+    /// Clients that may keep a server between transactions for session state at once.
+    pub max_pinned: usize,
+    /// Statements that would pin a client are refused (`session_state = "error"`).
+    pub refuse_pins: bool,
     /// Histograms of this pool.
     pub metrics: crate::metrics::PoolMetrics,
     /// Where pool events go (none in unit tests).
@@ -138,6 +142,9 @@ pub struct Pool {
     pub counters: crate::stats::Counters,
     /// While set (admin PAUSE), no server is handed out.
     paused: tokio::sync::watch::Sender<bool>,
+    /// Clients keeping a server between transactions for session state (transaction mode),
+    /// counted by the sessions: what `max_pinned_clients` limits.
+    pub pinned: std::sync::atomic::AtomicUsize,
 }
 
 impl Pool {
@@ -154,6 +161,7 @@ impl Pool {
             defaults: Mutex::new(None),
             counters: crate::stats::Counters::default(),
             paused: tokio::sync::watch::Sender::new(false),
+            pinned: Default::default(),
         });
         for l in &pool.limits {
             l.add_member(Arc::downgrade(&pool));
@@ -170,6 +178,13 @@ impl Pool {
     /// This pool's settings.
     pub fn settings(&self) -> Arc<PoolSettings> {
         self.settings.load_full()
+    }
+
+    /// `(refuse_pins, max_pinned)` of the live settings, read per transaction without a
+    /// reference count.
+    pub fn pin_policy(&self) -> (bool, usize) {
+        let s = self.settings.load();
+        (s.refuse_pins, s.max_pinned)
     }
 
     /// This pool's histograms, without taking a reference to the settings (per transaction).

@@ -211,6 +211,40 @@ pub fn reads_lastval(sql: &[u8]) -> bool {
     })
 }
 
+/// True if a statement text surely creates state that pins its client (the narrower test
+/// a refusal needs: `hints` also flags a column named `temp`). Run only when a refusal is
+/// possible, before a server is chosen.
+pub fn surely_pins(sql: &[u8]) -> bool {
+    if !hints(sql).has(Hints::PIN) {
+        return false;
+    }
+    let text = String::from_utf8_lossy(sql.split(|&b| b == 0).next().unwrap_or_default()).to_ascii_lowercase();
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_ascii_whitespace() || c == '(').filter(|w| !w.is_empty()).collect();
+    let joined = words.join(" ");
+    const ANYWHERE: [&str; 8] = [
+        "pg_advisory_lock",
+        "pg_try_advisory_lock",
+        "with hold",
+        "create temp",
+        "create local temp",
+        "create global temp",
+        "into temp",
+        "create table pg_temp.",
+    ];
+    if ANYWHERE.iter().any(|p| joined.contains(p)) {
+        return true;
+    }
+    joined.split(';').map(str::trim_start).any(|statement| {
+        let mut w = statement.split(' ');
+        match (w.next(), w.next()) {
+            (Some("prepare"), Some(next)) => next != "transaction",
+            (Some("listen"), Some(_)) => true,
+            _ => false,
+        }
+    })
+}
+
 /// Custom setting names kept per client at most.
 pub const MAX_CUSTOM_NAMES: usize = 64;
 
@@ -398,6 +432,25 @@ mod tests {
         assert!(reads_lastval(b"SELECT pg_catalog.lastval ()"));
         assert!(!reads_lastval(b"SELECT who FROM lastval_check WHERE id = $1"));
         assert!(!reads_lastval(b"SELECT my_lastval(1)"));
+    }
+
+    #[test]
+    fn only_statements_that_surely_pin_are_refusable() {
+        for sql in [
+            &b"SELECT pg_advisory_lock(1)"[..],
+            b"select pg_try_advisory_lock_shared($1)",
+            b"DECLARE c CURSOR WITH  HOLD FOR SELECT 1",
+            b"CREATE TEMP TABLE t (i int)",
+            b"create temporary table t (i int)",
+            b"SELECT 1 INTO TEMP t",
+            b"PREPARE p AS SELECT 1",
+            b"BEGIN; LISTEN x",
+        ] {
+            assert!(surely_pins(sql), "{}", String::from_utf8_lossy(sql));
+        }
+        for sql in [&b"SELECT temp, holder FROM readings"[..], b"PREPARE TRANSACTION 'x'", b"SELECT 1"] {
+            assert!(!surely_pins(sql), "{}", String::from_utf8_lossy(sql));
+        }
     }
 
     #[test]

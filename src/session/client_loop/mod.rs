@@ -24,7 +24,7 @@ use super::stream::ClientStream;
 use super::timers::{Held, Timers};
 use crate::app::App;
 use crate::cancel::Registration;
-use crate::clients::{Client, State as ClientState};
+use crate::clients::{Client, Pins, State as ClientState};
 use crate::config::{Config, PoolMode};
 use crate::error::{SqlState, chain};
 use crate::notify::Event;
@@ -37,6 +37,7 @@ use bytes::BytesMut;
 use faults::cancel_query;
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::io::AsyncWriteExt;
 use waits::{drained, next_event};
 
@@ -109,6 +110,14 @@ pub(super) struct ClientLoop {
     listens: Option<Listens>,
     client: Arc<Client>,
     acct: Accounting,
+}
+
+impl Drop for ClientLoop {
+    /// A client that leaves pinned (its server is closed with it) no longer counts against
+    /// `max_pinned_clients`, whichever way its session ended.
+    fn drop(&mut self) {
+        self.set_pins(Pins::default());
+    }
 }
 
 impl ClientLoop {
@@ -343,6 +352,10 @@ impl ClientLoop {
             self.timers.set_limits(&cfg.broker);
             self.cfg = cfg;
         }
+        if let Some((code, message)) = self.pin_refusal() {
+            self.scan_client()?;
+            return self.refuse_requests(code, &message);
+        }
         if self.mode != PoolMode::Session && self.reads_lastval() {
             // lastval()/currval() belong to the session that ran the client's last
             // transaction: that server, untouched since, or an error, never another's value.
@@ -378,6 +391,62 @@ impl ClientLoop {
             }
         };
         self.attached(server).await
+    }
+
+    /// The error for requests about to start a transaction that would pin the client when
+    /// that is refused: under `session_state = "error"`, or with `max_pinned_clients` of the
+    /// pool pinned already. Statement texts are read only when a refusal is possible.
+    fn pin_refusal(&self) -> Option<(SqlState, String)> {
+        if self.mode == PoolMode::Session {
+            return None;
+        }
+        let (error_mode, limit) = self.pool.pin_policy();
+        if !error_mode && self.pool.pinned.load(Ordering::Relaxed) < limit {
+            return None;
+        }
+        let pins = self.up.whole_messages().any(|(t, msg)| {
+            let body = msg.get(HEADER_LEN..).unwrap_or_default();
+            match t {
+                tag::QUERY => hints::surely_pins(body),
+                tag::PARSE => hints::surely_pins(crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text)),
+                _ => false,
+            }
+        });
+        if !pins {
+            return None;
+        }
+        let database = &self.pool.key().database;
+        Some(if error_mode {
+            (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "session state that outlives a transaction (advisory locks, WITH HOLD cursors, temporary tables, PREPARE, LISTEN in a transaction block) is refused in transaction pooling for database \"{database}\" (session_state = \"error\")"
+                ),
+            )
+        } else {
+            (
+                SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "too many clients of pool {} keep a server for session state (max_pinned_clients = {limit}); release advisory locks, cursors and temporary tables sooner, or raise the limit",
+                    self.pool.key()
+                ),
+            )
+        })
+    }
+
+    /// Records why the client keeps its server, counting it in its pool's pinned clients.
+    fn set_pins(&self, pins: Pins) {
+        let before = self.client.pins();
+        match (before.is_empty(), pins.is_empty()) {
+            (true, false) => {
+                self.pool.pinned.fetch_add(1, Ordering::Relaxed);
+            }
+            (false, true) => {
+                self.pool.pinned.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        self.client.set_pins(pins);
     }
 
     /// True if the requests about to start a transaction call `lastval()` or `currval()`.
@@ -592,7 +661,7 @@ impl ClientLoop {
             } else {
                 tracing::debug!(reason = %found.pins.names(), "client pinned to its server");
             }
-            self.client.set_pins(found.pins);
+            self.set_pins(found.pins);
         }
         Ok(())
     }
@@ -630,7 +699,7 @@ impl ClientLoop {
             (true, PoolMode::Session) => Release::Reset,
             (true, _) => Release::Reuse,
         });
-        self.client.set_pins(Default::default());
+        self.set_pins(Pins::default());
     }
 
     /// True when the server owes nothing and every request for it has been written.
