@@ -21,12 +21,16 @@
 //! Prints a table to stdout (and `conns.md` into `--out`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/poolers.rs"]
+mod poolers;
+
 use md5::{Digest, Md5};
 use pgbroker::cluster::{Cluster, ClusterOptions};
+use poolers::{DB, PASSWORD, Pooler, Setup, USER, start_pgbouncer, start_pgbroker};
 use std::fmt::Write as _;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -79,9 +83,6 @@ impl Opts {
     }
 }
 
-const USER: &str = "postgres";
-const PASSWORD: &str = "postgres";
-const DB: &str = "bench";
 /// `Q` "SELECT 1".
 const SELECT1: &[u8] = b"Q\0\0\0\x0dSELECT 1\0";
 const TERMINATE: &[u8] = b"X\0\0\0\x04";
@@ -217,136 +218,6 @@ fn hex(b: &[u8]) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // The pooler processes.
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-const RAISE_NOFILE: &str = "ulimit -n \"$(ulimit -Hn)\" 2>/dev/null; exec \"$@\"";
-
-/// `sh -c 'ulimit -n <hard>; exec "$@"'`: the child's fd limit as high as allowed.
-fn with_nofile() -> Command {
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", RAISE_NOFILE, "sh"]);
-    cmd
-}
-
-struct Pooler {
-    name: &'static str,
-    version: String,
-    child: Child,
-    /// The pooler's own pid (not runuser's).
-    pid: u32,
-    port: u16,
-}
-
-impl Pooler {
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.pid.to_string()).status();
-        for _ in 0..50 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-9", &self.pid.to_string()]).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_listening(port: u16) -> bool {
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-fn pgbroker_bin() -> PathBuf {
-    std::env::var_os("PGBROKER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pgbroker")))
-}
-
-fn start_pgbroker(pg: &Cluster, o: &Opts, dir: &Path) -> Pooler {
-    let port = free_port();
-    std::fs::write(dir.join("users.txt"), format!("\"{USER}\" \"{PASSWORD}\"\n")).unwrap();
-    let toml = format!(
-        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
-         max_client_conn = 20000\nlog_connections = false\nlog_disconnections = false\nserver_tls_sslmode = \"disable\"\n\
-         [budget]\nserver_max_connections = {max}\nreserved_connections = 5\n\
-         [auth]\ntype = \"{auth}\"\nfile = \"users.txt\"\n\
-         [databases.{DB}]\nhost = \"127.0.0.1\"\nport = {pgport}\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\npool_size = {pool}\n",
-        max = o.pool + 50,
-        auth = o.auth,
-        pgport = pg.port(),
-        pool = o.pool,
-    );
-    let config = dir.join("pgbroker.toml");
-    std::fs::write(&config, toml).unwrap();
-    let bin = pgbroker_bin();
-    let version = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let log = std::fs::File::create(dir.join("pgbroker.log")).unwrap();
-    let child = with_nofile()
-        .arg(&bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start pgbroker");
-    assert!(wait_listening(port), "pgbroker did not start: see {}", dir.join("pgbroker.log").display());
-    let pid = child.id(); // sh exec'd it
-    Pooler { name: "pgbroker", version: format!("{version} ({})", bin.display()), child, pid, port }
-}
-
-fn start_pgbouncer(pg: &Cluster, o: &Opts, dir: &Path) -> Option<Pooler> {
-    let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"].into_iter().find(|p| Path::new(p).exists())?;
-    let version = Command::new(bin).arg("--version").output().ok()?;
-    let version = String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or("PgBouncer").to_string();
-    let port = free_port();
-    let d = dir.display();
-    let ini = format!(
-        "[databases]\n{DB} = host=127.0.0.1 port={pgport} dbname={DB} user={USER}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
-         listen_port = {port}\nunix_socket_dir =\nauth_type = {auth}\nauth_file = {d}/users.txt\npool_mode = transaction\n\
-         default_pool_size = {pool}\nmax_client_conn = 20000\nlog_connections = 0\nlog_disconnections = 0\n\
-         logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
-        pgport = pg.port(),
-        auth = o.auth,
-        pool = o.pool,
-    );
-    std::fs::write(dir.join("pgbouncer.ini"), ini).unwrap();
-    std::fs::write(dir.join("users.txt"), format!("\"{USER}\" \"{PASSWORD}\"\n")).unwrap();
-    let _ = Command::new("chown").args(["-R", "postgres", &d.to_string()]).status();
-    // PgBouncer refuses to run as root; runuser resets the soft fd limit to 1024, so the shell
-    // raising it runs after runuser.
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--", "sh", "-c", RAISE_NOFILE, "sh"]);
-        c
-    } else {
-        with_nofile()
-    };
-    let child = cmd.arg(bin).arg(dir.join("pgbouncer.ini")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-    if !wait_listening(port) {
-        eprintln!("pgbouncer did not start: see {d}/pgbouncer.log");
-        return None;
-    }
-    let pid = std::fs::read_to_string(dir.join("pgbouncer.pid")).ok()?.trim().parse().ok()?;
-    Some(Pooler { name: "PgBouncer", version, child, pid, port })
-}
 
 /// VmRSS of `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -707,12 +578,13 @@ fn main() {
         .expect("start PostgreSQL");
     pg.psql("postgres", &format!("CREATE DATABASE {DB}")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let setup = Setup { pool: o.pool, auth: o.auth.clone(), wrap: Vec::new(), start_timeout: Duration::from_secs(10) };
     let mut reports = Vec::new();
     for t in &o.targets {
         let dir = tempfile::tempdir().unwrap();
         let pooler = match t.as_str() {
-            "pgbroker" => start_pgbroker(&pg, &o, dir.path()),
-            "pgbouncer" => match start_pgbouncer(&pg, &o, dir.path()) {
+            "pgbroker" => start_pgbroker(&pg, &setup, dir.path()),
+            "pgbouncer" => match start_pgbouncer(&pg, &setup, dir.path()) {
                 Some(p) => p,
                 None => {
                     eprintln!("pgbouncer not available: skipped (apt-get install pgbouncer)");

@@ -31,9 +31,13 @@
 //! (pgbroker runs in this process, whose main thread only waits for pgbench meanwhile).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/poolers.rs"]
+mod poolers;
+
 use pgbroker::app::Broker;
 use pgbroker::cluster::{Cluster, ClusterOptions};
 use pgbroker::config::Config;
+use poolers::pgbench_bin;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -155,18 +159,6 @@ struct Sample {
 }
 
 /// The latest installed PostgreSQL's pgbench (the version the cluster runs), else PATH's.
-fn pgbench_bin() -> PathBuf {
-    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin/pgbench"))))
-        .filter(|(_, p): &(u32, PathBuf)| p.exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().map(|(_, p)| p).unwrap_or_else(|| PathBuf::from("pgbench"))
-}
-
 /// User + system CPU seconds used by process `pid` (all threads).
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

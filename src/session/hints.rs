@@ -41,6 +41,39 @@ impl std::ops::BitOrAssign for Hints {
     }
 }
 
+/// Longest statement text [`Recent`] keeps, in bytes: longer ones are read each time.
+const RECENT_MAX: usize = 512;
+
+/// The last statement text read and its hints. Clients send the same text again and again
+/// (a driver's unnamed statement, `BEGIN`, `COMMIT`), and the broker reads one text twice
+/// when it chooses a server by it (`lastval()`): a comparison is cheaper than a reading.
+#[derive(Debug, Default)]
+pub struct Recent {
+    text: Vec<u8>,
+    hints: Hints,
+}
+
+impl Recent {
+    /// The hints of `text`, read again only when it differs from the last one.
+    pub fn hints(&mut self, text: &[u8]) -> Hints {
+        if text == self.text.as_slice() {
+            return self.hints;
+        }
+        let found = hints(text);
+        if text.len() <= RECENT_MAX {
+            self.text.clear();
+            self.text.extend_from_slice(text);
+            self.hints = found;
+        }
+        found
+    }
+
+    /// Gives the kept text's memory back (a client going idle).
+    pub fn forget(&mut self) {
+        *self = Recent::default();
+    }
+}
+
 /// Named statements kept at most in [`Statements`]; past it every execution is suspect.
 const MAX_STATEMENTS: usize = 1024;
 
@@ -124,77 +157,115 @@ enum Place {
     Prefix,
 }
 
-/// The keywords looked for (lowercase), where, and what they hint.
+/// The keywords looked for (lowercase), where, and what they hint; grouped by first letter
+/// (`BY_FIRST` indexes the groups).
 const KEYWORDS: [(&[u8], Place, Hints); 19] = [
-    (b"set", Place::Start, Hints::SETTINGS),
-    (b"reset", Place::Start, Hints::SETTINGS),
-    (b"discard", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RELEASE.0)),
-    (b"set_config", Place::Word, Hints::SETTINGS),
-    (b"pg_advisory_lock", Place::Prefix, Hints::PIN),
-    (b"pg_try_advisory_lock", Place::Prefix, Hints::PIN),
-    (b"hold", Place::Word, Hints::PIN),
-    (b"temp", Place::Word, Hints::PIN),
-    (b"temporary", Place::Word, Hints::PIN),
-    (b"pg_temp", Place::Prefix, Hints::PIN),
-    (b"prepare", Place::Start, Hints::PIN),
-    (b"listen", Place::Start, Hints::PIN),
-    (b"pg_advisory_unlock", Place::Prefix, Hints::RELEASE),
     (b"close", Place::Start, Hints::RELEASE),
+    (b"currval", Place::Word, Hints::LASTVAL),
+    (b"discard", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RELEASE.0)),
     (b"drop", Place::Start, Hints::RELEASE),
     (b"deallocate", Place::Start, Hints::RELEASE),
-    (b"unlisten", Place::Start, Hints::RELEASE),
+    (b"hold", Place::Word, Hints::PIN),
+    (b"listen", Place::Start, Hints::PIN),
     (b"lastval", Place::Word, Hints::LASTVAL),
-    (b"currval", Place::Word, Hints::LASTVAL),
+    (b"pg_advisory_lock", Place::Prefix, Hints::PIN),
+    (b"pg_try_advisory_lock", Place::Prefix, Hints::PIN),
+    (b"pg_temp", Place::Prefix, Hints::PIN),
+    (b"prepare", Place::Start, Hints::PIN),
+    (b"pg_advisory_unlock", Place::Prefix, Hints::RELEASE),
+    (b"reset", Place::Start, Hints::SETTINGS),
+    (b"set", Place::Start, Hints::SETTINGS),
+    (b"set_config", Place::Word, Hints::SETTINGS),
+    (b"temp", Place::Word, Hints::PIN),
+    (b"temporary", Place::Word, Hints::PIN),
+    (b"unlisten", Place::Start, Hints::RELEASE),
 ];
 
-/// The first letters of `KEYWORDS`, one bit each (`a` = bit 0).
-const FIRSTS: u32 = {
-    let mut mask = 0;
+/// For each letter (`a` = 0), the range of `KEYWORDS` that starts with it.
+const BY_FIRST: [(u8, u8); 26] = {
+    let mut t = [(0u8, 0u8); 26];
     let mut i = 0;
     while i < KEYWORDS.len() {
-        mask |= 1 << (KEYWORDS[i].0[0] - b'a');
+        let letter = (KEYWORDS[i].0[0] - b'a') as usize;
+        if t[letter].1 == 0 {
+            t[letter].0 = i as u8;
+        }
+        // The groups must be contiguous: a keyword out of its group fails the build.
+        assert!(t[letter].1 == 0 || t[letter].1 as usize == i);
+        t[letter].1 = i as u8 + 1;
         i += 1;
     }
-    mask
+    t
+};
+
+/// Byte classes for the scan: part of an identifier, and the first letter of a keyword.
+const IDENT: u8 = 1;
+const FIRST: u8 = 2;
+
+/// The class of every byte, so that the scan looks each byte up once.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 {
+            t[b] |= IDENT;
+        }
+        b += 1;
+    }
+    let mut i = 0;
+    while i < KEYWORDS.len() {
+        let first = KEYWORDS[i].0[0];
+        t[first as usize] |= FIRST;
+        t[first.to_ascii_uppercase() as usize] |= FIRST;
+        i += 1;
+    }
+    t
 };
 
 #[inline]
 fn is_ident(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+    CLASS[b as usize] & IDENT != 0
 }
 
-/// The hints of a statement text (a Query body or a Parse's query; a NUL ends it).
+/// The hints of a statement text (a Query body or a Parse's query; a NUL ends it). Runs on
+/// every statement in transaction mode: a byte costs a table lookup, and only a word whose
+/// first letter starts a keyword is compared, with that letter's keywords.
 pub fn hints(sql: &[u8]) -> Hints {
     let mut out = Hints::NONE;
+    // No word of the current statement seen yet.
     let mut at_start = true;
-    let mut prev_ident = false;
-    let mut i = 0;
-    while let Some(&b) = sql.get(i) {
-        if b == 0 {
-            break;
+    let mut rest = sql;
+    while let Some((&b, tail)) = rest.split_first() {
+        let class = CLASS[b as usize];
+        if class & IDENT != 0 {
+            if class & FIRST != 0 {
+                out |= keyword_at(rest, at_start);
+            }
+            at_start = false;
+            let word = tail.iter().position(|&c| !is_ident(c)).unwrap_or(tail.len());
+            rest = tail.get(word..).unwrap_or_default();
+            continue;
         }
-        if at_start {
-            // Comments and blanks before a statement's first word.
-            if b.is_ascii_whitespace() {
-                i += 1;
+        match b {
+            0 => break,
+            b';' => at_start = true,
+            // Comments before a statement's first word.
+            b'-' if at_start && tail.first() == Some(&b'-') => {
+                let end = memchr::memchr(b'\n', tail).map_or(tail.len(), |p| p + 1);
+                rest = tail.get(end..).unwrap_or_default();
                 continue;
             }
-            if sql.get(i..i + 2) == Some(b"--") {
-                i = sql[i..].iter().position(|&c| c == b'\n').map_or(sql.len(), |p| i + p + 1);
+            b'/' if at_start && tail.first() == Some(&b'*') => {
+                let body = tail.get(1..).unwrap_or_default();
+                let end = memchr::memmem::find(body, b"*/").map_or(body.len(), |p| p + 2);
+                rest = body.get(end..).unwrap_or_default();
                 continue;
             }
-            if sql.get(i..i + 2) == Some(b"/*") {
-                i = sql[i + 2..].windows(2).position(|w| w == b"*/").map_or(sql.len(), |p| i + 2 + p + 2);
-                continue;
-            }
+            b if b.is_ascii_whitespace() => {}
+            _ => at_start = false,
         }
-        let folded = b | 0x20;
-        if !prev_ident && folded.is_ascii_lowercase() && FIRSTS & (1 << (folded - b'a')) != 0 {
-            out |= keyword_at(sql, i, at_start);
-        }
-        at_start = b == b';';
-        prev_ident = is_ident(b);
-        i += 1;
+        rest = tail;
     }
     out
 }
@@ -202,12 +273,13 @@ pub fn hints(sql: &[u8]) -> Hints {
 /// True if a statement text calls `lastval` or `currval` (the word, then `(`): a cheap look
 /// for `val` behind `last` or `curr`, run before a server is chosen for the statement.
 pub fn reads_lastval(sql: &[u8]) -> bool {
-    sql.windows(7).enumerate().any(|(i, w)| {
-        (w[4] | 0x20) == b'v'
-            && w[5..].eq_ignore_ascii_case(b"al")
-            && (w[..4].eq_ignore_ascii_case(b"last") || w[..4].eq_ignore_ascii_case(b"curr"))
-            && (i == 0 || sql.get(i - 1).is_some_and(|&b| !is_ident(b)))
-            && sql.get(i + 7..).is_some_and(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'('))
+    memchr::memchr2_iter(b'v', b'V', sql).any(|v| {
+        let Some(start) = v.checked_sub(4) else { return false };
+        sql.get(start..start + 7).is_some_and(|w| {
+            w[5..].eq_ignore_ascii_case(b"al")
+                && (w[..4].eq_ignore_ascii_case(b"last") || w[..4].eq_ignore_ascii_case(b"curr"))
+        }) && (start == 0 || sql.get(start - 1).is_some_and(|&b| !is_ident(b)))
+            && sql.get(start + 7..).is_some_and(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'('))
     })
 }
 
@@ -296,19 +368,22 @@ pub fn custom_names(sql: &[u8], out: &mut Vec<String>) {
     }
 }
 
-/// The hints of the keywords that start at `i` (the start of a word).
+/// The hints of the keywords that start `word` (the rest of the text from a word's start).
 #[inline]
-fn keyword_at(sql: &[u8], i: usize, at_start: bool) -> Hints {
+fn keyword_at(word: &[u8], at_start: bool) -> Hints {
     let mut out = Hints::NONE;
-    for &(word, place, hint) in KEYWORDS.iter() {
+    let Some(letter) = word.first().map(|b| (b | 0x20).wrapping_sub(b'a') as usize) else { return out };
+    let Some(&(from, to)) = BY_FIRST.get(letter) else { return out };
+    for &(keyword, place, hint) in KEYWORDS.get(from as usize..to as usize).unwrap_or_default() {
         if place == Place::Start && !at_start {
             continue;
         }
-        let Some(candidate) = sql.get(i..i + word.len()) else { continue };
-        if !candidate.eq_ignore_ascii_case(word) {
+        let Some(candidate) = word.get(..keyword.len()) else { continue };
+        // Byte by byte: most words differ from a keyword in their first bytes.
+        if !candidate.iter().zip(keyword).all(|(&a, &k)| a.to_ascii_lowercase() == k) {
             continue;
         }
-        let ends = sql.get(i + word.len()).is_none_or(|&b| !is_ident(b));
+        let ends = word.get(keyword.len()).is_none_or(|&b| !is_ident(b));
         if place == Place::Prefix || ends {
             out |= hint;
         }
@@ -451,6 +526,31 @@ mod tests {
         for sql in [&b"SELECT temp, holder FROM readings"[..], b"PREPARE TRANSACTION 'x'", b"SELECT 1"] {
             assert!(!surely_pins(sql), "{}", String::from_utf8_lossy(sql));
         }
+    }
+
+    #[test]
+    fn keywords_are_found_in_any_case_after_any_separator() {
+        assert!(hints(b"SELECT x FROM t; -- c\n  /* d */ Set a = 1").has(Hints::SETTINGS));
+        assert!(hints(b"SELECT 1;RESET ALL").has(Hints::SETTINGS));
+        assert!(hints(b"SELECT (pg_catalog.pg_advisory_lock(1))").has(Hints::PIN));
+        assert!(hints(b"select x.lastVal()").has(Hints::LASTVAL));
+        assert!(hints(b"DECLARE c CURSOR WITH\tHOLD FOR SELECT 1").has(Hints::PIN));
+        assert!(hints(b"CREATE TEMPORARY TABLE t(i int)").has(Hints::PIN));
+        assert!(!hints(b"SELECT holder, temperature, mytemp, pg_advisory FROM t WHERE m_temp = 1").has(Hints::PIN));
+        assert!(!hints(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;").has(Hints::ALL));
+    }
+
+    #[test]
+    fn a_text_read_again_gets_the_same_hints() {
+        let mut recent = Recent::default();
+        assert_eq!(recent.hints(b""), Hints::NONE);
+        assert!(recent.hints(b"SET x = 1").has(Hints::SETTINGS));
+        assert!(recent.hints(b"SET x = 1").has(Hints::SETTINGS));
+        assert_eq!(recent.hints(b"SELECT 1"), Hints::NONE);
+        let long = [b"SELECT lastval()".as_slice(), &[b' '; RECENT_MAX]].concat();
+        assert!(recent.hints(&long).has(Hints::LASTVAL));
+        assert!(recent.hints(&long).has(Hints::LASTVAL));
+        assert_eq!(recent.hints(b"SELECT 1"), Hints::NONE);
     }
 
     #[test]

@@ -62,6 +62,7 @@ impl ClientLoop {
     /// Waits, outside the relay loop, until the client needs it again.
     pub(super) async fn hibernate(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let _counted = Counted::new(&self.app.hibernating);
+        self.recent.forget();
         let client = self.client.clone();
         // Boxed, and only with `client_idle_timeout` set: most clients need no timer here.
         let mut idle_limit = self.timers.deadline(None, false).map(|d| Box::pin(tokio::time::sleep_until(d)));

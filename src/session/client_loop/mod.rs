@@ -92,6 +92,8 @@ pub(super) struct ClientLoop {
     hints: Hints,
     /// The hints of the client's prepared statements, for their executions.
     statements: hints::Statements,
+    /// The last statement text read, so that a text sent again is not read again.
+    recent: hints::Recent,
     /// Custom settings (`app.tenant`) the client's statements set, which the probe must
     /// ask for by name.
     custom: Vec<String>,
@@ -147,6 +149,7 @@ impl ClientLoop {
             pending: Pending::default(),
             hints: Hints::NONE,
             statements: Default::default(),
+            recent: Default::default(),
             custom: Vec::new(),
             last_server: None,
             copy_in: false,
@@ -450,17 +453,22 @@ impl ClientLoop {
     }
 
     /// True if the requests about to start a transaction call `lastval()` or `currval()`.
-    fn reads_lastval(&self) -> bool {
+    /// The texts' hints are kept (`recent`) for the scan that relays them.
+    fn reads_lastval(&mut self) -> bool {
+        let (recent, statements) = (&mut self.recent, &self.statements);
         self.up.whole_messages().any(|(t, msg)| {
             let body = msg.get(HEADER_LEN..).unwrap_or_default();
-            match t {
-                tag::QUERY => hints::reads_lastval(body),
-                tag::PARSE => hints::reads_lastval(crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text)),
-                tag::BIND if !self.statements.is_empty() => crate::proto::split_cstr(body)
-                    .and_then(|(_, rest)| crate::proto::split_cstr(rest))
-                    .is_some_and(|(name, _)| self.statements.bound(name).has(Hints::LASTVAL)),
-                _ => false,
-            }
+            let text = match t {
+                tag::QUERY => body,
+                tag::PARSE => crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text),
+                tag::BIND if !statements.is_empty() => {
+                    return crate::proto::split_cstr(body)
+                        .and_then(|(_, rest)| crate::proto::split_cstr(rest))
+                        .is_some_and(|(name, _)| statements.bound(name).has(Hints::LASTVAL));
+                }
+                _ => return false,
+            };
+            recent.hints(text).has(Hints::LASTVAL) && hints::reads_lastval(text)
         })
     }
 

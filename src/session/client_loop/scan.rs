@@ -10,7 +10,7 @@ use crate::proto::frame::{HEADER_LEN, messages};
 use crate::proto::{TxnStatus, split_cstr, tag};
 use crate::session::SessionError;
 use crate::session::accounting;
-use crate::session::hints::Hints;
+use crate::session::hints::{Hints, Recent};
 use crate::session::pipe::Action;
 use crate::session::prepared::Prepared;
 use bytes::BytesMut;
@@ -22,6 +22,7 @@ impl ClientLoop {
         let hints = &mut self.hints;
         let statements = &mut self.statements;
         let custom = &mut self.custom;
+        let recent = &mut self.recent;
         let copy_in = &mut self.copy_in;
         // In session mode the client keeps its server: nothing it does needs following.
         let inspect = self.mode != PoolMode::Session;
@@ -41,10 +42,10 @@ impl ClientLoop {
                     match t {
                         // Streamed (huge) statements cannot be read: assume the worst.
                         tag::QUERY | tag::PARSE if body.is_empty() => *hints |= Hints::ALL,
-                        tag::QUERY => *hints |= statement_hints(body, custom),
+                        tag::QUERY => *hints |= statement_hints(recent, body, custom),
                         tag::PARSE => {
                             if let Some((name, text)) = split_cstr(body) {
-                                let found = statement_hints(text, custom);
+                                let found = statement_hints(recent, text, custom);
                                 statements.parsed(name, found);
                                 *hints |= found;
                             }
@@ -182,8 +183,8 @@ impl ClientLoop {
 }
 
 /// The hints of a statement's text; custom settings it may set are added to `custom`.
-fn statement_hints(text: &[u8], custom: &mut Vec<String>) -> Hints {
-    let found = crate::session::hints::hints(text);
+fn statement_hints(recent: &mut Recent, text: &[u8], custom: &mut Vec<String>) -> Hints {
+    let found = recent.hints(text);
     if found.has(Hints::SETTINGS) {
         crate::session::hints::custom_names(text, custom);
     }
