@@ -39,7 +39,7 @@ fn close(name: &str) -> Vec<u8> {
 
 fn send(p: &mut Prepared, server: &mut Statements, m: &[u8], out: &mut BytesMut) -> Action {
     out.clear();
-    p.on_client(m[0], m, out, server)
+    p.on_client(m[0], m, out, server, false)
 }
 
 fn parse_with_live_statements(c: &mut Criterion) {

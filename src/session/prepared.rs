@@ -69,9 +69,6 @@ pub struct Prepared {
     /// Simple Queries and FunctionCalls the server skipped that way: no ReadyForQuery comes
     /// for them (see `take_skipped`).
     skipped: u32,
-    /// An Execute started a COPY FROM STDIN: the server ignores Syncs until CopyDone or
-    /// CopyFail.
-    copying: bool,
     /// The current batch, from its first Bind of a named statement, kept for one replay if
     /// the server finds the cached plan stale (a migration changed a table under it).
     batch: Batch,
@@ -115,7 +112,6 @@ impl Prepared {
             expect: VecDeque::new(),
             skipping: false,
             skipped: 0,
-            copying: false,
             batch: Batch::Off,
             recorded: BytesMut::new(),
             executed: false,
@@ -143,7 +139,14 @@ impl Prepared {
 
     /// Handles one client message bound for `server`: rewrites statement names, prepares
     /// what the server lacks, answers Close and Parse itself where it can.
-    pub fn on_client(&mut self, t: u8, msg: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
+    pub fn on_client(
+        &mut self,
+        t: u8,
+        msg: &[u8],
+        out: &mut BytesMut,
+        server: &mut Statements,
+        copy_in: bool,
+    ) -> Action {
         let body = msg.get(HEADER_LEN..).unwrap_or_default();
         if self.batch == Batch::Recording {
             self.recorded.extend_from_slice(msg);
@@ -164,11 +167,8 @@ impl Prepared {
                 self.executed |= self.batch == Batch::Off;
                 self.expect(Expect::Execute)
             }
-            tag::SYNC if self.copying => Action::Forward,
-            tag::COPY_DONE | tag::COPY_FAIL => {
-                self.copying = false;
-                Action::Forward
-            }
+            // The server ignores Syncs while it takes COPY data.
+            tag::SYNC if copy_in => Action::Forward,
             tag::SYNC => {
                 self.skipping = false;
                 self.executed = false;
@@ -188,7 +188,6 @@ impl Prepared {
     /// client sent after it get no reply: the server ignores them while it takes COPY data.
     pub fn on_copy_in(&mut self) {
         if matches!(self.expect.front(), Some(Expect::Execute)) {
-            self.copying = true;
             let mut first = true;
             self.expect.retain(|e| std::mem::take(&mut first) || !matches!(e, Expect::Sync));
         }

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 impl ClientLoop {
     /// The attached server owes the client an answer (`query_timeout` applies).
     pub(super) fn owed(&self) -> bool {
-        self.server.is_some() && self.pending.sync_points > 0 && !self.copy_in
+        self.server.is_some() && self.pending.sync_points > 0 && !self.pending.copy_in()
     }
 
     pub(super) async fn check_timers(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {

@@ -100,8 +100,6 @@ pub(super) struct ClientLoop {
     /// The server of the client's last transaction and its use number then: where its
     /// `lastval()` is, while nobody else has used it.
     last_server: Option<(u64, u64)>,
-    /// The server is in COPY FROM STDIN: it waits for the client, not the other way round.
-    copy_in: bool,
     /// A CancelRequest `query_timeout` sent to the attached server: until it has been
     /// delivered the server must not serve anyone else, whose query it could cancel.
     cancelling: Option<tokio::task::JoinHandle<()>>,
@@ -152,7 +150,6 @@ impl ClientLoop {
             recent: Default::default(),
             custom: Vec::new(),
             last_server: None,
-            copy_in: false,
             cancelling: None,
             prepared,
             listens,
@@ -204,7 +201,7 @@ impl ClientLoop {
         // The client said Terminate behind requests the server has not answered yet.
         let mut terminating = false;
         loop {
-            if terminating && (self.is_done() || self.copy_in) {
+            if terminating && (self.is_done() || self.pending.copy_in()) {
                 // A COPY FROM STDIN would wait for data that will never come: the server is
                 // closed, as PostgreSQL ends the COPY when its client goes.
                 return Ok(Exit::Done);
@@ -568,8 +565,9 @@ impl ClientLoop {
         let mut to_server = BytesMut::new();
         let mut out = BytesMut::new();
         for (t, msg) in crate::proto::frame::messages(&batch) {
-            self.pending.observe_client(t, false);
-            let action = p.on_client(t, msg, &mut out, &mut server.statements);
+            let copy_in = self.pending.copy_in();
+            self.pending.observe_client(t);
+            let action = p.on_client(t, msg, &mut out, &mut server.statements, copy_in);
             for _ in 0..p.take_skipped() {
                 self.pending.withdraw();
             }
@@ -613,7 +611,7 @@ impl ClientLoop {
         let Some(server) = self.server.as_ref() else { return Ok(()) };
         let over = self.mode != PoolMode::Session
             && self.pending.is_settled()
-            && !self.copy_in
+            && !self.pending.copy_in()
             && self.up.ready().is_empty()
             && !self.down.has_unscanned()
             && (self.mode == PoolMode::Statement || server.status == TxnStatus::Idle);
@@ -680,7 +678,6 @@ impl ClientLoop {
             self.last_server = Some((server.id, server.uses));
             server.release = if cancelling { Release::Close } else { how };
         }
-        self.copy_in = false;
         self.registration.slot.set(None);
         self.client.set_state(ClientState::Idle);
         let c = &self.pool.counters;

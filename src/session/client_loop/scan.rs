@@ -23,7 +23,6 @@ impl ClientLoop {
         let statements = &mut self.statements;
         let custom = &mut self.custom;
         let recent = &mut self.recent;
-        let copy_in = &mut self.copy_in;
         // In session mode the client keeps its server: nothing it does needs following.
         let inspect = self.mode != PoolMode::Session;
         let binds = inspect && !statements.is_empty();
@@ -66,13 +65,12 @@ impl ClientLoop {
                         _ => {}
                     }
                 }
-                if t == tag::COPY_DONE || t == tag::COPY_FAIL {
-                    *copy_in = false;
-                }
                 let before = pending.sync_points;
-                let action = match (pending.observe_client(t, *copy_in), prepared.as_mut()) {
+                // Read before the message: a CopyDone is still taken while the COPY runs.
+                let copy_in = pending.copy_in();
+                let action = match (pending.observe_client(t), prepared.as_mut()) {
                     (Action::Forward, Some((p, statements))) => {
-                        let action = p.on_client(t, msg, out, statements);
+                        let action = p.on_client(t, msg, out, statements, copy_in);
                         // The server skips it (it is skipping to Sync after an error).
                         for _ in 0..p.take_skipped() {
                             pending.withdraw();
@@ -107,7 +105,6 @@ impl ClientLoop {
         let pending = &mut self.pending;
         let settings = &mut self.settings;
         let prepared = &mut self.prepared;
-        let copy_in = &mut self.copy_in;
         let statement = self.mode == PoolMode::Statement;
         let track = prepared.is_some();
         let counters = &self.pool.counters;
@@ -125,7 +122,6 @@ impl ClientLoop {
                     let mut refuse = false;
                     match t {
                         COPY_IN_RESPONSE => {
-                            *copy_in = true;
                             pending.on_copy_in();
                             if let Some(p) = prepared.as_mut() {
                                 p.on_copy_in();
@@ -137,9 +133,8 @@ impl ClientLoop {
                             }
                         }
                         tag::READY_FOR_QUERY => {
-                            *copy_in = false;
                             answered += 1;
-                            pending.sync_points = pending.sync_points.saturating_sub(1);
+                            pending.on_ready();
                             server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
                             refuse = statement && server.status != TxnStatus::Idle;
                         }

@@ -37,7 +37,7 @@ fn client(p: &mut Prepared, server: &mut Statements, msgs: &[Vec<u8>]) -> Vec<u8
     let mut sent = vec![];
     for m in msgs {
         let mut out = BytesMut::new();
-        match p.on_client(m[0], m, &mut out, server) {
+        match p.on_client(m[0], m, &mut out, server, false) {
             Action::Forward => sent.extend_from_slice(m),
             Action::Replace => sent.extend_from_slice(&out),
             Action::Drop | Action::Stop => {}
