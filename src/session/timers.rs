@@ -45,6 +45,10 @@ pub struct Timers {
     server_quiet_since: Instant,
     /// When `query_timeout` sent a CancelRequest that the server has not answered yet.
     cancel_sent: Option<Instant>,
+    /// A server was held for the client at the last look (`track`).
+    was_held: bool,
+    /// The server owed an answer at the last look.
+    was_owed: bool,
 }
 
 /// What the session holds: the server's transaction status and the requests it still owes
@@ -64,7 +68,22 @@ impl Timers {
             attached_at: now,
             server_quiet_since: now,
             cancel_sent: None,
+            was_held: false,
+            was_owed: false,
         }
+    }
+
+    /// Looks at the session once per turn: a server newly held starts the transaction's
+    /// clocks, a server newly owing an answer starts `query_timeout`'s.
+    #[inline]
+    pub fn track(&mut self, held: bool, owed: bool) {
+        if held && !self.was_held {
+            self.attached();
+        }
+        if owed && !self.was_owed {
+            self.awaiting_server();
+        }
+        (self.was_held, self.was_owed) = (held, owed);
     }
 
     /// Takes reloaded limits.
@@ -207,6 +226,8 @@ mod tests {
             attached_at: now,
             server_quiet_since: now,
             cancel_sent: None,
+            was_held: false,
+            was_owed: false,
         }
     }
 

@@ -6,6 +6,7 @@
 mod faults;
 mod idle;
 mod scan;
+mod turn;
 mod waits;
 
 use super::SessionError;
@@ -18,7 +19,6 @@ use super::pending::Pending;
 use super::pipe::{Action, Pipe};
 use super::prepared::Prepared;
 use super::probe::{self, Probe};
-use super::relay::{Gone, RelayError, poll_relay};
 use super::sql;
 use super::stream::ClientStream;
 use super::timers::{Held, Timers};
@@ -35,11 +35,9 @@ use crate::proto::{TxnStatus, tag};
 use crate::stats::Counters;
 use bytes::BytesMut;
 use faults::cancel_query;
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::io::AsyncWriteExt;
-use waits::{drained, next_event};
 
 /// What a client is told when its `lastval()` or `currval()` is on a server another client
 /// has used since.
@@ -176,173 +174,6 @@ impl ClientLoop {
         };
         self.finish();
         result
-    }
-
-    async fn relay(&mut self, io: &mut ClientIo<ClientStream>) -> Result<Exit, SessionError> {
-        // Bytes the client sent right behind its startup packet belong to the relay.
-        let mut client_data = !io.rbuf.is_empty();
-        if client_data {
-            self.up.read_buf().extend_from_slice(&io.rbuf);
-        }
-        // The login's buffers are not used by the relay: give their memory back.
-        io.rbuf = BytesMut::new();
-        io.wbuf = BytesMut::new();
-        let mut timer = std::pin::pin!(tokio::time::sleep(std::time::Duration::ZERO));
-        let mut armed = None;
-        // Made once: a wait made per turn would register with the flag's waiter list (a
-        // lock) and unregister again several times per transaction.
-        let client = self.client.clone();
-        let mut killed = std::pin::pin!(client.kill.wait());
-        let mut drain = std::pin::pin!(client.drain.wait());
-        let mut draining = false;
-        let mut was_held = false;
-        let mut was_owed = false;
-        let mut quiet = idle::Quiet::new();
-        // The client said Terminate behind requests the server has not answered yet.
-        let mut terminating = false;
-        loop {
-            if terminating && (self.is_done() || self.pending.copy_in()) {
-                // A COPY FROM STDIN would wait for data that will never come: the server is
-                // closed, as PostgreSQL ends the COPY when its client goes.
-                return Ok(Exit::Done);
-            }
-            // Without a server, a transaction starts with the client's next message (which
-            // the client loop reads only once it knows which server the bytes go to).
-            let mut scan = client_data;
-            if self.server.is_none() && self.answer_listen().await? {
-                client_data = false;
-                continue;
-            }
-            if self.server.is_none() && self.answer_alone()? {
-                client_data = false;
-                continue;
-            }
-            if self.server.is_none() {
-                match self.up.peek_tag() {
-                    Some(tag::TERMINATE) => return Ok(Exit::Done),
-                    Some(_) => {
-                        self.attach().await?;
-                        scan = true;
-                    }
-                    None => {}
-                }
-            }
-            if scan && self.scan_client()? {
-                if self.server.is_none() || self.is_done() {
-                    return Ok(Exit::Done);
-                }
-                // PostgreSQL runs what came before Terminate: the server gets it, and the
-                // session stays until it has answered (to no one), so that it goes back clean.
-                terminating = true;
-                client_data = false;
-                continue;
-            }
-            if scan && self.server.is_some() && self.pending.is_settled() && self.up.ready().is_empty() {
-                // Everything the client asked was answered by the broker (a DEALLOCATE of
-                // its own statement): no server reply will come to give the server back on.
-                self.detach_if_done(io).await?;
-            }
-            let held = self.held();
-            if held.is_some() && !was_held {
-                self.timers.attached();
-            }
-            was_held = held.is_some();
-            let owed = self.owed();
-            if owed && !was_owed {
-                self.timers.awaiting_server();
-            }
-            was_owed = owed;
-            // A client without a server may hibernate: look again when it has been quiet.
-            let quiet_at = (self.server.is_none() && !draining).then_some(quiet.at);
-            let deadline = match (self.timers.deadline(held, owed), quiet_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if let Some(d) = deadline
-                && armed.is_none_or(|a| d < a)
-            {
-                timer.as_mut().reset(d);
-                armed = Some(d);
-            }
-            let backed_up = self.down.is_backed_up();
-            let relayed = tokio::select! {
-                biased;
-                r = poll_fn(|cx| {
-                    let server = self.server.as_mut().map(|s| &mut s.stream);
-                    let r = if terminating {
-                        poll_relay(cx, &mut Gone, server, &mut self.up, &mut self.down)
-                    } else {
-                        poll_relay(cx, &mut io.stream, server, &mut self.up, &mut self.down)
-                    };
-                    // Notifications were held back while the replies backed up: once the
-                    // client has taken them, turn again so the event branch takes more.
-                    if r.is_pending() && backed_up && !self.down.is_backed_up() {
-                        return std::task::Poll::Ready(Ok(Default::default()));
-                    }
-                    r
-                }) => r,
-                () = &mut timer, if armed.is_some() => {
-                    armed = None;
-                    self.check_timers(io).await?;
-                    // The relay was polled just before (biased) and found the client silent.
-                    if !draining && quiet.is_over(tokio::time::Instant::now()) {
-                        if self.can_hibernate() {
-                            return Ok(Exit::Hibernate);
-                        }
-                        quiet = idle::Quiet::new();
-                    }
-                    client_data = false;
-                    continue;
-                }
-                _ = &mut killed => {
-                    return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, "terminated by the administrator"));
-                }
-                _ = &mut drain, if !draining => {
-                    draining = true;
-                    client_data = false;
-                    continue;
-                }
-                // Leaving (shutdown, database removed): between transactions only. A client
-                // that has not run anything yet gets a moment to send its first request, so a
-                // connection made just before the drain is not turned away.
-                _ = drained(self.served, self.logged_in), if draining && held.is_none() => {
-                    return Err(SessionError::fatal(SqlState::ADMIN_SHUTDOWN, self.client.drain_reason().to_string()));
-                }
-                ev = next_event(&mut self.listens, backed_up), if self.server.is_none() => {
-                    // None: the hub cut the client off.
-                    let Some(ev) = ev else { return Err(self.kicked(io).await) };
-                    self.deliver(&ev);
-                    client_data = false;
-                    continue;
-                }
-            };
-            let ev = match relayed {
-                Ok(ev) => ev,
-                Err(RelayError::Client(e)) => return Err(SessionError::Io(e)),
-                Err(RelayError::Server(e)) => return Err(self.server_lost(io, Some(e)).await),
-            };
-            quiet.active = true;
-            if ev.server_data {
-                self.timers.activity();
-                self.timers.server_spoke();
-                self.scan_server()?;
-                self.replay();
-                if terminating {
-                    self.down.discard_ready();
-                }
-                self.detach_if_done(io).await?;
-            }
-            if ev.server_closed {
-                return Err(self.server_lost(io, None).await);
-            }
-            if ev.client_closed {
-                return Err(SessionError::Disconnected);
-            }
-            if ev.client_data {
-                self.timers.activity();
-            }
-            client_data = ev.client_data;
-        }
     }
 
     /// Checks out a server for the transaction the client just started and brings it to the
