@@ -10,9 +10,9 @@ use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, build, split_cstr, tag};
 use crate::server::statements::Statements;
 use bytes::{BufMut, BytesMut};
+use replay::{Batch, MAX_REPLAY};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// A reply the server owes for a message sent to it, or one the broker owes itself.
 #[derive(Debug)]
@@ -81,24 +81,6 @@ pub struct Prepared {
     replay: Option<BytesMut>,
     /// The batch in flight is a replay; it is not replayed again.
     replaying: bool,
-}
-
-/// Where the recording of the current batch stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Batch {
-    Off,
-    Recording,
-    /// Recorded up to its Sync; kept until its ReadyForQuery.
-    Complete,
-}
-
-/// Largest batch kept for a replay; bigger ones just pass the error on.
-const MAX_REPLAY: usize = 1024 * 1024;
-
-/// PostgreSQL's answer when a statement's result columns changed under it.
-fn is_stale_plan(error: &[u8]) -> bool {
-    let has = |needle: &[u8]| error.windows(needle.len()).any(|w| w == needle);
-    has(b"\0C0A000\0") && has(b"cached plan must not change result type")
 }
 
 impl Prepared {
@@ -479,29 +461,6 @@ impl Prepared {
         }
     }
 
-    /// A stale cached plan at the first Bind of a recorded batch outside a transaction: the
-    /// statement gets a new server-side name for every client, and the error is held back so
-    /// the batch can run again. True if held.
-    fn hold_stale_plan_error(&mut self, msg: &[u8], status: TxnStatus) -> bool {
-        let Some(Expect::Bind(Some((def, version)), first)) = self.expect.front() else { return false };
-        if !is_stale_plan(msg) {
-            return false;
-        }
-        // Whoever sees it first renames it; every server then prepares it afresh.
-        let _ = def.version.compare_exchange(*version, version + 1, Ordering::Relaxed, Ordering::Relaxed);
-        let alone = self.expect.iter().skip_while(|e| !matches!(e, Expect::Sync)).nth(1).is_none();
-        let retry = *first && alone && self.batch == Batch::Complete && status == TxnStatus::Idle && !self.replaying;
-        if retry {
-            self.held_error = Some(BytesMut::from(msg));
-        }
-        retry
-    }
-
-    /// The batch to send again after a stale plan, once.
-    pub fn take_replay(&mut self) -> Option<BytesMut> {
-        self.replay.take()
-    }
-
     /// An error: in a simple Query, ReadyForQuery follows; in the extended protocol the server
     /// skips everything up to the next Sync, so those replies will never come.
     fn on_error(&mut self, server: &mut Statements) {
@@ -600,6 +559,7 @@ fn write_message(out: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
 mod alone;
 mod names;
 mod registry;
+mod replay;
 #[cfg(test)]
 mod tests;
 mod undo;
