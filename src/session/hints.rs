@@ -41,6 +41,15 @@ impl std::ops::BitOrAssign for Hints {
     }
 }
 
+/// The statement text of a Query or Parse body (a Parse's after its statement name).
+pub fn statement_text(tag: u8, body: &[u8]) -> Option<&[u8]> {
+    match tag {
+        crate::proto::tag::QUERY => Some(body),
+        crate::proto::tag::PARSE => crate::proto::split_cstr(body).map(|(_, text)| text),
+        _ => None,
+    }
+}
+
 /// Longest statement text [`Recent`] keeps, in bytes: longer ones are read each time.
 const RECENT_MAX: usize = 512;
 

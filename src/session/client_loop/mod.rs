@@ -236,12 +236,7 @@ impl ClientLoop {
             return None;
         }
         let pins = self.up.whole_messages().any(|(t, msg)| {
-            let body = msg.get(HEADER_LEN..).unwrap_or_default();
-            match t {
-                tag::QUERY => hints::surely_pins(body),
-                tag::PARSE => hints::surely_pins(crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text)),
-                _ => false,
-            }
+            hints::statement_text(t, msg.get(HEADER_LEN..).unwrap_or_default()).is_some_and(hints::surely_pins)
         });
         if !pins {
             return None;
@@ -286,17 +281,14 @@ impl ClientLoop {
         let (recent, statements) = (&mut self.recent, &self.statements);
         self.up.whole_messages().any(|(t, msg)| {
             let body = msg.get(HEADER_LEN..).unwrap_or_default();
-            let text = match t {
-                tag::QUERY => body,
-                tag::PARSE => crate::proto::split_cstr(body).map_or(&[][..], |(_, text)| text),
-                tag::BIND if !statements.is_empty() => {
-                    return crate::proto::split_cstr(body)
+            if t == tag::BIND {
+                return !statements.is_empty()
+                    && crate::proto::split_cstr(body)
                         .and_then(|(_, rest)| crate::proto::split_cstr(rest))
                         .is_some_and(|(name, _)| statements.bound(name).has(Hints::LASTVAL));
-                }
-                _ => return false,
-            };
-            recent.hints(text).has(Hints::LASTVAL) && hints::reads_lastval(text)
+            }
+            hints::statement_text(t, body)
+                .is_some_and(|text| recent.hints(text).has(Hints::LASTVAL) && hints::reads_lastval(text))
         })
     }
 
