@@ -451,8 +451,10 @@ impl Report {
     }
 }
 
+/// Lets a pooler reach its quiet state before RSS is read: pgbroker's clients hibernate after
+/// 1 s of quiet and the memory they freed goes back to the system within the next second.
 async fn settle() {
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
 }
 
 async fn measure(p: &Pooler, o: &Opts) -> Report {

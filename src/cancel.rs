@@ -69,7 +69,11 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.key);
+        let mut map = self.registry.lock();
+        map.remove(&self.key);
+        if let Some(room) = crate::memory::shrink_to(map.len(), map.capacity()) {
+            map.shrink_to(room);
+        }
     }
 }
 

@@ -187,7 +187,11 @@ pub struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.clients.lock().remove(&self.client.id);
+        let mut map = self.clients.lock();
+        map.remove(&self.client.id);
+        if let Some(room) = crate::memory::shrink_to(map.len(), map.capacity()) {
+            map.shrink_to(room);
+        }
     }
 }
 

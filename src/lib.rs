@@ -40,6 +40,7 @@ pub mod health;
 pub mod histogram;
 pub mod http;
 pub mod logline;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod notify;

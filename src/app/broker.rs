@@ -118,6 +118,11 @@ impl Broker {
         tracker.spawn(crate::http::serve(app.clone(), http_listener));
         tracker.spawn(crate::admin::stats_task(app.clone(), STATS_PERIOD));
         tracker.spawn(crate::health::monitor(app.clone()));
+        let counts = app.clone();
+        tracker.spawn(crate::memory::give_back_after_bursts(
+            move || crate::memory::footprint(counts.client_count(), counts.hibernating_clients()),
+            app.shutdown.clone(),
+        ));
         // Databases with fixed channels listen from the start.
         let cfg = app.config();
         for (name, db) in &cfg.databases {

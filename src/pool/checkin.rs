@@ -37,6 +37,10 @@ impl Pool {
                 Err(Grant::Slot) => return,
             }
         }
+        // No one waits now: the queue gives back the room a burst of waiters left.
+        if let Some(room) = crate::memory::shrink_to(0, inner.waiters.capacity()) {
+            inner.waiters.shrink_to(room);
+        }
         if self.limits.iter().any(|l| l.has_other_waiters(self)) {
             drop(inner);
             return self.discard(conn);
