@@ -503,7 +503,7 @@ pub fn ws_json(data: &[u8]) {
     let nothing = command::parse(text, Some(&[][..]));
     for (result, is_restricted) in [(&open, false), (&restricted, true), (&nothing, true)] {
         match result {
-            Ok(Command::Subscribe { broker, database }) => {
+            Ok(Command::Subscribe { broker, database, .. }) => {
                 assert!(!broker.is_empty() || !database.is_empty(), "subscribe to no channel accepted");
                 assert!(broker.iter().all(|c| c.starts_with(BROKER_CHANNEL_PREFIX)));
                 assert!(!database.iter().any(|c| c.starts_with(BROKER_CHANNEL_PREFIX)));

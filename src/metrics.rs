@@ -71,6 +71,19 @@ const DESCRIPTIONS: &[(&str, char, Option<Unit>, &str)] = &[
     ("pgbroker_notifications_received_total", 'c', None, "Notifications received from the database"),
     ("pgbroker_notifications_forwarded_total", 'c', None, "Notifications queued to subscribers"),
     ("pgbroker_notification_subscribers_dropped_total", 'c', None, "Subscribers closed for being too slow"),
+    ("pgbroker_notification_listener_reconnects_total", 'c', None, "Times the listener connection was re-established"),
+    (
+        "pgbroker_notification_listener_check_failures_total",
+        'c',
+        None,
+        "Listener checks that failed (the listener was replaced)",
+    ),
+    (
+        "pgbroker_notification_resumes_total",
+        'c',
+        None,
+        "WebSocket resumes by lastMessageId, by result (replayed or resync)",
+    ),
 ];
 
 /// The histogram families' names.
@@ -236,6 +249,13 @@ impl Metrics {
             self.counter("pgbroker_notifications_received_total", &l, hub.stats.received.load(Relaxed));
             self.counter("pgbroker_notifications_forwarded_total", &l, hub.stats.delivered.load(Relaxed));
             self.counter("pgbroker_notification_subscribers_dropped_total", &l, hub.stats.dropped_slow.load(Relaxed));
+            self.counter("pgbroker_notification_listener_reconnects_total", &l, hub.stats.reconnects.load(Relaxed));
+            let failures = hub.stats.check_failures.load(Relaxed);
+            self.counter("pgbroker_notification_listener_check_failures_total", &l, failures);
+            for (result, n) in [("replayed", &hub.stats.resumed), ("resync", &hub.stats.resume_gaps)] {
+                let l = [("database", hub.database().to_string()), ("result", result.to_string())];
+                self.counter("pgbroker_notification_resumes_total", &l, n.load(Relaxed));
+            }
         }
         let mut out = self.handle.render();
         self.render_histograms(&mut out);

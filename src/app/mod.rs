@@ -293,7 +293,9 @@ impl App {
         let listener_key = format!("{database}{LISTENER_SUFFIX}");
         Ok(self.hubs.get_or_start(database, || {
             let pool = self.pool(cfg, &listener_key, db, user, db.password.clone().map(Credential::Password));
-            Hub::start(database, pool, &db.channels, self.shutdown.clone())
+            let events = self.events.clone();
+            let emit: crate::notify::Emit = Arc::new(move |kind, fields| events.emit(kind, fields));
+            Hub::start(database, pool, &db.channels, &cfg.websocket, emit, self.shutdown.clone())
         }))
     }
 

@@ -96,9 +96,13 @@ impl Config {
         }
         let w = &self.websocket;
         let _ = writeln!(s, "\n[websocket]\npath = {:?}", w.path);
-        for (k, d) in
-            [("ping_interval", w.ping_interval), ("pong_timeout", w.pong_timeout), ("idle_timeout", w.idle_timeout)]
-        {
+        for (k, d) in [
+            ("ping_interval", w.ping_interval),
+            ("pong_timeout", w.pong_timeout),
+            ("idle_timeout", w.idle_timeout),
+            ("listener_check_interval", w.listener_check_interval),
+            ("listener_check_timeout", w.listener_check_timeout),
+        ] {
             let _ = writeln!(s, "{k} = \"{}ms\"", d.as_millis());
         }
         let _ = writeln!(s, "max_ws_connections = {}", w.max_ws_connections);
@@ -106,6 +110,22 @@ impl Config {
         let _ = writeln!(s, "ws_send_queue = {}", w.ws_send_queue);
         let _ = writeln!(s, "max_channels_per_client = {}", w.max_channels_per_client);
         let _ = writeln!(s, "allowed_origins = {:?}", w.allowed_origins);
+        let _ = writeln!(s, "envelope = {:?}", w.envelope.as_str());
+        let _ = writeln!(s, "default_channels = {:?}", w.default_channels);
+        let _ = writeln!(s, "replay_buffer = {}", w.replay_buffer);
+        let _ = writeln!(s, "replay_buffer_bytes = {}", w.replay_buffer_bytes);
+        for (name, c) in &w.channels {
+            let _ = writeln!(s, "[websocket.channels.{name:?}]");
+            if let Some(k) = &c.kind {
+                let _ = writeln!(s, "type = {k:?}");
+            }
+            if let Some(e) = c.envelope {
+                let _ = writeln!(s, "envelope = {:?}", e.as_str());
+            }
+            if let Some(q) = &c.snapshot_query {
+                let _ = writeln!(s, "snapshot_query = {q:?}");
+            }
+        }
         for t in &w.tokens {
             let _ = writeln!(s, "# token <redacted>: channels {:?}", t.channels);
         }

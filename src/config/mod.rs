@@ -179,6 +179,63 @@ pub struct WebSocket {
     pub allowed_origins: Vec<String>,
     /// Bearer tokens; empty = no token needed.
     pub tokens: Vec<Token>,
+    /// The message shape of notifications, for channels without their own.
+    pub envelope: Envelope,
+    /// Channels every connection is subscribed to on connect (and always listened on).
+    pub default_channels: Vec<String>,
+    /// Notifications kept per database for clients that resume (0 = no resume).
+    pub replay_buffer: usize,
+    /// Most payload bytes the replay buffer keeps per database.
+    pub replay_buffer_bytes: usize,
+    /// How often the listener proves it still receives (0 = never).
+    pub listener_check_interval: Duration,
+    /// How long the proof may take before the listener is replaced.
+    pub listener_check_timeout: Duration,
+    /// Per-channel shapes (`[websocket.channels.NAME]`).
+    pub channels: std::collections::BTreeMap<String, ChannelShape>,
+}
+
+impl WebSocket {
+    /// The envelope and `type` of `channel`'s notifications.
+    pub fn shape<'a>(&'a self, channel: &'a str) -> (Envelope, &'a str) {
+        match self.channels.get(channel) {
+            Some(c) => (c.envelope.unwrap_or(self.envelope), c.kind.as_deref().unwrap_or(channel)),
+            None => (self.envelope, channel),
+        }
+    }
+}
+
+/// The JSON shape of a notification sent to a WebSocket client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Envelope {
+    /// `{"type":"notification","channel","payload","pid","timestamp","messageId"}`.
+    #[default]
+    Notification,
+    /// `{"type":<channel's type>,"channel","data","timestamp","messageId"}`, the shape of
+    /// hand-written realtime services.
+    Typed,
+}
+
+impl Envelope {
+    /// The config value naming it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Envelope::Notification => "notification",
+            Envelope::Typed => "typed",
+        }
+    }
+}
+
+/// `[websocket.channels.NAME]`.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelShape {
+    /// The typed envelope's `type` (default: the channel name).
+    pub kind: Option<String>,
+    /// Overrides `[websocket] envelope`.
+    pub envelope: Option<Envelope>,
+    /// Run through the pool on subscribe and after a `resync`: its one value is sent as a
+    /// snapshot before the channel's notifications.
+    pub snapshot_query: Option<String>,
 }
 
 /// A bearer token and the channels (glob patterns) it may subscribe to.

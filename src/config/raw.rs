@@ -167,6 +167,23 @@ pub struct WebSocket {
     pub max_channels_per_client: Option<i64>,
     pub allowed_origins: Option<Vec<String>>,
     pub tokens: Option<Vec<Token>>,
+    pub envelope: Option<String>,
+    pub default_channels: Option<Vec<String>>,
+    pub replay_buffer: Option<i64>,
+    pub replay_buffer_bytes: Option<i64>,
+    pub listener_check_interval: Option<NumOrStr>,
+    pub listener_check_timeout: Option<NumOrStr>,
+    pub channels: Option<std::collections::BTreeMap<String, Channel>>,
+}
+
+/// `[websocket.channels.NAME]`: how one channel's notifications are shaped.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Channel {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub envelope: Option<String>,
+    pub snapshot_query: Option<String>,
 }
 
 /// `[[websocket.tokens]]`: a bearer token and the channels it may subscribe to.

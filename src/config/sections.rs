@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Default of `websocket.replay_buffer`: notifications kept per database for resume.
+pub const DEFAULT_REPLAY_BUFFER: usize = 1000;
+/// Default of `websocket.replay_buffer_bytes`: 8 MiB of payloads per database.
+pub const DEFAULT_REPLAY_BUFFER_BYTES: usize = 8 << 20;
+
 impl Validator<'_> {
     pub(super) fn websocket(&self, w: &raw::WebSocket) -> Result<WebSocket, ConfigError> {
         let path = self.string("websocket.path", &w.path)?.unwrap_or_else(|| "/ws".to_string());
@@ -17,9 +22,33 @@ impl Validator<'_> {
                 .ok_or_else(|| self.invalid(&format!("{key}.token"), "a non-empty token is required"))?;
             tokens.push(Token { token, channels: t.channels.clone().unwrap_or_default() });
         }
+        let mut channels = std::collections::BTreeMap::new();
+        for (name, c) in w.channels.iter().flatten() {
+            let key = format!("websocket.channels.{name}");
+            crate::notify::check_channel(name).map_err(|m| self.invalid(&key, m))?;
+            let shape = ChannelShape {
+                kind: self.string(&format!("{key}.type"), &c.kind)?,
+                envelope: self.envelope(&format!("{key}.envelope"), &c.envelope)?,
+                snapshot_query: self.string(&format!("{key}.snapshot_query"), &c.snapshot_query)?,
+            };
+            channels.insert(name.clone(), shape);
+        }
+        let default_channels = w.default_channels.clone().unwrap_or_default();
+        for ch in &default_channels {
+            crate::notify::check_channel(ch)
+                .map_err(|m| self.invalid("websocket.default_channels", format!("{ch:?}: {m}")))?;
+        }
+        let ping_interval = self.duration("websocket.ping_interval", &w.ping_interval, 30)?;
+        if ping_interval.is_zero() {
+            return Err(self.invalid("websocket.ping_interval", "must be greater than 0"));
+        }
+        let listener_check_timeout = self.duration("websocket.listener_check_timeout", &w.listener_check_timeout, 5)?;
+        if listener_check_timeout.is_zero() {
+            return Err(self.invalid("websocket.listener_check_timeout", "must be greater than 0"));
+        }
         Ok(WebSocket {
             path,
-            ping_interval: self.duration("websocket.ping_interval", &w.ping_interval, 30)?,
+            ping_interval,
             pong_timeout: self.duration("websocket.pong_timeout", &w.pong_timeout, 10)?,
             idle_timeout: self.duration("websocket.idle_timeout", &w.idle_timeout, 300)?,
             max_ws_connections: self.int("websocket.max_ws_connections", w.max_ws_connections, 1000, 1)?,
@@ -38,6 +67,33 @@ impl Validator<'_> {
             )?,
             allowed_origins: w.allowed_origins.clone().unwrap_or_default(),
             tokens,
+            envelope: self.envelope("websocket.envelope", &w.envelope)?.unwrap_or_default(),
+            default_channels,
+            replay_buffer: self.int("websocket.replay_buffer", w.replay_buffer, DEFAULT_REPLAY_BUFFER, 0)?,
+            replay_buffer_bytes: self.int(
+                "websocket.replay_buffer_bytes",
+                w.replay_buffer_bytes,
+                DEFAULT_REPLAY_BUFFER_BYTES,
+                0,
+            )?,
+            listener_check_interval: self.duration(
+                "websocket.listener_check_interval",
+                &w.listener_check_interval,
+                30,
+            )?,
+            listener_check_timeout,
+            channels,
+        })
+    }
+
+    fn envelope(&self, key: &str, v: &Option<String>) -> Result<Option<Envelope>, ConfigError> {
+        Ok(match self.string(key, v)?.as_deref() {
+            None => None,
+            Some("notification") => Some(Envelope::Notification),
+            Some("typed") => Some(Envelope::Typed),
+            Some(other) => {
+                return Err(self.invalid(key, format!("expected \"notification\" or \"typed\", got {other:?}")));
+            }
         })
     }
 

@@ -217,3 +217,42 @@ fn password_errors_name_the_key_but_never_the_password() {
         assert!(!e.contains(secret), "{line}: the password must not reach logs or replies: {e}");
     }
 }
+
+#[test]
+fn the_bridge_settings_of_the_issue_are_accepted_as_written() {
+    let text = format!(
+        "{ISSUE_EXAMPLE}\n{}",
+        r#"
+[websocket]
+envelope = "typed"
+default_channels = ["employee_changes"]
+replay_buffer = 1000
+listener_check_interval = "30s"
+
+[websocket.channels.employee_changes]
+type = "employee_update"
+envelope = "typed"
+snapshot_query = "SELECT coalesce(json_agg(e), '[]') FROM employees e"
+"#
+    );
+    let w = load_with(&text, &no_env).unwrap().websocket;
+    assert_eq!(w.envelope, Envelope::Typed);
+    assert_eq!(w.default_channels, ["employee_changes"]);
+    assert_eq!((w.replay_buffer, w.listener_check_interval), (1000, Duration::from_secs(30)));
+    assert_eq!(w.shape("employee_changes"), (Envelope::Typed, "employee_update"));
+    assert_eq!(w.shape("other"), (Envelope::Typed, "other"));
+}
+
+#[test]
+fn bad_bridge_settings_name_their_key() {
+    for (toml, key) in [
+        ("[websocket]\nenvelope = \"xml\"", "websocket.envelope"),
+        ("[websocket]\nping_interval = 0", "websocket.ping_interval"),
+        ("[websocket]\nlistener_check_timeout = 0", "websocket.listener_check_timeout"),
+        ("[websocket]\ndefault_channels = [\"\"]", "websocket.default_channels"),
+        ("[websocket.channels.a]\nenvelope = \"x\"", "websocket.channels.a.envelope"),
+    ] {
+        let e = err_text(&format!("{ISSUE_EXAMPLE}\n{toml}"));
+        assert!(e.contains(key), "{toml}: {e}");
+    }
+}

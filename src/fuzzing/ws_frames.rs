@@ -185,7 +185,7 @@ fn reference(data: &[u8]) -> (Vec<Got>, Expect) {
 fn reply(text: &str, reserved: &mut BTreeSet<String>) -> String {
     let reply = match command::parse(text, None) {
         Err(refusal) => refusal.to_json(),
-        Ok(Command::Subscribe { broker, database }) => {
+        Ok(Command::Subscribe { broker, database, .. }) => {
             reserved.extend(broker);
             if database.is_empty() {
                 json::channels("subscribed", &reserved.iter().cloned().collect::<Vec<_>>())

@@ -17,6 +17,8 @@ pub enum Command {
         broker: Vec<String>,
         /// Database channels (LISTENed on), in the order sent.
         database: Vec<String>,
+        /// `lastMessageId`: resume after this notification (see `replay`).
+        resume: Option<u64>,
     },
     /// Unsubscribe from these channels (unchecked: unknown ones are no-ops), `None` = all.
     Unsubscribe(Option<Vec<String>>),
@@ -50,6 +52,29 @@ struct Raw {
     kind: String,
     #[serde(default)]
     channels: Option<Vec<String>>,
+    #[serde(default, rename = "lastMessageId")]
+    last_message_id: Option<MessageId>,
+}
+
+/// A `messageId` as a client sends it back: a number, or the same digits as a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MessageId {
+    Number(u64),
+    Text(String),
+}
+
+/// A `lastMessageId` from a query parameter or a subscribe message.
+pub fn message_id(text: &str) -> Result<u64, Refusal> {
+    text.trim().parse().map_err(|_| Refusal::new("bad_request", format!("lastMessageId {text:?} is not a message id")))
+}
+
+/// Checks channels to subscribe to and splits them into broker and database channels.
+pub fn check_channels(wanted: Vec<String>, allowed: Option<&[String]>) -> Result<(Vec<String>, Vec<String>), Refusal> {
+    for ch in &wanted {
+        check_subscribe(ch, allowed)?;
+    }
+    Ok(wanted.into_iter().partition(|c| c.starts_with(BROKER_CHANNEL_PREFIX)))
 }
 
 /// Parses and checks one text frame. `allowed` = the channel patterns of the client's token
@@ -67,11 +92,13 @@ pub fn parse(text: &str, allowed: Option<&[String]>) -> Result<Command, Refusal>
             if wanted.is_empty() {
                 return Err(Refusal::new("bad_request", "subscribe needs a non-empty \"channels\" list"));
             }
-            for ch in &wanted {
-                check_subscribe(ch, allowed)?;
-            }
-            let (broker, database) = wanted.into_iter().partition(|c| c.starts_with(BROKER_CHANNEL_PREFIX));
-            Ok(Command::Subscribe { broker, database })
+            let resume = match raw.last_message_id {
+                None => None,
+                Some(MessageId::Number(n)) => Some(n),
+                Some(MessageId::Text(t)) => Some(message_id(&t)?),
+            };
+            let (broker, database) = check_channels(wanted, allowed)?;
+            Ok(Command::Subscribe { broker, database, resume })
         }
         "unsubscribe" => Ok(Command::Unsubscribe(raw.channels)),
         "ping" => Ok(Command::Ping),
@@ -110,7 +137,22 @@ mod tests {
     #[test]
     fn subscribe_splits_broker_and_database_channels() {
         let cmd = parse(r#"{"type":"subscribe","channels":["a","$pgbroker.events","b"]}"#, None).unwrap();
-        assert_eq!(cmd, Command::Subscribe { broker: strings(&["$pgbroker.events"]), database: strings(&["a", "b"]) });
+        assert_eq!(
+            cmd,
+            Command::Subscribe { broker: strings(&["$pgbroker.events"]), database: strings(&["a", "b"]), resume: None }
+        );
+    }
+
+    #[test]
+    fn subscribe_takes_a_last_message_id_as_number_or_string() {
+        let resume = |text: &str| match parse(text, None) {
+            Ok(Command::Subscribe { resume, .. }) => Ok(resume),
+            Ok(_) => Err("not a subscribe".to_string()),
+            Err(e) => Err(e.code.to_string()),
+        };
+        assert_eq!(resume(r#"{"type":"subscribe","channels":["a"],"lastMessageId":42}"#), Ok(Some(42)));
+        assert_eq!(resume(r#"{"type":"subscribe","channels":["a"],"lastMessageId":"42"}"#), Ok(Some(42)));
+        assert_eq!(resume(r#"{"type":"subscribe","channels":["a"],"lastMessageId":"x"}"#), Err("bad_request".into()));
     }
 
     #[test]

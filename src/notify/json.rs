@@ -1,20 +1,33 @@
 //! The bridge's JSON messages and their timestamps.
 
 use super::Notification;
+use crate::config::{Envelope, WebSocket};
 use serde_json::{Value, json};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// `{"type":"notification",...}`; the payload is embedded as JSON when it parses as JSON.
-pub fn notification(n: &Notification) -> String {
+/// A notification in its channel's envelope; the payload is embedded as JSON when it parses
+/// as JSON. `notification`: `{"type":"notification","channel","payload","pid","timestamp",
+/// "messageId"}`; `typed`: `{"type":<the channel's type>,"channel","data","timestamp",
+/// "messageId"}`.
+pub fn notification(n: &Notification, w: &WebSocket) -> String {
     let payload = serde_json::from_str::<Value>(&n.payload).unwrap_or_else(|_| Value::String(n.payload.clone()));
-    json!({
-        "type": "notification",
-        "channel": n.channel,
-        "payload": payload,
-        "pid": n.pid,
-        "timestamp": rfc3339(n.received_at),
-        "messageId": n.message_id,
-    })
+    match w.shape(&n.channel) {
+        (Envelope::Notification, _) => json!({
+            "type": "notification",
+            "channel": n.channel,
+            "payload": payload,
+            "pid": n.pid,
+            "timestamp": rfc3339(n.received_at),
+            "messageId": n.message_id,
+        }),
+        (Envelope::Typed, kind) => json!({
+            "type": kind,
+            "channel": n.channel,
+            "data": payload,
+            "timestamp": rfc3339(n.received_at),
+            "messageId": n.message_id,
+        }),
+    }
     .to_string()
 }
 
@@ -94,15 +107,41 @@ mod tests {
         }
     }
 
+    fn bridge(toml: &str) -> WebSocket {
+        let text = format!("{toml}\n[auth]\ntype = \"trust\"\n[databases.app]\nhost = \"127.0.0.1\"\n");
+        crate::config::Config::parse(&text, None, &|_| None).unwrap().websocket.clone()
+    }
+
+    #[test]
+    fn the_typed_envelope_carries_the_channel_type_and_the_row_as_data() {
+        let w = bridge("[websocket.channels.employee_changes]\ntype = \"employee_update\"\nenvelope = \"typed\"");
+        let v: Value = serde_json::from_str(&notification(&note(r#"{"id":1}"#), &w)).unwrap();
+        assert_eq!(v["type"], "employee_update");
+        assert_eq!(v["channel"], "employee_changes");
+        assert_eq!(v["data"]["id"], 1);
+        assert_eq!(v["messageId"], 7);
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
+        assert!(v.get("payload").is_none());
+    }
+
+    #[test]
+    fn a_bridge_wide_typed_envelope_names_the_type_after_the_channel() {
+        let w = bridge("[websocket]\nenvelope = \"typed\"");
+        let v: Value = serde_json::from_str(&notification(&note("plain"), &w)).unwrap();
+        assert_eq!(v["type"], "employee_changes");
+        assert_eq!(v["data"], "plain");
+    }
+
     #[test]
     fn json_payloads_are_embedded_and_others_are_strings() {
-        let v: Value = serde_json::from_str(&notification(&note(r#"{"id":1,"name":"Ann"}"#))).unwrap();
+        let w = bridge("");
+        let v: Value = serde_json::from_str(&notification(&note(r#"{"id":1,"name":"Ann"}"#), &w)).unwrap();
         assert_eq!(v["type"], "notification");
         assert_eq!(v["payload"]["name"], "Ann");
         assert_eq!(v["pid"], 42);
         assert_eq!(v["messageId"], 7);
         assert_eq!(v["timestamp"], "1970-01-01T00:00:00.000Z");
-        let v: Value = serde_json::from_str(&notification(&note("not json {"))).unwrap();
+        let v: Value = serde_json::from_str(&notification(&note("not json {"), &w)).unwrap();
         assert_eq!(v["payload"], "not json {");
     }
 }

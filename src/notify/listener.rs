@@ -1,7 +1,11 @@
 //! The hub's listener connection: LISTEN/UNLISTEN as subscribers come and go, notifications
-//! in, and reconnection with backoff (re-LISTENing everything and telling subscribers).
+//! in, reconnection with backoff (re-LISTENing everything and telling subscribers), and a
+//! check every `listener_check_interval` that the connection still receives: a NOTIFY on a
+//! private channel must come back within `listener_check_timeout`, or the connection is
+//! replaced. A stalled backend or a path that silently drops packets shows no error of its
+//! own; only a round trip proves the listener alive.
 
-use super::{Cmd, Hub};
+use super::{CHECK_CHANNEL, Cmd, Hub};
 use crate::pool::Release;
 use crate::server::{ServerConn, ServerError};
 use postgres_protocol::escape::escape_identifier;
@@ -42,12 +46,12 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
                 let Some(h) = hub.upgrade() else { return };
                 let wanted = h.wanted();
                 drop(h);
-                let mut result = Ok(());
+                let mut result = command(&hub, &mut server, "LISTEN", CHECK_CHANNEL).await;
                 for ch in &wanted {
-                    result = command(&hub, &mut server, "LISTEN", ch).await;
                     if result.is_err() {
                         break;
                     }
+                    result = command(&hub, &mut server, "LISTEN", ch).await;
                 }
                 match result {
                     Ok(()) => {
@@ -72,7 +76,7 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
                         connected_before = true;
                         match serve(&hub, &mut server, &mut cmds, &shutdown).await {
                             None => return,
-                            Some(e) => e.to_string(),
+                            Some(e) => e,
                         }
                     }
                     Err(e) => crate::error::chain(&e),
@@ -90,17 +94,29 @@ pub(super) async fn run(hub: Weak<Hub>, mut cmds: mpsc::UnboundedReceiver<Cmd>, 
     }
 }
 
-/// Relays commands and notifications until the connection fails (`Some(error)`) or the
-/// broker stops (`None`).
+/// Relays commands and notifications, and checks the connection, until it fails
+/// (`Some(why)`) or the broker stops (`None`).
 async fn serve(
     hub: &Weak<Hub>,
     server: &mut ServerConn,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
     shutdown: &CancellationToken,
-) -> Option<ServerError> {
+) -> Option<String> {
+    let mut next_check = next_check(hub)?;
     loop {
         deliver(hub, server)?;
         let result = tokio::select! {
+            () = sleep_until(next_check), if next_check.is_some() => {
+                let (_, within) = hub.upgrade()?.check_settings();
+                if let Err(why) = check(hub, server, within).await {
+                    let h = hub.upgrade()?;
+                    h.stats.check_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    (h.emit)("listener_replaced", serde_json::json!({"database": h.database, "reason": why}));
+                    return Some(why);
+                }
+                next_check = self::next_check(hub)?;
+                Ok(())
+            }
             _ = shutdown.cancelled() => return None,
             cmd = cmds.recv() => match cmd {
                 None => return None,
@@ -122,8 +138,51 @@ async fn serve(
             n = server.next_notification() => n.map(|n| server.notifications.push_front(n)),
         };
         if let Err(e) = result {
-            return Some(e);
+            return Some(e.to_string());
         }
+    }
+}
+
+/// When the next listener check is due (`None` inside: checks are off); `None` if the hub
+/// is gone.
+fn next_check(hub: &Weak<Hub>) -> Option<Option<tokio::time::Instant>> {
+    let (every, _) = hub.upgrade()?.check_settings();
+    Some((!every.is_zero()).then(|| tokio::time::Instant::now() + every))
+}
+
+/// Waits until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sequence of the check notifications, so that each check waits for its own.
+static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Proves the connection receives: a NOTIFY on `CHECK_CHANNEL` sent on it must come back to
+/// it (a session gets its own notifications) within `within`. Other notifications that
+/// arrive meanwhile go to the hub as usual.
+async fn check(hub: &Weak<Hub>, server: &mut ServerConn, within: Duration) -> Result<(), String> {
+    let token = CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string();
+    let sql = format!("NOTIFY {}, '{token}'", escape_identifier(CHECK_CHANNEL));
+    let h = hub.upgrade();
+    let mut seen = false;
+    let server_pid = server.cancel.pid;
+    let mut notified = |n: crate::server::Notification| {
+        if n.channel == CHECK_CHANNEL && n.payload == token && n.pid == server_pid {
+            seen = true;
+        } else if let Some(h) = &h {
+            h.dispatch(n.pid, n.channel, n.payload);
+        }
+    };
+    match tokio::time::timeout(within, server.simple_query_notifying(&sql, &mut notified)).await {
+        Err(_) => Err(format!("listener check: no answer within {within:?} (listener_check_timeout)")),
+        Ok(Err(e)) => Err(format!("listener check: {e}")),
+        Ok(Ok(Err(e))) => Err(format!("listener check: NOTIFY refused: {}", e.message)),
+        Ok(Ok(Ok(()))) if seen => Ok(()),
+        Ok(Ok(Ok(()))) => Err("listener check: its own notification did not come back".to_string()),
     }
 }
 

@@ -6,13 +6,17 @@ pub mod command;
 pub(crate) mod json;
 pub use json::rfc3339;
 mod listener;
+pub mod replay;
 pub mod ws;
 
+use crate::config::WebSocket;
 use crate::pool::Pool;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use axum::extract::ws::Utf8Bytes;
+use replay::Replay;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -28,17 +32,24 @@ pub struct Notification {
     pub payload: String,
     /// The notifying backend's process id.
     pub pid: i32,
-    /// Monotonic per database, so a client can see gaps.
+    /// Increasing across listener reconnects and restarts (see `Replay::next_id`): what a
+    /// client sends back to resume.
     pub message_id: u64,
     /// When the broker received it.
     pub received_at: SystemTime,
-    json: OnceLock<String>,
+    json: OnceLock<Utf8Bytes>,
 }
 
 impl Notification {
-    /// The bridge's JSON for it, built once however many clients get it.
-    pub fn json(&self) -> &str {
-        self.json.get_or_init(|| json::notification(self))
+    /// A notification received now.
+    pub fn new(message_id: u64, channel: String, payload: String, pid: i32) -> Notification {
+        Notification { channel, payload, pid, message_id, received_at: SystemTime::now(), json: OnceLock::new() }
+    }
+
+    /// The bridge's message for it in its channel's shape, built once and shared by every
+    /// client that gets it.
+    pub fn json(&self, w: &WebSocket) -> Utf8Bytes {
+        self.json.get_or_init(|| json::notification(self, w).into()).clone()
     }
 }
 
@@ -50,6 +61,13 @@ pub enum Event {
     /// The listener connection was re-established: notifications in between may be lost.
     Resync(Arc<str>),
 }
+
+/// The private channel on which the listener proves it still receives (see `listener`).
+pub const CHECK_CHANNEL: &str = "pgbroker.listener_check";
+
+/// Channels kept listened on after their last subscriber left, per database, so that a
+/// client that reconnects can resume them; past this the oldest is unlistened.
+const RETAINED_MAX: usize = 256;
 
 /// Why a channel name cannot be listened on.
 pub fn check_channel(name: &str) -> Result<(), &'static str> {
@@ -97,6 +115,12 @@ struct Inner {
     /// Channels whose LISTEN is queued but not yet done: whatever arrives on them was sent
     /// before it, and none of their subscribers (all newer than it) may get it.
     pending: HashSet<String>,
+    /// Channels without subscribers still listened on for resumes, oldest first.
+    retained: VecDeque<String>,
+    /// Recent notifications and the channels' listening history.
+    replay: Replay,
+    /// `listener_check_interval` and `listener_check_timeout`.
+    check: (Duration, Duration),
 }
 
 /// Counters for the admin console and metrics.
@@ -110,7 +134,16 @@ pub struct HubStats {
     pub dropped_slow: AtomicU64,
     /// Times the listener connection was re-established.
     pub reconnects: AtomicU64,
+    /// Listener checks that failed (the listener was then replaced).
+    pub check_failures: AtomicU64,
+    /// Resumes served from the replay buffer.
+    pub resumed: AtomicU64,
+    /// Resumes answered with `resync`.
+    pub resume_gaps: AtomicU64,
 }
+
+/// Publishes a broker event (kind and JSON fields), as `Events::emit`.
+pub type Emit = Arc<dyn Fn(&str, serde_json::Value) + Send + Sync>;
 
 /// The fan-out point of one database.
 pub struct Hub {
@@ -118,8 +151,8 @@ pub struct Hub {
     pool: Arc<Pool>,
     inner: Mutex<Inner>,
     next_sub: AtomicU64,
-    next_message: AtomicU64,
     cmds: mpsc::UnboundedSender<Cmd>,
+    emit: Emit,
     /// Counters.
     pub stats: HubStats,
 }
@@ -145,9 +178,11 @@ impl Drop for Subscription {
 impl Subscription {
     /// Subscribes to `channels` (already checked) and waits until the listener LISTENs on
     /// the new ones, so that every notification sent after this returns is delivered.
-    /// Refused as a whole if it would take the subscriber past `cap` channels.
-    pub async fn subscribe(&self, channels: &[String], cap: usize) -> Result<(), TooManyChannels> {
-        let acks = self.hub.subscribe(self.id, channels, cap)?;
+    /// Refused as a whole if it would take the subscriber past `cap` channels. With `resume`
+    /// (a `lastMessageId`), what the replay buffer holds after it on these channels is
+    /// queued first, or a `resync` when some of it may be missing.
+    pub async fn subscribe(&self, channels: &[String], cap: usize, resume: Option<u64>) -> Result<(), TooManyChannels> {
+        let acks = self.hub.subscribe(self.id, channels, cap, resume)?;
         for ack in acks {
             // On timeout or a lost connection the LISTEN still happens at reconnect.
             let _ = tokio::time::timeout(LISTEN_WAIT, ack).await;
@@ -170,19 +205,50 @@ impl Hub {
     /// A hub for `database` whose listener connection comes from `pool` (size 1, counted in
     /// the budget). Channels in `fixed` are always listened on. The listener task ends with
     /// `shutdown` or when the hub is dropped.
-    pub fn start(database: &str, pool: Arc<Pool>, fixed: &[String], shutdown: CancellationToken) -> Arc<Hub> {
+    pub fn start(
+        database: &str,
+        pool: Arc<Pool>,
+        fixed: &[String],
+        w: &WebSocket,
+        emit: Emit,
+        shutdown: CancellationToken,
+    ) -> Arc<Hub> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let fixed = fixed.iter().chain(&w.default_channels).cloned().collect();
         let hub = Arc::new(Hub {
             database: database.to_string(),
             pool,
-            inner: Mutex::new(Inner { fixed: fixed.iter().cloned().collect(), ..Inner::default() }),
+            inner: Mutex::new(Inner { fixed, ..Inner::default() }),
             next_sub: AtomicU64::new(1),
-            next_message: AtomicU64::new(1),
             cmds: tx,
+            emit,
             stats: HubStats::default(),
         });
+        hub.configure(w);
         tokio::spawn(listener::run(Arc::downgrade(&hub), rx, shutdown));
         hub
+    }
+
+    /// Takes the bridge's live settings: replay caps, listener checks, and default channels
+    /// (new ones are listened on from now; removed ones stay until the broker restarts).
+    pub fn configure(&self, w: &WebSocket) {
+        let mut inner = self.lock();
+        inner.replay.set_limits(w.replay_buffer, w.replay_buffer_bytes);
+        inner.check = (w.listener_check_interval, w.listener_check_timeout);
+        for ch in &w.default_channels {
+            if !inner.fixed.contains(ch) {
+                inner.fixed.insert(ch.clone());
+                if !inner.channels.contains_key(ch) && !inner.retained.contains(ch) {
+                    inner.pending.insert(ch.clone());
+                    let _ = self.cmds.send(Cmd::Listen(ch.clone(), None));
+                }
+            }
+        }
+    }
+
+    /// `listener_check_interval` and `listener_check_timeout`.
+    fn check_settings(&self) -> (Duration, Duration) {
+        self.lock().check
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -206,7 +272,8 @@ impl Hub {
     /// Channels the listener must be LISTENing on now.
     fn wanted(&self) -> Vec<String> {
         let inner = self.lock();
-        inner.channels.keys().chain(inner.fixed.iter()).cloned().collect::<HashSet<_>>().into_iter().collect()
+        let all = inner.channels.keys().chain(inner.fixed.iter()).chain(inner.retained.iter());
+        all.cloned().collect::<HashSet<_>>().into_iter().collect()
     }
 
     /// Channels subscriber `id` is subscribed to.
@@ -224,6 +291,7 @@ impl Hub {
         id: u64,
         channels: &[String],
         cap: usize,
+        resume: Option<u64>,
     ) -> Result<Vec<oneshot::Receiver<()>>, TooManyChannels> {
         let mut inner = self.lock();
         let held = inner.subs.get(&id).map_or(0, |s| s.channels.len());
@@ -232,9 +300,17 @@ impl Hub {
         if held + new.len() > cap {
             return Err(TooManyChannels(cap));
         }
+        if let Some(after) = resume {
+            // Under the lock that dispatch takes: nothing is delivered between the replay
+            // and the live stream, nor twice.
+            self.resume(&inner, id, after, channels);
+        }
         let mut acks = Vec::new();
         for ch in new {
-            let first = !inner.channels.contains_key(ch) && !inner.fixed.contains(ch);
+            if let Some(at) = inner.retained.iter().position(|c| c == ch) {
+                inner.retained.remove(at);
+            }
+            let first = !inner.channels.contains_key(ch) && !inner.fixed.contains(ch) && !inner.replay.is_listened(ch);
             inner.channels.entry(ch.clone()).or_default().insert(id);
             if let Some(sub) = inner.subs.get_mut(&id) {
                 sub.channels.insert(ch.clone());
@@ -259,19 +335,53 @@ impl Hub {
             if let Some(sub) = inner.subs.get_mut(&id) {
                 sub.channels.remove(ch);
             }
-            self.drop_from_channel(&mut inner, id, ch);
+            self.drop_from_channel(&mut inner, id, ch, false);
         }
     }
 
-    fn drop_from_channel(&self, inner: &mut Inner, id: u64, ch: &str) {
-        if let Some(set) = inner.channels.get_mut(ch) {
-            set.remove(&id);
-            if set.is_empty() {
-                inner.channels.remove(ch);
-                if !inner.fixed.contains(ch) {
-                    let _ = self.cmds.send(Cmd::Unlisten(ch.to_string()));
+    /// Queues to subscriber `id` what the replay buffer holds after `after` on `channels`,
+    /// or a `resync` when some of it may be missing (or does not fit its queue).
+    fn resume(&self, inner: &Inner, id: u64, after: u64, channels: &[String]) {
+        let Some(sub) = inner.subs.get(&id) else { return };
+        let gap = match inner.replay.since(after, channels) {
+            Ok(missed) if missed.len() <= sub.tx.capacity() => {
+                for n in missed {
+                    let _ = sub.tx.try_send(Event::Notify(n));
                 }
+                self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                return;
             }
+            Ok(missed) => format!("{} notifications were missed, more than the client's queue holds", missed.len()),
+            Err(gap) => gap.to_string(),
+        };
+        self.stats.resume_gaps.fetch_add(1, Ordering::Relaxed);
+        let _ = sub.tx.try_send(Event::Resync(gap.into()));
+    }
+
+    /// Takes subscriber `id` off `ch`. When it was the last, the channel is unlistened; but
+    /// with `retain` (the subscriber left rather than unsubscribed: it may be reconnecting)
+    /// and resume on, it stays listened for a while (see `RETAINED_MAX`).
+    fn drop_from_channel(&self, inner: &mut Inner, id: u64, ch: &str, retain: bool) {
+        let Some(set) = inner.channels.get_mut(ch) else { return };
+        set.remove(&id);
+        if !set.is_empty() {
+            return;
+        }
+        inner.channels.remove(ch);
+        if inner.fixed.contains(ch) {
+            return;
+        }
+        // With resume on, the channel stays listened for a while: its last subscriber may
+        // be reconnecting.
+        let unlisten = if retain && inner.replay.keeps() {
+            inner.retained.push_back(ch.to_string());
+            if inner.retained.len() > RETAINED_MAX { inner.retained.pop_front() } else { None }
+        } else {
+            Some(ch.to_string())
+        };
+        if let Some(ch) = unlisten {
+            inner.replay.unlistened(&ch);
+            let _ = self.cmds.send(Cmd::Unlisten(ch));
         }
     }
 
@@ -279,7 +389,7 @@ impl Hub {
         let mut inner = self.lock();
         if let Some(sub) = inner.subs.remove(&id) {
             for ch in sub.channels {
-                self.drop_from_channel(&mut inner, id, &ch);
+                self.drop_from_channel(&mut inner, id, &ch, true);
             }
         }
     }
@@ -287,18 +397,17 @@ impl Hub {
     /// Hands a notification to every subscriber of its channel. A subscriber whose queue is
     /// full is cut off (its `kicked` token fires) rather than slowing anyone else.
     fn dispatch(&self, pid: i32, channel: String, payload: String) {
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
-        let n = Arc::new(Notification {
-            message_id: self.next_message.fetch_add(1, Ordering::Relaxed),
-            received_at: SystemTime::now(),
-            channel,
-            payload,
-            pid,
-            json: OnceLock::new(),
-        });
-        let mut inner = self.lock();
-        if inner.pending.contains(&n.channel) {
+        if channel == CHECK_CHANNEL {
             return;
+        }
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        if inner.pending.contains(&channel) {
+            return;
+        }
+        let n = Arc::new(Notification::new(inner.replay.next_id(), channel, payload, pid));
+        if inner.replay.is_listened(&n.channel) {
+            inner.replay.keep(&n);
         }
         let Some(ids) = inner.channels.get(&n.channel) else { return };
         let mut slow = Vec::new();
@@ -318,7 +427,7 @@ impl Hub {
             if let Some(sub) = inner.subs.remove(&id) {
                 sub.kicked.cancel();
                 for ch in sub.channels {
-                    self.drop_from_channel(&mut inner, id, &ch);
+                    self.drop_from_channel(&mut inner, id, &ch, true);
                 }
             }
         }
@@ -331,8 +440,14 @@ impl Hub {
         match channel {
             Some(ch) => {
                 inner.pending.remove(ch);
+                inner.replay.listened(ch);
             }
-            None => inner.pending.clear(),
+            None => {
+                inner.pending.clear();
+                let all: HashSet<String> =
+                    inner.channels.keys().chain(inner.fixed.iter()).chain(inner.retained.iter()).cloned().collect();
+                inner.replay.gap(all);
+            }
         }
     }
 

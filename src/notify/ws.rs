@@ -67,6 +67,18 @@ impl WsCounts {
 pub struct Params {
     database: Option<String>,
     token: Option<String>,
+    /// Channels to subscribe to on connect, comma-separated.
+    channels: Option<String>,
+    /// Resume after this notification.
+    #[serde(rename = "lastMessageId")]
+    last_message_id: Option<String>,
+}
+
+/// What a connection subscribes to as it opens: `websocket.default_channels` and
+/// `?channels=`, resumed after `?lastMessageId=`.
+struct OnConnect {
+    channels: Vec<String>,
+    resume: Option<u64>,
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
@@ -96,6 +108,17 @@ pub async fn handler(
             "cross-origin WebSocket refused: list the page's origin in websocket.allowed_origins, or configure tokens",
         );
     }
+    let resume = match params.last_message_id.as_deref().map(command::message_id).transpose() {
+        Ok(r) => r,
+        Err(refusal) => return refuse(StatusCode::BAD_REQUEST, &refusal.message),
+    };
+    let mut channels = w.default_channels.clone();
+    for ch in params.channels.iter().flat_map(|c| c.split(',')).map(str::trim).filter(|c| !c.is_empty()) {
+        if !channels.iter().any(|c| c == ch) {
+            channels.push(ch.to_string());
+        }
+    }
+    let on_connect = OnConnect { channels, resume };
     let allowed = match token_channels(&cfg, &headers, params.token.as_deref()) {
         Ok(a) => a,
         Err(()) => return refuse(StatusCode::UNAUTHORIZED, "missing or unknown bearer token"),
@@ -123,11 +146,14 @@ pub async fn handler(
     // Without a listener for this database the broker's own channels still work; database
     // channels then answer with the reason.
     let (sub, hub_error) = match app.hub(&cfg, &database) {
-        Ok(h) => (Some(h.register(w.ws_send_queue)), None),
+        Ok(h) => {
+            h.configure(w);
+            (Some(h.register(w.ws_send_queue)), None)
+        }
         Err(e) => (None, Some(e)),
     };
-    limits(upgrade)
-        .on_upgrade(move |socket| session(socket, Hubbed { sub, error: hub_error }, allowed, cfg, admission, app))
+    let hubbed = Hubbed { sub, error: hub_error };
+    limits(upgrade).on_upgrade(move |socket| session(socket, hubbed, on_connect, allowed, cfg, admission, app))
 }
 
 /// The bridge's size limits on an upgrade; one function so the `ws_frames` fuzz target runs
@@ -227,6 +253,7 @@ async fn send(socket: &mut WebSocket, msg: Message, bound: &Bound<'_>) -> Result
 async fn session(
     mut socket: WebSocket,
     mut sub: Hubbed,
+    on_connect: OnConnect,
     allowed: Option<Vec<String>>,
     cfg: Arc<Config>,
     _admission: Admission,
@@ -240,7 +267,15 @@ async fn session(
     // not answer a ping within it.
     let bound = Bound { limit: w.pong_timeout.max(STUCK_CLOSE_WAIT), kicked: &kicked, shutdown: &shutdown };
     let id = app.ws.next_id();
-    let end = match send(&mut socket, Message::Text(json::ack(id).into()), &bound).await {
+    let mut opened = send(&mut socket, Message::Text(json::ack(id).into()), &bound).await;
+    if opened.is_ok() && !on_connect.channels.is_empty() {
+        let reply = match command::check_channels(on_connect.channels, allowed.as_deref()) {
+            Ok((broker, database)) => subscribe(&sub, &app, &mut reserved, broker, database, on_connect.resume).await,
+            Err(refusal) => refusal.to_json(),
+        };
+        opened = send(&mut socket, Message::Text(reply.into()), &bound).await;
+    }
+    let end = match opened {
         Ok(()) => session_loop(&mut socket, &mut sub, &mut reserved, allowed.as_deref(), &cfg, &app, &bound).await,
         Err(end) => end,
     };
@@ -279,11 +314,11 @@ async fn session_loop(
             _ = bound.shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "pgbroker is shutting down"),
             ev = sub.recv() => {
                 let text = match ev {
-                    Some(Event::Notify(n)) => n.json().to_string(),
-                    Some(Event::Resync(reason)) => json::resync(&reason),
+                    Some(Event::Notify(n)) => n.json(w),
+                    Some(Event::Resync(reason)) => json::resync(&reason).into(),
                     None => return End::Gone,
                 };
-                send(socket, Message::Text(text.into()), bound).await
+                send(socket, Message::Text(text), bound).await
             }
             r = recv_reserved(&mut reserved.events) => {
                 send(socket, Message::Text(reserved_text(r, &mut reserved.events).into()), bound).await
@@ -413,6 +448,38 @@ fn all_channels(reserved: &Reserved, hub: Vec<String>) -> Vec<String> {
     v
 }
 
+/// Subscribes to broker and database channels (checked), resuming the latter after
+/// `resume`; returns the reply.
+async fn subscribe(
+    sub: &Hubbed,
+    app: &App,
+    reserved: &mut Reserved,
+    broker: Vec<String>,
+    database: Vec<String>,
+    resume: Option<u64>,
+) -> String {
+    for ch in &broker {
+        if let Some(slot) = reserved.slot(ch)
+            && slot.is_none()
+        {
+            *slot = app.events.subscribe(ch);
+        }
+    }
+    let hub = match (&sub.sub, database.is_empty()) {
+        (Some(s), true) => s.channels(),
+        (Some(s), false) => {
+            let cap = app.config().websocket.max_channels_per_client;
+            if let Err(e) = s.subscribe(&database, cap, resume).await {
+                return json::error("too_many_channels", &e.to_string());
+            }
+            s.channels()
+        }
+        (None, true) => Vec::new(),
+        (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
+    };
+    json::channels("subscribed", &all_channels(reserved, hub))
+}
+
 /// Runs one JSON command and returns the reply.
 async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Option<&[String]>, text: &str) -> String {
     let cmd = match command::parse(text, allowed) {
@@ -420,27 +487,8 @@ async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Opti
         Err(refusal) => return refusal.to_json(),
     };
     match cmd {
-        Command::Subscribe { broker, database } => {
-            for ch in &broker {
-                if let Some(slot) = reserved.slot(ch)
-                    && slot.is_none()
-                {
-                    *slot = app.events.subscribe(ch);
-                }
-            }
-            let hub = match (&sub.sub, database.is_empty()) {
-                (Some(s), true) => s.channels(),
-                (Some(s), false) => {
-                    let cap = app.config().websocket.max_channels_per_client;
-                    if let Err(e) = s.subscribe(&database, cap).await {
-                        return json::error("too_many_channels", &e.to_string());
-                    }
-                    s.channels()
-                }
-                (None, true) => Vec::new(),
-                (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
-            };
-            json::channels("subscribed", &all_channels(reserved, hub))
+        Command::Subscribe { broker, database, resume } => {
+            subscribe(sub, app, reserved, broker, database, resume).await
         }
         Command::Unsubscribe(channels) => {
             match channels.as_deref() {

@@ -56,7 +56,9 @@ impl Listens {
         }
         if let Some(sub) = &self.sub {
             let cap = cfg.websocket.max_channels_per_client;
-            sub.subscribe(&[channel], cap).await.map_err(|e| (SqlState::PROGRAM_LIMIT_EXCEEDED, e.to_string()))?;
+            sub.subscribe(&[channel], cap, None)
+                .await
+                .map_err(|e| (SqlState::PROGRAM_LIMIT_EXCEEDED, e.to_string()))?;
         }
         Ok(())
     }
