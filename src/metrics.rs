@@ -252,6 +252,8 @@ impl Metrics {
             self.counter("pgbroker_notification_listener_reconnects_total", &l, hub.stats.reconnects.load(Relaxed));
             let failures = hub.stats.check_failures.load(Relaxed);
             self.counter("pgbroker_notification_listener_check_failures_total", &l, failures);
+            let dropped = hub.stats.payloads_dropped.load(Relaxed);
+            self.counter("pgbroker_notification_payloads_dropped_total", &l, dropped);
             for (result, n) in [("replayed", &hub.stats.resumed), ("resync", &hub.stats.resume_gaps)] {
                 let l = [("database", hub.database().to_string()), ("result", result.to_string())];
                 self.counter("pgbroker_notification_resumes_total", &l, n.load(Relaxed));

@@ -387,3 +387,40 @@ async fn a_listener_whose_path_drops_packets_is_found_out_and_replaced_with_resy
     direct("bench").await.simple_query("SELECT pg_notify('path_watch', 'after')").await.unwrap();
     assert_eq!(next_json(&mut ws).await["payload"], "after", "the new listener delivers");
 }
+
+/// Installs the shipped `pgbroker_notify` function.
+async fn install_notify_function() {
+    let c = direct("bench").await;
+    // Installed concurrently by several tests: CREATE OR REPLACE races on the catalog row,
+    // so each waits for the others under one lock.
+    let sql =
+        format!("BEGIN; SELECT pg_advisory_xact_lock(4242); {} COMMIT;", include_str!("../conf/pgbroker-notify.sql"));
+    c.batch_execute(&sql).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_200_kib_payload_sent_with_the_shipped_function_arrives_whole() {
+    install_notify_function().await;
+    let b = broker(config()).await;
+    let (mut ws, _) = open_subscribed(&url(b.http_addr(), "bench", "&channels=big_rows")).await;
+    let row = json!({"id": 1, "blob": "é".repeat(100 * 1024)}).to_string();
+    let app = connect_bench(b.local_addr()).await;
+    app.execute("SELECT pgbroker_notify('big_rows', $1)", &[&row]).await.unwrap();
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["payload"]["blob"].as_str().map(str::len), Some(200 * 1024), "the whole row, as one message");
+    assert_eq!(m["payload"]["id"], 1);
+}
+
+#[tokio::test]
+async fn a_payload_over_max_payload_bytes_is_dropped_and_counted_and_the_next_ones_arrive() {
+    install_notify_function().await;
+    let b = broker(config_with("scram-sha-256", "[websocket]\nmax_payload_bytes = 100000")).await;
+    let (mut ws, _) = open_subscribed(&url(b.http_addr(), "bench", "&channels=too_big")).await;
+    let app = connect_bench(b.local_addr()).await;
+    app.simple_query("SELECT pgbroker_notify('too_big', repeat('x', 200000))").await.unwrap();
+    app.simple_query("SELECT pgbroker_notify('too_big', 'small')").await.unwrap();
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["payload"], "small", "the oversized one was dropped");
+    let hub = hub(&b, "bench").await;
+    assert_eq!(hub.stats.payloads_dropped.load(Ordering::Relaxed), 1);
+}

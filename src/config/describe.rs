@@ -114,6 +114,7 @@ impl Config {
         let _ = writeln!(s, "default_channels = {:?}", w.default_channels);
         let _ = writeln!(s, "replay_buffer = {}", w.replay_buffer);
         let _ = writeln!(s, "replay_buffer_bytes = {}", w.replay_buffer_bytes);
+        let _ = writeln!(s, "max_payload_bytes = {}", w.max_payload_bytes);
         for (name, c) in &w.channels {
             let _ = writeln!(s, "[websocket.channels.{name:?}]");
             if let Some(k) = &c.kind {

@@ -191,6 +191,8 @@ pub struct WebSocket {
     pub listener_check_interval: Duration,
     /// How long the proof may take before the listener is replaced.
     pub listener_check_timeout: Duration,
+    /// Largest payload `pgbroker_notify` may send in pieces; larger ones are dropped.
+    pub max_payload_bytes: usize,
     /// Per-channel shapes (`[websocket.channels.NAME]`).
     pub channels: std::collections::BTreeMap<String, ChannelShape>,
 }

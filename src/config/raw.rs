@@ -173,6 +173,7 @@ pub struct WebSocket {
     pub replay_buffer_bytes: Option<i64>,
     pub listener_check_interval: Option<NumOrStr>,
     pub listener_check_timeout: Option<NumOrStr>,
+    pub max_payload_bytes: Option<i64>,
     pub channels: Option<std::collections::BTreeMap<String, Channel>>,
 }
 

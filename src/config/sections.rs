@@ -4,6 +4,8 @@ use super::*;
 
 /// Default of `websocket.replay_buffer`: notifications kept per database for resume.
 pub const DEFAULT_REPLAY_BUFFER: usize = 1000;
+/// Default of `websocket.max_payload_bytes`: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 /// Default of `websocket.replay_buffer_bytes`: 8 MiB of payloads per database.
 pub const DEFAULT_REPLAY_BUFFER_BYTES: usize = 8 << 20;
 
@@ -82,6 +84,12 @@ impl Validator<'_> {
                 30,
             )?,
             listener_check_timeout,
+            max_payload_bytes: self.int(
+                "websocket.max_payload_bytes",
+                w.max_payload_bytes,
+                DEFAULT_MAX_PAYLOAD_BYTES,
+                8000,
+            )?,
             channels,
         })
     }

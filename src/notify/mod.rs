@@ -2,6 +2,7 @@
 //! LISTENs on exactly the channels some subscriber (a WebSocket client, or a SQL client in
 //! transaction mode) wants, and hands each notification to their bounded queues.
 
+mod assemble;
 pub mod command;
 pub(crate) mod json;
 pub use json::rfc3339;
@@ -121,6 +122,10 @@ struct Inner {
     replay: Replay,
     /// `listener_check_interval` and `listener_check_timeout`.
     check: (Duration, Duration),
+    /// Payloads sent in pieces by `pgbroker_notify`, put back together.
+    assembler: assemble::Assembler,
+    /// `websocket.max_payload_bytes`.
+    max_payload: usize,
 }
 
 /// Counters for the admin console and metrics.
@@ -140,6 +145,8 @@ pub struct HubStats {
     pub resumed: AtomicU64,
     /// Resumes answered with `resync`.
     pub resume_gaps: AtomicU64,
+    /// `pgbroker_notify` payloads dropped: incomplete, or over `max_payload_bytes`.
+    pub payloads_dropped: AtomicU64,
 }
 
 /// Publishes a broker event (kind and JSON fields), as `Events::emit`.
@@ -235,6 +242,7 @@ impl Hub {
         let mut inner = self.lock();
         inner.replay.set_limits(w.replay_buffer, w.replay_buffer_bytes);
         inner.check = (w.listener_check_interval, w.listener_check_timeout);
+        inner.max_payload = w.max_payload_bytes;
         for ch in &w.default_channels {
             if !inner.fixed.contains(ch) {
                 inner.fixed.insert(ch.clone());
@@ -400,8 +408,13 @@ impl Hub {
         if channel == CHECK_CHANNEL {
             return;
         }
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
+        let max = inner.max_payload;
+        let Some(assemble::Whole { channel, payload }) = inner.assembler.push(pid, channel, payload, max) else {
+            self.stats.payloads_dropped.store(inner.assembler.dropped, Ordering::Relaxed);
+            return;
+        };
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
         if inner.pending.contains(&channel) {
             return;
         }
@@ -444,6 +457,7 @@ impl Hub {
             }
             None => {
                 inner.pending.clear();
+                inner.assembler.abandon("the listener connection it came on was replaced");
                 let all: HashSet<String> =
                     inner.channels.keys().chain(inner.fixed.iter()).chain(inner.retained.iter()).cloned().collect();
                 inner.replay.gap(all);
