@@ -106,6 +106,8 @@ struct Sub {
     kicked: CancellationToken,
     /// Kept in order, so listing them costs no sort.
     channels: BTreeSet<String>,
+    /// A WebSocket client (see `Hub::register`).
+    resumable: bool,
 }
 
 #[derive(Default)]
@@ -269,11 +271,13 @@ impl Hub {
     }
 
     /// Registers a subscriber with a queue of `queue` events.
-    pub fn register(self: &Arc<Self>, queue: usize) -> Subscription {
+    /// `resumable`: a WebSocket client, which may come back for what it missed (its
+    /// channels' notifications are kept for resumes, and stay listened after it leaves).
+    pub fn register(self: &Arc<Self>, queue: usize, resumable: bool) -> Subscription {
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(queue.max(1));
         let kicked = CancellationToken::new();
-        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: BTreeSet::new() });
+        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: BTreeSet::new(), resumable });
         Subscription { hub: self.clone(), id, rx, kicked }
     }
 
@@ -397,7 +401,7 @@ impl Hub {
         let mut inner = self.lock();
         if let Some(sub) = inner.subs.remove(&id) {
             for ch in sub.channels {
-                self.drop_from_channel(&mut inner, id, &ch, true);
+                self.drop_from_channel(&mut inner, id, &ch, sub.resumable);
             }
         }
     }
@@ -419,13 +423,11 @@ impl Hub {
             return;
         }
         let n = Arc::new(Notification::new(inner.replay.next_id(), channel, payload, pid));
-        if inner.replay.is_listened(&n.channel) {
-            inner.replay.keep(&n);
-        }
-        let Some(ids) = inner.channels.get(&n.channel) else { return };
         let mut slow = Vec::new();
-        for id in ids {
+        let mut resumable = false;
+        for id in inner.channels.get(&n.channel).into_iter().flatten() {
             let Some(sub) = inner.subs.get(id) else { continue };
+            resumable |= sub.resumable;
             match sub.tx.try_send(Event::Notify(n.clone())) {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -434,13 +436,20 @@ impl Hub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        // Kept only where a WebSocket client may come back for it (SQL clients cannot resume);
+        // elsewhere the channel's history starts over, so no resume spans what was not kept.
+        if resumable || inner.fixed.contains(&n.channel) || inner.retained.contains(&n.channel) {
+            inner.replay.keep(&n);
+        } else {
+            inner.replay.not_kept(&n.channel);
+        }
         for id in slow {
             self.stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(database = %self.database, subscriber = id, "notification queue full; closing slow subscriber");
             if let Some(sub) = inner.subs.remove(&id) {
                 sub.kicked.cancel();
                 for ch in sub.channels {
-                    self.drop_from_channel(&mut inner, id, &ch, true);
+                    self.drop_from_channel(&mut inner, id, &ch, sub.resumable);
                 }
             }
         }

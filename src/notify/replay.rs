@@ -101,6 +101,13 @@ impl Replay {
         self.since.extend(channels.into_iter().map(|c| (c, last)));
     }
 
+    /// A notification on `channel` was not kept: its history starts over after it.
+    pub fn not_kept(&mut self, channel: &str) {
+        if let Some(since) = self.since.get_mut(channel) {
+            *since = self.last;
+        }
+    }
+
     /// `channel` is no longer listened on.
     pub fn unlistened(&mut self, channel: &str) {
         self.since.remove(channel);
@@ -215,6 +222,15 @@ mod tests {
         note(&mut r, "a");
         r.listened("c");
         assert!(matches!(r.since(id.message_id, &ch(&["a", "c"])), Err(Gap::NotListened(c, _)) if c == "c"));
+    }
+
+    #[test]
+    fn a_notification_not_kept_is_a_gap_for_earlier_ids() {
+        let mut r = replay(10);
+        let id = note(&mut r, "a");
+        r.next_id();
+        r.not_kept("a");
+        assert!(matches!(r.since(id.message_id, &ch(&["a"])), Err(Gap::NotListened(..))));
     }
 
     #[test]

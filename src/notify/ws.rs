@@ -148,7 +148,7 @@ pub async fn handler(
     let (sub, hub_error) = match app.hub(&cfg, &database) {
         Ok(h) => {
             h.configure(w);
-            (Some(h.register(w.ws_send_queue)), None)
+            (Some(h.register(w.ws_send_queue, true)), None)
         }
         Err(e) => (None, Some(e)),
     };

@@ -52,7 +52,7 @@ impl Listens {
         check_channel(&channel).map_err(|why| (SqlState::INVALID_PARAMETER_VALUE, why.to_string()))?;
         if self.sub.is_none() {
             let hub = self.app.hub(cfg, &self.database).map_err(|e| (SqlState::FEATURE_NOT_SUPPORTED, e))?;
-            self.sub = Some(hub.register(cfg.websocket.ws_send_queue));
+            self.sub = Some(hub.register(cfg.websocket.ws_send_queue, false));
         }
         if let Some(sub) = &self.sub {
             let cap = cfg.websocket.max_channels_per_client;
