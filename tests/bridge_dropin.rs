@@ -424,3 +424,103 @@ async fn a_payload_over_max_payload_bytes_is_dropped_and_counted_and_the_next_on
     let hub = hub(&b, "bench").await;
     assert_eq!(hub.stats.payloads_dropped.load(Ordering::Relaxed), 1);
 }
+
+/// A table whose inserts notify `channel` through `pgbroker_notify`, and a config whose
+/// channel snapshot lists the table's ids.
+async fn snapshot_table(table: &str, channel: &str) -> Config {
+    install_notify_function().await;
+    let c = direct("bench").await;
+    c.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table};
+         CREATE TABLE {table} (id serial PRIMARY KEY);
+         CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger AS $$
+         BEGIN PERFORM pgbroker_notify('{channel}', row_to_json(NEW)::text); RETURN NULL; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER {table}_notify AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_notify();"
+    ))
+    .await
+    .unwrap();
+    config_with(
+        "scram-sha-256",
+        &format!(
+            "[websocket.channels.{channel}]\nsnapshot_query = \"SELECT coalesce(json_agg(id ORDER BY id), '[]') FROM {table}\""
+        ),
+    )
+}
+
+/// The ids in a snapshot message.
+fn snapshot_ids(m: &Value) -> Vec<u64> {
+    assert_eq!(m["type"], "snapshot", "{m}");
+    m["data"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_taken_during_inserts_then_the_changes_give_every_row_exactly_once() {
+    let cfg = snapshot_table("snap_rows", "snap_rows").await;
+    let b = broker(cfg).await;
+    // Rows go in before, during and after the subscription, each in its own transaction.
+    const ROWS: u64 = 400;
+    let writer = tokio::spawn(async move {
+        let c = direct("bench").await;
+        for _ in 0..ROWS {
+            c.batch_execute("INSERT INTO snap_rows DEFAULT VALUES").await.unwrap();
+        }
+    });
+    let db = direct("bench").await;
+    eventually("some rows before the subscription", Duration::from_secs(10), || async {
+        one(&db, "SELECT count(*) FROM snap_rows").await.parse::<u64>().unwrap() >= 50
+    })
+    .await;
+    let (mut ws, subscribed) = open_subscribed(&url(b.http_addr(), "bench", "&channels=snap_rows")).await;
+    assert_eq!(subscribed["type"], "subscribed");
+    let mut seen = snapshot_ids(&next_json(&mut ws).await);
+    assert!(seen.len() >= 50, "the snapshot has the rows inserted before it");
+    writer.await.unwrap();
+    let mut changes = Vec::new();
+    while seen.len() + changes.len() < ROWS as usize {
+        let m = next_json(&mut ws).await;
+        changes.push(m["payload"]["id"].as_u64().expect("a row"));
+    }
+    assert!(!changes.is_empty(), "some rows came as changes after the snapshot");
+    seen.extend(&changes);
+    seen.sort_unstable();
+    let all: Vec<u64> = (1..=ROWS).collect();
+    assert_eq!(seen, all, "every row exactly once: in the snapshot or as a change ({} changes)", changes.len());
+    direct("bench").await.simple_query("SELECT pg_notify('snap_rows', 'end')").await.unwrap();
+    assert_eq!(next_json(&mut ws).await["payload"], "end", "nothing more after the last row");
+}
+
+#[tokio::test]
+async fn after_a_resync_the_subscriber_gets_a_new_snapshot() {
+    let cfg = snapshot_table("snap_again", "snap_again").await;
+    let b = broker(cfg).await;
+    direct("bench").await.batch_execute("INSERT INTO snap_again DEFAULT VALUES").await.unwrap();
+    let (mut ws, _) = open_subscribed(&url(b.http_addr(), "bench", "&channels=snap_again")).await;
+    assert_eq!(snapshot_ids(&next_json(&mut ws).await), [1]);
+    let admin = direct("bench").await;
+    admin.batch_execute("INSERT INTO snap_again DEFAULT VALUES").await.unwrap();
+    assert_eq!(next_json(&mut ws).await["payload"]["id"], 2);
+    // The listener is replaced: the bridge cannot vouch for what happened meanwhile.
+    let killed = col(
+        &admin,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%snap_again%' AND query LIKE 'LISTEN%'",
+    )
+    .await;
+    assert_eq!(killed, ["t"]);
+    assert_eq!(next_json(&mut ws).await["type"], "resync");
+    assert_eq!(snapshot_ids(&next_json(&mut ws).await), [1, 2], "a fresh snapshot after the resync");
+}
+
+#[tokio::test]
+async fn a_failing_snapshot_query_is_reported_and_the_changes_still_come() {
+    let cfg = config_with(
+        "scram-sha-256",
+        "[websocket.channels.snap_broken]\nsnapshot_query = \"SELECT * FROM no_such_table\"",
+    );
+    let b = broker(cfg).await;
+    let (mut ws, _) = open_subscribed(&url(b.http_addr(), "bench", "&channels=snap_broken")).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!((m["type"].as_str(), m["code"].as_str()), (Some("error"), Some("snapshot_failed")), "{m}");
+    assert!(m["message"].as_str().unwrap().contains("no_such_table"));
+    direct("bench").await.simple_query("SELECT pg_notify('snap_broken', 'still')").await.unwrap();
+    assert_eq!(next_json(&mut ws).await["payload"], "still");
+}

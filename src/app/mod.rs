@@ -299,6 +299,14 @@ impl App {
         }))
     }
 
+    /// The pool the bridge runs its own queries through (`snapshot_query`): the database's,
+    /// as its configured user.
+    pub fn bridge_pool(&self, cfg: &Config, database: &str) -> Result<Arc<Pool>, String> {
+        let db = cfg.databases.get(database).ok_or_else(|| format!("database \"{database}\" is not configured"))?;
+        let user = db.user.as_deref().ok_or_else(|| format!("snapshot_query needs databases.{database}.user"))?;
+        Ok(self.pool(cfg, database, db, user, db.password.clone().map(Credential::Password)))
+    }
+
     fn shared_limit(&self, name: String, cap: u32) -> Arc<Limit> {
         let mut map = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
         let limit = map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap as usize)).clone();

@@ -14,10 +14,13 @@ pub struct Whole {
     pub channel: String,
     /// The whole payload.
     pub payload: String,
+    /// The sending transaction, for a payload `pgbroker_notify` sent.
+    pub xid: Option<u64>,
 }
 
 /// One piece, parsed.
 struct Piece<'a> {
+    xid: Option<u64>,
     call: &'a str,
     index: usize,
     total: usize,
@@ -27,18 +30,19 @@ struct Piece<'a> {
 fn parse(payload: &str) -> Option<Piece<'_>> {
     let rest = payload.strip_prefix(PREFIX)?;
     let mut parts = rest.splitn(5, ':');
-    let _xid = parts.next()?;
+    let xid = parts.next()?.parse().ok();
     let call = parts.next()?;
     let index = parts.next()?.parse().ok()?;
     let total = parts.next()?.parse().ok()?;
     let text = parts.next()?;
-    (index >= 1 && index <= total).then_some(Piece { call, index, total, text })
+    (index >= 1 && index <= total).then_some(Piece { xid, call, index, total, text })
 }
 
 /// The payload in assembly.
 #[derive(Debug)]
 struct Partial {
     pid: i32,
+    xid: Option<u64>,
     channel: String,
     call: String,
     next: usize,
@@ -61,7 +65,7 @@ impl Assembler {
     pub fn push(&mut self, pid: i32, channel: String, payload: String, max_bytes: usize) -> Option<Whole> {
         let Some(piece) = parse(&payload) else {
             self.abandon("a plain notification came between its pieces");
-            return Some(Whole { channel, payload });
+            return Some(Whole { channel, payload, xid: None });
         };
         if self.skipping.as_ref().is_some_and(|(p, c)| *p == pid && c == piece.call) {
             return None;
@@ -82,8 +86,15 @@ impl Assembler {
                 return None;
             }
             let text = String::with_capacity(piece.text.len().min(max_bytes));
-            self.partial =
-                Some(Partial { pid, channel, call: piece.call.to_string(), next: 1, total: piece.total, text });
+            self.partial = Some(Partial {
+                pid,
+                xid: piece.xid,
+                channel,
+                call: piece.call.to_string(),
+                next: 1,
+                total: piece.total,
+                text,
+            });
         }
         let p = self.partial.as_mut()?;
         if p.text.len() + piece.text.len() > max_bytes {
@@ -99,7 +110,7 @@ impl Assembler {
             return None;
         }
         let p = self.partial.take()?;
-        Some(Whole { channel: p.channel, payload: p.text })
+        Some(Whole { channel: p.channel, payload: p.text, xid: p.xid })
     }
 
     /// Gives up the payload in assembly, if any (the connection it came on is gone, or
@@ -134,7 +145,7 @@ mod tests {
     }
 
     fn whole(channel: &str, payload: &str) -> Option<Whole> {
-        Some(Whole { channel: channel.into(), payload: payload.into() })
+        Some(Whole { channel: channel.into(), payload: payload.into(), xid: None })
     }
 
     #[test]
@@ -148,7 +159,8 @@ mod tests {
         let mut a = Assembler::default();
         assert_eq!(a.push(1, "c".into(), piece("x", 1, 3, "ab"), CAP), None);
         assert_eq!(a.push(1, "c".into(), piece("x", 2, 3, "c:d"), CAP), None);
-        assert_eq!(a.push(1, "c".into(), piece("x", 3, 3, "e"), CAP), whole("c", "abc:de"));
+        let w = Whole { channel: "c".into(), payload: "abc:de".into(), xid: Some(1234) };
+        assert_eq!(a.push(1, "c".into(), piece("x", 3, 3, "e"), CAP), Some(w), "with its transaction id");
         assert_eq!(a.held(), 0);
     }
 
@@ -156,7 +168,8 @@ mod tests {
     fn a_payload_whose_pieces_stop_is_dropped_when_the_next_begins() {
         let mut a = Assembler::default();
         a.push(1, "c".into(), piece("x", 1, 3, "ab"), CAP);
-        assert_eq!(a.push(2, "c".into(), piece("y", 1, 1, "new"), CAP), whole("c", "new"));
+        let w = a.push(2, "c".into(), piece("y", 1, 1, "new"), CAP).unwrap();
+        assert_eq!(w.payload, "new");
         assert_eq!(a.dropped, 1);
     }
 

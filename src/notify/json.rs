@@ -31,6 +31,18 @@ pub fn notification(n: &Notification, w: &WebSocket) -> String {
     .to_string()
 }
 
+/// `{"type":"snapshot","channel":...,"data":...,"messageId":...}`, or, when the query
+/// failed, `{"type":"error","code":"snapshot_failed","channel":...,"message":...}`.
+pub fn snapshot(s: &super::hold::Snapshot) -> String {
+    match &s.data {
+        Ok(data) => {
+            let data = serde_json::from_str::<Value>(data).unwrap_or(Value::Null);
+            json!({"type": "snapshot", "channel": s.channel, "data": data, "messageId": s.message_id}).to_string()
+        }
+        Err(e) => json!({"type": "error", "code": "snapshot_failed", "channel": s.channel, "message": e}).to_string(),
+    }
+}
+
 /// `{"type":"connection_ack","connectionId":id}`.
 pub fn ack(id: u64) -> String {
     json!({"type": "connection_ack", "connectionId": id}).to_string()
@@ -103,6 +115,7 @@ mod tests {
             pid: 42,
             message_id: 7,
             received_at: UNIX_EPOCH,
+            xid: None,
             json: OnceLock::new(),
         }
     }

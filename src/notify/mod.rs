@@ -4,10 +4,12 @@
 
 mod assemble;
 pub mod command;
+pub mod hold;
 pub(crate) mod json;
 pub use json::rfc3339;
 mod listener;
 pub mod replay;
+mod snapshot;
 pub mod ws;
 
 use crate::config::WebSocket;
@@ -38,13 +40,16 @@ pub struct Notification {
     pub message_id: u64,
     /// When the broker received it.
     pub received_at: SystemTime,
+    /// The sending transaction, when `pgbroker_notify` sent it (see `hold`).
+    pub xid: Option<u64>,
     json: OnceLock<Utf8Bytes>,
 }
 
 impl Notification {
     /// A notification received now.
     pub fn new(message_id: u64, channel: String, payload: String, pid: i32) -> Notification {
-        Notification { channel, payload, pid, message_id, received_at: SystemTime::now(), json: OnceLock::new() }
+        let received_at = SystemTime::now();
+        Notification { channel, payload, pid, message_id, received_at, xid: None, json: OnceLock::new() }
     }
 
     /// The bridge's message for it in its channel's shape, built once and shared by every
@@ -61,6 +66,8 @@ pub enum Event {
     Notify(Arc<Notification>),
     /// The listener connection was re-established: notifications in between may be lost.
     Resync(Arc<str>),
+    /// A channel's snapshot (see `hold`), before its notifications.
+    Snapshot(Arc<hold::Snapshot>),
 }
 
 /// The private channel on which the listener proves it still receives (see `listener`).
@@ -108,6 +115,8 @@ struct Sub {
     channels: BTreeSet<String>,
     /// A WebSocket client (see `Hub::register`).
     resumable: bool,
+    /// Channels whose snapshot is on its way (see `hold`).
+    holds: HashMap<String, hold::Hold>,
 }
 
 #[derive(Default)]
@@ -199,6 +208,11 @@ impl Subscription {
         Ok(())
     }
 
+    /// The hub this subscription belongs to.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
     /// Unsubscribes from `channels` (`None` = all).
     pub fn unsubscribe(&self, channels: Option<&[String]>) {
         self.hub.unsubscribe(self.id, channels)
@@ -277,7 +291,10 @@ impl Hub {
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(queue.max(1));
         let kicked = CancellationToken::new();
-        self.lock().subs.insert(id, Sub { tx, kicked: kicked.clone(), channels: BTreeSet::new(), resumable });
+        self.lock().subs.insert(
+            id,
+            Sub { tx, kicked: kicked.clone(), channels: BTreeSet::new(), resumable, holds: HashMap::new() },
+        );
         Subscription { hub: self.clone(), id, rx, kicked }
     }
 
@@ -410,11 +427,14 @@ impl Hub {
     /// full is cut off (its `kicked` token fires) rather than slowing anyone else.
     fn dispatch(&self, pid: i32, channel: String, payload: String) {
         if channel == CHECK_CHANNEL {
+            if let Some(token) = payload.strip_prefix(SNAPSHOT_MARKER) {
+                self.marker(token);
+            }
             return;
         }
         let mut inner = self.lock();
         let max = inner.max_payload;
-        let Some(assemble::Whole { channel, payload }) = inner.assembler.push(pid, channel, payload, max) else {
+        let Some(assemble::Whole { channel, payload, xid }) = inner.assembler.push(pid, channel, payload, max) else {
             self.stats.payloads_dropped.store(inner.assembler.dropped, Ordering::Relaxed);
             return;
         };
@@ -422,12 +442,24 @@ impl Hub {
         if inner.pending.contains(&channel) {
             return;
         }
-        let n = Arc::new(Notification::new(inner.replay.next_id(), channel, payload, pid));
+        let mut n = Notification::new(inner.replay.next_id(), channel, payload, pid);
+        n.xid = xid;
+        let n = Arc::new(n);
         let mut slow = Vec::new();
         let mut resumable = false;
-        for id in inner.channels.get(&n.channel).into_iter().flatten() {
-            let Some(sub) = inner.subs.get(id) else { continue };
+        let Inner { channels, subs, .. } = &mut *inner;
+        for id in channels.get(&n.channel).into_iter().flatten() {
+            let Some(sub) = subs.get_mut(id) else { continue };
             resumable |= sub.resumable;
+            if let Some(hold) = sub.holds.get_mut(&n.channel) {
+                match hold.on_notification(&n) {
+                    hold::Verdict::Keep => continue,
+                    hold::Verdict::Deliver => {}
+                    hold::Verdict::DeliverAndRelease => {
+                        sub.holds.remove(&n.channel);
+                    }
+                }
+            }
             match sub.tx.try_send(Event::Notify(n.clone())) {
                 Ok(()) => {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -474,6 +506,48 @@ impl Hub {
         }
     }
 
+    /// Holds subscriber `id`'s notifications on `channel` until its snapshot is taken;
+    /// returns the marker payload to commit before taking it.
+    pub fn hold(&self, id: u64, channel: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let token = format!("{id}.{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        if let Some(sub) = self.lock().subs.get_mut(&id) {
+            sub.holds.insert(channel.to_string(), hold::Hold::new(token.clone()));
+        }
+        format!("{SNAPSHOT_MARKER}{token}")
+    }
+
+    /// A marker came through the listener.
+    fn marker(&self, token: &str) {
+        let Some(id) = token.split('.').next().and_then(|id| id.parse::<u64>().ok()) else { return };
+        let mut inner = self.lock();
+        let last = inner.replay.last();
+        let Some(sub) = inner.subs.get_mut(&id) else { return };
+        let mut done = Vec::new();
+        for (channel, hold) in sub.holds.iter_mut() {
+            let (events, over) = hold.on_marker(token, last, channel);
+            queue(&sub.tx, events);
+            if over {
+                done.push(channel.clone());
+            }
+        }
+        for channel in done {
+            sub.holds.remove(&channel);
+        }
+    }
+
+    /// Subscriber `id`'s snapshot of `channel` was taken (or failed).
+    pub fn taken(&self, id: u64, channel: &str, taken: hold::Taken) {
+        let mut inner = self.lock();
+        let Some(sub) = inner.subs.get_mut(&id) else { return };
+        let Some(hold) = sub.holds.get_mut(channel) else { return };
+        let (events, over) = hold.on_taken(taken, channel);
+        queue(&sub.tx, events);
+        if over {
+            sub.holds.remove(channel);
+        }
+    }
+
     /// Tells every subscriber that notifications may have been lost.
     fn resync(&self, reason: &str) {
         let reason: Arc<str> = reason.into();
@@ -484,6 +558,17 @@ impl Hub {
         }
     }
 }
+
+/// Queues events to a subscriber; one that does not fit is lost with the subscriber, whom
+/// the next notification cuts off.
+fn queue(tx: &mpsc::Sender<Event>, events: Vec<Event>) {
+    for e in events {
+        let _ = tx.try_send(e);
+    }
+}
+
+/// The prefix of a snapshot marker's payload on `CHECK_CHANNEL`.
+pub const SNAPSHOT_MARKER: &str = "snap:";
 
 /// Hubs by database, created on first use.
 #[derive(Default)]

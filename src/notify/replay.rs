@@ -70,6 +70,11 @@ impl Replay {
         self.max_count > 0
     }
 
+    /// The last id given.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
     /// Keeps a notification that was delivered.
     pub fn keep(&mut self, n: &Arc<Notification>) {
         if self.max_count == 0 {

@@ -2,6 +2,7 @@
 //! running subscribe/unsubscribe commands, notifications out, heartbeats and timeouts.
 
 use super::command::{self, Command};
+use super::hold::Taken;
 use super::{Event, Subscription, json};
 use crate::app::App;
 use crate::config::Config;
@@ -315,7 +316,14 @@ async fn session_loop(
             ev = sub.recv() => {
                 let text = match ev {
                     Some(Event::Notify(n)) => n.json(w),
-                    Some(Event::Resync(reason)) => json::resync(&reason).into(),
+                    Some(Event::Snapshot(s)) => json::snapshot(&s).into(),
+                    Some(Event::Resync(reason)) => {
+                        // What the client held may be stale: snapshots again, behind the resync.
+                        if let Some(s) = &sub.sub {
+                            snapshots(app, cfg, s, &s.channels(), None).await;
+                        }
+                        json::resync(&reason).into()
+                    }
                     None => return End::Gone,
                 };
                 send(socket, Message::Text(text), bound).await
@@ -468,16 +476,53 @@ async fn subscribe(
     let hub = match (&sub.sub, database.is_empty()) {
         (Some(s), true) => s.channels(),
         (Some(s), false) => {
-            let cap = app.config().websocket.max_channels_per_client;
+            let cfg = app.config();
+            let cap = cfg.websocket.max_channels_per_client;
+            // New channels with a snapshot are held from before their LISTEN (a resume
+            // instead gets what it missed, or a resync, which brings the snapshot).
+            let held = s.channels();
+            let new: Vec<String> = database.iter().filter(|c| !held.contains(c)).cloned().collect();
+            let markers = match resume {
+                None => hold(&cfg, s, &new),
+                Some(_) => Vec::new(),
+            };
             if let Err(e) = s.subscribe(&database, cap, resume).await {
+                for (ch, _) in &markers {
+                    s.hub().taken(s.id, ch, Taken { data: Err(e.to_string()), seen: None });
+                }
                 return json::error("too_many_channels", &e.to_string());
             }
+            snapshots(app, &cfg, s, &new, Some(markers)).await;
             s.channels()
         }
         (None, true) => Vec::new(),
         (None, false) => return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener")),
     };
     json::channels("subscribed", &all_channels(reserved, hub))
+}
+
+/// Holds `channels` that have a `snapshot_query` for `s`; their markers.
+fn hold(cfg: &Config, s: &Subscription, channels: &[String]) -> Vec<(String, String)> {
+    let w = &cfg.websocket;
+    let with_snapshot = channels.iter().filter(|c| w.channels.get(*c).is_some_and(|c| c.snapshot_query.is_some()));
+    with_snapshot.map(|c| (c.clone(), s.hub().hold(s.id, c))).collect()
+}
+
+/// Takes the snapshots of `channels` for `s`: those held in `markers`, or (`None`) every one
+/// of `channels` with a `snapshot_query`, held now.
+async fn snapshots(
+    app: &App,
+    cfg: &Config,
+    s: &Subscription,
+    channels: &[String],
+    markers: Option<Vec<(String, String)>>,
+) {
+    let markers = markers.unwrap_or_else(|| hold(cfg, s, channels));
+    for (ch, marker) in markers {
+        let Some(sql) = cfg.websocket.channels.get(&ch).and_then(|c| c.snapshot_query.as_deref()) else { continue };
+        let taken = super::snapshot::take(app, cfg, s.hub().database(), sql, &marker).await;
+        s.hub().taken(s.id, &ch, taken);
+    }
 }
 
 /// Runs one JSON command and returns the reply.

@@ -111,5 +111,7 @@ pub(super) fn write_event(ev: &Event, out: &mut BytesMut) {
             out.put_u8(0);
         }
         Event::Resync(reason) => build::error_response(out, Severity::Notice, SqlState::WARNING, reason, None),
+        // Snapshots are a WebSocket feature; a SQL client never asks for one.
+        Event::Snapshot(_) => {}
     }
 }
