@@ -60,10 +60,6 @@ pub struct Snapshot {
     pub message_id: u64,
 }
 
-/// Most notifications held for one channel while its snapshot is taken; past it the
-/// subscriber gets `resync` after the snapshot instead.
-const MAX_HELD: usize = 10_000;
-
 /// Where one channel of one subscriber is.
 #[derive(Debug)]
 pub enum Hold {
@@ -71,6 +67,8 @@ pub enum Hold {
     BeforeMarker {
         /// The marker's payload.
         token: String,
+        /// Most notifications to hold after the marker.
+        max: usize,
         /// The snapshot, if it was taken before its marker came through.
         taken: Option<Taken>,
     },
@@ -79,7 +77,10 @@ pub enum Hold {
         /// The last notification id when the marker came.
         marker_id: u64,
         held: Vec<Arc<Notification>>,
+        /// More came than `max` (what fits the subscriber's queue after the snapshot):
+        /// the subscriber gets `resync` after the snapshot instead.
         overflow: bool,
+        max: usize,
     },
     /// Live, dropping what the snapshot saw (known by transaction id), until the first
     /// notification it did not see: all later ones were committed later still.
@@ -97,17 +98,17 @@ pub enum Verdict {
 }
 
 impl Hold {
-    /// A hold waiting for marker `token`.
-    pub fn new(token: String) -> Hold {
-        Hold::BeforeMarker { token, taken: None }
+    /// A hold waiting for marker `token`, holding at most `max` notifications after it.
+    pub fn new(token: String, max: usize) -> Hold {
+        Hold::BeforeMarker { token, max, taken: None }
     }
 
     /// A notification arrived for the channel.
     pub fn on_notification(&mut self, n: &Arc<Notification>) -> Verdict {
         match self {
             Hold::BeforeMarker { .. } => Verdict::Keep,
-            Hold::Holding { held, overflow, .. } => {
-                if held.len() < MAX_HELD {
+            Hold::Holding { held, overflow, max, .. } => {
+                if held.len() < *max {
                     held.push(n.clone());
                 } else {
                     *overflow = true;
@@ -125,14 +126,15 @@ impl Hold {
     /// Marker `token` came through the listener, after notification `last_id`. Returns the
     /// events to queue (when the snapshot was already taken) and whether the hold is over.
     pub fn on_marker(&mut self, token: &str, last_id: u64, channel: &str) -> (Vec<Event>, bool) {
-        let Hold::BeforeMarker { token: t, taken } = self else { return (Vec::new(), false) };
+        let Hold::BeforeMarker { token: t, taken, max } = self else { return (Vec::new(), false) };
+        let max = *max;
         if t != token {
             return (Vec::new(), false);
         }
         match taken.take() {
             Some(taken) => self.release(taken, last_id, Vec::new(), false, channel),
             None => {
-                *self = Hold::Holding { marker_id: last_id, held: Vec::new(), overflow: false };
+                *self = Hold::Holding { marker_id: last_id, held: Vec::new(), overflow: false, max };
                 (Vec::new(), false)
             }
         }
@@ -146,7 +148,7 @@ impl Hold {
                 *slot = Some(taken);
                 (Vec::new(), false)
             }
-            Hold::Holding { marker_id, held, overflow } => {
+            Hold::Holding { marker_id, held, overflow, .. } => {
                 let (id, held, overflow) = (*marker_id, std::mem::take(held), *overflow);
                 self.release(taken, id, held, overflow, channel)
             }
@@ -234,7 +236,7 @@ mod tests {
 
     #[test]
     fn before_the_marker_everything_is_in_the_snapshot() {
-        let mut h = Hold::new("t".into());
+        let mut h = Hold::new("t".into(), 100);
         assert!(matches!(h.on_notification(&note(1, None)), Verdict::Keep));
         let (events, over) = h.on_marker("t", 1, "c");
         assert!(events.is_empty() && !over);
@@ -250,7 +252,7 @@ mod tests {
 
     #[test]
     fn held_notifications_the_snapshot_saw_are_dropped() {
-        let mut h = Hold::new("t".into());
+        let mut h = Hold::new("t".into(), 100);
         h.on_marker("t", 1, "c");
         h.on_notification(&note(2, Some(101)));
         h.on_notification(&note(3, None));
@@ -263,7 +265,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_taken_before_its_marker_comes_waits_for_it() {
-        let mut h = Hold::new("t".into());
+        let mut h = Hold::new("t".into(), 100);
         let (events, _) = h.on_taken(taken("100:100:"), "c");
         assert!(events.is_empty());
         assert!(matches!(h.on_notification(&note(1, None)), Verdict::Keep));
@@ -274,8 +276,19 @@ mod tests {
     }
 
     #[test]
+    fn more_held_than_fits_gives_the_snapshot_then_resync() {
+        let mut h = Hold::new("t".into(), 1);
+        h.on_marker("t", 1, "c");
+        h.on_notification(&note(2, None));
+        h.on_notification(&note(3, None));
+        let (events, over) = h.on_taken(taken("100:100:"), "c");
+        assert_eq!(ids(&events), ["snapshot", "resync"]);
+        assert!(over);
+    }
+
+    #[test]
     fn a_failed_snapshot_releases_what_was_held() {
-        let mut h = Hold::new("t".into());
+        let mut h = Hold::new("t".into(), 100);
         h.on_marker("t", 1, "c");
         h.on_notification(&note(2, Some(101)));
         let (events, over) = h.on_taken(Taken { data: Err("boom".into()), seen: None }, "c");

@@ -510,9 +510,14 @@ impl Hub {
     /// returns the marker payload to commit before taking it.
     pub fn hold(&self, id: u64, channel: &str) -> String {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let token = format!("{id}.{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        // The random part tells this broker's markers from those of others on the database.
+        static RUN: OnceLock<u64> = OnceLock::new();
+        let run = RUN.get_or_init(rand::random);
+        let token = format!("{id}.{run:x}.{}", NEXT.fetch_add(1, Ordering::Relaxed));
         if let Some(sub) = self.lock().subs.get_mut(&id) {
-            sub.holds.insert(channel.to_string(), hold::Hold::new(token.clone()));
+            // Room for the snapshot and a resync behind what is held.
+            let max = sub.tx.max_capacity().saturating_sub(2);
+            sub.holds.insert(channel.to_string(), hold::Hold::new(token.clone(), max));
         }
         format!("{SNAPSHOT_MARKER}{token}")
     }
