@@ -24,6 +24,8 @@ const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 const CLOSE_GOING_AWAY: u16 = 1001;
 /// Largest client message accepted.
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Bytes read from a client at a time.
+const READ_CHUNK: usize = 1024;
 /// Most bytes buffered for writing to one client; its queue holds the rest.
 const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -167,6 +169,10 @@ pub fn limits(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
         .max_frame_size(MAX_CLIENT_MESSAGE)
         // Bound what a client that stops reading can pin in memory besides its queue.
         .max_write_buffer_size(MAX_WRITE_BUFFER)
+        // tungstenite zeroes this much before every read attempt, and the session polls a
+        // read at each notification it sends: its default (128 KiB, also held per connection)
+        // was a third of the fan-out's CPU. Client messages are small commands.
+        .read_buffer_size(READ_CHUNK)
 }
 
 /// True for a request a browser page of another site cannot make: no `Origin` (not a
@@ -238,10 +244,18 @@ struct Bound<'a> {
     shutdown: &'a tokio_util::sync::CancellationToken,
 }
 
-/// Sends one message within `bound`.
+/// Sends one message within `bound`. Most sends complete at once (the socket takes the
+/// bytes): only one that does not arms the timer, which would otherwise cost a timer
+/// registration per message and subscriber.
 async fn send(socket: &mut WebSocket, msg: Message, bound: &Bound<'_>) -> Result<(), End> {
+    let sending = socket.send(msg);
+    tokio::pin!(sending);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(sending.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(r) = first {
+        return r.map_err(|_| End::Gone);
+    }
     tokio::select! {
-        r = socket.send(msg) => r.map_err(|_| End::Gone),
+        r = &mut sending => r.map_err(|_| End::Gone),
         _ = tokio::time::sleep(bound.limit) => {
             Err(End::Stuck(CLOSE_TRY_AGAIN_LATER, "too slow: the client is not reading"))
         }
@@ -306,13 +320,18 @@ async fn session_loop(
     let mut ping = tokio::time::interval_at(Instant::now() + w.ping_interval, w.ping_interval);
     let mut pong_deadline: Option<Instant> = None;
     let mut idle_since = Some(Instant::now());
+    // Made once: a token's wait future registers with the token when created, and the loop
+    // turns once per message sent.
+    let kicked = cancelled(bound.kicked);
+    let shutdown = bound.shutdown.cancelled();
+    tokio::pin!(kicked, shutdown);
     loop {
         let idle_deadline = idle_since.filter(|_| !w.idle_timeout.is_zero()).map(|t| t + w.idle_timeout);
         let wake = [pong_deadline, idle_deadline].into_iter().flatten().min();
         let sent = tokio::select! {
             biased;
-            _ = cancelled(bound.kicked) => return KICKED,
-            _ = bound.shutdown.cancelled() => return End::Close(CLOSE_GOING_AWAY, "pgbroker is shutting down"),
+            _ = &mut kicked => return KICKED,
+            _ = &mut shutdown => return End::Close(CLOSE_GOING_AWAY, "pgbroker is shutting down"),
             ev = sub.recv() => {
                 let text = match ev {
                     Some(Event::Notify(n)) => n.json(w),
