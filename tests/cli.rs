@@ -78,50 +78,103 @@ fn check_reports_a_missing_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pgbroker.toml"));
 }
 
+/// A running `pgbroker demo` and the lines it printed.
+struct Demo {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let mut child = Command::new(BIN)
+            .args(["demo", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        Demo { child, lines }
+    }
+
+    /// The rest of the first printed line (trimmed) that starts with `prefix`.
+    fn line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap();
+            if let Some(rest) = line.trim().strip_prefix(prefix) {
+                return rest.to_string();
+            }
+        }
+    }
+
+    /// Ctrl-C, and a clean exit.
+    fn stop(mut self) {
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "demo exits cleanly: {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "demo did not stop");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Runs `psql URL -c SQL` and returns its output.
+fn psql(url: &str, sql: &str) -> String {
+    let out =
+        Command::new("psql").arg(url).args(["-X", "-A", "-t", "-c", sql]).env_remove("PGPASSWORD").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn demo_serves_psql_with_scram_and_cleans_up_on_ctrl_c() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let url = loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap();
-        if let Some(u) = line.trim().strip_prefix("DATABASE_URL=") {
-            break u.to_string();
-        }
-    };
+    let demo = Demo::start();
+    let url = demo.line("DATABASE_URL=");
     // The reference config's auth.type is scram-sha-256: the broker offers only SASL, so this
     // login is a SCRAM exchange between libpq and the broker.
-    let out = Command::new("psql")
-        .arg(&url)
-        .args(["-X", "-A", "-t", "-c", "SELECT current_user || '@' || current_database()"])
-        .env_remove("PGPASSWORD")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres@bench");
+    assert_eq!(psql(&url, "SELECT current_user || '@' || current_database()"), "postgres@bench");
+    demo.stop();
+}
 
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "demo exits cleanly: {status}");
-            break;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_shows_row_changes_arriving_over_the_bridge_and_its_admin_login_works() {
+    use futures_util::StreamExt;
+    let demo = Demo::start();
+    let url = demo.line("DATABASE_URL=");
+    let watch = demo.line("WATCH_URL=");
+    let http = watch.strip_prefix("http://").and_then(|r| r.split('/').next()).unwrap().to_string();
+    let admin = format!("postgres://admin:{}", demo.line("psql \"postgres://admin:").split('"').next().unwrap());
+    let ws_url = format!("ws://{http}/ws?database=bench&channels=employee_changes");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    let mut next = async || loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.unwrap().unwrap().unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            return serde_json::from_str::<serde_json::Value>(&t).unwrap();
         }
-        assert!(Instant::now() < deadline, "demo did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    assert_eq!(next().await["type"], "connection_ack");
+    assert_eq!(next().await["type"], "subscribed");
+    let snapshot = next().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["data"].as_array().map(Vec::len), Some(2), "the table's two rows");
+    let insert = url.clone();
+    tokio::task::spawn_blocking(move || psql(&insert, "INSERT INTO employees (name) VALUES ('Linus')")).await.unwrap();
+    let change = next().await;
+    assert_eq!((change["type"].as_str(), change["data"]["name"].as_str()), (Some("employee_update"), Some("Linus")));
+    let pools = tokio::task::spawn_blocking(move || psql(&admin, "SHOW POOLS")).await.unwrap();
+    assert!(pools.contains("bench"), "the admin console answers: {pools}");
+    tokio::task::spawn_blocking(move || demo.stop()).await.unwrap();
 }
 
 #[test]
