@@ -127,6 +127,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
             drop(stream);
             continue;
         };
+        // Without TCP_NODELAY a WebSocket message written while the previous one is still
+        // unacknowledged waits for the client's delayed ACK (up to 40 ms on Linux).
+        crate::net::tune(&stream, false);
         let io = TokioIo::new(Capped { io: stream, _permit: permit });
         conns.spawn(connection(io, peer, router.clone(), limits, shutdown.clone()));
     }

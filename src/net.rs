@@ -1,4 +1,4 @@
-//! Socket setup in one place: TCP_NODELAY and keepalive for client and server sockets.
+//! Socket setup in one place: TCP_NODELAY and keepalive for client, server and HTTP sockets.
 
 use socket2::{SockRef, TcpKeepalive};
 use std::time::Duration;

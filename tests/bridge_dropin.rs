@@ -269,6 +269,10 @@ impl Drop for Stopped {
     }
 }
 
+/// Interval (1 s) + timeout (1 s) of `checked_config`, and the reconnect's login, with room
+/// for a busy machine.
+const DETECTED_WITHIN: Duration = Duration::from_secs(6);
+
 /// A config whose database `checked` reaches the server at `port` with the listener role
 /// `role`, checking the listener every second with a one-second timeout.
 fn checked_config(port: u16, role: &str) -> Config {
@@ -308,8 +312,10 @@ async fn a_stopped_listener_backend_is_found_out_and_replaced_with_resync() {
     .await;
     assert!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
     let _resume = Stopped(pid);
+    let stopped = std::time::Instant::now();
     let m = next_json(&mut ws).await;
     assert_eq!(m["type"], "resync", "{m}");
+    assert!(stopped.elapsed() < DETECTED_WITHIN, "found out within interval + timeout: {:?}", stopped.elapsed());
     let hub = hub(&b, "checked").await;
     assert!(hub.stats.check_failures.load(Ordering::Relaxed) >= 1);
     let c = connect_bench(b.local_addr()).await;
@@ -381,8 +387,10 @@ async fn a_listener_whose_path_drops_packets_is_found_out_and_replaced_with_resy
     let (mut ws, _) = open_subscribed(&url(b.http_addr(), "checked", "&channels=path_watch")).await;
     let hub = hub(&b, "checked").await;
     proxy.blackhole_open_connections();
+    let cut = std::time::Instant::now();
     let m = next_json(&mut ws).await;
     assert_eq!(m["type"], "resync", "{m}");
+    assert!(cut.elapsed() < DETECTED_WITHIN, "found out within interval + timeout: {:?}", cut.elapsed());
     assert!(hub.stats.check_failures.load(Ordering::Relaxed) >= 1);
     direct("bench").await.simple_query("SELECT pg_notify('path_watch', 'after')").await.unwrap();
     assert_eq!(next_json(&mut ws).await["payload"], "after", "the new listener delivers");
