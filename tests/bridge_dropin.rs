@@ -385,6 +385,7 @@ async fn a_listener_whose_path_drops_packets_is_found_out_and_replaced_with_resy
     let proxy = Proxy::start(pg().port()).await;
     let b = broker(checked_config(proxy.port, "path_listener")).await;
     let (mut ws, _) = open_subscribed(&url(b.http_addr(), "checked", "&channels=path_watch")).await;
+    let (mut events, _) = open_subscribed(&url(b.http_addr(), "checked", "&channels=$pgbroker.events")).await;
     let hub = hub(&b, "checked").await;
     proxy.blackhole_open_connections();
     let cut = std::time::Instant::now();
@@ -392,6 +393,19 @@ async fn a_listener_whose_path_drops_packets_is_found_out_and_replaced_with_resy
     assert_eq!(m["type"], "resync", "{m}");
     assert!(cut.elapsed() < DETECTED_WITHIN, "found out within interval + timeout: {:?}", cut.elapsed());
     assert!(hub.stats.check_failures.load(Ordering::Relaxed) >= 1);
+    let event = loop {
+        let e = next_json(&mut events).await;
+        if e["event"] == "listener_replaced" {
+            break e;
+        }
+    };
+    assert_eq!(event["database"], "checked", "{event}");
+    let (_, metrics) = http_get(b.http_addr(), "/metrics").await;
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"pgbroker_notification_listener_check_failures_total{database="checked"} "#))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(failures.is_some_and(|n| n >= 1), "the failure is counted in /metrics: {failures:?}");
     direct("bench").await.simple_query("SELECT pg_notify('path_watch', 'after')").await.unwrap();
     assert_eq!(next_json(&mut ws).await["payload"], "after", "the new listener delivers");
 }
