@@ -409,3 +409,19 @@ async fn a_client_that_never_answers_pings_is_closed() {
     eventually("the connection to be dropped", Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await;
     drop(ws);
 }
+
+#[tokio::test]
+async fn a_subscribe_refused_as_unavailable_takes_on_none_of_its_channels() {
+    // `appdb` has no configured user: the bridge has no listener for it.
+    let b = broker(ws_config()).await;
+    let mut ws = open(&format!("ws://{}/ws?database=appdb", b.http_addr())).await;
+    next_json(&mut ws).await;
+    let refused = subscribe(&mut ws, &["$pgbroker.events", "orders"]).await;
+    assert_eq!((refused["type"].as_str(), refused["code"].as_str()), (Some("error"), Some("unavailable")), "{refused}");
+    ws.send(Message::Text(json!({"type": "unsubscribe", "channels": ["nothing"]}).to_string().into())).await.unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "unsubscribed", "channels": []}),
+        "not even the broker channel"
+    );
+}

@@ -485,6 +485,10 @@ async fn subscribe(
     database: Vec<String>,
     resume: Option<u64>,
 ) -> String {
+    // Refused whole: no broker channel is taken on when the database ones cannot be.
+    if sub.sub.is_none() && !database.is_empty() {
+        return json::error("unavailable", sub.error.as_deref().unwrap_or("no listener"));
+    }
     for ch in &broker {
         if let Some(slot) = reserved.slot(ch)
             && slot.is_none()
