@@ -285,3 +285,20 @@ async fn websocket_client_that_never_reads_does_not_hold_a_drain() {
     assert!(start.elapsed() < Duration::from_secs(5), "the drain took {:?}", start.elapsed());
     assert_eq!(b.app().ws.total(), 0);
 }
+
+#[tokio::test]
+async fn a_max_http_connections_below_max_ws_connections_is_warned_about_at_start() {
+    let config = |p: common::process::Ports| {
+        format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\nhttp_listen = \"127.0.0.1:0\"\nmax_http_connections = 10\n\
+             [websocket]\nmax_ws_connections = 100\n[auth]\ntype = \"trust\"\n\
+             [databases.bench]\nport = {}\nuser = \"postgres\"\npassword = \"postgres\"\n",
+            p.port,
+            pg().port()
+        )
+    };
+    let broker = common::process::BrokerProcess::start(config).await;
+    let line =
+        broker.log_line("max_http_connections is below websocket.max_ws_connections", Duration::from_secs(10)).await;
+    assert!(line.contains("WARN"), "{line}");
+}

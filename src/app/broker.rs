@@ -83,6 +83,14 @@ impl Broker {
         if !http_addr.ip().is_loopback() && config.websocket.tokens.is_empty() {
             tracing::warn!(%http_addr, "the WebSocket bridge listens beyond loopback with no tokens: anyone who can reach it may subscribe");
         }
+        let (http_max, ws_max) = (config.broker.max_http_connections, config.websocket.max_ws_connections);
+        if http_max < ws_max {
+            tracing::warn!(
+                max_http_connections = http_max,
+                max_ws_connections = ws_max,
+                "broker.max_http_connections is below websocket.max_ws_connections: WebSockets count against it, so at most {http_max} can connect"
+            );
+        }
         let app = Arc::new(App {
             budgets: ArcSwap::from_pointee(budgets),
             origins: Mutex::new(HashMap::new()),
