@@ -4,9 +4,13 @@
 
 mod assemble;
 pub mod command;
+mod glob;
+pub use glob::glob_match;
 pub mod hold;
 pub(crate) mod json;
 pub use json::rfc3339;
+mod hubs;
+pub use hubs::Hubs;
 mod listener;
 pub mod replay;
 mod snapshot;
@@ -18,7 +22,7 @@ use axum::extract::ws::Utf8Bytes;
 use replay::Replay;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -575,72 +579,10 @@ fn queue(tx: &mpsc::Sender<Event>, events: Vec<Event>) {
 /// The prefix of a snapshot marker's payload on `CHECK_CHANNEL`.
 pub const SNAPSHOT_MARKER: &str = "snap:";
 
-/// Hubs by database, created on first use.
-#[derive(Default)]
-pub struct Hubs {
-    map: Mutex<HashMap<String, Weak<Hub>>>,
-    keep: Mutex<Vec<Arc<Hub>>>,
-}
-
-impl Hubs {
-    /// The hub for `database`, started with `make` if there is none.
-    pub fn get_or_start(&self, database: &str, make: impl FnOnce() -> Arc<Hub>) -> Arc<Hub> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = map.get(database).and_then(Weak::upgrade) {
-            return h;
-        }
-        let hub = make();
-        map.insert(database.to_string(), Arc::downgrade(&hub));
-        // Hubs live as long as the broker: their listener keeps fixed channels and clients
-        // come and go.
-        self.keep.lock().unwrap_or_else(|e| e.into_inner()).push(hub.clone());
-        hub
-    }
-
-    /// Every hub.
-    pub fn all(&self) -> Vec<Arc<Hub>> {
-        self.keep.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// True if `name` matches `pattern`, where `*` matches any run of characters.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    let (mut pi, mut ni) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'*')
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_match_runs_of_characters() {
-        assert!(glob_match("orders.*", "orders.created"));
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("a*c*e", "abcde"));
-        assert!(!glob_match("orders.*", "users.created"));
-        assert!(!glob_match("exact", "exactly"));
-        assert!(glob_match("exact", "exact"));
-    }
 
     #[test]
     fn channel_names_are_checked() {
