@@ -115,7 +115,7 @@ impl Demo {
     }
 
     /// Ctrl-C, and a clean exit.
-    fn stop(mut self) {
+    fn stop(&mut self) {
         Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -125,6 +125,20 @@ impl Demo {
             }
             assert!(Instant::now() < deadline, "demo did not stop");
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Demo {
+    /// A test that failed midway still stops the demo (and so its cluster).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
         }
     }
 }
@@ -139,7 +153,7 @@ fn psql(url: &str, sql: &str) -> String {
 
 #[test]
 fn demo_serves_psql_with_scram_and_cleans_up_on_ctrl_c() {
-    let demo = Demo::start();
+    let mut demo = Demo::start();
     let url = demo.line("DATABASE_URL=");
     // The reference config's auth.type is scram-sha-256: the broker offers only SASL, so this
     // login is a SCRAM exchange between libpq and the broker.
@@ -150,7 +164,7 @@ fn demo_serves_psql_with_scram_and_cleans_up_on_ctrl_c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_shows_row_changes_arriving_over_the_bridge_and_its_admin_login_works() {
     use futures_util::StreamExt;
-    let demo = Demo::start();
+    let mut demo = Demo::start();
     let url = demo.line("DATABASE_URL=");
     let watch = demo.line("WATCH_URL=");
     let http = watch.strip_prefix("http://").and_then(|r| r.split('/').next()).unwrap().to_string();
