@@ -7,6 +7,7 @@ use super::hold::{PgSnapshot, Taken};
 use crate::app::App;
 use crate::config::Config;
 use crate::pool::Release;
+use crate::server::{QueryError, ServerError};
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use serde_json::Value;
 
@@ -27,20 +28,19 @@ async fn run(app: &App, cfg: &Config, database: &str, sql: &str, marker: &str) -
     // Any failure leaves the server mid-transaction or worse: it is not reused.
     server.release = Release::Close;
     let notify = format!("NOTIFY {}, {}", escape_identifier(CHECK_CHANNEL), escape_literal(marker));
-    let failed = |e: crate::server::QueryError| e.message;
-    server.simple_query(&notify).await.map_err(|e| e.to_string())?.map_err(failed)?;
-    server
-        .simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(failed)?;
-    let seen =
-        server.query_row("SELECT pg_current_snapshot()::text").await.map_err(|e| e.to_string())?.map_err(failed)?;
+    answer(server.simple_query(&notify).await)?;
+    answer(server.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await)?;
+    let seen = answer(server.query_row("SELECT pg_current_snapshot()::text").await)?;
     let seen = seen.first().cloned().flatten().as_deref().and_then(PgSnapshot::parse).ok_or("no snapshot")?;
-    let rows = server.query_rows(sql).await.map_err(|e| e.to_string())?.map_err(failed)?;
-    server.simple_query("COMMIT").await.map_err(|e| e.to_string())?.map_err(failed)?;
+    let rows = answer(server.query_rows(sql).await)?;
+    answer(server.simple_query("COMMIT").await)?;
     server.release = Release::Reuse;
     Ok((value(rows), seen))
+}
+
+/// A query's answer, or why there is none: the connection failed or the server refused.
+fn answer<T>(r: Result<Result<T, QueryError>, ServerError>) -> Result<T, String> {
+    r.map_err(|e| e.to_string())?.map_err(|e| e.message)
 }
 
 /// The snapshot's value: the first column of the first row, as JSON when it parses as JSON
