@@ -165,6 +165,11 @@ impl Broker {
         self.app.shutdown.cancel();
         self.app.stopped.raise();
         self.tracker.close();
+        // Servers close now, not when the last task holding the app ends: an in-process
+        // broker (tests, benches) leaves nothing on the server once stopped.
+        for pool in self.app.pools.all() {
+            pool.retire();
+        }
     }
 
     /// Stops gracefully: see [`App::drain`]; then everything ends.
