@@ -10,7 +10,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 /// What a server says about its own connection limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerLimits {
     /// `max_connections`.
     pub max_connections: u32,
@@ -227,16 +227,22 @@ pub async fn derive_all(cfg: &Config) -> Result<BTreeMap<String, Derivation>, Bu
     Ok(out)
 }
 
-/// A configured login for `server`, used to read its settings: a database's own user, else
-/// the `auth_query` user.
+/// The login the broker uses on `server` for its own work (reading its settings, fleet
+/// mode): a database's own user (the first such database), else the `auth_query` user.
+/// Returns the database's config name, the user and the password.
+pub(crate) fn own_login(cfg: &Config, server: &str) -> Option<(String, String, Option<String>)> {
+    let on_server = || cfg.databases.iter().filter(|(_, db)| server_of(db) == server);
+    on_server().find_map(|(name, db)| Some((name.clone(), db.user.clone()?, db.password.clone()))).or_else(|| {
+        let aq = cfg.auth.query.as_ref()?;
+        let password = aq.password.clone().or_else(|| cfg.auth.users.get(&aq.user)?.password().map(str::to_owned));
+        Some((on_server().next()?.0.clone(), aq.user.clone(), password))
+    })
+}
+
+/// A configured login for `server`, used to read its settings ([`own_login`]).
 pub(crate) fn login_for(cfg: &Config, server: &str) -> Option<Target> {
-    let on_server = || cfg.databases.values().filter(|db| server_of(db) == server);
-    let (db, user, password) =
-        on_server().find_map(|db| Some((db, db.user.clone()?, db.password.clone()))).or_else(|| {
-            let aq = cfg.auth.query.as_ref()?;
-            let password = aq.password.clone().or_else(|| cfg.auth.users.get(&aq.user)?.password().map(str::to_owned));
-            Some((on_server().next()?, aq.user.clone(), password))
-        })?;
+    let (name, user, password) = own_login(cfg, server)?;
+    let db = cfg.databases.get(&name)?;
     Some(Target {
         host: db.host.clone(),
         port: db.port,

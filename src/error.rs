@@ -41,6 +41,8 @@ impl SqlState {
     pub const WARNING: SqlState = SqlState(*b"01000");
     /// 53400: a limit of the broker's own was exceeded (a listening client's queue).
     pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState(*b"53400");
+    /// 42P01: a table does not exist.
+    pub const UNDEFINED_TABLE: SqlState = SqlState(*b"42P01");
     /// 42501: the user may not run this admin command.
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
     /// F0000: the config file is invalid.

@@ -168,6 +168,8 @@ impl Broker {
         // Servers close now, not when the last task holding the app ends: an in-process
         // broker (tests, benches) leaves nothing on the server once stopped.
         for pool in self.app.pools.all() {
+            // Out of the registry too, so nothing reopens its warm servers (`min_pool_size`).
+            self.app.pools.remove(pool.key());
             pool.retire();
         }
     }

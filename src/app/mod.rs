@@ -261,7 +261,14 @@ impl App {
         };
         let settings = PoolSettings {
             size,
-            min_size: if origin.listener { 0 } else { db.min_pool_size as usize },
+            // A fleet member heartbeats through one server of this pool: it stays open.
+            min_size: if origin.listener {
+                0
+            } else if self.is_fleet_pool(cfg, origin, db) {
+                (db.min_pool_size as usize).max(1)
+            } else {
+                db.min_pool_size as usize
+            },
             reserve_size: if origin.listener { 0 } else { db.reserve_pool_size as usize },
             reserve_timeout: b.reserve_pool_timeout,
             connect_timeout: b.server_connect_timeout,
@@ -280,6 +287,22 @@ impl App {
             events: Some(self.events.clone()),
         };
         (target, settings)
+    }
+
+    /// The pool a fleet member heartbeats through on `server`: its own login's
+    /// ([`budget::own_login`]), which keeps one server open in fleet mode.
+    pub fn fleet_pool(&self, cfg: &Config, server: &str) -> Option<Arc<Pool>> {
+        let (database, user, password) = budget::own_login(cfg, server)?;
+        let db = cfg.databases.get(&database)?;
+        Some(self.pool(cfg, &database, db, &user, password.map(Credential::Password)))
+    }
+
+    /// True for the pool fleet members heartbeat through (fleet mode).
+    fn is_fleet_pool(&self, cfg: &Config, origin: &Origin, db: &Database) -> bool {
+        cfg.budget.mode == crate::config::BudgetMode::Fleet
+            && !origin.listener
+            && budget::own_login(cfg, &budget::server_of(db))
+                .is_some_and(|(d, u, _)| d == origin.database && u == origin.user)
     }
 
     /// The LISTEN/NOTIFY hub of `database`, started on first use. Its listener connection

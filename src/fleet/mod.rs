@@ -1,48 +1,52 @@
 //! Fleet mode (`budget.mode = "fleet"`): the brokers of one fleet share a server's
-//! connections through the server itself, with no other service.
+//! connections through the server itself, with no other service and no connection of their
+//! own.
 //!
-//! Each broker keeps one lease connection whose `application_name`
-//! (`pgbroker/<fleet>/<id>/<claim>`) says it is alive and how many connections it claims; its
-//! pool servers log in as `pgbroker/<fleet>/<id>`. Every `fleet_interval` it takes the fleet's
-//! advisory lock, counts peers and everything else in `pg_stat_activity`, computes its share
-//! ([`share::decide`]) and publishes its new claim before the lock is released. A broker that
-//! dies frees its share when its connections vanish from the server.
+//! Every `fleet_interval` each member *heartbeats* through one of its own pool servers (the
+//! fleet's pool keeps one open): in its row of `pgbroker_fleet` it writes what it may hold and
+//! reads the share the last round gave it. When a round is due, the member whose heartbeat
+//! finds it so runs it under the fleet's advisory lock: it counts the server once
+//! (`pg_stat_activity`), decides every member's share ([`share::allocate`]) and writes them.
+//! The database's cost is one heartbeat per member and one count per interval for the whole
+//! fleet. A member with nothing to heartbeat through (joining, or left with nothing) *knocks*
+//! with one connection of its own, tagged and counted as its server, and closes it before it
+//! takes the share it is given.
 
 pub mod share;
+mod sql;
 
 use crate::app::App;
 use crate::budget;
 use crate::config::Config;
-use crate::pool::Limit;
-use crate::server::{ServerConn, ServerError};
-use share::{Decision, Snapshot, Standing};
+use crate::error::SqlState;
+use crate::pool::{Limit, PoolError, Release};
+use crate::server::{QueryError, ServerConn, ServerError};
+use share::{Allocation, Decision, RoundInput, Row, Standing};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// First key of the fleet's advisory lock ("pgbr"); the second is a hash of the fleet name.
-const LOCK_CLASS: i32 = 0x7067_6272;
-
-/// A round holding the lock longer than this is abandoned (and the server ends a lease
-/// left idle in its transaction after `LEASE_IDLE_TIMEOUT`), so one frozen broker cannot
-/// stall its fleet.
+/// A heartbeat (and the round it may run) taking longer than this is abandoned, and the
+/// member freezes: one stalled server cannot leave a member acting on an old share.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(5);
-const LEASE_IDLE_TIMEOUT: &str = "10s";
 
-/// How soon a shrinking instance publishes its lower claim again.
+/// How long a statement waits for a row another member has locked (a round in progress).
+const LOCK_WAIT: Duration = Duration::from_millis(2500);
+
+/// How soon a shrinking member reports its lower figure again.
 const SHRINK_RECHECK: Duration = Duration::from_millis(20);
+
+/// The tables' creation script, for the operator (`conf/pgbroker-fleet.sql`).
+pub use sql::CREATE_TABLES;
 
 /// `application_name` prefix of a fleet's connections.
 pub fn prefix(fleet: &str) -> String {
     format!("pgbroker/{fleet}/")
 }
 
-/// `application_name` of this instance's pool servers.
+/// `application_name` of this instance's servers (and of its knock).
 pub fn server_tag(fleet: &str, id: &str) -> String {
     format!("pgbroker/{fleet}/{id}")
-}
-
-fn lease_tag(fleet: &str, id: &str, claim: u32) -> String {
-    format!("pgbroker/{fleet}/{id}/{claim}")
 }
 
 /// A fresh instance id: unique enough within a fleet, short enough for application_name.
@@ -58,50 +62,48 @@ fn random() -> u64 {
     h.finish()
 }
 
-/// FNV-1a of the fleet name: the advisory lock's second key.
-fn lock_key(fleet: &str) -> i32 {
-    let h = fleet.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    h as i32
+/// Rounds come this often while the fleet is moving (and joiners may run one this soon after
+/// the last).
+fn quick(interval: Duration) -> Duration {
+    (interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-/// The query of a round, one row: the server's limits, connections that are not the
-/// fleet's, and per-application_name counts of the fleet's.
-fn snapshot_sql(prefix: &str) -> String {
-    let n = prefix.chars().count();
-    // The prefix is validated to [A-Za-z0-9_.-/], safe to quote as is.
-    format!(
-        "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
-         current_setting('reserved_connections', true), \
-         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE {client} \
-            AND left(coalesce(application_name, ''), {n}) <> '{prefix}'), \
-         (SELECT string_agg(substr(application_name, {start}) || ' ' || c, ',') FROM \
-            (SELECT application_name, count(*) AS c FROM pg_catalog.pg_stat_activity \
-             WHERE {client} AND left(application_name, {n}) = '{prefix}' \
-             GROUP BY application_name) g)",
-        start = n + 1,
-        // Without pg_read_all_stats, other roles' sessions show a NULL backend_type (their
-        // application_name stays visible): count them, as over-counting only shrinks shares.
-        client = "coalesce(backend_type, 'client backend') = 'client backend'"
-    )
+/// A member whose row was not written for this long, and that has no server on the server,
+/// is gone: the next round deletes its row and shares out what it held. A live member
+/// always shows a server (its pool keeps one, or it knocks) and writes its row every
+/// interval (±10%).
+pub fn stale_after(interval: Duration) -> Duration {
+    interval * 3 / 2
 }
 
 /// What SHOW BUDGET, /metrics and /health show of this instance in its fleet.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
-    /// The last decision, if a round completed.
+    /// The last decision, if a heartbeat completed.
     pub decision: Option<Decision>,
     /// Where this instance stands now.
     pub standing: Standing,
-    /// The claim it published.
+    /// What it last told the fleet it may hold.
     pub claim: u32,
     /// Usable connections of the server (after reservations).
     pub usable: u32,
     /// Client connections that are not the fleet's.
     pub others: u32,
-    /// The last error, if the last round failed.
+    /// The last error, if the last heartbeat failed.
     pub error: Option<String>,
-    /// When the last round completed.
+    /// When the last heartbeat completed.
     pub at: Option<Instant>,
+}
+
+/// The last round as a heartbeat or a round of our own saw it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    usable: u32,
+    others: u32,
+    instances: u32,
+    fair: u32,
+    total: u32,
+    settled: bool,
 }
 
 /// This broker's membership in the fleet for one server.
@@ -118,7 +120,7 @@ impl Member {
         Arc::new(Member { server, id, limit, status: Mutex::new(Status::default()) })
     }
 
-    /// The status as of the last round.
+    /// The status as of the last heartbeat.
     pub fn status(&self) -> Status {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -143,20 +145,16 @@ impl Member {
         app.budgets().get(&self.server).is_some_and(|(_, l)| Arc::ptr_eq(l, &self.limit))
     }
 
-    /// Rounds until the broker stops; `first` is told when the first round has ended.
+    /// Heartbeats until the broker stops; `first` is told when the first one has ended.
     pub async fn run(self: Arc<Self>, app: Arc<App>, first: tokio::sync::oneshot::Sender<()>) {
-        let mut lease: Option<ServerConn> = None;
+        let mut knock: Option<ServerConn> = None;
         let mut first = Some(first);
-        let mut last_instances = 0;
-        // Joins come in bursts: after any change, round quickly for a whole interval so
-        // every joiner of the burst is seen soon, not one per interval.
-        let mut moving_since = Instant::now();
-        // Waiting for busy servers over a lowered share to come back: quick at first, then
+        // Waiting for busy servers over a lowered share to close: quick at first, then
         // backing off (session-mode servers may stay busy for a whole session).
         let mut shrink_wait = SHRINK_RECHECK;
         loop {
             if !self.is_current(&app) {
-                // Its server left the config: leave the fleet (the lease closes with it).
+                // Its server left the config: leave the fleet; its row goes once stale.
                 let mut map = app.fleet.lock().unwrap_or_else(|e| e.into_inner());
                 if map.get(&self.server).is_some_and(|m| Arc::ptr_eq(m, &self)) {
                     map.remove(&self.server);
@@ -166,45 +164,36 @@ impl Member {
             }
             let cfg = app.config();
             let b = &cfg.budget;
-            let quick = (b.fleet_interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-            let began = Instant::now();
-            let result = self.round(&cfg, &mut lease).await;
-            tracing::debug!(server = %self.server, took = ?began.elapsed(), ok = result.is_ok(), "fleet round");
-            let delay = match result {
-                Ok((d, snap)) => {
-                    let changed = std::mem::replace(&mut last_instances, d.instances) != d.instances;
-                    let claim = self.status().claim;
-                    if claim <= d.share {
-                        shrink_wait = SHRINK_RECHECK;
-                    }
-                    if changed || d.standing != Standing::Fair || claim != d.share || share::unsettled(&snap, d.fair) {
-                        moving_since = Instant::now();
-                    }
-                    if d.standing == Standing::NoRoom {
-                        // Knock again soon, at a random moment so joiners do not collide.
-                        quick / 2 + quick.mul_f64((random() % 1000) as f64 / 1000.0)
-                    } else if claim > d.share {
+            let quick = quick(b.fleet_interval);
+            let beat = tokio::time::timeout(ROUND_TIMEOUT, self.beat(&app, &cfg, &mut knock)).await;
+            let delay = match beat.unwrap_or(Err(FleetError::Timeout)) {
+                Ok(moving) => {
+                    if self.limit.used() > self.limit.cap() {
                         // Busy servers over the new share close as their transactions end:
-                        // publish the lower claim as soon as they have, to make room.
+                        // report the lower figure as soon as they have, to make room.
                         let wait = shrink_wait;
                         shrink_wait = (shrink_wait * 2).min(quick);
                         wait
-                    } else if moving_since.elapsed() < b.fleet_interval {
+                    } else if self.status().standing == Standing::NoRoom {
+                        // Knock again soon, at a random moment so joiners do not collide.
+                        quick / 2 + quick.mul_f64((random() % 1000) as f64 / 1000.0)
+                    } else if moving {
                         quick
                     } else {
-                        b.fleet_interval
+                        // ±10%, so members started together do not beat together.
+                        b.fleet_interval.mul_f64(0.9 + (random() % 1000) as f64 / 5000.0)
                     }
                 }
+                Err(FleetError::Busy) => quick,
                 Err(e) => {
+                    knock = None;
                     self.on_error(&e);
-                    // A statement refused (a lock timeout) leaves the lease and its claim
-                    // standing; anything else may have broken the connection.
-                    if !matches!(e, RoundError::Query(_)) {
-                        lease = None;
-                    }
-                    b.fleet_interval.min(Duration::from_secs(2))
+                    if e.is_full() { quick } else { b.fleet_interval.min(Duration::from_secs(2)) }
                 }
             };
+            if self.limit.used() <= self.limit.cap() {
+                shrink_wait = SHRINK_RECHECK;
+            }
             if let Some(tx) = first.take() {
                 let _ = tx.send(());
             }
@@ -215,130 +204,292 @@ impl Member {
         }
     }
 
-    /// Without a published claim peers may take our room: hold no more than the server
-    /// already counts, and less as servers close (a restart closes them all), until a round
-    /// publishes a claim again.
-    fn on_error(&self, e: &RoundError) {
+    /// Without a heartbeat the fleet may give our room away: hold no more than the server
+    /// already counts, and less as servers close (a restart closes them all), until a
+    /// heartbeat finds our share again.
+    fn on_error(&self, e: &FleetError) {
         let held = self.limit.used();
         self.limit.freeze();
         let message = e.to_string();
         let was = self.status();
         if was.error.as_deref() != Some(message.as_str()) {
-            tracing::warn!(server = %self.server, held, error = %message, "fleet round failed; the share is frozen at what is held");
+            tracing::warn!(server = %self.server, held, error = %message, "fleet heartbeat failed; the share is frozen at what is held");
         }
         self.set_status(|s| {
-            s.standing = Standing::Unreachable;
+            s.standing = if e.is_full() { Standing::NoRoom } else { Standing::Unreachable };
             s.error = Some(message);
         });
     }
 
-    async fn round(&self, cfg: &Config, lease: &mut Option<ServerConn>) -> Result<(Decision, Snapshot), RoundError> {
-        let b = &cfg.budget;
-        let conn = match lease {
-            Some(c) => c,
-            None => {
-                let mut target = budget::login_for(cfg, &self.server).ok_or(RoundError::NoLogin)?;
-                target.application_name = Some(lease_tag(&b.fleet, &self.id, 0));
-                let mut c = ServerConn::connect(Arc::new(target), cfg.broker.server_connect_timeout).await?;
-                c.simple_query(&format!("SET idle_in_transaction_session_timeout = '{LEASE_IDLE_TIMEOUT}'")).await??;
-                lease.insert(c)
+    /// One heartbeat (and the round, if one is due). True while the fleet is moving.
+    async fn beat(&self, app: &App, cfg: &Config, knock: &mut Option<ServerConn>) -> Result<bool, FleetError> {
+        let pool = app.fleet_pool(cfg, &self.server).ok_or(FleetError::NoLogin)?;
+        let (cap, used) = (self.limit.cap() as u32, self.limit.used() as u32);
+        let mut pooled = None;
+        if cap == 0 && used == 0 {
+            if knock.is_none() {
+                *knock = Some(ServerConn::connect(pool.target(), cfg.broker.server_connect_timeout).await?);
             }
+        } else {
+            *knock = None;
+            pooled = Some(pool.checkout(ROUND_TIMEOUT / 2).await.map_err(|e| match e {
+                PoolError::Timeout { .. } => FleetError::Busy,
+                e => FleetError::Pool(e),
+            })?);
+        }
+        let conn: &mut ServerConn = match (pooled.as_mut(), knock.as_mut()) {
+            (Some(p), _) => p,
+            (None, Some(k)) => k,
+            (None, None) => return Err(FleetError::Busy),
         };
-        match tokio::time::timeout(ROUND_TIMEOUT, self.exchange(cfg, conn)).await {
-            Ok(Ok(out)) => {
-                if out.0.standing == Standing::NoRoom && self.limit.used() == 0 {
-                    // Our lease alone overcommits the server: leave and knock again later.
-                    *lease = None;
+        let result = self.exchange(cfg, conn, cap.max(used), used).await;
+        if let (Some(p), Ok(_) | Err(FleetError::Query(_) | FleetError::NoTable(_))) = (pooled.as_mut(), &result) {
+            // Every reply was read: the server goes back (rolled back if a statement failed).
+            p.release = Release::Reuse;
+        }
+        let (share, fresh, seen) = result?;
+        Ok(self.apply(cfg, share, fresh, seen, cap.max(used), knock))
+    }
+
+    /// The heartbeat's statements: says `mine`, reads the share, runs the round if due.
+    async fn exchange(
+        &self,
+        cfg: &Config,
+        conn: &mut ServerConn,
+        mine: u32,
+        used: u32,
+    ) -> Result<(i32, bool, Option<Seen>), FleetError> {
+        let b = &cfg.budget;
+        let sql = sql::heartbeat(&b.fleet, &self.id, used, mine, LOCK_WAIT, quick(b.fleet_interval));
+        let row = match query_row(conn, &sql).await {
+            Err(FleetError::Query(e)) if e.code == SqlState::UNDEFINED_TABLE => {
+                // First use on this database: make the tables, once, if the login may.
+                rollback(conn).await?;
+                match query_row(conn, sql::CREATE_TABLES).await {
+                    Err(FleetError::Query(e)) if e.code == SqlState::INSUFFICIENT_PRIVILEGE => {
+                        return Err(FleetError::NoTable(e.message));
+                    }
+                    r => r?,
+                };
+                query_row(conn, &sql).await
+            }
+            r => r,
+        };
+        let row = match row {
+            Err(FleetError::Query(e)) => {
+                // A statement failed inside the heartbeat's transaction.
+                rollback(conn).await?;
+                return Err(FleetError::Query(e));
+            }
+            r => r?,
+        };
+        let col = |i: usize| row.get(i).and_then(|v| v.as_deref());
+        let num = |i: usize| col(i).and_then(|v| v.parse::<u32>().ok());
+        let share = col(0).and_then(|v| v.parse::<i32>().ok()).unwrap_or(0);
+        let fresh = col(1) == Some("t");
+        let mut seen = num(2).map(|usable| Seen {
+            usable,
+            others: num(3).unwrap_or(0),
+            instances: num(4).unwrap_or(0),
+            fair: num(5).unwrap_or(0),
+            total: num(6).unwrap_or(0),
+            settled: col(8) == Some("t"),
+        });
+        if col(9) != Some("t") {
+            return Ok((share, fresh, seen));
+        }
+        match self.round(cfg, conn, fresh).await {
+            Ok(Some((a, usable, others))) => {
+                let mine = a.share_of(&self.id).unwrap_or(share);
+                seen = Some(Seen {
+                    usable,
+                    others,
+                    instances: a.instances,
+                    fair: a.fair,
+                    total: a.total,
+                    settled: a.settled,
+                });
+                // Our row was counted by the round just written: not fresh any more.
+                Ok((mine, false, seen))
+            }
+            Ok(None) => Ok((share, fresh, seen)),
+            Err(e) => {
+                if matches!(e, FleetError::Query(_)) {
+                    rollback(conn).await?;
                 }
-                Ok(out)
+                Err(e)
             }
-            Ok(Err(RoundError::Query(e))) => {
-                // The server refused a statement (a lock timeout): the connection is fine.
-                let _ = conn.simple_query("ROLLBACK").await;
-                Err(RoundError::Query(e))
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(RoundError::Timeout),
         }
     }
 
-    async fn exchange(&self, cfg: &Config, conn: &mut ServerConn) -> Result<(Decision, Snapshot), RoundError> {
+    /// Runs a round if no other member is running one and it is still due: counts the
+    /// server, decides every share, writes them. `None` if it was not ours to run.
+    async fn round(
+        &self,
+        cfg: &Config,
+        conn: &mut ServerConn,
+        eager: bool,
+    ) -> Result<Option<(Allocation, u32, u32)>, FleetError> {
         let b = &cfg.budget;
+        let quick = quick(b.fleet_interval);
+        let lock = query_row(conn, &sql::round_lock(&b.fleet, LOCK_WAIT, eager, quick)).await?;
+        if lock.first().and_then(|v| v.as_deref()) != Some("t") || lock.get(1).and_then(|v| v.as_deref()) != Some("t") {
+            conn.simple_query("ROLLBACK").await??;
+            return Ok(None);
+        }
         let prefix = prefix(&b.fleet);
-        // Lock and count in one round trip: the lock is held from here to the COMMIT of the
-        // claim, one more round trip, whatever the number of peers waiting for it.
-        let row = conn
-            .query_row(&format!(
-                "BEGIN; SET LOCAL lock_timeout = '{}ms'; \
-                 DO $$BEGIN PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_CLASS}, {}); END$$; {}",
-                (ROUND_TIMEOUT / 2).as_millis(),
-                lock_key(&b.fleet),
-                snapshot_sql(&prefix)
-            ))
-            .await??;
-        let col = |i: usize| row.get(i).and_then(|v| v.as_deref());
-        let num = |i: usize| col(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        let limits =
-            budget::ServerLimits { max_connections: num(0), superuser_reserved: num(1), server_reserved: num(2) };
+        let read = conn.query_rows(&sql::round_read(&b.fleet, &prefix, stale_after(b.fleet_interval))).await??;
+        let mut rows = Vec::new();
+        let mut servers: HashMap<String, u32> = HashMap::new();
+        let (mut others, mut limits) = (0, budget::ServerLimits::default());
+        for r in &read {
+            let col = |i: usize| r.get(i).and_then(|v| v.as_deref());
+            let num = |i: usize| col(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+            match col(0) {
+                Some("m") => rows.push(Row {
+                    id: col(1).unwrap_or_default().to_string(),
+                    share: col(2).and_then(|v| v.parse().ok()).unwrap_or(0),
+                    held: num(3),
+                    servers: 0,
+                    stale: col(4) == Some("t"),
+                }),
+                Some("s") => match col(1) {
+                    Some(id) => *servers.entry(id.to_string()).or_default() += num(2),
+                    None => others += num(2),
+                },
+                Some("l") => {
+                    limits = budget::ServerLimits {
+                        max_connections: num(1),
+                        superuser_reserved: num(2),
+                        server_reserved: num(3),
+                    }
+                }
+                _ => {}
+            }
+        }
+        for row in &mut rows {
+            row.servers = servers.remove(&row.id).unwrap_or(0);
+        }
         let usable = budget::usable(b, limits);
-        let snap = Snapshot { usable, others: num(3), peers: share::parse_peers(col(4).unwrap_or_default()) };
-        let d = share::decide(&snap, &self.id, b.fleet_min_budget);
+        let input = RoundInput { usable, others, strangers: servers.values().sum(), rows };
+        let a = share::allocate(&input, b.fleet_min_budget);
+        let next = if a.settled { b.fleet_interval } else { quick };
+        conn.simple_query(&sql::round_write(&b.fleet, &self.id, &input.rows, &a, usable, others, next)).await??;
+        tracing::debug!(server = %self.server, instances = a.instances, fair = a.fair, total = a.total, others, usable, "fleet round");
+        Ok(Some((a, usable, others)))
+    }
 
-        // Lower the cap before publishing a lower claim, raise it only after the claim that
-        // covers it is committed: what we hold never exceeds what the fleet sees us claim.
+    /// Takes the share a heartbeat read. True while the fleet is moving.
+    fn apply(
+        &self,
+        cfg: &Config,
+        share: i32,
+        fresh: bool,
+        seen: Option<Seen>,
+        claim: u32,
+        knock: &mut Option<ServerConn>,
+    ) -> bool {
+        let b = &cfg.budget;
+        let seen = seen.unwrap_or_default();
         let old = self.limit.cap() as u32;
-        if d.share < old {
-            self.limit.set_cap(d.share as usize);
-            self.limit.shrink_to_cap();
-        }
-        let claim = d.share.max(self.limit.used() as u32);
-        let tag = lease_tag(&b.fleet, &self.id, claim);
-        conn.simple_query(&format!("SELECT pg_catalog.set_config('application_name', '{tag}', false); COMMIT"))
-            .await??;
-        // The claim is published: a freeze after a lost lease ends.
-        self.limit.thaw();
-        if d.share > old {
-            self.limit.set_cap(d.share as usize);
-        }
+        let standing = if fresh {
+            // Our row is new: the fleet had no share of ours (it gave us up, or we are
+            // joining). Hold what is held until a round counts us.
+            self.limit.freeze();
+            Standing::Starting
+        } else if share < 0 {
+            // Our knock does not fit: close it and knock again later.
+            *knock = None;
+            self.limit.set_cap(0);
+            Standing::NoRoom
+        } else {
+            let share = share as u32;
+            if share > 0 {
+                // The knock goes before the servers it makes room for.
+                *knock = None;
+            }
+            self.limit.thaw();
+            if share < old {
+                self.limit.set_cap(share as usize);
+                self.limit.shrink_to_cap();
+            } else if share > old {
+                self.limit.set_cap(share as usize);
+            }
+            share::standing(share as i32, seen.fair, b.fleet_min_budget)
+        };
+        let d = Decision {
+            instances: seen.instances,
+            fair: seen.fair,
+            share: share.max(0) as u32,
+            fleet_total: seen.total,
+            standing,
+        };
         let was = self.status();
         if was.decision.map(|w| (w.share, w.instances, w.standing)) != Some((d.share, d.instances, d.standing)) {
             tracing::info!(
                 server = %self.server, instances = d.instances, fair = d.fair, share = d.share, claim,
-                fleet_total = d.fleet_total, others = snap.others, usable, standing = d.standing.as_str(),
+                fleet_total = d.fleet_total, others = seen.others, usable = seen.usable, standing = standing.as_str(),
                 "fleet share"
             );
         }
         self.set_status(|s| {
             *s = Status {
                 decision: Some(d),
-                standing: d.standing,
+                standing,
                 claim,
-                usable,
-                others: snap.others,
+                usable: seen.usable,
+                others: seen.others,
                 error: None,
                 at: Some(Instant::now()),
             }
         });
-        Ok((d, snap))
+        !seen.settled || fresh || standing.is_starved() || standing == Standing::Growing || share.max(0) as u32 != old
     }
 }
 
-/// Why a round failed.
+/// Ends a transaction a failed statement left open.
+async fn rollback(conn: &mut ServerConn) -> Result<(), FleetError> {
+    Ok(conn.simple_query("ROLLBACK").await??)
+}
+
+/// The first row of `sql`, a statement's failure as `FleetError::Query`.
+async fn query_row(conn: &mut ServerConn, sql: &str) -> Result<Vec<Option<String>>, FleetError> {
+    Ok(conn.query_row(sql).await??)
+}
+
+/// Why a heartbeat failed.
 #[derive(Debug, thiserror::Error)]
-enum RoundError {
+enum FleetError {
     #[error("no login to count the fleet with: give a database on this server a user and password, or set auth.user")]
     NoLogin,
+    #[error(
+        "fleet mode needs the tables pgbroker_fleet and pgbroker_fleet_round, and the login cannot create them ({0}): \
+         run conf/pgbroker-fleet.sql once as the database owner and GRANT the login SELECT, INSERT, UPDATE, DELETE on them"
+    )]
+    NoTable(String),
     #[error(transparent)]
     Server(#[from] ServerError),
+    #[error(transparent)]
+    Pool(PoolError),
     #[error("{}", .0.message)]
-    Query(crate::server::QueryError),
-    #[error("the round took longer than {ROUND_TIMEOUT:?}")]
+    Query(QueryError),
+    /// Every server of the fleet's pool stayed busy: no error, the heartbeat comes later.
+    #[error("every server is busy")]
+    Busy,
+    #[error("the heartbeat took longer than {ROUND_TIMEOUT:?}")]
     Timeout,
 }
 
-impl From<crate::server::QueryError> for RoundError {
-    fn from(e: crate::server::QueryError) -> Self {
-        RoundError::Query(e)
+impl FleetError {
+    /// The server has no connection slot left for our knock.
+    fn is_full(&self) -> bool {
+        matches!(self, FleetError::Server(e) if e.sqlstate() == SqlState::TOO_MANY_CONNECTIONS)
+    }
+}
+
+impl From<QueryError> for FleetError {
+    fn from(e: QueryError) -> Self {
+        FleetError::Query(e)
     }
 }
 
@@ -348,14 +499,8 @@ mod tests {
 
     #[test]
     fn tags_fit_in_application_name() {
-        let longest = lease_tag(&"f".repeat(24), &new_instance_id(), u32::MAX);
+        let longest = server_tag(&"f".repeat(24), &new_instance_id());
         assert!(longest.len() <= 63, "{longest}");
         assert!(server_tag("web", "ab").starts_with(&prefix("web")));
-    }
-
-    #[test]
-    fn fleets_have_distinct_lock_keys() {
-        assert_ne!(lock_key("web"), lock_key("api"));
-        assert_eq!(lock_key("web"), lock_key("web"));
     }
 }

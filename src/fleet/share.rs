@@ -1,40 +1,139 @@
-//! The arithmetic of fleet mode, apart from any I/O: what one instance may hold, given what
-//! `pg_stat_activity` shows of its peers and of everything else.
+//! The arithmetic of fleet mode, apart from any I/O: the shares one round gives every member,
+//! from what the fleet's table and `pg_stat_activity` show.
 //!
-//! Safety rests on one invariant, kept under the fleet's advisory lock: the claims of all
-//! instances (each at least what it holds), one lease connection per instance and every
-//! connection that is not the fleet's fit in the usable connections. An instance raises its
-//! cap only after publishing a claim that covers it, and publishes a lower claim only once
-//! its cap is lowered and its holdings are counted, so what it holds never exceeds its claim.
+//! Safety rests on one invariant. A member never holds more than the larger of the share the
+//! last round wrote in its row and what it last reported there (`held`): it raises its cap
+//! only to a share a round has written, and reports a lower figure only once its cap is
+//! lowered. A round counts every member at the largest of its previous share, its report and
+//! its servers on the server (its *base*), and gives out only what those bases, the
+//! connections that are not the fleet's and the servers of members without a row leave of
+//! `usable`. So the fleet never holds more than `usable`, whoever runs the round.
 
-/// One broker instance of the fleet as the server shows it.
+/// One member's row as a round reads it, with its servers counted on the server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Peer {
+pub struct Row {
     /// Instance id.
     pub id: String,
-    /// Whether its lease connection is there (it is alive and its claim is published).
-    pub lease: bool,
-    /// Its published claim (0 without a lease).
-    pub claim: u32,
-    /// Its pool server connections (tagged with the fleet's application_name).
+    /// The share the last round gave it (-1: no room).
+    pub share: i32,
+    /// What it last reported it may hold: its cap or its servers, whichever was more.
+    pub held: u32,
+    /// Its server connections on the server now.
     pub servers: u32,
+    /// No heartbeat for two intervals.
+    pub stale: bool,
 }
 
-/// What one round read from the server.
+impl Row {
+    /// The most it may hold now.
+    fn base(&self) -> u32 {
+        (self.share.max(0) as u32).max(self.held).max(self.servers)
+    }
+}
+
+/// What one round read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
+pub struct RoundInput {
     /// `server_max_connections - reserved` (and the server's own reservations with `auto`).
     pub usable: u32,
     /// Client connections that are not this fleet's.
     pub others: u32,
-    /// Every instance of the fleet that has a lease or a server connection.
-    pub peers: Vec<Peer>,
+    /// The fleet's rows.
+    pub rows: Vec<Row>,
+    /// Servers tagged with the fleet's name whose instance has no row (yet, or any more).
+    pub strangers: u32,
+}
+
+/// What one round decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocation {
+    /// Live members (a heartbeat within two intervals, or servers on the server).
+    pub instances: u32,
+    /// The fair share of each.
+    pub fair: u32,
+    /// Connections of the fleet on the server.
+    pub total: u32,
+    /// Every live member's new share (-1: its knock does not fit; close it and retry).
+    pub shares: Vec<(String, i32)>,
+    /// Members gone: stale and without servers; their rows are deleted.
+    pub dead: Vec<String>,
+    /// Every member's share equals what it may hold already: nothing is moving.
+    pub settled: bool,
+}
+
+impl Allocation {
+    /// The share of member `id`, if the round saw it.
+    pub fn share_of(&self, id: &str) -> Option<i32> {
+        self.shares.iter().find(|(m, _)| m == id).map(|(_, s)| *s)
+    }
+}
+
+/// The shares of a round. `floor` (`fleet_min_budget`) is what a member gets at once when it
+/// fits; that much is kept free so a joiner gets in at once while the others shrink.
+pub fn allocate(input: &RoundInput, floor: u32) -> Allocation {
+    let (live, dead): (Vec<&Row>, Vec<&Row>) = input.rows.iter().partition(|r| !r.stale || r.servers > 0);
+    let n = live.len().max(1) as i64;
+    let available = i64::from(input.usable) - i64::from(input.others);
+    // Servers without a row are shared out like connections that are not the fleet's.
+    let fair = ((available - i64::from(input.strangers) - i64::from(floor)).max(0) / n) as u32;
+    let want = fair.max(floor);
+    let committed: i64 = live.iter().map(|r| i64::from(r.base())).sum::<i64>() + i64::from(input.strangers);
+    let mut room = available - committed;
+    // Those furthest below their due are served first.
+    let mut order = live.clone();
+    order.sort_by_key(|r| (r.base(), r.id.clone()));
+    let mut shares: Vec<(String, i32)> = Vec::with_capacity(order.len());
+    for r in order {
+        let base = r.base();
+        let share = if want <= base {
+            // Lowering: its base stays counted until it reports the lower figure.
+            want
+        } else {
+            let grant = (i64::from(want - base)).min(room.max(0));
+            room -= grant;
+            base + grant as u32
+        };
+        shares.push((r.id.clone(), share as i32));
+    }
+    // Overcommitted by joiners' knocks: those that hold nothing else leave and knock later.
+    for (id, share) in shares.iter_mut().rev() {
+        if room >= 0 {
+            break;
+        }
+        let Some(r) = live.iter().find(|r| r.id == *id) else { continue };
+        if r.share <= 0 && r.held == 0 && r.servers <= 1 && *share <= 1 {
+            room += i64::from(r.servers);
+            *share = -1;
+        }
+    }
+    // Nothing is moving: every member holds (or may hold) exactly its share.
+    let settled = live.iter().all(|r| shares.iter().any(|(id, s)| *id == r.id && *s >= 0 && *s as u32 == r.base()));
+    Allocation {
+        instances: live.len() as u32,
+        fair,
+        total: live.iter().map(|r| r.servers).sum::<u32>() + input.strangers,
+        shares,
+        dead: dead.iter().map(|r| r.id.clone()).collect(),
+        settled,
+    }
+}
+
+/// Where a member stands with `share` when the fair share is `fair`.
+pub fn standing(share: i32, fair: u32, floor: u32) -> Standing {
+    let want = fair.max(floor);
+    match share {
+        s if s < 0 => Standing::NoRoom,
+        0 => Standing::Waiting,
+        s if (s as u32) < want => Standing::Growing,
+        _ if fair < floor => Standing::Floor,
+        _ => Standing::Fair,
+    }
 }
 
 /// Where an instance stands after a round.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Standing {
-    /// No round has completed yet.
+    /// No round has given it a share yet.
     #[default]
     Starting,
     /// Its share is the fair one.
@@ -43,11 +142,11 @@ pub enum Standing {
     Growing,
     /// More instances than fair shares of `fleet_min_budget`: it holds the floor.
     Floor,
-    /// Its lease fits but not one server connection: it waits for peers to shrink.
+    /// Its knock fits but not one server connection: it waits for peers to shrink.
     Waiting,
-    /// Even its lease connection does not fit: it leaves and retries.
+    /// Even its knock does not fit: it closes it and knocks again later.
     NoRoom,
-    /// The server cannot be reached; the cap is frozen at what is held.
+    /// The fleet's table cannot be reached; the cap is frozen at what is held.
     Unreachable,
 }
 
@@ -74,89 +173,16 @@ impl Standing {
 /// The outcome of one round for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
-    /// Live instances (with a lease), this one included.
+    /// Live instances, this one included.
     pub instances: u32,
     /// The fair share of each.
     pub fair: u32,
     /// The cap this instance may hold now.
     pub share: u32,
-    /// Connections of the fleet on the server: servers and leases.
+    /// Connections of the fleet on the server.
     pub fleet_total: u32,
     /// Where it stands.
     pub standing: Standing,
-}
-
-/// This instance's share. `me` must have its lease in `snap` (the round runs over it).
-/// Space for one more instance's lease and floor is kept free, so a joining instance gets
-/// in at once while the others shrink to make room for it.
-pub fn decide(snap: &Snapshot, me: &str, floor: u32) -> Decision {
-    let peers = || snap.peers.iter().filter(|p| p.id != me);
-    let instances = peers().filter(|p| p.lease).count() as i64 + 1;
-    let committed: i64 = peers().map(|p| i64::from(p.claim.max(p.servers)) + i64::from(p.lease)).sum();
-    let available = i64::from(snap.usable) - i64::from(snap.others);
-    let room = available - committed - 1;
-    let spare = i64::from(floor) + 1;
-    let fair = ((available - instances - spare).max(0) / instances) as u32;
-    let fleet_total = snap.peers.iter().map(|p| p.servers + u32::from(p.lease)).sum();
-    let decision = |share: u32, standing| Decision { instances: instances as u32, fair, share, fleet_total, standing };
-    if room < 0 {
-        return decision(0, Standing::NoRoom);
-    }
-    let want = fair.max(floor);
-    let share = (i64::from(want).min(room)) as u32;
-    let standing = if share == 0 {
-        Standing::Waiting
-    } else if share < want {
-        Standing::Growing
-    } else if fair < floor {
-        Standing::Floor
-    } else {
-        Standing::Fair
-    };
-    decision(share, standing)
-}
-
-/// True when some live instance is far from the fair share: the fleet is still moving and
-/// rounds should come quickly.
-pub fn unsettled(snap: &Snapshot, fair: u32) -> bool {
-    snap.peers.iter().any(|p| !p.lease || p.claim.max(p.servers).abs_diff(fair) > 1)
-}
-
-/// Parses the per-application_name counts of the snapshot query: entries `"<rest> <count>"`
-/// joined by `,`, where rest (after the fleet prefix) is `<id>` for server connections and
-/// `<id>/<claim>` for a lease. Entries that do not parse are ignored.
-pub fn parse_peers(list: &str) -> Vec<Peer> {
-    let mut peers: Vec<Peer> = Vec::new();
-    for entry in list.split(',').filter(|e| !e.is_empty()) {
-        let Some((rest, count)) = entry.rsplit_once(' ') else { continue };
-        let Ok(count) = count.parse::<u32>() else { continue };
-        let (id, claim) = match rest.split_once('/') {
-            Some((id, claim)) => match claim.parse::<u32>() {
-                Ok(c) => (id, Some(c)),
-                Err(_) => continue,
-            },
-            None => (rest, None),
-        };
-        if id.is_empty() {
-            continue;
-        }
-        let peer = match peers.iter_mut().find(|p| p.id == id) {
-            Some(p) => p,
-            None => {
-                peers.push(Peer { id: id.to_string(), ..Peer::default() });
-                let last = peers.len() - 1;
-                &mut peers[last]
-            }
-        };
-        match claim {
-            Some(c) => {
-                peer.lease = true;
-                peer.claim = peer.claim.max(c);
-            }
-            None => peer.servers += count,
-        }
-    }
-    peers
 }
 
 #[cfg(test)]

@@ -2,162 +2,132 @@
 
 use super::*;
 
-fn peer(id: &str, lease: bool, claim: u32, servers: u32) -> Peer {
-    Peer { id: id.into(), lease, claim, servers }
+fn row(id: &str, share: i32, held: u32, servers: u32) -> Row {
+    Row { id: id.into(), share, held, servers, stale: false }
 }
 
-fn snap(usable: u32, others: u32, peers: Vec<Peer>) -> Snapshot {
-    Snapshot { usable, others, peers }
+fn input(usable: u32, others: u32, rows: Vec<Row>) -> RoundInput {
+    RoundInput { usable, others, rows, strangers: 0 }
 }
 
-#[test]
-fn a_lone_instance_gets_everything_but_its_lease_and_room_for_a_joiner() {
-    let d = decide(&snap(52, 1, vec![peer("a", true, 0, 0)]), "a", 2);
-    // 52 usable - 1 other - 1 lease - (2 floor + 1 lease) kept for a joiner.
-    assert_eq!((d.instances, d.fair, d.share, d.standing), (1, 47, 47, Standing::Fair));
-}
-
-#[test]
-fn a_joiner_gets_its_floor_at_once_and_grows_later() {
-    let d = decide(&snap(52, 1, vec![peer("a", true, 47, 20), peer("b", true, 0, 0)]), "b", 2);
-    assert_eq!(d.fair, 23);
-    assert_eq!((d.share, d.standing), (2, Standing::Growing));
+/// What the fleet may hold after the round, each member at the larger of its base and its
+/// new share: never more than `usable - others`.
+fn worst_case(i: &RoundInput, a: &Allocation) -> u32 {
+    i.rows
+        .iter()
+        .filter(|r| !a.dead.contains(&r.id))
+        .map(|r| r.base().max(a.share_of(&r.id).unwrap_or(0).max(0) as u32))
+        .sum::<u32>()
+        + i.strangers
 }
 
 #[test]
-fn an_incumbent_shrinks_to_the_fair_share_when_a_peer_joins() {
-    let d = decide(&snap(52, 1, vec![peer("a", true, 47, 47), peer("b", true, 2, 0)]), "a", 2);
-    assert_eq!((d.share, d.standing), (23, Standing::Fair));
+fn a_lone_member_gets_everything_but_room_for_a_joiner() {
+    let a = allocate(&input(52, 1, vec![row("a", 0, 0, 1)]), 2);
+    // 52 usable - 1 other - 2 (a joiner's floor) kept free.
+    assert_eq!((a.instances, a.fair, a.share_of("a")), (1, 49, Some(49)));
 }
 
 #[test]
-fn a_joiner_whose_lease_does_not_fit_gets_no_room() {
-    let full = vec![peer("a", true, 47, 47), peer("b", true, 2, 2), peer("c", true, 0, 0)];
-    let d = decide(&snap(52, 1, full), "c", 2);
-    assert_eq!((d.share, d.standing), (0, Standing::NoRoom));
+fn a_joiner_gets_its_floor_at_once_and_grows_as_the_incumbent_shrinks() {
+    let i = input(52, 1, vec![row("a", 49, 49, 49), row("b", 0, 0, 1)]);
+    let a = allocate(&i, 2);
+    assert_eq!(a.fair, 24);
+    assert_eq!(a.share_of("a"), Some(24));
+    assert_eq!(a.share_of("b"), Some(2), "its knock plus what was kept free");
+    assert!(worst_case(&i, &a) <= 51);
+    // The incumbent reported its lower cap and closed its servers: the joiner grows.
+    let i = input(52, 1, vec![row("a", 24, 24, 24), row("b", 2, 2, 2)]);
+    let a = allocate(&i, 2);
+    assert_eq!((a.share_of("a"), a.share_of("b")), (Some(24), Some(24)));
 }
 
 #[test]
-fn servers_of_an_instance_without_lease_still_count() {
-    // "z" lost its lease but its servers are still open: they are not free.
-    let d = decide(&snap(52, 1, vec![peer("a", true, 0, 0), peer("z", false, 0, 30)]), "a", 2);
-    assert_eq!(d.instances, 1);
-    assert_eq!(d.share, 52 - 1 - 30 - 1, "what is left after the orphaned servers");
-    assert_eq!(d.standing, Standing::Growing);
-    assert_eq!(d.fleet_total, 31);
+fn a_lowered_share_is_counted_at_the_old_one_until_the_member_reports_it() {
+    // a was given 24 but still says it may hold 49: b cannot have that room yet.
+    let i = input(52, 1, vec![row("a", 24, 49, 30), row("b", 2, 2, 2)]);
+    let a = allocate(&i, 2);
+    assert_eq!(a.share_of("b"), Some(2));
+    assert!(!a.settled);
 }
 
 #[test]
-fn connections_that_are_not_the_fleets_shrink_every_share() {
-    let d = decide(&snap(52, 21, vec![peer("a", true, 0, 0), peer("b", true, 13, 13)]), "a", 2);
-    assert_eq!(d.fair, (52 - 21 - 2 - 3) / 2);
+fn servers_of_members_without_a_row_are_counted() {
+    let mut i = input(20, 0, vec![row("a", 0, 0, 1)]);
+    i.strangers = 5;
+    let a = allocate(&i, 2);
+    assert_eq!(a.share_of("a"), Some(13), "20 - 5 strangers - 2 kept free");
 }
 
 #[test]
-fn too_many_instances_for_fair_shares_hold_the_floor_while_it_fits() {
-    let mut peers: Vec<Peer> = (0..10).map(|i| peer(&format!("p{i}"), true, 2, 2)).collect();
-    peers.push(peer("me", true, 0, 0));
-    let d = decide(&snap(34, 0, peers.clone()), "me", 2);
-    assert!(d.fair < 2);
-    assert_eq!((d.share, d.standing), (2, Standing::Floor));
-    peers.extend((10..13).map(|i| peer(&format!("p{i}"), true, 2, 2)));
-    let d = decide(&snap(34, 0, peers), "me", 2);
-    assert_eq!((d.share, d.standing), (0, Standing::NoRoom), "13 x (2 + 1) + 1 > 34");
+fn a_stale_member_without_servers_is_dead_and_its_share_freed() {
+    let mut gone = row("b", 24, 24, 0);
+    gone.stale = true;
+    let a = allocate(&input(52, 1, vec![row("a", 24, 24, 24), gone]), 2);
+    assert_eq!(a.dead, vec!["b".to_string()]);
+    assert_eq!((a.instances, a.share_of("a"), a.share_of("b")), (1, Some(49), None));
 }
 
 #[test]
-fn parse_reads_leases_claims_and_server_counts() {
-    let peers = parse_peers("a 12,a/14 1,b/3 1,c 2,bogus,d/x 1, 5");
-    assert_eq!(peers, vec![peer("a", true, 14, 12), peer("b", true, 3, 0), peer("c", false, 0, 2)]);
-    assert!(parse_peers("").is_empty());
+fn a_stale_member_that_still_has_servers_keeps_its_base() {
+    let mut stuck = row("b", 24, 24, 10);
+    stuck.stale = true;
+    let i = input(52, 1, vec![row("a", 24, 24, 24), stuck]);
+    let a = allocate(&i, 2);
+    assert!(a.dead.is_empty());
+    assert!(worst_case(&i, &a) <= 51);
 }
 
-/// One simulated broker: worst case, it uses every connection its cap allows at once.
-#[derive(Clone)]
-struct Sim {
-    id: String,
-    lease: bool,
-    claim: u32,
-    servers: u32,
-}
-
-fn total(others: u32, fleet: &[Sim]) -> u32 {
-    others + fleet.iter().map(|s| s.servers + u32::from(s.lease)).sum::<u32>()
-}
-
-/// One round of `fleet[i]` following the protocol of `super::super::Member`.
-fn round(usable: u32, others: u32, fleet: &mut [Sim], i: usize, floor: u32) -> Decision {
-    let s = snap(
-        usable,
-        others,
-        fleet.iter().map(|m| peer(&m.id, m.lease, if m.lease { m.claim } else { 0 }, m.servers)).collect(),
+#[test]
+fn knocks_that_do_not_fit_are_told_to_leave() {
+    let i = input(
+        10,
+        0,
+        vec![row("a", 4, 4, 4), row("b", 4, 4, 4), row("c", 0, 0, 1), row("d", 0, 0, 1), row("e", 0, 0, 1)],
     );
-    let d = decide(&s, &fleet[i].id, floor);
-    let m = &mut fleet[i];
-    if d.standing == Standing::NoRoom && m.servers == 0 {
-        m.lease = false;
-        m.claim = 0;
-        return d;
-    }
-    if d.share < m.servers {
-        // Lowered cap first; busy servers close only after the claim is published.
-        m.claim = d.share.max(m.servers);
-        m.servers = d.share;
-    } else {
-        m.claim = d.share;
-        m.servers = d.share;
-    }
-    d
+    let a = allocate(&i, 1);
+    let out: Vec<i32> = ["c", "d", "e"].iter().map(|id| a.share_of(id).unwrap()).collect();
+    assert_eq!(out.iter().filter(|s| **s == -1).count(), 1, "{out:?}");
+    assert_eq!(standing(-1, a.fair, 1), Standing::NoRoom);
 }
 
 #[test]
-fn joining_one_at_a_time_never_overcommits_and_converges_to_fair() {
-    let (usable, others, floor) = (52, 1, 2);
-    let mut fleet = vec![Sim { id: "a".into(), lease: true, claim: 0, servers: 0 }];
-    round(usable, others, &mut fleet, 0, floor);
-    for j in 1..6 {
-        fleet.push(Sim { id: format!("j{j}"), lease: false, claim: 0, servers: 0 });
-    }
-    // Joiners knock (open a lease) one at a time between rounds of everyone.
-    for step in 0..60 {
-        for i in 0..fleet.len() {
-            if !fleet[i].lease {
-                if step % 2 == 1 {
-                    continue;
-                }
-                fleet[i].lease = true;
+fn more_members_than_floors_hold_the_floor_while_room_lasts() {
+    let rows = (0..6).map(|k| row(&format!("m{k}"), 0, 0, 1)).collect();
+    let i = input(8, 0, rows);
+    let a = allocate(&i, 2);
+    assert_eq!(a.fair, 1);
+    assert!(worst_case(&i, &a) <= 8);
+    let floors = a.shares.iter().filter(|(_, s)| *s == 2).count();
+    assert_eq!(floors, 2, "{:?}", a.shares);
+    assert_eq!(standing(2, a.fair, 2), Standing::Floor);
+    assert_eq!(standing(1, a.fair, 2), Standing::Growing);
+}
+
+#[test]
+fn no_round_ever_gives_out_more_than_usable() {
+    // Every mix of previous shares, reports and servers for three members on 12 usable.
+    let mut checked = 0;
+    for s in [-1, 0, 2, 5] {
+        for h in [0u32, 3, 6] {
+            for v in [0u32, 1, 4] {
+                let rows = vec![row("a", s, h, v), row("b", 4, 4, 4), row("c", 0, 0, 1)];
+                let i = input(12, 0, rows);
+                let start: u32 = i.rows.iter().map(Row::base).sum();
+                let a = allocate(&i, 2);
+                // Overcommitted already (by the inputs) means no grant at all.
+                assert!(worst_case(&i, &a) <= 12.max(start), "{i:?} -> {a:?}");
+                checked += 1;
             }
-            let d = round(usable, others, &mut fleet, i, floor);
-            assert!(
-                total(others, &fleet) <= usable,
-                "step {step}: instance {i} made the total {} > {usable} ({d:?})",
-                total(others, &fleet)
-            );
         }
     }
-    assert!(fleet.iter().all(|m| m.lease), "every joiner got in");
-    let fair = (usable - others - 6 - (floor + 1)) / 6;
-    for m in &fleet {
-        assert!(
-            m.claim.abs_diff(fair) <= 1 && m.servers.abs_diff(fair) <= 1,
-            "{} holds {}, fair {fair}",
-            m.id,
-            m.servers
-        );
-    }
+    assert_eq!(checked, 36);
 }
 
 #[test]
-fn leaving_instances_free_their_share_for_the_rest() {
-    let (usable, others, floor) = (52, 1, 2);
-    let mut fleet: Vec<Sim> = (0..6).map(|i| Sim { id: format!("i{i}"), lease: true, claim: 7, servers: 7 }).collect();
-    fleet.truncate(2);
-    for _ in 0..3 {
-        for i in 0..fleet.len() {
-            round(usable, others, &mut fleet, i, floor);
-            assert!(total(others, &fleet) <= usable);
-        }
-    }
-    let fair = (usable - others - 2 - (floor + 1)) / 2;
-    assert!(fleet.iter().all(|m| m.servers == fair), "each has {fair}");
+fn a_fleet_at_its_shares_is_settled() {
+    let a = allocate(&input(52, 1, vec![row("a", 24, 24, 20), row("b", 24, 24, 3)]), 2);
+    assert!(a.settled, "{a:?}");
+    assert_eq!(standing(24, a.fair, 2), Standing::Fair);
+    assert_eq!(standing(0, a.fair, 2), Standing::Waiting);
 }

@@ -64,7 +64,7 @@ impl Pool {
 
     /// Opens servers up to `min_size`, one at a time, within the limits.
     async fn fill_min(self: &Arc<Self>) {
-        if self.settings().min_size == 0 {
+        if self.settings().min_size == 0 || self.retired.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         loop {

@@ -134,6 +134,8 @@ pub struct Pool {
     settings: ArcSwap<PoolSettings>,
     /// Bumped when the server address or login changes: older servers close when returned.
     generation: AtomicU64,
+    /// Out of service (its database removed, or the broker stopped): no server is kept warm.
+    retired: std::sync::atomic::AtomicBool,
     limits: Vec<Arc<Limit>>,
     inner: Mutex<Inner>,
     /// A fresh server's settings, learned from the first one opened.
@@ -156,6 +158,7 @@ impl Pool {
             target: ArcSwap::from_pointee(target),
             settings: ArcSwap::from_pointee(settings),
             generation: AtomicU64::new(0),
+            retired: Default::default(),
             limits,
             inner: Mutex::new(Inner::default()),
             defaults: Mutex::new(None),

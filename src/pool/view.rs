@@ -98,6 +98,7 @@ impl Pool {
     /// Takes the pool out of service (its database was removed): idle servers close now,
     /// busy ones when they come back.
     pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::Relaxed);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.close_idle();
     }
