@@ -8,7 +8,8 @@
 //! database's CPU seconds per minute in fleet mode and in static mode (all PostgreSQL
 //! processes, reaped backends included) and their difference, the coordination's cost, per
 //! member too; the most connections the fleet held against `usable`, and how many of them
-//! were bookkeeping (lease) connections; the spread of the shares at the end.
+//! were bookkeeping connections (the fleet's connections on the server that no pool holds:
+//! knocks); the spread of the shares at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use pgbroker::app::Broker;
@@ -25,7 +26,7 @@ fn list(name: &str, default: &[u64]) -> Vec<u64> {
         .unwrap_or_else(|| default.to_vec())
 }
 
-/// Connections per member in `usable`: its lease and a fair share of 4.
+/// Connections per member in `usable`.
 const PER_MEMBER: u64 = 5;
 const FLEET: &str = "bench";
 
@@ -75,7 +76,7 @@ struct Outcome {
     to_share: Option<f64>,
     cpu_per_min: f64,
     held_max: u64,
-    leases_max: u64,
+    bookkeeping_max: u64,
     share_min: usize,
     share_max: usize,
     /// The most connections that are not the fleet's any member saw.
@@ -114,15 +115,23 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
         }));
     }
     let cpu0 = pg_cpu_seconds(postmaster(pg));
-    let (mut held_max, mut leases_max) = (0, 0);
+    let (mut held_max, mut bookkeeping_max) = (0, 0);
     let tag = format!("pgbroker/{FLEET}/%");
+    // Servers the brokers' pools count (opening, open or closing).
+    let pooled = || {
+        brokers
+            .iter()
+            .flat_map(|b| b.app().budgets().values().map(|(_, l)| l.used() as u64).collect::<Vec<_>>())
+            .sum::<u64>()
+    };
     while Instant::now() < until {
+        let before = pooled();
         let held =
             count(admin, &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{tag}'")).await;
-        let leases =
-            count(admin, &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '{tag}/%'")).await;
+        let after = pooled();
         held_max = held_max.max(held);
-        leases_max = leases_max.max(leases);
+        // Tagged connections no pool counts, read between two counts of the pools.
+        bookkeeping_max = bookkeeping_max.max(held.saturating_sub(before.max(after)));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let cpu_per_min = (pg_cpu_seconds(postmaster(pg)) - cpu0) * 60.0 / seconds as f64;
@@ -151,7 +160,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
         to_share,
         cpu_per_min,
         held_max,
-        leases_max,
+        bookkeeping_max,
         share_min: shares.iter().copied().min().unwrap_or(0),
         share_max: shares.iter().copied().max().unwrap_or(0),
         others,
@@ -183,12 +192,14 @@ fn main() {
              usable = {PER_MEMBER} x N, {seconds} s measured per run"
         );
         println!(
-            "| members | seconds to every share | DB CPU s/min, fleet | static | coordination s/min | per member ms/min | fleet connections held (max) / usable | bookkeeping (lease) connections | share min / max | others seen |"
+            "| members | seconds to every share | DB CPU s/min, fleet | static | coordination s/min | per member ms/min | fleet connections held (max) / usable | bookkeeping connections (max) | share min / max | others seen |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for &n in &members {
             let stat = run(&pg, &admin, "static", n, interval, seconds).await;
             let fleet = run(&pg, &admin, "fleet", n, interval, seconds).await;
+            // The next size starts with an empty fleet table.
+            let _ = admin.batch_execute("DELETE FROM pgbroker_fleet; DELETE FROM pgbroker_fleet_round").await;
             let coordination = fleet.cpu_per_min - stat.cpu_per_min;
             println!(
                 "| {n} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} / {} | {} | {} / {} | {} |",
@@ -199,7 +210,7 @@ fn main() {
                 coordination * 1000.0 / n as f64,
                 fleet.held_max,
                 n * PER_MEMBER,
-                fleet.leases_max,
+                fleet.bookkeeping_max,
                 fleet.share_min,
                 fleet.share_max,
                 fleet.others,

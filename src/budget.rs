@@ -102,7 +102,7 @@ pub enum BudgetError {
         /// The server.
         server: String,
     },
-    /// Fleet mode counts the fleet over a login of its own.
+    /// Fleet mode heartbeats and counts the fleet over a login of the broker's own.
     #[error(
         "budget.mode = \"fleet\" needs a database on {server} with user and password (or auth.user) to count the fleet in pg_stat_activity"
     )]

@@ -444,3 +444,153 @@ async fn a_server_dropped_and_added_again_by_reloads_gets_a_share_again() {
     let c = common::connect(a.local_addr(), "postgres", "x", "db").await.unwrap();
     assert_eq!(common::one(&c, "SELECT 1").await, "1", "served under the new share");
 }
+
+/// Which of `brokers` ran the fleet's last round, by its instance id.
+async fn last_round_by(direct: &tokio_postgres::Client) -> String {
+    common::one(direct, "SELECT ran_by FROM pgbroker_fleet_round WHERE fleet = 't'").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_that_ran_the_last_round_is_killed_and_another_runs_the_next() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 60, ..ClusterOptions::default() }).unwrap();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let samples = sampler(&pg).await;
+    let mut brokers: Vec<Broker> = (0..3).map(|_| start_broker(&pg, &fleet_budget())).collect();
+    for b in &brokers {
+        wait_listening(b).await;
+        load(b, &errors);
+    }
+    converge(&brokers.iter().collect::<Vec<_>>(), 3, INTERVAL * 3).await;
+    let direct = common::direct_to(&pg, "postgres").await;
+    let runner = last_round_by(&direct).await;
+    let mut ids = Vec::new();
+    for b in &brokers {
+        ids.push(budget_row(b).await["instance"].clone());
+    }
+    let k = ids.iter().position(|id| *id == runner).expect("the runner is one of the three");
+    let victim = brokers.remove(k);
+    stop_load(&[&victim]).await;
+    let killed = Instant::now();
+    drop(victim);
+
+    // A round was due at most one interval after the last; the next heartbeat of either
+    // survivor (one interval, ±10%) runs it.
+    let next = common::eventually("a round run by another member", INTERVAL * 3, || async {
+        let by = last_round_by(&direct).await;
+        if by != runner { Ok(by) } else { Err(by) }
+    })
+    .await;
+    assert!(ids.contains(&next), "{next} is a survivor");
+    let took = killed.elapsed();
+    let survivors: Vec<&Broker> = brokers.iter().collect();
+    let two = converge(&survivors, 2, INTERVAL * 5).await;
+    let gone: String =
+        common::one(&direct, &format!("SELECT count(*) FROM pgbroker_fleet WHERE fleet = 't' AND id = '{runner}'"))
+            .await;
+    assert_eq!(gone, "0", "the killed member's row was deleted");
+    stop_load(&survivors).await;
+    samples.stop.store(true, Ordering::Relaxed);
+    let errors = errors.lock().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let max_fleet = samples.max_fleet.load(Ordering::Relaxed) as u32;
+    assert!(max_fleet <= USABLE, "the fleet held {max_fleet} > {USABLE}");
+    eprintln!("next round by another member {took:?} after the kill; shares {two:?}; most held {max_fleet}");
+}
+
+#[tokio::test]
+async fn a_member_whose_heartbeats_stop_freezes_at_what_it_holds_and_resumes() {
+    let pg = Cluster::start(ClusterOptions { max_connections: 40, ..ClusterOptions::default() }).unwrap();
+    let a = fleet_broker(&pg, "t", "").await;
+    until(&a, |r| r["standing"] == "fair").await;
+    let direct = common::direct_to(&pg, "postgres").await;
+    // Its fleet pool keeps one server open: that is what it holds.
+    common::eventually("one server held", Duration::from_secs(5), || async {
+        let n =
+            common::one(&direct, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgbroker/t/%'")
+                .await;
+        if n == "1" { Ok(()) } else { Err(n) }
+    })
+    .await;
+
+    // Nothing reaches the fleet's table (as when the server is unreachable to this member).
+    direct.batch_execute("BEGIN; LOCK TABLE pgbroker_fleet IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    until(&a, |r| r["standing"] == "unreachable").await;
+    assert_eq!(show_budget(&a).await["budget"], "1", "frozen at what it holds");
+    let (code, health) = common::http_get(a.http_addr(), "/health").await;
+    assert_eq!(code, 200);
+    assert!(health.contains("unreachable"), "{health}");
+
+    // A client takes the one server; a second finds no other while frozen.
+    let first = common::connect(a.local_addr(), "postgres", "x", "db").await.unwrap();
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let second = common::connect(a.local_addr(), "postgres", "x", "db").await.unwrap();
+    let waiting = tokio::spawn(async move { common::one(&second, "SELECT 2").await });
+    let held = || async {
+        common::one(&direct, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgbroker/t/%'").await
+    };
+    // A frozen member opens nothing: the second client still waits a while later.
+    let still = tokio::time::timeout(Duration::from_millis(1500), async {
+        while !waiting.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(still.is_err(), "the second client was served by a new server while frozen");
+    assert_eq!(held().await, "1", "nothing opened, not even a knock");
+
+    // The table is back and the server free: the member heartbeats, finds its share again.
+    direct.batch_execute("COMMIT").await.unwrap();
+    first.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap(), "2");
+    until(&a, |r| r["standing"] == "fair" && r["budget"].parse::<u32>().unwrap() > 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_joining_at_once_while_the_fleet_is_full_never_exceed_max_connections() {
+    // 30 max_connections - 3 superuser reserved: 27 for ordinary logins. The fleet may use 20.
+    let pg = Cluster::start(ClusterOptions { max_connections: 30, ..ClusterOptions::default() }).unwrap();
+    let budget = format!("{}\nserver_max_connections = 20\nreserved_connections = 0", fleet_budget());
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let samples = sampler(&pg).await;
+    let incumbents: Vec<Broker> = (0..2).map(|_| start_broker(&pg, &budget)).collect();
+    for b in &incumbents {
+        wait_listening(b).await;
+        load(b, &errors);
+    }
+    // Full: 12 clients each want more than their share of (20 - 1 sampler - 2 kept free) / 2.
+    let full = |r: &std::collections::HashMap<String, String>| r["budget"] == "8" && r["claim"] == "8";
+    for b in &incumbents {
+        common::eventually("the incumbents at their shares", INTERVAL * 5, || async {
+            let r = budget_row(b).await;
+            if full(&r) { Ok(()) } else { Err(r) }
+        })
+        .await;
+    }
+    let joiners: Vec<Broker> = (0..3).map(|_| start_broker(&pg, &budget)).collect();
+    for b in &joiners {
+        wait_listening(b).await;
+        load(b, &errors);
+    }
+    let all: Vec<&Broker> = incumbents.iter().chain(&joiners).collect();
+    let five = common::eventually("five members with a share each", INTERVAL * 10, || async {
+        let mut shares = Vec::new();
+        for b in &all {
+            let r = budget_row(b).await;
+            shares.push((num(&r, "instances"), num(&r, "budget")));
+        }
+        if shares.iter().all(|&(n, s)| n == 5 && s >= 1) { Ok(shares) } else { Err(shares) }
+    })
+    .await;
+    stop_load(&all).await;
+    samples.stop.store(true, Ordering::Relaxed);
+    let errors = errors.lock().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let (max_fleet, max_all) =
+        (samples.max_fleet.load(Ordering::Relaxed) as u32, samples.max_all.load(Ordering::Relaxed) as u32);
+    // Servers within the 20; the joiners' knocks may stand beside them for a moment.
+    assert!(max_fleet <= 20 + 3, "the fleet held {max_fleet}");
+    assert!(max_all <= 27, "{max_all} client connections: an ordinary login would have been refused");
+    let shares: u32 = five.iter().map(|&(_, s)| s).sum();
+    assert!(shares <= 20 - OTHERS, "{five:?}");
+    eprintln!("five members {five:?}; most fleet connections {max_fleet}, all {max_all}");
+}

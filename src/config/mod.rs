@@ -362,7 +362,7 @@ pub struct Budget {
     pub mode: BudgetMode,
     /// Fleet name: instances with the same name share the server's connections.
     pub fleet: String,
-    /// How often a fleet member recounts its peers and its share.
+    /// How often a fleet member heartbeats and the fleet runs a round.
     pub fleet_interval: Duration,
     /// Connections a joining instance gets at once when they fit.
     pub fleet_min_budget: u32,

@@ -8,9 +8,9 @@
 //! finds it so runs it under the fleet's advisory lock: it counts the server once
 //! (`pg_stat_activity`), decides every member's share ([`share::allocate`]) and writes them.
 //! The database's cost is one heartbeat per member and one count per interval for the whole
-//! fleet. A member with nothing to heartbeat through (joining, or left with nothing) *knocks*
-//! with one connection of its own, tagged and counted as its server, and closes it before it
-//! takes the share it is given.
+//! fleet. A member with nothing to heartbeat through (joining, left with nothing, or every
+//! server busy) *knocks* with one connection of its own, tagged and counted as its server,
+//! and closes it as soon as it has a share and a free server of its own.
 
 pub mod share;
 mod sql;
@@ -184,7 +184,6 @@ impl Member {
                         b.fleet_interval.mul_f64(0.9 + (random() % 1000) as f64 / 5000.0)
                     }
                 }
-                Err(FleetError::Busy) => quick,
                 Err(e) => {
                     knock = None;
                     self.on_error(&e);
@@ -225,22 +224,31 @@ impl Member {
     async fn beat(&self, app: &App, cfg: &Config, knock: &mut Option<ServerConn>) -> Result<bool, FleetError> {
         let pool = app.fleet_pool(cfg, &self.server).ok_or(FleetError::NoLogin)?;
         let (cap, used) = (self.limit.cap() as u32, self.limit.used() as u32);
+        // A server of our own pool if one is free soon; else (joining, left with nothing,
+        // or every server busy, as whole sessions may keep them) a knock.
+        // Frozen, a member opens nothing new while it holds something: it waits for one of
+        // its own servers.
+        let frozen = self.limit.is_frozen() && used > 0;
         let mut pooled = None;
-        if cap == 0 && used == 0 {
-            if knock.is_none() {
-                *knock = Some(ServerConn::connect(pool.target(), cfg.broker.server_connect_timeout).await?);
+        if cap > 0 || used > 0 {
+            let wait = if frozen { ROUND_TIMEOUT / 2 } else { quick(cfg.budget.fleet_interval) };
+            match pool.checkout(wait).await {
+                Ok(server) => {
+                    *knock = None;
+                    pooled = Some(server);
+                }
+                Err(PoolError::Timeout { .. }) if frozen => return Err(FleetError::Busy),
+                Err(PoolError::Timeout { .. }) => {}
+                Err(e) => return Err(FleetError::Pool(e)),
             }
-        } else {
-            *knock = None;
-            pooled = Some(pool.checkout(ROUND_TIMEOUT / 2).await.map_err(|e| match e {
-                PoolError::Timeout { .. } => FleetError::Busy,
-                e => FleetError::Pool(e),
-            })?);
+        }
+        if pooled.is_none() && knock.is_none() {
+            *knock = Some(ServerConn::connect(pool.target(), cfg.broker.server_connect_timeout).await?);
         }
         let conn: &mut ServerConn = match (pooled.as_mut(), knock.as_mut()) {
             (Some(p), _) => p,
             (None, Some(k)) => k,
-            (None, None) => return Err(FleetError::Busy),
+            (None, None) => return Err(FleetError::Timeout),
         };
         let result = self.exchange(cfg, conn, cap.max(used), used).await;
         if let (Some(p), Ok(_) | Err(FleetError::Query(_) | FleetError::NoTable(_))) = (pooled.as_mut(), &result) {
@@ -404,7 +412,7 @@ impl Member {
             Standing::NoRoom
         } else {
             let share = share as u32;
-            if share > 0 {
+            if share > 0 && (share > old || self.limit.used() == 0) {
                 // The knock goes before the servers it makes room for.
                 *knock = None;
             }
@@ -473,8 +481,7 @@ enum FleetError {
     Pool(PoolError),
     #[error("{}", .0.message)]
     Query(QueryError),
-    /// Every server of the fleet's pool stayed busy: no error, the heartbeat comes later.
-    #[error("every server is busy")]
+    #[error("frozen, and every server of the fleet's pool is busy: the heartbeat waits for one to be free")]
     Busy,
     #[error("the heartbeat took longer than {ROUND_TIMEOUT:?}")]
     Timeout,

@@ -47,12 +47,13 @@ pub fn heartbeat(fleet: &str, id: &str, used: u32, mine: u32, lock_timeout: Dura
 }
 
 /// Opens a round's transaction and tries its lock without waiting: `locked, due` (a round
-/// may have just run under another member). `fresh`: asked by a new member, for which a
+/// may have just run under another member). A round whose member stalls mid-way is ended by
+/// the server (idle in transaction), releasing the rows every heartbeat waits for. `fresh`: asked by a new member, for which a
 /// round is due once `eager` has passed since the last.
 pub fn round_lock(fleet: &str, lock_timeout: Duration, fresh: bool, eager: Duration) -> String {
     let f = escape_literal(fleet);
     format!(
-        "BEGIN; SET LOCAL lock_timeout = '{ms}ms'; \
+        "BEGIN; SET LOCAL lock_timeout = '{ms}ms'; SET LOCAL idle_in_transaction_session_timeout = '{ms}ms'; \
          SELECT pg_catalog.pg_try_advisory_xact_lock({LOCK_CLASS}, {key}), \
            coalesce((SELECT next_at <= now() OR ({fresh} AND ran_at < now() - interval '{eager} milliseconds') \
              FROM pgbroker_fleet_round WHERE fleet = {f}), true)",
