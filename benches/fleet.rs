@@ -77,6 +77,7 @@ struct Outcome {
     cpu_per_min: f64,
     held_max: u64,
     bookkeeping_max: u64,
+    knocks_max: u64,
     share_min: usize,
     share_max: usize,
     /// The most connections that are not the fleet's any member saw.
@@ -115,7 +116,15 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
         }));
     }
     let cpu0 = pg_cpu_seconds(postmaster(pg));
-    let (mut held_max, mut bookkeeping_max) = (0, 0);
+    let (mut held_max, mut bookkeeping_max, mut knocks_max) = (0, 0, 0);
+    let knocks = || {
+        brokers
+            .iter()
+            .flat_map(|b| {
+                b.app().fleet.lock().unwrap().values().map(|m| u64::from(m.status().knocking)).collect::<Vec<_>>()
+            })
+            .sum::<u64>()
+    };
     let tag = format!("pgbroker/{FLEET}/%");
     // Servers the brokers' pools count (opening, open or closing).
     let pooled = || {
@@ -132,6 +141,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
         held_max = held_max.max(held);
         // Tagged connections no pool counts, read between two counts of the pools.
         bookkeeping_max = bookkeeping_max.max(held.saturating_sub(before.max(after)));
+        knocks_max = knocks_max.max(knocks());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let cpu_per_min = (pg_cpu_seconds(postmaster(pg)) - cpu0) * 60.0 / seconds as f64;
@@ -161,6 +171,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
         cpu_per_min,
         held_max,
         bookkeeping_max,
+        knocks_max,
         share_min: shares.iter().copied().min().unwrap_or(0),
         share_max: shares.iter().copied().max().unwrap_or(0),
         others,
@@ -192,9 +203,9 @@ fn main() {
              usable = {PER_MEMBER} x N, {seconds} s measured per run"
         );
         println!(
-            "| members | seconds to every share | DB CPU s/min, fleet | static | coordination s/min | per member ms/min | fleet connections held (max) / usable | bookkeeping connections (max) | share min / max | others seen |"
+            "| members | seconds to every share | DB CPU s/min, fleet | static | coordination s/min | per member ms/min | fleet connections held (max) / usable | bookkeeping connections (max) | of them knocks (max) | share min / max | others seen |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for &n in &members {
             let stat = run(&pg, &admin, "static", n, interval, seconds).await;
             let fleet = run(&pg, &admin, "fleet", n, interval, seconds).await;
@@ -202,7 +213,7 @@ fn main() {
             let _ = admin.batch_execute("DELETE FROM pgbroker_fleet; DELETE FROM pgbroker_fleet_round").await;
             let coordination = fleet.cpu_per_min - stat.cpu_per_min;
             println!(
-                "| {n} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} / {} | {} | {} / {} | {} |",
+                "| {n} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} / {} | {} | {} | {} / {} | {} |",
                 fleet.to_share.map_or("not within 60 s".into(), |s| format!("{s:.1}")),
                 fleet.cpu_per_min,
                 stat.cpu_per_min,
@@ -211,6 +222,7 @@ fn main() {
                 fleet.held_max,
                 n * PER_MEMBER,
                 fleet.bookkeeping_max,
+                fleet.knocks_max,
                 fleet.share_min,
                 fleet.share_max,
                 fleet.others,

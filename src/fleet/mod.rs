@@ -93,6 +93,8 @@ pub struct Status {
     pub error: Option<String>,
     /// When the last heartbeat completed.
     pub at: Option<Instant>,
+    /// It holds a knock (a connection of its own) after that heartbeat.
+    pub knocking: bool,
 }
 
 /// The last round as a heartbeat or a round of our own saw it.
@@ -217,6 +219,8 @@ impl Member {
         self.set_status(|s| {
             s.standing = if e.is_full() { Standing::NoRoom } else { Standing::Unreachable };
             s.error = Some(message);
+            // The caller closes the knock after an error.
+            s.knocking = false;
         });
     }
 
@@ -231,7 +235,9 @@ impl Member {
         let frozen = self.limit.is_frozen() && used > 0;
         let mut pooled = None;
         if cap > 0 || used > 0 {
-            let wait = if frozen { ROUND_TIMEOUT / 2 } else { quick(cfg.budget.fleet_interval) };
+            // With room in its share the pool opens a server of its own for the heartbeat
+            // (as for any client); a knock is for when every server it may hold is busy.
+            let wait = if frozen || cap > used { ROUND_TIMEOUT / 2 } else { quick(cfg.budget.fleet_interval) };
             match pool.checkout(wait).await {
                 Ok(server) => {
                     *knock = None;
@@ -449,6 +455,7 @@ impl Member {
                 others: seen.others,
                 error: None,
                 at: Some(Instant::now()),
+                knocking: knock.is_some(),
             }
         });
         !seen.settled || fresh || standing.is_starved() || standing == Standing::Growing || share.max(0) as u32 != old
