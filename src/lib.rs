@@ -39,6 +39,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod histogram;
 pub mod http;
+pub mod init;
 pub mod logline;
 pub mod memory;
 pub mod metrics;

@@ -22,6 +22,29 @@ enum Command {
     Run,
     /// Validate the config file and print the effective settings.
     Check,
+    /// Write a working setup for the app's database: the config (at --config), the env file
+    /// with the server password and the auth file beside it (both 0600), after checking the
+    /// server; then print the DATABASE_URL to give the app.
+    Init {
+        /// The app's connection URL [default: $DATABASE_URL].
+        #[arg(long = "from")]
+        from: Option<String>,
+        /// Overwrite files that exist.
+        #[arg(long)]
+        force: bool,
+        /// App instances sharing the server, each with its own pgbroker (static budget).
+        #[arg(long, conflicts_with = "fleet")]
+        instances: Option<u32>,
+        /// Share the server live with the other instances of this fleet instead.
+        #[arg(long)]
+        fleet: Option<String>,
+        /// session | transaction | statement.
+        #[arg(long, default_value = "transaction")]
+        pool_mode: String,
+        /// Address for the broker's PostgreSQL listener (HTTP on the next port).
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+    },
     /// Start a throwaway PostgreSQL with pgbroker in front of it, until Ctrl-C.
     Demo {
         /// Address for the demo broker's PostgreSQL listener.
@@ -68,6 +91,28 @@ fn main() -> anyhow::Result<()> {
                 println!("# {d}");
             }
             eprintln!("{}: OK", cli.config.display());
+            Ok(())
+        }
+        Command::Init { from, force, instances, fleet, pool_mode, listen } => {
+            let url = from
+                .or_else(|| std::env::var("DATABASE_URL").ok())
+                .context("give the app's URL with --from, or set DATABASE_URL")?;
+            let pool_mode = match pool_mode.as_str() {
+                "session" => pgbroker::config::PoolMode::Session,
+                "transaction" => pgbroker::config::PoolMode::Transaction,
+                "statement" => pgbroker::config::PoolMode::Statement,
+                other => anyhow::bail!("--pool-mode: expected session, transaction or statement, got {other:?}"),
+            };
+            let opts = pgbroker::init::Options { url, config: cli.config, force, instances, fleet, pool_mode, listen };
+            let written = runtime()?.block_on(pgbroker::init::run(&opts))?;
+            for f in &written.files {
+                println!("wrote {}", f.display());
+            }
+            for b in &written.budgets {
+                println!("# {b}");
+            }
+            println!("Give the app this URL instead of its own:\nDATABASE_URL={}", written.app_url);
+            println!("Then start the broker: systemctl enable --now pgbroker");
             Ok(())
         }
         Command::Run => Ok(()),

@@ -1,6 +1,9 @@
 //! The `pgbroker` command line: `check` and `demo` as an operator runs them.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::psql;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -141,14 +144,6 @@ impl Drop for Demo {
             let _ = self.child.kill();
         }
     }
-}
-
-/// Runs `psql URL -c SQL` and returns its output.
-fn psql(url: &str, sql: &str) -> String {
-    let out =
-        Command::new("psql").arg(url).args(["-X", "-A", "-t", "-c", sql]).env_remove("PGPASSWORD").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

@@ -63,6 +63,10 @@ pub struct PgUrl {
     pub user: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// `sslmode`, as the client asked for it.
+    pub sslmode: Option<String>,
+    /// `sslrootcert`: the CA file to verify the server with.
+    pub sslrootcert: Option<String>,
 }
 
 /// A URL's port that is not a number: often a password with `/`, `@` or `:` left unescaped.
@@ -114,6 +118,8 @@ pub fn parse_pg_url(url: &str) -> Result<PgUrl, String> {
             "dbname" => out.dbname = non_empty(v),
             "user" => out.user = non_empty(v),
             "password" => out.password = Some(v),
+            "sslmode" => out.sslmode = non_empty(v),
+            "sslrootcert" => out.sslrootcert = non_empty(v),
             // Client-side options (sslmode, application_name, ...) do not apply to the broker's
             // own server connections yet; accept them rather than fail a copied DATABASE_URL.
             _ => {}

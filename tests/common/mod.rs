@@ -380,3 +380,15 @@ where
         Err(seen) => panic!("{what}: not within {limit:?}; last seen: {seen:?}"),
     }
 }
+
+/// Runs `psql URL -c SQL` (no password from the environment) and returns its output.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .arg(url)
+        .args(["-X", "-A", "-t", "-c", sql])
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
