@@ -65,6 +65,15 @@ pub enum InitError {
     Write(PathBuf, #[source] std::io::Error),
 }
 
+/// What the package installs in /etc before anyone configures it.
+const PACKAGED: [&str; 2] = [include_str!("../conf/pgbroker.toml"), include_str!("../conf/env")];
+
+/// A file as the package installed it (or the empty auth file it creates): `init` may write
+/// over it without `--force`, as nobody has configured anything in it yet.
+fn is_pristine(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.is_empty() || PACKAGED.iter().any(|p| p.as_bytes() == b.as_slice()))
+}
+
 /// The three files' paths for a config at `config`.
 fn paths(config: &Path) -> (PathBuf, PathBuf) {
     let dir = config.parent().unwrap_or(Path::new("."));
@@ -77,7 +86,7 @@ pub async fn run(opts: &Options) -> Result<Written, InitError> {
     let (env_path, auth_path) = paths(&opts.config);
     if !opts.force {
         for p in [&opts.config, &env_path, &auth_path] {
-            if p.exists() {
+            if p.exists() && !is_pristine(p) {
                 return Err(InitError::Exists(p.clone()));
             }
         }

@@ -316,8 +316,9 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
     let dir = tempfile::tempdir().unwrap();
     // ExecStart must name an existing binary: point it at the one just built.
-    let service =
-        std::fs::read_to_string(units.join("pgbroker.service")).unwrap().replace("/usr/local/bin/pgbroker", BIN);
+    let service = std::fs::read_to_string(units.join("pgbroker.service"))
+        .unwrap()
+        .replace("ExecStart=pgbroker", &format!("ExecStart={BIN}"));
     std::fs::write(dir.path().join("pgbroker.service"), service).unwrap();
     std::fs::copy(units.join("pgbroker.socket"), dir.path().join("pgbroker.socket")).unwrap();
     let out = Command::new(analyze)
