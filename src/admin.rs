@@ -1,6 +1,6 @@
 //! The admin console: the virtual database `pgbroker` (alias `pgbouncer`), answering
 //! PgBouncer's SHOW commands with ordinary result sets and running RELOAD, PAUSE, RESUME,
-//! KILL and SHUTDOWN. It never reaches a real server.
+//! KILL, UPGRADE and SHUTDOWN. It never reaches a real server.
 
 mod ops;
 mod show;
@@ -186,6 +186,13 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
             tracing::warn!(database = %db, clients = n, "KILL from the admin console");
             Reply::Done("KILL".into())
         }
+        ["upgrade"] => match app.upgrade().await {
+            Ok(pid) => {
+                tracing::warn!(pid, "UPGRADE from the admin console: the new process serves; this one drains");
+                Reply::Done("UPGRADE".into())
+            }
+            Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, crate::error::chain(&e)),
+        },
         ["shutdown"] => {
             tracing::warn!("SHUTDOWN from the admin console");
             Reply::Shutdown

@@ -26,6 +26,18 @@ pub fn notify(state: &str) {
     }
 }
 
+/// `READY=1`: to systemd, and to the process that started this one in a hand-over
+/// (`PGBROKER_HANDOVER_SOCKET`), which drains once it hears it.
+pub fn ready() {
+    notify("READY=1");
+    if let Some(path) = std::env::var_os(crate::app::HANDOVER_SOCKET) {
+        let sent = UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", &path));
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "cannot tell the process handing over that this one is ready");
+        }
+    }
+}
+
 /// `RELOADING=1` with the `MONOTONIC_USEC` systemd wants next to it.
 pub fn reloading() {
     match monotonic_usec() {

@@ -333,3 +333,136 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Processes a test started indirectly (by hand-overs): killed if the test ends early.
+struct Orphans(Vec<u32>);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// True once `pid` has exited (gone, or a zombie its new parent has not reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+async fn admin_client(port: u16) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=pgbroker connect_timeout=5"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_upgrades_in_a_row_refuse_no_one_and_each_old_process_exits_after_its_drain() {
+    create_db("lc_upgrade");
+    pg().psql("lc_upgrade", "CREATE TABLE IF NOT EXISTS up (round int); DELETE FROM up").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_upgrade", 4, 55);
+    let mut first = start(&path, port, http, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Eight clients that connect, query and disconnect, over and over (as `pgbench -C`).
+    let loops: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, served, errors) = (stop.clone(), served.clone(), errors.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let result = match client(port).await {
+                        Ok(c) => c.simple_query("SELECT 1").await.map(drop).map_err(|e| format!("query: {e:?}")),
+                        Err(e) => Err(format!("connect: {e:?}")),
+                    };
+                    match result {
+                        Ok(()) => served.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            errors.lock().unwrap().push(e);
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    let served_at_least = |n: usize| {
+        let served = served.clone();
+        async move { served.load(Ordering::Relaxed) >= n }
+    };
+    eventually("the first process to serve the clients", Duration::from_secs(10), || served_at_least(20)).await;
+    let mut orphans = Orphans(Vec::new());
+    let mut old = first.process.pid();
+    for round in 0..5 {
+        // A transaction open across the hand-over commits on the process it began on.
+        let tx = client(port).await.unwrap();
+        tx.batch_execute(&format!("BEGIN; INSERT INTO up VALUES ({round})")).await.unwrap();
+        let admin = admin_client(port).await;
+        let reply = admin.simple_query("UPGRADE").await;
+        assert!(reply.is_ok(), "upgrade {round}: {reply:?}");
+        drop(admin);
+        // The process that handed over tells systemd (here: the test) who serves now.
+        let new: u32 = first.expect("MAINPID=").trim().trim_start_matches("MAINPID=").parse().unwrap();
+        orphans.0.push(new);
+        assert_ne!(new, old);
+        tx.batch_execute("COMMIT").await.unwrap();
+        drop(tx);
+        if round == 0 {
+            let status = first.wait_exit(Duration::from_secs(20)).expect("the first process exited after its drain");
+            assert!(status.success(), "{status}");
+        } else {
+            eventually("the old process to exit after its drain", Duration::from_secs(20), || async { exited(old) })
+                .await;
+        }
+        let now = served.load(Ordering::Relaxed) + 20;
+        eventually("the new process to serve the clients", Duration::from_secs(10), || served_at_least(now)).await;
+        old = new;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(errors.is_empty(), "{} served; {} failed: {:?}", served.load(Ordering::Relaxed), errors.len(), errors);
+    assert!(!exited(old), "the last process serves on");
+    assert_eq!(
+        pg().psql("lc_upgrade", "SELECT count(*) FROM up").unwrap(),
+        "5",
+        "every in-flight transaction committed"
+    );
+    eprintln!(
+        "{} connect-query-disconnect rounds served through 5 upgrades; processes {:?}",
+        served.load(Ordering::Relaxed),
+        orphans.0
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_to_a_binary_that_cannot_start_leaves_the_old_one_serving() {
+    create_db("lc_badup");
+    let dir = tempfile::tempdir().unwrap();
+    let (port, http) = (free_port(), free_port());
+    let path = write_config(dir.path(), port, http, "lc_badup", 4, 55);
+    let p = start(&path, port, http, &[]);
+    // The new process reads the config file as it is now: broken.
+    std::fs::write(&path, "[broker\nlisten = ").unwrap();
+    let admin = admin_client(port).await;
+    let err = admin.simple_query("UPGRADE").await.expect_err("the upgrade fails");
+    let text = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_else(|| err.to_string());
+    assert!(text.contains("exited before it was ready"), "{text}");
+    p.process.log_line("upgrade failed; this process keeps serving", Duration::from_secs(5)).await;
+    let c = client(port).await.unwrap();
+    assert_eq!(one(&c, "SELECT 1").await, "1");
+    assert!(p.process.alive());
+}

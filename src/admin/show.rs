@@ -53,6 +53,7 @@ fn help() -> Table {
         ("PAUSE [db]", "stop handing out servers, wait for active ones"),
         ("RESUME [db]", "hand out servers again"),
         ("KILL db", "disconnect the database's clients and close its servers"),
+        ("UPGRADE", "start the binary on disk with the listening sockets; once it is ready, drain this process"),
         ("SHUTDOWN", "stop pgbroker"),
     ] {
         t.row(vec![s(c), s(d)]);

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,6 +92,12 @@ impl Broker {
                 "broker.max_http_connections is below websocket.max_ws_connections: WebSockets count against it, so at most {http_max} can connect"
             );
         }
+        // Kept for a hand-over: duplicates of the listening sockets, closed on exec.
+        let listeners = [listener.as_fd(), http_listener.as_fd()]
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err(config.broker.listen))?;
         let app = Arc::new(App {
             budgets: ArcSwap::from_pointee(budgets),
             origins: Mutex::new(HashMap::new()),
@@ -109,6 +116,8 @@ impl Broker {
             events: Arc::default(),
             instance_id: crate::fleet::new_instance_id(),
             fleet: Mutex::default(),
+            listeners: super::upgrade::Listeners(listeners),
+            upgrading: Default::default(),
             clients_open: AtomicUsize::new(0),
             logging_in: Default::default(),
             hibernating: AtomicUsize::new(0),

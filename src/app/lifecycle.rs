@@ -1,6 +1,6 @@
-//! The process lifecycle: signals (SIGHUP reloads; SIGTERM or SIGINT drains gracefully; a
-//! second one, or SIGQUIT, stops at once), systemd notifications and the watchdog, and the
-//! graceful drain itself.
+//! The process lifecycle: signals (SIGHUP reloads; SIGUSR2 hands over to a new process;
+//! SIGTERM or SIGINT drains gracefully; a second one, or SIGQUIT, stops at once), systemd
+//! notifications and the watchdog, and the graceful drain itself.
 
 use super::{App, Broker};
 use crate::config::Config;
@@ -19,9 +19,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut quit = signal(SignalKind::quit())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let broker = Broker::start(config).await?;
     let app = broker.app().clone();
-    sdnotify::notify("READY=1");
+    sdnotify::ready();
     if let Some(interval) = sdnotify::watchdog_interval() {
         // Pinged from the runtime itself: a wedged runtime stops the pings and systemd acts.
         let app = app.clone();
@@ -43,6 +44,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "reload failed; the running config stays");
                 }
                 sdnotify::notify("READY=1");
+            }
+            _ = usr2.recv() => {
+                // A binary upgrade: a new process takes the sockets; once it is ready this one
+                // drains (the loop ends on `draining`). A failure is logged and changes nothing.
+                tracing::info!("SIGUSR2: handing the listening sockets to a new process");
+                let app = app.clone();
+                tokio::spawn(async move { let _ = app.upgrade().await; });
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

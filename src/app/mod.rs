@@ -6,10 +6,12 @@ mod broker;
 mod lifecycle;
 pub mod logins;
 mod reload;
+mod upgrade;
 
 pub use accept::ADMIN_RESERVE;
 pub use broker::Broker;
 pub use lifecycle::{run, wait_for_stop_signal};
+pub use upgrade::{HANDOVER_SOCKET, UpgradeError};
 
 use crate::budget::{self, BudgetError, Derivation};
 use crate::cancel::CancelRegistry;
@@ -102,6 +104,10 @@ pub struct App {
     pub instance_id: String,
     /// Fleet memberships by server (fleet mode).
     pub fleet: Mutex<BTreeMap<String, Arc<crate::fleet::Member>>>,
+    /// The listening sockets, for a hand-over to a new process (`UPGRADE`, SIGUSR2).
+    listeners: upgrade::Listeners,
+    /// A hand-over is under way.
+    upgrading: std::sync::atomic::AtomicBool,
 }
 
 /// Pools of the notification listener are named after their database with this suffix.
