@@ -45,11 +45,14 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: std::net::SocketAddr,
     },
-    /// Start a throwaway PostgreSQL with pgbroker in front of it, until Ctrl-C.
+    /// Start pgbroker in front of a throwaway PostgreSQL (or --database-url), until Ctrl-C.
     Demo {
         /// Address for the demo broker's PostgreSQL listener.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: std::net::SocketAddr,
+        /// Put pgbroker in front of this existing server instead of a throwaway one.
+        #[arg(long)]
+        database_url: Option<String>,
     },
 }
 
@@ -116,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => Ok(()),
-        Command::Demo { listen } => runtime()?.block_on(pgbroker::demo::run(listen)),
+        Command::Demo { listen, database_url } => runtime()?.block_on(pgbroker::demo::run(listen, database_url)),
     }
 }
 

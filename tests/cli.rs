@@ -89,8 +89,14 @@ struct Demo {
 
 impl Demo {
     fn start() -> Demo {
+        Demo::start_with(&[])
+    }
+
+    /// The demo with `args` after `demo --listen 127.0.0.1:0`.
+    fn start_with(args: &[&str]) -> Demo {
         let mut child = Command::new(BIN)
             .args(["demo", "--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -198,4 +204,77 @@ fn run_refuses_to_start_when_the_budget_is_below_one() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("below 1") && err.contains("floor((max_connections 10"), "{err}");
+}
+
+#[tokio::test]
+async fn demo_fronts_an_existing_server_given_its_url_and_changes_nothing_on_it() {
+    use pgbroker::cluster::{Cluster, ClusterOptions};
+    let pg = Cluster::start(ClusterOptions::default()).unwrap();
+    pg.psql("postgres", "CREATE ROLE shop LOGIN PASSWORD 'sh0p'").unwrap();
+    pg.psql("postgres", "CREATE DATABASE orders OWNER shop").unwrap();
+    let url = format!("postgres://shop:sh0p@127.0.0.1:{}/orders", pg.port());
+    let mut demo = Demo::start_with(&["--database-url", &url]);
+    let through = demo.line("DATABASE_URL=");
+    assert!(through.starts_with("postgres://shop:sh0p@127.0.0.1:") && through.ends_with("/orders"), "{through}");
+    let admin = format!("postgres://admin:{}", demo.line("psql \"postgres://admin:").split('"').next().unwrap());
+    let (who, pools) = tokio::task::spawn_blocking(move || {
+        (psql(&through, "SELECT current_user || '@' || current_database()"), psql(&admin, "SHOW POOLS"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(who, "shop@orders");
+    assert!(pools.contains("orders"), "the admin console answers: {pools}");
+    assert_eq!(pg.psql("orders", "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").unwrap(), "0");
+    tokio::task::spawn_blocking(move || demo.stop()).await.unwrap();
+}
+
+#[test]
+fn demo_without_server_binaries_says_the_one_command_that_installs_them() {
+    // As a user that may not install (not root, no sudo), with the binaries hidden.
+    if !Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
+        eprintln!("NOT RUN: needs root to run the demo as another user");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "demo", "--listen", "127.0.0.1:0"])
+        .env("PG_BINDIR", "/nonexistent")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sudo apt-get update && sudo apt-get install -y -q postgresql"), "{err}");
+    assert!(err.contains("--database-url"), "{err}");
+}
+
+#[test]
+fn the_test_command_finds_what_is_missing_and_says_how_it_installs_it() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test.sh");
+    // Every lookup under a root that has nothing: PostgreSQL, psql, Chromium, systemd-analyze
+    // and cargo-deb are all missing.
+    let out =
+        Command::new("bash").args([script, "--dry-run"]).env("PGBROKER_SETUP_ROOT", "/nonexistent").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("missing postgresql postgresql-client chromium systemd")
+            && text.contains(
+                "apt-get install -y -q --no-install-recommends postgresql postgresql-client chromium systemd"
+            )
+            && text.contains("cargo install cargo-deb"),
+        "{text}"
+    );
+    // This machine has them all (CI installs them with the same script).
+    let here = Command::new("bash").args([script, "--dry-run"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&here.stdout).contains("everything the tests need is here"), "{here:?}");
+}
+
+#[test]
+fn ci_runs_the_readmes_test_command_verbatim_and_the_two_commands_come_first() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let blocks: Vec<&str> = readme.split("```").skip(1).step_by(2).map(|b| b.trim_start_matches("sh").trim()).collect();
+    assert_eq!(&blocks[..2], ["cargo run --release -- demo", "bash scripts/test.sh"]);
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
+    assert!(ci.lines().any(|l| l.trim() == "bash scripts/test.sh"), "{ci}");
 }
