@@ -23,7 +23,8 @@ async fn init_from_the_apps_url_writes_a_setup_that_serves_psql_through_the_prin
     direct.batch_execute("CREATE DATABASE orders OWNER app").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("etc/pgbroker/pgbroker.toml");
-    let port = common::free_port();
+    // Its HTTP listener takes the next port.
+    let port = common::free_port_pair();
     let url = format!("postgres://app:s3cr%24t@127.0.0.1:{}/orders?sslmode=disable&application_name=web", pg.port());
     let init = |force: bool| {
         let mut cmd = Command::new(BIN);

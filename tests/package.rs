@@ -127,7 +127,8 @@ async fn the_package_installs_configures_serves_upgrades_and_purges() {
     let direct = common::direct_to(&pg, "postgres").await;
     direct.batch_execute("CREATE ROLE app LOGIN PASSWORD 'pw'").await.unwrap();
     direct.batch_execute("CREATE DATABASE orders OWNER app").await.unwrap();
-    let port = common::free_port();
+    // Its HTTP listener takes the next port.
+    let port = common::free_port_pair();
     let url = format!("postgres://app:pw@127.0.0.1:{}/orders", pg.port());
     let init = stdout(Command::new("/usr/bin/pgbroker").args([
         "init",

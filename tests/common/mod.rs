@@ -267,6 +267,18 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port whose next port is free too, for a broker whose HTTP listener takes the port
+/// after its client port (`pgbroker init --listen`, the demo).
+pub fn free_port_pair() -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A plain HTTP/1.1 GET within 10 s: (status, body), or `None` when nothing answers. The body
 /// ends at its Content-Length when there is one (a server may keep the connection open), else
 /// where the server closes.
