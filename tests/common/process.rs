@@ -84,7 +84,8 @@ impl BrokerProcess {
         let stem = config.file_stem().unwrap_or_default().to_string_lossy();
         let log = config.with_file_name(format!("{stem}.{n}.log"));
         let mut cmd = Command::new(BIN);
-        cmd.arg("--config").arg(config).env("RUST_LOG", "info");
+        // An error it exits with stays one line (no backtrace), so the log's tail shows it.
+        cmd.arg("--config").arg(config).env("RUST_LOG", "info").env("RUST_LIB_BACKTRACE", "0");
         for (k, v) in env {
             cmd.env(k, v);
         }
