@@ -46,15 +46,10 @@ pub fn reloading() {
     }
 }
 
-/// CLOCK_MONOTONIC in microseconds. std's `Instant` is CLOCK_MONOTONIC on Linux but does not
-/// expose its value except through `Debug`; read it there rather than add unsafe code.
+/// CLOCK_MONOTONIC in microseconds, as systemd reads it next to `RELOADING=1`.
 fn monotonic_usec() -> Option<u64> {
-    let text = format!("{:?}", std::time::Instant::now());
-    let num = |key: &str| -> Option<u64> {
-        let rest = text.split(key).nth(1)?;
-        rest.trim_start_matches([':', ' ']).split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-    };
-    Some(num("tv_sec")? * 1_000_000 + num("tv_nsec")? / 1000)
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    u64::try_from(t.tv_sec()).ok()?.checked_mul(1_000_000)?.checked_add(u64::try_from(t.tv_nsec()).ok()? / 1000)
 }
 
 /// The watchdog interval systemd set for this process (`WatchdogSec=`), if any.
