@@ -78,17 +78,6 @@ impl SqlState {
     }
 }
 
-/// Which peer a failure came from; decides logging level and what the client is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The application connected to the broker.
-    Client,
-    /// The PostgreSQL server connection.
-    Server,
-    /// The broker itself.
-    Internal,
-}
-
 /// Whether an I/O error is an ordinary disconnect rather than a failure worth a warning.
 pub fn is_disconnect(err: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;

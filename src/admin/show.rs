@@ -95,8 +95,10 @@ fn pools(app: &Arc<App>) -> Table {
             }
         }
         let wait = p.max_wait();
-        let mode =
-            cfg.databases.get(key.database.trim_end_matches(" (listener)")).map_or("session", |d| d.pool_mode.as_str());
+        let mode = cfg
+            .databases
+            .get(key.database.trim_end_matches(crate::app::LISTENER_SUFFIX))
+            .map_or("session", |d| d.pool_mode.as_str());
         t.row(vec![
             s(&key.database),
             s(&key.user),
@@ -174,7 +176,7 @@ fn servers(app: &Arc<App>) -> Table {
     let cfg = app.config();
     for p in app.pools.all() {
         let key = p.key();
-        let db = cfg.databases.get(key.database.trim_end_matches(" (listener)"));
+        let db = cfg.databases.get(key.database.trim_end_matches(crate::app::LISTENER_SUFFIX));
         for sv in p.servers() {
             t.row(vec![
                 s("S"),

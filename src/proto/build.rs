@@ -1,5 +1,6 @@
 //! Builders for the backend messages the broker itself sends. Each appends to a `BytesMut`.
 
+use super::tag;
 use crate::error::SqlState;
 use bytes::{BufMut, BytesMut};
 
@@ -27,17 +28,17 @@ fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
 
 /// AuthenticationOk.
 pub fn auth_ok(buf: &mut BytesMut) {
-    message(buf, b'R', |b| b.put_i32(0));
+    message(buf, tag::AUTHENTICATION, |b| b.put_i32(0));
 }
 
 /// AuthenticationCleartextPassword.
 pub fn auth_cleartext(buf: &mut BytesMut) {
-    message(buf, b'R', |b| b.put_i32(3));
+    message(buf, tag::AUTHENTICATION, |b| b.put_i32(3));
 }
 
 /// AuthenticationMD5Password with its salt.
 pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
-    message(buf, b'R', |b| {
+    message(buf, tag::AUTHENTICATION, |b| {
         b.put_i32(5);
         b.put_slice(&salt);
     });
@@ -45,7 +46,7 @@ pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
 
 /// AuthenticationSASL listing the mechanisms offered.
 pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
-    message(buf, b'R', |b| {
+    message(buf, tag::AUTHENTICATION, |b| {
         b.put_i32(10);
         for m in mechanisms {
             put_cstr(b, m.as_bytes());
@@ -56,7 +57,7 @@ pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
 
 /// AuthenticationSASLContinue carrying server-first-message.
 pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
-    message(buf, b'R', |b| {
+    message(buf, tag::AUTHENTICATION, |b| {
         b.put_i32(11);
         b.put_slice(data);
     });
@@ -64,7 +65,7 @@ pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
 
 /// AuthenticationSASLFinal carrying server-final-message.
 pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
-    message(buf, b'R', |b| {
+    message(buf, tag::AUTHENTICATION, |b| {
         b.put_i32(12);
         b.put_slice(data);
     });
@@ -72,7 +73,7 @@ pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
 
 /// ParameterStatus.
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    message(buf, b'S', |b| {
+    message(buf, tag::PARAMETER_STATUS, |b| {
         put_cstr(b, name.as_bytes());
         put_cstr(b, value.as_bytes());
     });
@@ -80,7 +81,7 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
 
 /// BackendKeyData with a 4-byte secret (protocol 3.0).
 pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    message(buf, b'K', |b| {
+    message(buf, tag::BACKEND_KEY_DATA, |b| {
         b.put_i32(pid);
         b.put_i32(secret);
     });
@@ -88,12 +89,12 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
 
 /// ReadyForQuery with a transaction status byte.
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    message(buf, b'Z', |b| b.put_u8(status));
+    message(buf, tag::READY_FOR_QUERY, |b| b.put_u8(status));
 }
 
 /// NegotiateProtocolVersion: the newest minor version spoken and the options not understood.
 pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unrecognized: &[String]) {
-    message(buf, b'v', |b| {
+    message(buf, tag::NEGOTIATE_PROTOCOL_VERSION, |b| {
         b.put_i32(minor);
         b.put_i32(unrecognized.len() as i32);
         for o in unrecognized {
@@ -113,7 +114,7 @@ pub enum ColumnType {
 
 /// RowDescription for text-format columns.
 pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
-    message(buf, b'T', |b| {
+    message(buf, tag::ROW_DESCRIPTION, |b| {
         b.put_i16(columns.len() as i16);
         for (name, ty) in columns {
             put_cstr(b, name.as_bytes());
@@ -133,7 +134,7 @@ pub fn row_description(buf: &mut BytesMut, columns: &[(&str, ColumnType)]) {
 
 /// DataRow of text values (`None` = NULL).
 pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
-    message(buf, b'D', |b| {
+    message(buf, tag::DATA_ROW, |b| {
         b.put_i16(values.len() as i16);
         for v in values {
             match v {
@@ -149,7 +150,7 @@ pub fn data_row<S: AsRef<str>>(buf: &mut BytesMut, values: &[Option<S>]) {
 
 /// CommandComplete with its tag (e.g. `SHOW`, `SELECT 3`).
 pub fn command_complete(buf: &mut BytesMut, tag: &str) {
-    message(buf, b'C', |b| put_cstr(b, tag.as_bytes()));
+    message(buf, tag::COMMAND_COMPLETE, |b| put_cstr(b, tag.as_bytes()));
 }
 
 /// Severity of a broker-made ErrorResponse or NoticeResponse.
@@ -175,7 +176,7 @@ impl Severity {
 
 /// ErrorResponse (or NoticeResponse for `Severity::Notice`) with code, message and optional detail.
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: SqlState, text: &str, detail: Option<&str>) {
-    let tag = if severity == Severity::Notice { b'N' } else { b'E' };
+    let tag = if severity == Severity::Notice { tag::NOTICE_RESPONSE } else { tag::ERROR_RESPONSE };
     message(buf, tag, |b| {
         for field in [b'S', b'V'] {
             b.put_u8(field);

@@ -54,6 +54,26 @@ pub mod tag {
     pub const AUTHENTICATION: u8 = b'R';
     /// Backend: BackendKeyData.
     pub const BACKEND_KEY_DATA: u8 = b'K';
+    /// Backend: ParseComplete.
+    pub const PARSE_COMPLETE: u8 = b'1';
+    /// Backend: BindComplete.
+    pub const BIND_COMPLETE: u8 = b'2';
+    /// Backend: CloseComplete.
+    pub const CLOSE_COMPLETE: u8 = b'3';
+    /// Backend: RowDescription.
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    /// Backend: NoData.
+    pub const NO_DATA: u8 = b'n';
+    /// Backend: CommandComplete.
+    pub const COMMAND_COMPLETE: u8 = b'C';
+    /// Backend: EmptyQueryResponse.
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    /// Backend: PortalSuspended.
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    /// Backend: DataRow.
+    pub const DATA_ROW: u8 = b'D';
+    /// Backend: NegotiateProtocolVersion.
+    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }
 
 /// Transaction status byte carried by ReadyForQuery.

@@ -146,8 +146,8 @@ impl Statements {
 /// A Parse's statement name and text, or a statement Close's name.
 fn split_cstr_at(tag: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
     match tag {
-        b'P' => crate::proto::split_cstr(body),
-        b'C' => match body.split_first() {
+        crate::proto::tag::PARSE => crate::proto::split_cstr(body),
+        crate::proto::tag::CLOSE => match body.split_first() {
             Some((b'S', rest)) => crate::proto::split_cstr(rest),
             _ => None,
         },

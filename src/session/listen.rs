@@ -37,12 +37,7 @@ impl Listens {
             Command::Deallocate(_) => Err((SqlState::SYSTEM_ERROR, "not a LISTEN command".to_string())),
         };
         match result {
-            Ok(tag) => {
-                out.put_u8(b'C');
-                out.put_i32(4 + tag.len() as i32 + 1);
-                out.put_slice(tag.as_bytes());
-                out.put_u8(0);
-            }
+            Ok(tag) => build::command_complete(out, tag),
             Err((code, message)) => build::error_response(out, Severity::Error, code, &message, None),
         }
         build::ready_for_query(out, b'I');

@@ -383,21 +383,23 @@ impl Prepared {
         let mut hide = false;
         match t {
             tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS | tag::NOTIFICATION => return Action::Forward,
-            b'1' => {
+            tag::PARSE_COMPLETE => {
                 if let Some(Expect::Parse { hide: h, .. }) = self.expect.front() {
                     hide = *h;
                     self.expect.pop_front();
                 }
             }
-            b'3' => {
+            tag::CLOSE_COMPLETE => {
                 if let Some(Expect::Close { evicted }) = self.expect.front() {
                     hide = evicted.is_some();
                     self.expect.pop_front();
                 }
             }
-            b'2' => self.pop_if(|e| matches!(e, Expect::Bind(..))),
-            b'T' | b'n' => self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal)),
-            b'C' | b'I' | b's' => {
+            tag::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind(..))),
+            tag::ROW_DESCRIPTION | tag::NO_DATA => {
+                self.pop_if(|e| matches!(e, Expect::DescribeStatement | Expect::DescribePortal))
+            }
+            tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED => {
                 self.pop_if(|e| matches!(e, Expect::Execute));
                 let cmd = msg.get(HEADER_LEN..).unwrap_or_default();
                 if cmd.starts_with(b"DISCARD ALL\0") || cmd.starts_with(b"DEALLOCATE ALL\0") {
@@ -505,10 +507,10 @@ impl Prepared {
         let mut wrote = false;
         while let Some(Expect::Mine(m, _)) = self.expect.front() {
             match m {
-                Mine::ParseComplete => write_message(out, b'1', |_| {}),
-                Mine::CloseComplete => write_message(out, b'3', |_| {}),
+                Mine::ParseComplete => write_message(out, tag::PARSE_COMPLETE, |_| {}),
+                Mine::CloseComplete => write_message(out, tag::CLOSE_COMPLETE, |_| {}),
                 Mine::Deallocate => {
-                    write_message(out, b'C', |b| put_cstr(b, b"DEALLOCATE"));
+                    write_message(out, tag::COMMAND_COMPLETE, |b| put_cstr(b, b"DEALLOCATE"));
                     build::ready_for_query(out, status.as_byte());
                 }
                 Mine::Ready => build::ready_for_query(out, b'I'),

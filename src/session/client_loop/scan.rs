@@ -115,7 +115,7 @@ impl ClientLoop {
                     t == tag::READY_FOR_QUERY
                         || t == tag::PARAMETER_STATUS
                         || t == tag::ERROR_RESPONSE
-                        || (track && t == b'C')
+                        || (track && t == tag::COMMAND_COMPLETE)
                 },
                 |t, msg, out| {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
