@@ -278,18 +278,6 @@ fn databases(app: &Arc<App>) -> Table {
     t
 }
 
-/// Settings that take effect only at restart.
-const RESTART_ONLY: [&str; 8] = [
-    "broker.listen",
-    "broker.http_listen",
-    "broker.http_header_timeout",
-    "broker.max_http_connections",
-    "broker.log_format",
-    "websocket.path",
-    "budget.mode",
-    "budget.fleet",
-];
-
 fn config(app: &Arc<App>) -> Table {
     let mut t = Table::new(&[("key", Text), ("value", Text), ("changeable", Text)]);
     let mut section = String::new();
@@ -302,7 +290,7 @@ fn config(app: &Arc<App>) -> Table {
                 continue;
             }
             let key = format!("{section}.{k}");
-            let changeable = if RESTART_ONLY.contains(&key.as_str()) { "no" } else { "yes" };
+            let changeable = if crate::config::RESTART_ONLY.contains(&key.as_str()) { "no" } else { "yes" };
             t.row(vec![s(&key), s(v.trim_matches('"')), s(changeable)]);
         }
     }

@@ -41,28 +41,9 @@ impl App {
             .map_err(|e| e.to_string())?
             .map_err(|e| crate::error::chain(&e))?;
         new.warn_insecure_files();
-        for (key, changed) in [
-            ("broker.listen", new.broker.listen != old.broker.listen),
-            ("broker.http_listen", new.broker.http_listen != old.broker.http_listen),
-            ("broker.http_header_timeout", new.broker.http_header_timeout != old.broker.http_header_timeout),
-            ("broker.max_http_connections", new.broker.max_http_connections != old.broker.max_http_connections),
-            ("broker.log_format", new.broker.log_format != old.broker.log_format),
-            ("websocket.path", new.websocket.path != old.websocket.path),
-            ("budget.mode", new.budget.mode != old.budget.mode),
-            ("budget.fleet", new.budget.fleet != old.budget.fleet),
-        ] {
-            if changed {
-                tracing::warn!(key, "setting changed in the file; needs restart, left alone");
-            }
+        for key in new.keep_restart_only(&old) {
+            tracing::warn!(key, "setting changed in the file; needs restart, left alone");
         }
-        new.broker.listen = old.broker.listen;
-        new.broker.http_listen = old.broker.http_listen;
-        new.broker.http_header_timeout = old.broker.http_header_timeout;
-        new.broker.max_http_connections = old.broker.max_http_connections;
-        new.broker.log_format = old.broker.log_format;
-        new.websocket.path = old.websocket.path.clone();
-        new.budget.mode = old.budget.mode;
-        new.budget.fleet = old.budget.fleet.clone();
         let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
 
         // Budgets: same limits with new caps, new ones for new servers.

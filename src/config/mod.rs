@@ -4,6 +4,7 @@
 
 mod describe;
 mod pinning;
+mod restart;
 pub use pinning::{SessionState, max_pinned};
 pub mod raw;
 mod sections;
@@ -14,6 +15,7 @@ pub use security::{AuthQuery, DEFAULT_AUTH_QUERY, Throttle, Tls};
 use syntax::syntax_message;
 use validate::Validator;
 pub mod values;
+pub use restart::RESTART_ONLY;
 
 use crate::auth::userlist::Userlist;
 use std::collections::BTreeMap;
