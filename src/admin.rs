@@ -163,7 +163,7 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
         },
         ["reload"] => match app.reload().await {
             Ok(()) => Reply::Done("RELOAD".into()),
-            Err(e) => Reply::Error(SqlState::CONFIG_FILE_ERROR, e),
+            Err(e) => Reply::Error(e.sqlstate(), crate::error::chain(&e)),
         },
         ["pause"] | ["pause", _] => {
             let db = if words.len() == 2 { arg() } else { None };

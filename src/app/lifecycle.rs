@@ -40,9 +40,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 sdnotify::reloading();
-                if let Err(e) = app.reload().await {
-                    tracing::error!(error = %e, "reload failed; the running config stays");
-                }
+                // A rejected reload is logged (once) and counted by `reload` itself.
+                let _ = app.reload().await;
                 sdnotify::notify("READY=1");
             }
             _ = usr2.recv() => {

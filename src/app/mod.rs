@@ -11,6 +11,7 @@ mod upgrade;
 pub use accept::ADMIN_RESERVE;
 pub use broker::Broker;
 pub use lifecycle::{run, wait_for_stop_signal};
+pub use reload::ReloadError;
 pub use upgrade::{HANDOVER_SOCKET, UpgradeError};
 
 use crate::budget::{self, BudgetError, Derivation};

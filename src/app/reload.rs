@@ -12,11 +12,35 @@ use crate::server::Credential;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Why a reload was rejected; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The broker was started from a config built in memory (tests, the demo).
+    #[error("this broker was not started from a config file")]
+    NoFile,
+    /// The file (or the auth file it names) is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The budget cannot be derived (a server unreachable for `auto`, or below 1).
+    #[error(transparent)]
+    Budget(#[from] crate::budget::BudgetError),
+    /// Reading the file did not finish.
+    #[error("reading the config file failed: {0}")]
+    Read(#[from] tokio::task::JoinError),
+}
+
+impl ReloadError {
+    /// The SQLSTATE the admin console answers with.
+    pub fn sqlstate(&self) -> crate::error::SqlState {
+        crate::error::SqlState::CONFIG_FILE_ERROR
+    }
+}
+
 impl App {
     /// Re-reads the config file (and the auth file it names) and applies it. An invalid file
-    /// or one whose budget comes out below 1 is rejected as a whole and the running config
-    /// stays. Returns the reason on rejection.
-    pub async fn reload(self: &Arc<Self>) -> Result<(), String> {
+    /// or one whose budget comes out below 1 is rejected as a whole (logged and counted) and
+    /// the running config stays.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), ReloadError> {
         match self.try_reload().await {
             Ok(()) => {
                 self.reloads.fetch_add(1, Relaxed);
@@ -24,27 +48,24 @@ impl App {
             }
             Err(e) => {
                 self.reload_failures.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "config reload rejected; the running config stays");
+                tracing::error!(error = %crate::error::chain(&e), "config reload rejected; the running config stays");
                 Err(e)
             }
         }
     }
 
-    async fn try_reload(self: &Arc<Self>) -> Result<(), String> {
+    async fn try_reload(self: &Arc<Self>) -> Result<(), ReloadError> {
         let old = self.config();
         let Some(path) = old.path.clone() else {
-            return Err("this broker was not started from a config file".into());
+            return Err(ReloadError::NoFile);
         };
         let load_path = path.clone();
-        let mut new = tokio::task::spawn_blocking(move || Config::load(&load_path))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| crate::error::chain(&e))?;
+        let mut new = tokio::task::spawn_blocking(move || Config::load(&load_path)).await??;
         new.warn_insecure_files();
         for key in new.keep_restart_only(&old) {
             tracing::warn!(key, "setting changed in the file; needs restart, left alone");
         }
-        let derivations = budget::derive_all(&new).await.map_err(|e| crate::error::chain(&e))?;
+        let derivations = budget::derive_all(&new).await?;
 
         // Budgets: same limits with new caps, new ones for new servers.
         let current = self.budgets();
