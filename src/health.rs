@@ -207,7 +207,7 @@ pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
         .iter()
         .map(|p| {
             let st = p.stats();
-            let active = p.servers().iter().filter(|s| s.state == "active").count();
+            let active = p.servers().iter().filter(|s| s.state == crate::pool::ServerState::Active).count();
             json!({
                 "database": p.key().database,
                 "user": p.key().user,

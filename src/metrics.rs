@@ -192,7 +192,7 @@ impl Metrics {
                 l
             };
             let st = p.stats();
-            let active = p.servers().iter().filter(|s| s.state == "active").count();
+            let active = p.servers().iter().filter(|s| s.state == crate::pool::ServerState::Active).count();
             for (state, n) in
                 [("active", active), ("idle", st.idle), ("login", st.open.saturating_sub(st.idle + active))]
             {

@@ -21,7 +21,7 @@ impl App {
             p.pause();
         }
         let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
-        while pools.iter().any(|p| p.servers().iter().any(|s| s.state == "active")) {
+        while pools.iter().any(|p| p.servers().iter().any(|s| s.state == crate::pool::ServerState::Active)) {
             if tokio::time::Instant::now() >= deadline {
                 return Err("servers still active after 60s; the pools stay paused".into());
             }

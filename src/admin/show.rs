@@ -85,7 +85,7 @@ fn pools(app: &Arc<App>) -> Table {
     for p in app.pools.all() {
         let key = p.key();
         let st = p.stats();
-        let active_servers = p.servers().iter().filter(|s| s.state == "active").count();
+        let active_servers = p.servers().iter().filter(|s| s.state == crate::pool::ServerState::Active).count();
         let mine = clients.iter().filter(|c| c.pool.as_ref() == Some(key));
         let (mut cl_active, mut cl_waiting) = (0, 0);
         for c in mine {
@@ -182,7 +182,7 @@ fn servers(app: &Arc<App>) -> Table {
                 s("S"),
                 s(&key.user),
                 s(&key.database),
-                s(sv.state),
+                s(sv.state.as_str()),
                 db.map(|d| d.host.clone()),
                 db.map(|d| d.port.to_string()),
                 time(sv.connected_at),
@@ -310,8 +310,8 @@ fn lists(app: &Arc<App>) -> Table {
         ("pools", pools.len()),
         ("used_clients", clients.len()),
         ("login_clients", app.client_count().saturating_sub(clients.len())),
-        ("used_servers", servers.iter().filter(|s| s.state == "active").count()),
-        ("idle_servers", servers.iter().filter(|s| s.state == "idle").count()),
+        ("used_servers", servers.iter().filter(|s| s.state == crate::pool::ServerState::Active).count()),
+        ("idle_servers", servers.iter().filter(|s| s.state == crate::pool::ServerState::Idle).count()),
         ("ws_clients", app.ws.total()),
     ] {
         t.row(vec![s(name), s(n)]);

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-pub use view::{PoolStats, Pools, ServerView};
+pub use view::{PoolStats, Pools, ServerState, ServerView};
 
 /// Identifies a pool: the client-facing database name and the server login user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

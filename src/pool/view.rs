@@ -17,6 +17,25 @@ pub struct PoolStats {
     pub waiting: usize,
 }
 
+/// Whether a server is checked out or waiting in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    /// Checked out by a client (or the broker's own work).
+    Active,
+    /// In the pool.
+    Idle,
+}
+
+impl ServerState {
+    /// The name SHOW SERVERS prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Active => "active",
+            ServerState::Idle => "idle",
+        }
+    }
+}
+
 /// A server as SHOW SERVERS lists it.
 #[derive(Debug, Clone)]
 pub struct ServerView {
@@ -24,8 +43,8 @@ pub struct ServerView {
     pub id: u64,
     /// Backend process id.
     pub pid: i32,
-    /// `active` or `idle`.
-    pub state: &'static str,
+    /// Checked out or in the pool.
+    pub state: ServerState,
     /// When it connected.
     pub connected_at: std::time::SystemTime,
     /// Time in the current state.
@@ -59,14 +78,14 @@ impl Pool {
         let active = inner.active.values().map(|a: &ActiveServer| ServerView {
             id: a.id,
             pid: a.pid,
-            state: "active",
+            state: ServerState::Active,
             connected_at: a.connected_at,
             in_state: a.since.elapsed(),
         });
         let idle = inner.idle.iter().map(|c| ServerView {
             id: c.id,
             pid: c.cancel.pid,
-            state: "idle",
+            state: ServerState::Idle,
             connected_at: c.connected_at,
             in_state: c.last_used.elapsed(),
         });
