@@ -62,6 +62,20 @@ pub enum SessionError {
     Tls(#[source] std::io::Error),
 }
 
+/// A server that failed under the client (the client is told why, with its SQLSTATE).
+impl From<crate::server::ServerError> for SessionError {
+    fn from(e: crate::server::ServerError) -> Self {
+        SessionError::fatal(e.sqlstate(), crate::error::chain(&e))
+    }
+}
+
+/// No server for the client (the client is told why, with its SQLSTATE).
+impl From<crate::pool::PoolError> for SessionError {
+    fn from(e: crate::pool::PoolError) -> Self {
+        SessionError::fatal(e.sqlstate(), crate::error::chain(&e))
+    }
+}
+
 impl SessionError {
     /// A refusal the client is told about.
     pub fn fatal(code: SqlState, message: impl Into<String>) -> SessionError {

@@ -13,7 +13,7 @@ use super::stream::ClientStream;
 use crate::app::App;
 use crate::clients::Client;
 use crate::config::{Config, PoolMode};
-use crate::error::{SqlState, chain};
+use crate::error::SqlState;
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
 use bytes::{Bytes, BytesMut};
@@ -115,9 +115,7 @@ async fn pool_defaults(pool: &Arc<Pool>, cfg: &Config) -> Result<Arc<Defaults>, 
     if let Some(d) = pool.defaults() {
         return Ok(d);
     }
-    let mut server = Box::pin(pool.checkout(cfg.broker.query_wait_timeout))
-        .await
-        .map_err(|e| SessionError::fatal(e.sqlstate(), chain(&e)))?;
+    let mut server = Box::pin(pool.checkout(cfg.broker.query_wait_timeout)).await?;
     server.release = Release::Reuse;
     drop(server);
     pool.defaults().ok_or_else(|| SessionError::fatal(SqlState::SYSTEM_ERROR, "server defaults unknown after login"))

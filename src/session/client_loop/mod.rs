@@ -310,7 +310,7 @@ impl ClientLoop {
                     server.release = Release::Reuse;
                     return Err(SessionError::fatal(e.code, e.message));
                 }
-                Err(e) => return Err(SessionError::fatal(e.sqlstate(), chain(&e))),
+                Err(e) => return Err(e.into()),
             }
         }
         self.settings.mark_synced(&mut server);
