@@ -22,7 +22,7 @@ pub enum ClusterError {
     #[error("running as root, but no `postgres` user in /etc/passwd to run the server as")]
     NoPostgresUser,
     /// A filesystem or process operation failed (what was being done, the error).
-    #[error("I/O error while {0}: {1}")]
+    #[error("I/O error while {0}")]
     Io(String, #[source] std::io::Error),
     /// An external command failed (command, exit status, tail of its stderr).
     #[error("command failed ({1}): {0}\n{2}")]

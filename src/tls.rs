@@ -99,7 +99,7 @@ impl ServerMode {
 #[derive(Debug, Error)]
 pub enum TlsError {
     /// A PEM file is missing, unreadable or malformed.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Pem {
         /// The file.
         path: PathBuf,
@@ -111,7 +111,7 @@ pub enum TlsError {
     #[error("{}: no certificate found", .0.display())]
     NoCertificate(PathBuf),
     /// rustls refused the certificate, key or CA.
-    #[error("{0}")]
+    #[error(transparent)]
     Rustls(#[from] rustls::Error),
 }
 

@@ -77,7 +77,7 @@ impl Validator<'_> {
         let client = match (client_mode, &client_cert_file, &client_key_file) {
             (ClientMode::Disable, _, _) => ClientTls::disabled(),
             (mode, Some(cert), Some(key)) => ClientTls::load(mode, cert, key)
-                .map_err(|e| self.invalid("broker.client_tls_cert_file", e.to_string()))?,
+                .map_err(|e| self.invalid("broker.client_tls_cert_file", crate::error::chain(&e)))?,
             (mode, _, _) => {
                 return Err(self.invalid(
                     "broker.client_tls_sslmode",
@@ -104,7 +104,7 @@ impl Validator<'_> {
             ));
         }
         let server = ServerTls::load(server_mode, ca_file.as_deref())
-            .map_err(|e| self.invalid("broker.server_tls_ca_file", e.to_string()))?;
+            .map_err(|e| self.invalid("broker.server_tls_ca_file", crate::error::chain(&e)))?;
         Ok(Tls { client, client_cert_file, client_key_file, server })
     }
 
