@@ -1,6 +1,6 @@
 //! Builders for the backend messages the broker itself sends. Each appends to a `BytesMut`.
 
-use super::tag;
+use super::{field, tag};
 use crate::error::SqlState;
 use bytes::{BufMut, BytesMut};
 
@@ -178,16 +178,16 @@ impl Severity {
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: SqlState, text: &str, detail: Option<&str>) {
     let tag = if severity == Severity::Notice { tag::NOTICE_RESPONSE } else { tag::ERROR_RESPONSE };
     message(buf, tag, |b| {
-        for field in [b'S', b'V'] {
-            b.put_u8(field);
+        for kind in [field::SEVERITY, field::SEVERITY_V] {
+            b.put_u8(kind);
             put_cstr(b, severity.as_str().as_bytes());
         }
-        b.put_u8(b'C');
+        b.put_u8(field::CODE);
         put_cstr(b, code.code().as_bytes());
-        b.put_u8(b'M');
+        b.put_u8(field::MESSAGE);
         put_cstr(b, text.as_bytes());
         if let Some(d) = detail {
-            b.put_u8(b'D');
+            b.put_u8(field::DETAIL);
             put_cstr(b, d.as_bytes());
         }
         b.put_u8(0);

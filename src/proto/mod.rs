@@ -76,6 +76,37 @@ pub mod tag {
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 }
 
+/// Field types of ErrorResponse and NoticeResponse.
+pub mod field {
+    /// Severity, localized.
+    pub const SEVERITY: u8 = b'S';
+    /// Severity, never localized.
+    pub const SEVERITY_V: u8 = b'V';
+    /// SQLSTATE code.
+    pub const CODE: u8 = b'C';
+    /// Primary message.
+    pub const MESSAGE: u8 = b'M';
+    /// Detail.
+    pub const DETAIL: u8 = b'D';
+}
+
+/// The value of field `kind` of an ErrorResponse or NoticeResponse (`msg` whole, header
+/// included), if present.
+pub fn error_field(msg: &[u8], kind: u8) -> Option<&[u8]> {
+    let mut fields = msg.get(frame::HEADER_LEN..)?;
+    while let Some((&k, rest)) = fields.split_first() {
+        if k == 0 {
+            return None;
+        }
+        let (value, after) = split_cstr(rest)?;
+        if k == kind {
+            return Some(value);
+        }
+        fields = after;
+    }
+    None
+}
+
 /// Transaction status byte carried by ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxnStatus {

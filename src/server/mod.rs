@@ -460,8 +460,8 @@ fn error_fields(body: &postgres_protocol::message::backend::ErrorResponseBody) -
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         match f.type_() {
-            b'C' => code = SqlState::from_code(&String::from_utf8_lossy(f.value_bytes())),
-            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            crate::proto::field::CODE => code = SqlState::from_code(&String::from_utf8_lossy(f.value_bytes())),
+            crate::proto::field::MESSAGE => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
             _ => {}
         }
     }

@@ -62,18 +62,7 @@ impl Accounting {
 
 /// The SQLSTATE of an ErrorResponse message, if present.
 pub(super) fn error_code(msg: &[u8]) -> Option<&[u8]> {
-    let mut fields = msg.get(crate::proto::frame::HEADER_LEN..)?;
-    while let Some((&kind, rest)) = fields.split_first() {
-        if kind == 0 {
-            return None;
-        }
-        let (value, after) = crate::proto::split_cstr(rest)?;
-        if kind == b'C' {
-            return Some(value);
-        }
-        fields = after;
-    }
-    None
+    crate::proto::error_field(msg, crate::proto::field::CODE)
 }
 
 #[cfg(test)]
