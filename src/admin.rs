@@ -169,7 +169,7 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
             let db = if words.len() == 2 { arg() } else { None };
             match app.pause(db.as_deref()).await {
                 Ok(()) => Reply::Done("PAUSE".into()),
-                Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e),
+                Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()),
             }
         }
         ["resume"] | ["resume", _] => {

@@ -9,13 +9,24 @@ use std::time::Duration;
 /// How long PAUSE waits for active servers before giving up (pools stay paused).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);
 
+/// Why PAUSE did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// No pool serves that database (yet).
+    #[error("no pool for database {0:?}")]
+    NoPool(String),
+    /// Servers were still in use when the wait ended; the pools stay paused.
+    #[error("servers still active after {}s; the pools stay paused", PAUSE_WAIT.as_secs())]
+    StillActive,
+}
+
 impl App {
     /// Stops handing out servers for `database` (all if `None`) and waits until none is in use.
-    pub async fn pause(&self, database: Option<&str>) -> Result<(), String> {
+    pub async fn pause(&self, database: Option<&str>) -> Result<(), PauseError> {
         let pools: Vec<_> =
             self.pools.all().into_iter().filter(|p| database.is_none_or(|d| p.key().database == d)).collect();
         if pools.is_empty() {
-            return Err(format!("no pool for database {:?}", database.unwrap_or("*")));
+            return Err(PauseError::NoPool(database.unwrap_or("*").to_string()));
         }
         for p in &pools {
             p.pause();
@@ -23,7 +34,7 @@ impl App {
         let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
         while pools.iter().any(|p| p.servers().iter().any(|s| s.state == crate::pool::ServerState::Active)) {
             if tokio::time::Instant::now() >= deadline {
-                return Err("servers still active after 60s; the pools stay paused".into());
+                return Err(PauseError::StillActive);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
