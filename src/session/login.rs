@@ -2,7 +2,7 @@
 
 use super::io::ClientIo;
 use super::stream::ClientStream;
-use super::{SessionError, welcome};
+use super::{Refusal, SessionError, welcome};
 use crate::app::App;
 use crate::auth;
 use crate::clients::NewClient;
@@ -117,11 +117,6 @@ pub(super) async fn serve(
     welcome::run(app, &cfg, io, login, pool, mode, client).await
 }
 
-/// Start of the message refusing an address after too many failed logins.
-const THROTTLED: &str = "too many failed logins from";
-/// Start of the message refusing a plaintext client under `client_tls_sslmode = require`.
-const TLS_REQUIRED: &str = "SSL required";
-
 /// Console sessions do not count against `max_client_conn`, so an operator can always get in
 /// (accepting one when full is what the admin reserve is for); gives the count back on drop,
 /// which the client's slot then releases.
@@ -143,8 +138,8 @@ impl Drop for Uncounted<'_> {
 fn count_refusal(app: &App, e: &SessionError) {
     let r = &app.refusals;
     let counter = match e {
-        SessionError::Fatal { message, .. } if message.starts_with(THROTTLED) => &r.auth_throttled,
-        SessionError::Fatal { message, .. } if message.starts_with(TLS_REQUIRED) => &r.tls_required,
+        SessionError::Refused(Refusal::Throttled, _) => &r.auth_throttled,
+        SessionError::Refused(Refusal::TlsRequired, _) => &r.tls_required,
         SessionError::Fatal { code, .. }
             if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION =>
         {
@@ -225,9 +220,9 @@ async fn handshake(
         }
     };
     if cfg.tls.client.mode == ClientMode::Require && !io.stream.is_tls() {
-        return Err(SessionError::fatal(
-            SqlState::INVALID_AUTHORIZATION,
-            format!("{TLS_REQUIRED}: this broker refuses unencrypted connections (client_tls_sslmode = require)"),
+        return Err(SessionError::Refused(
+            Refusal::TlsRequired,
+            "SSL required: this broker refuses unencrypted connections (client_tls_sslmode = require)".into(),
         ));
     }
     // Counted from here, a failure unless the credentials prove right: an exchange abandoned
@@ -235,9 +230,13 @@ async fn handshake(
     let attempt = match app.login_throttle.begin(ip, &cfg.auth.throttle).await {
         Ok(a) => a,
         Err(wait) => {
-            return Err(SessionError::fatal(
-                SqlState::INVALID_AUTHORIZATION,
-                format!("{THROTTLED} {}; try again in {} s", crate::net::peer_key(ip), wait.as_secs() + 1),
+            return Err(SessionError::Refused(
+                Refusal::Throttled,
+                format!(
+                    "too many failed logins from {}; try again in {} s",
+                    crate::net::peer_key(ip),
+                    wait.as_secs() + 1
+                ),
             ));
         }
     };

@@ -51,6 +51,9 @@ pub enum SessionError {
         /// Message sent to the client.
         message: String,
     },
+    /// A login refused for a reason counted on its own (`pgbroker_refused_clients_total`).
+    #[error("{1}")]
+    Refused(Refusal, String),
     /// The client broke message framing.
     #[error("protocol violation")]
     Frame(#[from] crate::proto::frame::FrameError),
@@ -76,6 +79,15 @@ impl From<crate::pool::PoolError> for SessionError {
     }
 }
 
+/// Refusals the broker counts apart from the SQLSTATE they are told with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many failed logins from the client's address.
+    Throttled,
+    /// A plaintext client under `client_tls_sslmode = require`.
+    TlsRequired,
+}
+
 impl SessionError {
     /// A refusal the client is told about.
     pub fn fatal(code: SqlState, message: impl Into<String>) -> SessionError {
@@ -87,6 +99,8 @@ impl SessionError {
         match self {
             SessionError::Disconnected | SessionError::Io(_) | SessionError::Tls(_) => None,
             SessionError::Fatal { code, message } => Some((*code, message.clone())),
+            // Both are refusals of the login itself, as PostgreSQL words them (28000).
+            SessionError::Refused(_, message) => Some((SqlState::INVALID_AUTHORIZATION, message.clone())),
             // Not a violation: a limit of the broker's, which PostgreSQL would have taken.
             SessionError::Frame(e @ crate::proto::frame::FrameError::TooLongToHold { .. }) => {
                 Some((SqlState::PROGRAM_LIMIT_EXCEEDED, e.to_string()))
