@@ -126,6 +126,8 @@ async fn repeated_failures_from_one_ip_are_refused_even_with_the_right_password(
     assert_eq!(sqlstate(&e), "28000", "{e}");
     let message = e.as_db_error().unwrap().message().to_string();
     assert!(message.contains("too many failed logins") && message.contains("127.0.0.1"), "{message}");
+    let counted = || async { b.app().refusals.auth_throttled.load(std::sync::atomic::Ordering::Relaxed) == 1 };
+    common::eventually("the refusal counted as auth_throttled", Duration::from_secs(5), counted).await;
 }
 
 #[tokio::test]
