@@ -173,11 +173,25 @@ pub fn assess(app: &App) -> Health {
     }
 }
 
+/// Why the broker is not ready for traffic.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// A drain began.
+    #[error("shutting down")]
+    Draining,
+    /// A configured server refuses connections.
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    /// A configured server does not answer.
+    #[error("no answer from {0} within 2s")]
+    Silent(String),
+}
+
 /// Readiness: listeners are bound (we are answering), not draining, and every configured
 /// server accepts a TCP connection (or has its Unix socket).
-pub async fn ready(app: &App) -> Result<(), String> {
+pub async fn ready(app: &App) -> Result<(), NotReady> {
     if app.draining.is_cancelled() {
-        return Err("shutting down".into());
+        return Err(NotReady::Draining);
     }
     for db in app.config().databases.values() {
         let target = crate::server::Target {
@@ -192,8 +206,8 @@ pub async fn ready(app: &App) -> Result<(), String> {
         };
         match tokio::time::timeout(Duration::from_secs(2), target.open()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(crate::error::chain(&e)),
-            Err(_) => return Err(format!("no answer from {} within 2s", target.addr())),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(NotReady::Silent(target.addr())),
         }
     }
     Ok(())

@@ -56,7 +56,10 @@ async fn live() -> Response {
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let (code, body) = match crate::health::ready(&app).await {
         Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not ready", "message": why})),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not ready", "message": crate::error::chain(&why)}),
+        ),
     };
     (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
