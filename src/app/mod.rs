@@ -114,6 +114,20 @@ pub struct App {
 /// Pools of the notification listener are named after their database with this suffix.
 pub const LISTENER_SUFFIX: &str = " (listener)";
 
+/// Why the bridge cannot serve a database.
+#[derive(Debug, Error)]
+pub enum BridgeError {
+    /// The database is not in the config.
+    #[error("database \"{0}\" is not configured")]
+    NotConfigured(String),
+    /// The listener connection has no login.
+    #[error("LISTEN/NOTIFY for database \"{0}\" needs databases.{0}.user (and password) for the listener connection")]
+    NoListenerUser(String),
+    /// `snapshot_query` has no login to run under.
+    #[error("snapshot_query needs databases.{0}.user")]
+    NoSnapshotUser(String),
+}
+
 /// Why the broker could not start.
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -314,12 +328,9 @@ impl App {
 
     /// The LISTEN/NOTIFY hub of `database`, started on first use. Its listener connection
     /// logs in as the database's configured user and counts against the budget.
-    pub fn hub(&self, cfg: &Config, database: &str) -> Result<Arc<Hub>, String> {
-        let db = cfg.databases.get(database).ok_or_else(|| format!("database \"{database}\" is not configured"))?;
-        let user = db
-            .user
-            .as_deref()
-            .ok_or_else(|| format!("LISTEN/NOTIFY for database \"{database}\" needs databases.{database}.user (and password) for the listener connection"))?;
+    pub fn hub(&self, cfg: &Config, database: &str) -> Result<Arc<Hub>, BridgeError> {
+        let db = cfg.databases.get(database).ok_or_else(|| BridgeError::NotConfigured(database.to_string()))?;
+        let user = db.user.as_deref().ok_or_else(|| BridgeError::NoListenerUser(database.to_string()))?;
         let listener_key = format!("{database}{LISTENER_SUFFIX}");
         Ok(self.hubs.get_or_start(database, || {
             let pool = self.pool(cfg, &listener_key, db, user, db.password.clone().map(Credential::Password));
@@ -331,9 +342,9 @@ impl App {
 
     /// The pool the bridge runs its own queries through (`snapshot_query`): the database's,
     /// as its configured user.
-    pub fn bridge_pool(&self, cfg: &Config, database: &str) -> Result<Arc<Pool>, String> {
-        let db = cfg.databases.get(database).ok_or_else(|| format!("database \"{database}\" is not configured"))?;
-        let user = db.user.as_deref().ok_or_else(|| format!("snapshot_query needs databases.{database}.user"))?;
+    pub fn bridge_pool(&self, cfg: &Config, database: &str) -> Result<Arc<Pool>, BridgeError> {
+        let db = cfg.databases.get(database).ok_or_else(|| BridgeError::NotConfigured(database.to_string()))?;
+        let user = db.user.as_deref().ok_or_else(|| BridgeError::NoSnapshotUser(database.to_string()))?;
         Ok(self.pool(cfg, database, db, user, db.password.clone().map(Credential::Password)))
     }
 

@@ -23,7 +23,7 @@ pub async fn take(app: &App, cfg: &Config, database: &str, sql: &str, marker: &s
 }
 
 async fn run(app: &App, cfg: &Config, database: &str, sql: &str, marker: &str) -> Result<(String, PgSnapshot), String> {
-    let pool = app.bridge_pool(cfg, database)?;
+    let pool = app.bridge_pool(cfg, database).map_err(|e| e.to_string())?;
     let mut server = pool.checkout(cfg.broker.query_wait_timeout).await.map_err(|e| e.to_string())?;
     // Any failure leaves the server mid-transaction or worse: it is not reused.
     server.release = Release::Close;

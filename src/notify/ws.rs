@@ -153,7 +153,7 @@ pub async fn handler(
             h.configure(w);
             (Some(h.register(w.ws_send_queue, true)), None)
         }
-        Err(e) => (None, Some(e)),
+        Err(e) => (None, Some(e.to_string())),
     };
     let hubbed = Hubbed { sub, error: hub_error };
     limits(upgrade).on_upgrade(move |socket| session(socket, hubbed, on_connect, allowed, cfg, admission, app))

@@ -46,7 +46,8 @@ impl Listens {
     async fn listen(&mut self, cfg: &Config, channel: String) -> Result<(), (SqlState, String)> {
         check_channel(&channel).map_err(|why| (SqlState::INVALID_PARAMETER_VALUE, why.to_string()))?;
         if self.sub.is_none() {
-            let hub = self.app.hub(cfg, &self.database).map_err(|e| (SqlState::FEATURE_NOT_SUPPORTED, e))?;
+            let hub =
+                self.app.hub(cfg, &self.database).map_err(|e| (SqlState::FEATURE_NOT_SUPPORTED, e.to_string()))?;
             self.sub = Some(hub.register(cfg.websocket.ws_send_queue, false));
         }
         if let Some(sub) = &self.sub {
