@@ -6,7 +6,7 @@
 #
 # What the tests need besides Rust: the PostgreSQL server binaries and pgbench (Debian package
 # postgresql), psql (postgresql-client), headless Chromium (chromium: the status page test),
-# systemd-analyze (systemd: the unit file checks) and cargo-deb (the package test). Missing
+# systemd-analyze (systemd: the unit file checks), cargo-deb and dpkg-dev (the package test). Missing
 # packages are installed with apt-get when this runs as root or sudo needs no password;
 # otherwise the script prints the one command that installs them and stops.
 # PGBROKER_SETUP_ROOT prefixes every path looked at (a test hides the machine's binaries).
@@ -26,6 +26,8 @@ compgen -G "$root/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgres
 has psql || need+=(postgresql-client)
 [ -x "$root/usr/bin/chromium" ] || [ -x "$root/usr/bin/chromium-browser" ] || need+=(chromium)
 [ -x "$root/usr/bin/systemd-analyze" ] || need+=(systemd)
+# cargo-deb reads the package's library dependencies with dpkg-shlibdeps.
+[ -x "$root/usr/bin/dpkg-shlibdeps" ] || need+=(dpkg-dev)
 cargo_deb=0
 has cargo-deb || cargo_deb=1
 
