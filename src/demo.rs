@@ -1,6 +1,7 @@
 //! `pgbroker demo`: a throwaway PostgreSQL with pgbroker in front, until Ctrl-C.
 
 use crate::app::Broker;
+use crate::auth::userlist;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
 use crate::config::values::{PgUrl, parse_pg_url};
 use crate::config::{ChannelShape, Config, Envelope};
@@ -53,7 +54,7 @@ pub async fn run(listen: SocketAddr, database_url: Option<String>) -> anyhow::Re
         }
     };
     let dir = tempfile::Builder::new().prefix("pgbroker-demo").tempdir()?;
-    let users = format!("{} {}\n\"admin\" \"admin\"\n", quoted(&login), quoted(&password));
+    let users = format!("{}{}", userlist::line(&login, &password), userlist::line("admin", "admin"));
     std::fs::write(dir.path().join("userlist.txt"), users)?;
     let mut config = Config::parse(REFERENCE_CONFIG, Some(&dir.path().join("pgbroker.toml")), &|_| None)?;
     config.broker.listen = listen;
@@ -185,11 +186,6 @@ fn install_postgres() -> anyhow::Result<()> {
         anyhow::ensure!(status.success(), "{} failed ({status})", cmd.join(" "));
     }
     Ok(())
-}
-
-/// A field of the PgBouncer-format auth file.
-fn quoted(v: &str) -> String {
-    format!("\"{}\"", v.replace('"', "\"\""))
 }
 
 /// Percent-encodes what a URL's user or password part cannot hold as is.

@@ -95,7 +95,7 @@ pub async fn run(opts: &Options) -> Result<Written, InitError> {
     let password = url.password.clone().unwrap_or_default();
     let user = url.user.clone().unwrap_or_default();
     let env_line = format!("{PASSWORD_VAR}={}\n", env_value(&password)?);
-    let auth = format!("{} {}\n", auth_quote(&user), auth_quote(&password));
+    let auth = crate::auth::userlist::line(&user, &password);
     // Loaded as the service will load it, its credential in a private directory meanwhile.
     let staged = tempfile::tempdir().map_err(|e| InitError::Write(std::env::temp_dir(), e))?;
     write(&staged.path().join("userlist.txt"), auth.as_bytes(), 0o600)?;
@@ -236,11 +236,6 @@ fn env_value(v: &str) -> Result<String, InitError> {
     Ok(format!("'{v}'"))
 }
 
-/// A field of the PgBouncer-format auth file: double-quoted, `"` doubled.
-fn auth_quote(v: &str) -> String {
-    format!("\"{}\"", v.replace('"', "\"\""))
-}
-
 /// Writes `bytes` to `path` (creating its directory) with `mode`, the mode set before any
 /// byte is written.
 fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InitError> {
@@ -308,6 +303,5 @@ mod tests {
     fn secrets_are_quoted_for_their_files() {
         assert_eq!(env_value("a$b\"c").unwrap(), "'a$b\"c'");
         assert!(env_value("it's").is_err());
-        assert_eq!(auth_quote("a\"b"), "\"a\"\"b\"");
     }
 }

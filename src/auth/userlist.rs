@@ -230,6 +230,12 @@ impl Userlist {
     }
 }
 
+/// One line of the file for `user` and `secret`, quoted as `parse_line` reads it back.
+pub fn line(user: &str, secret: &str) -> String {
+    let quote = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
+    format!("{} {}\n", quote(user), quote(secret))
+}
+
 /// Returns `None` for blank and comment lines.
 fn parse_line(line: &str, line_no: usize) -> Result<Option<(String, String)>, UserlistError> {
     let syntax = |expected| UserlistError::Syntax { line: line_no, expected };
@@ -265,6 +271,14 @@ fn read_quoted(s: &str) -> Option<(String, &str)> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+
+    #[test]
+    fn a_written_line_reads_back_with_quotes_in_it() {
+        let written = line("a\"b", "p\"w d");
+        assert_eq!(written, "\"a\"\"b\" \"p\"\"w d\"\n");
+        assert_eq!(parse_line(written.trim_end(), 1).unwrap(), Some(("a\"b".into(), "p\"w d".into())));
+    }
+
     use super::*;
 
     /// RFC 7677's example verifier: password "pencil".
