@@ -81,8 +81,8 @@ pub fn allocate(input: &RoundInput, floor: u32) -> Allocation {
     let mut room = available - committed;
     // Those furthest below their due are served first.
     let mut order = live.clone();
-    order.sort_by_key(|r| (r.base(), r.id.clone()));
-    let mut shares: Vec<(String, i32)> = Vec::with_capacity(order.len());
+    order.sort_by(|a, b| (a.base(), &a.id).cmp(&(b.base(), &b.id)));
+    let mut decided: Vec<(&Row, i32)> = Vec::with_capacity(order.len());
     for r in order {
         let base = r.base();
         let share = if want <= base {
@@ -93,21 +93,21 @@ pub fn allocate(input: &RoundInput, floor: u32) -> Allocation {
             room -= grant;
             base + grant as u32
         };
-        shares.push((r.id.clone(), share as i32));
+        decided.push((r, share as i32));
     }
     // Overcommitted by joiners' knocks: those that hold nothing else leave and knock later.
-    for (id, share) in shares.iter_mut().rev() {
+    for (r, share) in decided.iter_mut().rev() {
         if room >= 0 {
             break;
         }
-        let Some(r) = live.iter().find(|r| r.id == *id) else { continue };
         if r.share <= 0 && r.held == 0 && r.servers <= 1 && *share <= 1 {
             room += i64::from(r.servers);
             *share = -1;
         }
     }
     // Nothing is moving: every member holds (or may hold) exactly its share.
-    let settled = live.iter().all(|r| shares.iter().any(|(id, s)| *id == r.id && *s >= 0 && *s as u32 == r.base()));
+    let settled = decided.iter().all(|(r, s)| *s >= 0 && *s as u32 == r.base());
+    let shares = decided.iter().map(|(r, s)| (r.id.clone(), *s)).collect();
     Allocation {
         instances: live.len() as u32,
         fair,

@@ -93,10 +93,11 @@ pub fn round_write(
 ) -> String {
     let f = escape_literal(fleet);
     let mut sql = String::new();
+    let previous: std::collections::HashMap<&str, i32> = rows.iter().map(|r| (r.id.as_str(), r.share)).collect();
     let changed: Vec<String> = a
         .shares
         .iter()
-        .filter(|(id, s)| rows.iter().any(|r| r.id == *id && r.share != *s))
+        .filter(|(id, s)| previous.get(id.as_str()).is_some_and(|p| p != s))
         .map(|(id, s)| format!("({}, {s})", escape_literal(id)))
         .collect();
     if !changed.is_empty() {
