@@ -228,6 +228,63 @@ async fn sigterm_lets_transactions_commit_and_refuses_new_clients() {
     assert!(status.success(), "{status}");
 }
 
+/// `clients` tasks that connect, run `SELECT 1` and disconnect over and over (as
+/// `pgbench -C`), bounded to two minutes, counting what was served and what failed.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start(port: u16, clients: usize) -> Churn {
+        let (stop, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, served, errors) = (stop.clone(), served.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let result = match client(port).await {
+                            Ok(c) => c.simple_query("SELECT 1").await.map(drop).map_err(|e| format!("query: {e:?}")),
+                            Err(e) => Err(format!("connect: {e:?}")),
+                        };
+                        match result {
+                            Ok(()) => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.lock().unwrap().push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Churn { stop, served, errors, tasks }
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more rounds than now have been served.
+    async fn serves(&self, what: &str, more: usize) {
+        let target = self.served() + more;
+        eventually(what, Duration::from_secs(10), || async { self.served() >= target }).await;
+    }
+
+    /// Stops the clients and returns what they served and the errors they saw.
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (self.served.load(Ordering::Relaxed), errors)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_the_port_while_the_first_drains() {
     // Lets the kernel hand connections queued on a closing SO_REUSEPORT socket to the other.
@@ -237,52 +294,17 @@ async fn a_second_process_takes_over_the_port_while_the_first_drains() {
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_swap", 4, 55);
     let mut old = start(&path, port, http, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let looping = {
-        let (stop, refused, served, errors) = (stop.clone(), refused.clone(), served.clone(), errors.clone());
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let result = match client(port).await {
-                    Ok(c) => c.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| format!("query: {e:?}")),
-                    Err(e) => Err(format!("connect: {e:?}")),
-                };
-                match result {
-                    Ok(()) => served.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        errors.lock().unwrap().push(e);
-                        refused.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
-    let served_at_least = |n: usize| {
-        let served = served.clone();
-        async move { served.load(Ordering::Relaxed) >= n }
-    };
-    eventually("the old process to serve the loop", Duration::from_secs(10), || served_at_least(5)).await;
+    let churn = Churn::start(port, 1);
+    churn.serves("the old process to serve the loop", 5).await;
     // Logging at info, the new process tells when it serves a client.
     let new = start(&path, port, http, &[("RUST_LOG", "info")]);
     new.process.log_line("client logged in", Duration::from_secs(10)).await;
     old.signal("-TERM");
     assert!(old.wait_exit(Duration::from_secs(20)).expect("old process exited").success());
-    let after_exit = served.load(Ordering::Relaxed) + 10;
-    eventually("the new process alone to serve the loop", Duration::from_secs(10), || served_at_least(after_exit))
-        .await;
-    stop.store(true, Ordering::Relaxed);
-    looping.await.unwrap();
-    assert_eq!(
-        refused.load(Ordering::Relaxed),
-        0,
-        "{} served; {:?}",
-        served.load(Ordering::Relaxed),
-        errors.lock().unwrap()
-    );
-    assert!(served.load(Ordering::Relaxed) > 20);
+    churn.serves("the new process alone to serve the loop", 10).await;
+    let (served, errors) = churn.stop().await;
+    assert!(errors.is_empty(), "{served} served; {errors:?}");
+    assert!(served > 20);
     drop(new);
 }
 
@@ -373,36 +395,9 @@ async fn five_upgrades_in_a_row_refuse_no_one_and_each_old_process_exits_after_i
     let (port, http) = (free_port(), free_port());
     let path = write_config(dir.path(), port, http, "lc_upgrade", 4, 55);
     let mut first = start(&path, port, http, &[]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
     // Eight clients that connect, query and disconnect, over and over (as `pgbench -C`).
-    let loops: Vec<_> = (0..8)
-        .map(|_| {
-            let (stop, served, errors) = (stop.clone(), served.clone(), errors.clone());
-            tokio::spawn(async move {
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let result = match client(port).await {
-                        Ok(c) => c.simple_query("SELECT 1").await.map(drop).map_err(|e| format!("query: {e:?}")),
-                        Err(e) => Err(format!("connect: {e:?}")),
-                    };
-                    match result {
-                        Ok(()) => served.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            errors.lock().unwrap().push(e);
-                            0
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
-    let served_at_least = |n: usize| {
-        let served = served.clone();
-        async move { served.load(Ordering::Relaxed) >= n }
-    };
-    eventually("the first process to serve the clients", Duration::from_secs(10), || served_at_least(20)).await;
+    let churn = Churn::start(port, 8);
+    churn.serves("the first process to serve the clients", 20).await;
     let mut orphans = Orphans(Vec::new());
     let mut old = first.process.pid();
     for round in 0..5 {
@@ -431,27 +426,18 @@ async fn five_upgrades_in_a_row_refuse_no_one_and_each_old_process_exits_after_i
             eventually("the old process to exit after its drain", Duration::from_secs(20), || async { exited(old) })
                 .await;
         }
-        let now = served.load(Ordering::Relaxed) + 20;
-        eventually("the new process to serve the clients", Duration::from_secs(10), || served_at_least(now)).await;
+        churn.serves("the new process to serve the clients", 20).await;
         old = new;
     }
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        l.await.unwrap();
-    }
-    let errors = errors.lock().unwrap();
-    assert!(errors.is_empty(), "{} served; {} failed: {:?}", served.load(Ordering::Relaxed), errors.len(), errors);
+    let (served, errors) = churn.stop().await;
+    assert!(errors.is_empty(), "{served} served; {} failed: {errors:?}", errors.len());
     assert!(!exited(old), "the last process serves on");
     assert_eq!(
         pg().psql("lc_upgrade", "SELECT count(*) FROM up").unwrap(),
         "5",
         "every in-flight transaction committed"
     );
-    eprintln!(
-        "{} connect-query-disconnect rounds served through 5 upgrades; processes {:?}",
-        served.load(Ordering::Relaxed),
-        orphans.0
-    );
+    eprintln!("{served} connect-query-disconnect rounds served through 5 upgrades; processes {:?}", orphans.0);
 }
 
 #[tokio::test]
