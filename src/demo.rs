@@ -1,8 +1,8 @@
 //! `pgbroker demo`: a throwaway PostgreSQL with pgbroker in front, until Ctrl-C.
 
 use crate::app::Broker;
-use crate::auth::userlist;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
+use crate::config::userlist;
 use crate::config::values::{PgUrl, parse_pg_url};
 use crate::config::{ChannelShape, Config, Envelope};
 use anyhow::Context;

@@ -7,11 +7,12 @@
 //! target file. Not an API.
 
 use crate::auth::scram::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer};
-use crate::auth::userlist::{ScramSecret, Secret, Userlist};
 use crate::config::Config;
+use crate::config::userlist::{ScramSecret, Secret, Userlist};
 use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
 use crate::notify::command::{self, BROKER_CHANNEL_PREFIX, Command};
-use crate::notify::{check_channel, glob_match};
+use crate::notify::glob_match;
+use crate::proto::check_channel;
 use crate::proto::frame::{FrameError, HEADER_LEN};
 use crate::proto::startup::{self, Packet};
 use crate::session::pipe::{Action, Pipe};
@@ -467,7 +468,7 @@ fn ws_check_accepted(ch: &str, restricted: bool) {
         assert!(ch == EVENTS_CHANNEL || ch == METRICS_CHANNEL, "unknown broker channel {ch:?} accepted");
     } else {
         assert!(check_channel(ch).is_ok(), "invalid channel {ch:?} accepted");
-        assert!(!ch.is_empty() && ch.len() <= crate::notify::MAX_CHANNEL_LEN && !ch.contains('\0'));
+        assert!(!ch.is_empty() && ch.len() <= crate::proto::MAX_CHANNEL_LEN && !ch.contains('\0'));
         // The listener sends `LISTEN <escaped>`: it must be one quoted identifier naming
         // exactly this channel, whatever quotes the name holds.
         let ident = postgres_protocol::escape::escape_identifier(ch);

@@ -240,7 +240,7 @@ pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
     json!({
         "type": "metrics",
         "channel": crate::events::METRICS_CHANNEL,
-        "timestamp": crate::notify::rfc3339(std::time::SystemTime::now()),
+        "timestamp": crate::events::rfc3339(std::time::SystemTime::now()),
         "health": health,
         "transactionsPerSecond": tps,
         "clients": app.clients.all().len(),

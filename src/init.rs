@@ -95,7 +95,7 @@ pub async fn run(opts: &Options) -> Result<Written, InitError> {
     let password = url.password.clone().unwrap_or_default();
     let user = url.user.clone().unwrap_or_default();
     let env_line = format!("{PASSWORD_VAR}={}\n", env_value(&password)?);
-    let auth = crate::auth::userlist::line(&user, &password);
+    let auth = crate::config::userlist::line(&user, &password);
     // Loaded as the service will load it, its credential in a private directory meanwhile.
     let staged = tempfile::tempdir().map_err(|e| InitError::Write(std::env::temp_dir(), e))?;
     write(&staged.path().join("userlist.txt"), auth.as_bytes(), 0o600)?;

@@ -29,6 +29,7 @@ pub mod cancel;
 pub mod clients;
 pub mod cluster;
 pub mod config;
+pub mod crypto;
 pub mod demo;
 pub mod error;
 pub mod events;

@@ -4,6 +4,9 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
+/// The environment variable naming the socket a new process sends READY=1 to.
+pub const HANDOVER_SOCKET: &str = "PGBROKER_HANDOVER_SOCKET";
+
 /// Sends `state` (e.g. `READY=1`) if systemd asked for notifications. Errors are logged:
 /// a broken notification socket must not stop the broker.
 pub fn notify(state: &str) {
@@ -30,7 +33,7 @@ pub fn notify(state: &str) {
 /// (`PGBROKER_HANDOVER_SOCKET`), which drains once it hears it.
 pub fn ready() {
     notify("READY=1");
-    if let Some(path) = std::env::var_os(crate::app::HANDOVER_SOCKET) {
+    if let Some(path) = std::env::var_os(HANDOVER_SOCKET) {
         let sent = UnixDatagram::unbound().and_then(|s| s.send_to(b"READY=1", &path));
         if let Err(e) = sent {
             tracing::warn!(error = %e, "cannot tell the process handing over that this one is ready");

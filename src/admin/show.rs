@@ -13,7 +13,7 @@ fn s(v: impl ToString) -> Option<String> {
 }
 
 fn time(t: SystemTime) -> Option<String> {
-    Some(crate::notify::rfc3339(t))
+    Some(crate::events::rfc3339(t))
 }
 
 /// The table for `SHOW <what>`, or `None` for an unknown name.

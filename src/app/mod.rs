@@ -12,7 +12,7 @@ pub use accept::ADMIN_RESERVE;
 pub use broker::Broker;
 pub use lifecycle::{run, wait_for_stop_signal};
 pub use reload::ReloadError;
-pub use upgrade::{HANDOVER_SOCKET, UpgradeError};
+pub use upgrade::UpgradeError;
 
 use crate::budget::{self, BudgetError, Derivation};
 use crate::cancel::CancelRegistry;

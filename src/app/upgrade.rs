@@ -19,9 +19,6 @@ use thiserror::Error;
 /// take the sockets and say READY=1.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The environment variable naming the socket a new process sends READY=1 to.
-pub const HANDOVER_SOCKET: &str = "PGBROKER_HANDOVER_SOCKET";
-
 /// Why an upgrade did not happen; the running process keeps serving.
 #[derive(Debug, Error)]
 pub enum UpgradeError {
@@ -82,7 +79,7 @@ impl App {
             .env("LISTEN_FDS", mappings.len().to_string())
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDS_FIRST_FD")
-            .env(HANDOVER_SOCKET, &path)
+            .env(sdnotify::HANDOVER_SOCKET, &path)
             .stdin(std::process::Stdio::null());
         cmd.fd_mappings(mappings).map_err(|e| spawn_err(std::io::Error::other(e)))?;
         let mut child = cmd.spawn().map_err(spawn_err)?;

@@ -1,24 +1,16 @@
-//! Server-side checks for PostgreSQL's md5 and cleartext password messages,
-//! plus the constant-time comparison shared with SCRAM.
+//! Server-side checks for PostgreSQL's md5 and cleartext password messages.
 
 use std::sync::Arc;
 
 use ::md5::{Digest, Md5};
-use hmac::{Hmac, KeyInit, Mac};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use sha2::Sha256;
 
 use super::scram::{SCRAM_SHA_256, ScramServer};
-use super::userlist::{ScramSecret, Secret};
+use crate::config::userlist::{ScramSecret, Secret};
+use crate::crypto::{ct_eq, hex};
 
 /// Highest iteration count postgres-protocol's SCRAM client accepts.
 const CLIENT_MAX_ITERATIONS: u32 = 100_000;
-
-/// Compares two byte strings in time independent of their contents (lengths are not secret).
-#[must_use]
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    subtle::ConstantTimeEq::ct_eq(a, b).into()
-}
 
 /// Checks an md5 PasswordMessage body (without its NUL) against the user's secret and salt.
 #[must_use]
@@ -84,68 +76,6 @@ fn scram_exchange_succeeds(secret: &ScramSecret, password: &[u8]) -> bool {
     client.update(&first).is_ok() && server.handle_client_final(client.message()).is_ok()
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    // A table, not `write!`: every md5 login hashes twice, and formatting costs more than MD5.
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
-
-/// HMAC-SHA-256(key, data).
-pub(crate) fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
-
-/// SCRAM's Hi(): PBKDF2-HMAC-SHA-256 with a single 32-byte output block.
-#[must_use]
-pub fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let keyed = Hmac::<Sha256>::new_from_slice(password).expect("HMAC accepts keys of any length");
-    // Cloning the keyed state avoids re-hashing the key on every iteration.
-    let mut mac = keyed.clone();
-    mac.update(salt);
-    mac.update(&1u32.to_be_bytes());
-    let mut u: [u8; 32] = mac.finalize().into_bytes().into();
-    let mut out = u;
-    for _ in 1..iterations {
-        let mut mac = keyed.clone();
-        mac.update(&u);
-        u = mac.finalize().into_bytes().into();
-        for (o, x) in out.iter_mut().zip(u) {
-            *o ^= x;
-        }
-    }
-    out
-}
-
-/// The 16 bytes of an `md5` + 32 hex secret; lowercase only, as PostgreSQL's get_password_type().
-pub(crate) fn parse_md5_secret(s: &str) -> Option<[u8; 16]> {
-    let hex = s.strip_prefix("md5")?.as_bytes();
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        let hi = hex_digit(*pair.first()?)?;
-        let lo = hex_digit(*pair.get(1)?)?;
-        *byte = (hi << 4) | lo;
-    }
-    Some(out)
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -157,14 +87,6 @@ mod tests {
     fn stored_md5(password: &str, user: &str) -> Secret {
         let text = postgres_protocol::password::md5(password.as_bytes(), user);
         Secret::parse(&text).unwrap()
-    }
-
-    #[test]
-    fn ct_eq_compares_content_and_length() {
-        assert!(ct_eq(b"abc", b"abc"));
-        assert!(ct_eq(b"", b""));
-        assert!(!ct_eq(b"abc", b"abd"));
-        assert!(!ct_eq(b"abc", b"ab"));
     }
 
     #[test]

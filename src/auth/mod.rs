@@ -2,21 +2,19 @@
 //! file or, for users it lacks, a secret looked up with `auth_query`.
 
 pub mod md5;
-pub mod passthrough;
 pub mod query;
 pub mod scram;
 pub mod throttle;
-pub mod userlist;
 
+use crate::config::userlist::{ScramSecret, Secret, UserEntry};
 use crate::config::{Auth, AuthType};
 use crate::error::SqlState;
 use crate::proto::{build, read_i32, split_cstr, tag};
+use crate::server::Credential;
 use crate::session::SessionError;
 use crate::session::io::ClientIo;
-use passthrough::Credential;
 use std::sync::{Arc, OnceLock};
 use tokio::io::{AsyncRead, AsyncWrite};
-use userlist::{ScramSecret, Secret, UserEntry};
 
 /// Largest password or SASL message accepted from a client.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
@@ -117,13 +115,13 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 fn mock_secret(user: &str) -> Arc<ScramSecret> {
     static KEY: OnceLock<[u8; 32]> = OnceLock::new();
     let key = KEY.get_or_init(rand::random);
-    let salt = md5::hmac_sha256(key, user.as_bytes());
+    let salt = crate::crypto::hmac_sha256(key, user.as_bytes());
     Arc::new(ScramSecret {
         // PostgreSQL's defaults for a new secret.
         iterations: 4096,
         salt: salt.get(..16).unwrap_or(&salt).to_vec(),
-        stored_key: md5::hmac_sha256(key, b"mock stored key"),
-        server_key: md5::hmac_sha256(key, b"mock server key"),
+        stored_key: crate::crypto::hmac_sha256(key, b"mock stored key"),
+        server_key: crate::crypto::hmac_sha256(key, b"mock server key"),
     })
 }
 

@@ -2,9 +2,9 @@
 //! PgBouncer's `auth_query`/`auth_user` do, through a pool that logs in as `auth.user` (its
 //! connections count against the budget like any other).
 
-use super::userlist::{Secret, UserEntry};
 use crate::app::App;
 use crate::config::Config;
+use crate::config::userlist::{Secret, UserEntry};
 use crate::error::SqlState;
 use crate::server::Credential;
 use crate::session::SessionError;

@@ -8,8 +8,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use super::md5::{ct_eq, hmac_sha256};
-use super::userlist::ScramSecret;
+use crate::config::userlist::ScramSecret;
+use crate::crypto::{ct_eq, hmac_sha256};
 use ScramError::Malformed;
 
 /// SASL mechanism name without channel binding.
@@ -233,8 +233,8 @@ fn as_text(msg: &[u8]) -> Result<&str, ScramError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::md5::hi;
     use super::*;
+    use crate::crypto::hi;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     use std::sync::OnceLock;
 
@@ -480,6 +480,52 @@ mod tests {
             }
             let _ = first(SCRAM_SHA_256, None, &buf);
             let _ = fin(&buf);
+        }
+    }
+
+    /// The server side's pass-through login, against this module's exchange.
+    mod keys_client {
+        use super::super::SCRAM_SHA_256;
+        use crate::config::userlist::ScramSecret;
+        use crate::server::passthrough::{KeysClient, KeysError};
+        use std::sync::Arc;
+
+        /// A verifier and its ClientKey, as a successful client login reveals it.
+        fn keys_of(password: &str) -> (Arc<ScramSecret>, [u8; 32]) {
+            let secret = Arc::new(ScramSecret::from_password(password));
+            let mut server = super::ScramServer::new(secret.clone(), SCRAM_SHA_256, None).unwrap();
+            let mut client = postgres_protocol::authentication::sasl::ScramSha256::new(
+                password.as_bytes(),
+                postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
+            );
+            let server_first = server.handle_client_first(client.message()).unwrap();
+            client.update(&server_first).unwrap();
+            server.handle_client_final(client.message()).unwrap();
+            (secret, server.client_key().unwrap())
+        }
+
+        #[test]
+        fn keys_client_logs_in_to_a_server_holding_the_same_verifier() {
+            let (secret, client_key) = keys_of("pw");
+            let mut server = super::ScramServer::new(secret.clone(), SCRAM_SHA_256, None).unwrap();
+            let mut client = KeysClient::new(client_key, secret.server_key, None);
+            let server_first = server.handle_client_first(&client.first()).unwrap();
+            let client_final = client.handle_server_first(&server_first).unwrap();
+            let server_final = server.handle_client_final(&client_final).unwrap();
+            assert_eq!(client.handle_server_final(&server_final), Ok(()));
+            assert_eq!(server.client_key(), Some(client_key));
+        }
+
+        #[test]
+        fn keys_client_rejects_a_server_with_another_verifier() {
+            let (secret, client_key) = keys_of("pw");
+            let (other, _) = keys_of("pw");
+            let mut server = super::ScramServer::new(other, SCRAM_SHA_256, None).unwrap();
+            let mut client = KeysClient::new(client_key, secret.server_key, None);
+            let server_first = server.handle_client_first(&client.first()).unwrap();
+            let client_final = client.handle_server_first(&server_first).unwrap();
+            assert!(server.handle_client_final(&client_final).is_err(), "another salt: the proof fails");
+            assert_eq!(client.handle_server_final(b"v=AAAA"), Err(KeysError::BadServerSignature));
         }
     }
 }

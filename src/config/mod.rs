@@ -10,6 +10,7 @@ pub mod raw;
 mod sections;
 mod security;
 mod syntax;
+pub mod userlist;
 mod validate;
 pub use security::{AuthQuery, DEFAULT_AUTH_QUERY, Throttle, Tls};
 use syntax::syntax_message;
@@ -17,13 +18,13 @@ use validate::Validator;
 pub mod values;
 pub use restart::RESTART_ONLY;
 
-use crate::auth::userlist::Userlist;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+use userlist::Userlist;
 
 /// A config file that cannot be used, with the file and the key at fault.
 #[derive(Debug, Error)]

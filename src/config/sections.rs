@@ -27,7 +27,7 @@ impl Validator<'_> {
         let mut channels = std::collections::BTreeMap::new();
         for (name, c) in w.channels.iter().flatten() {
             let key = format!("websocket.channels.{name}");
-            crate::notify::check_channel(name).map_err(|m| self.invalid(&key, m))?;
+            crate::proto::check_channel(name).map_err(|m| self.invalid(&key, m))?;
             let shape = ChannelShape {
                 kind: self.string(&format!("{key}.type"), &c.kind)?,
                 envelope: self.envelope(&format!("{key}.envelope"), &c.envelope)?,
@@ -37,7 +37,7 @@ impl Validator<'_> {
         }
         let default_channels = w.default_channels.clone().unwrap_or_default();
         for ch in &default_channels {
-            crate::notify::check_channel(ch)
+            crate::proto::check_channel(ch)
                 .map_err(|m| self.invalid("websocket.default_channels", format!("{ch:?}: {m}")))?;
         }
         let ping_interval = self.duration("websocket.ping_interval", &w.ping_interval, 30)?;

@@ -3,7 +3,7 @@
 
 use super::values::{expand_env, parse_duration, parse_pg_url};
 use super::{Auth, AuthType, Broker, ConfigError, Database, Env, LogFormat, PoolMode, raw};
-use crate::auth::userlist::Userlist;
+use crate::config::userlist::Userlist;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,8 +1,9 @@
 //! The WebSocket bridge's client commands: one text frame in, a checked command or the error
 //! to answer with. Pure (no hub, no socket), so it is fuzzed on its own (`fuzz/ws_json`).
 
-use super::{check_channel, glob_match, json};
+use super::{glob_match, json};
 use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
+use crate::proto::check_channel;
 use serde::Deserialize;
 
 /// Prefix of the broker's own channels, served without a database listener.

@@ -7,9 +7,8 @@ pub mod command;
 mod glob;
 pub use glob::glob_match;
 pub mod hold;
-pub(crate) mod json;
-pub use json::rfc3339;
 mod hubs;
+pub(crate) mod json;
 pub use hubs::Hubs;
 mod listener;
 pub mod replay;
@@ -26,9 +25,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-/// Longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
-pub const MAX_CHANNEL_LEN: usize = 63;
 
 /// One notification, shared by every subscriber it goes to.
 #[derive(Debug)]
@@ -80,20 +76,6 @@ pub const CHECK_CHANNEL: &str = "pgbroker.listener_check";
 /// Channels kept listened on after their last subscriber left, per database, so that a
 /// client that reconnects can resume them; past this the oldest is unlistened.
 const RETAINED_MAX: usize = 256;
-
-/// Why a channel name cannot be listened on.
-pub fn check_channel(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("channel name is empty");
-    }
-    if name.len() > MAX_CHANNEL_LEN {
-        return Err("channel name is longer than 63 bytes");
-    }
-    if name.contains('\0') {
-        return Err("channel name contains a NUL byte");
-    }
-    Ok(())
-}
 
 enum Cmd {
     /// LISTEN, then tell the subscriber waiting for it (if any).
@@ -578,17 +560,3 @@ fn queue(tx: &mpsc::Sender<Event>, events: Vec<Event>) {
 
 /// The prefix of a snapshot marker's payload on `CHECK_CHANNEL`.
 pub const SNAPSHOT_MARKER: &str = "snap:";
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channel_names_are_checked() {
-        assert!(check_channel("employee_changes").is_ok());
-        assert!(check_channel("").is_err());
-        assert!(check_channel(&"x".repeat(64)).is_err());
-        assert!(check_channel("a\0b").is_err());
-    }
-}

@@ -199,7 +199,7 @@ fn token_channels(cfg: &Config, headers: &HeaderMap, query: Option<&str>) -> Res
         .ok_or(())?;
     tokens
         .iter()
-        .find(|t| crate::auth::md5::ct_eq(t.token.as_bytes(), bearer.as_bytes()))
+        .find(|t| crate::crypto::ct_eq(t.token.as_bytes(), bearer.as_bytes()))
         .map(|t| Some(t.channels.clone()))
         .ok_or(())
 }

@@ -6,6 +6,23 @@ pub mod build;
 pub mod frame;
 pub mod startup;
 
+/// Longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
+pub const MAX_CHANNEL_LEN: usize = 63;
+
+/// Why a channel name cannot be listened on.
+pub fn check_channel(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("channel name is empty");
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err("channel name is longer than 63 bytes");
+    }
+    if name.contains('\0') {
+        return Err("channel name contains a NUL byte");
+    }
+    Ok(())
+}
+
 /// Largest untagged startup-phase packet accepted (PostgreSQL itself allows 10 000 bytes).
 pub const MAX_STARTUP_LEN: usize = 10_000;
 
@@ -149,4 +166,17 @@ pub fn split_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 pub fn read_i32(buf: &[u8]) -> Option<i32> {
     let bytes: [u8; 4] = buf.get(..4)?.try_into().ok()?;
     Some(i32::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_are_checked() {
+        assert!(check_channel("employee_changes").is_ok());
+        assert!(check_channel("").is_err());
+        assert!(check_channel(&"x".repeat(64)).is_err());
+        assert!(check_channel("a\0b").is_err());
+    }
 }

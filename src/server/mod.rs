@@ -3,17 +3,18 @@
 //! the session relays them on `stream` directly.
 
 mod negotiate;
+pub mod passthrough;
 mod query;
 pub mod statements;
 pub mod stream;
 
-pub use crate::auth::passthrough::Credential;
-use crate::auth::passthrough::KeysClient;
 use crate::error::SqlState;
 use crate::proto::TxnStatus;
 use crate::tls::ServerTls;
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
+pub use passthrough::Credential;
+use passthrough::KeysClient;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
 use postgres_protocol::message::backend::{Header, Message};
 use postgres_protocol::message::frontend;
@@ -126,7 +127,7 @@ pub enum ServerError {
     NeedsPassword(&'static str),
     /// A SCRAM pass-through exchange failed (the server holds another verifier).
     #[error("SCRAM pass-through to the server failed")]
-    ScramKeys(#[source] crate::auth::passthrough::KeysError),
+    ScramKeys(#[source] crate::server::passthrough::KeysError),
     /// An authentication method the broker cannot answer.
     #[error("server requested an unsupported authentication method ({0})")]
     UnsupportedAuth(&'static str),
@@ -190,6 +191,17 @@ pub struct CancelTarget {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// One setting of a client's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// Lowercase name, for comparisons (setting names are case-insensitive).
+    pub key: String,
+    /// Name as the server reports it (or as the client sent it).
+    pub name: String,
+    /// Value in the server's canonical form once a server has applied it.
+    pub value: String,
+}
+
 /// A logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
@@ -219,7 +231,7 @@ pub struct ServerConn {
     pub applied: Vec<(String, String)>,
     /// The client settings it was last found to have; cleared whenever its settings may have
     /// changed, after which the next client compares them one by one again.
-    pub(crate) synced: Option<std::sync::Arc<Vec<crate::session::params::Setting>>>,
+    pub(crate) synced: Option<std::sync::Arc<Vec<Setting>>>,
     /// Broker-named prepared statements this server holds (transaction mode).
     pub statements: statements::Statements,
     /// Bytes read from the server by the broker's own queries and not consumed yet.
@@ -442,7 +454,7 @@ enum Scram {
     Keys(KeysClient),
 }
 
-fn scram_keys(e: crate::auth::passthrough::KeysError) -> ServerError {
+fn scram_keys(e: crate::server::passthrough::KeysError) -> ServerError {
     ServerError::ScramKeys(e)
 }
 

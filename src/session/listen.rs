@@ -5,8 +5,9 @@ use super::sql::Command;
 use crate::app::App;
 use crate::config::Config;
 use crate::error::SqlState;
-use crate::notify::{Event, Subscription, check_channel};
+use crate::notify::{Event, Subscription};
 use crate::proto::build::{self, Severity};
+use crate::proto::check_channel;
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 

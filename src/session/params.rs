@@ -2,6 +2,7 @@
 
 use crate::proto::startup::Startup;
 use crate::server::ServerConn;
+use crate::server::Setting;
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 use std::sync::Arc;
 
@@ -72,17 +73,6 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
 /// transaction mode (lowercase), as PgBouncer tracks them.
 pub const SYNCED_REPORTED: [&str; 6] =
     ["client_encoding", "datestyle", "intervalstyle", "timezone", "standard_conforming_strings", "application_name"];
-
-/// One setting of a client's session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Setting {
-    /// Lowercase name, for comparisons (setting names are case-insensitive).
-    pub key: String,
-    /// Name as the server reports it (or as the client sent it).
-    pub name: String,
-    /// Value in the server's canonical form once a server has applied it.
-    pub value: String,
-}
 
 /// The settings a client's session should have on whichever server runs its transaction.
 #[derive(Debug, Clone, Default)]

@@ -7,7 +7,7 @@ use super::client_loop::{ClientLoop, Setup};
 use super::io::ClientIo;
 use super::listen::Listens;
 use super::login::Login;
-use super::params::{self, ClientSettings, Setting};
+use super::params::{self, ClientSettings};
 use super::prepared::{Limits, Prepared};
 use super::stream::ClientStream;
 use crate::app::App;
@@ -16,6 +16,7 @@ use crate::config::{Config, PoolMode};
 use crate::error::SqlState;
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
+use crate::server::Setting;
 use bytes::{Bytes, BytesMut};
 use std::sync::{Arc, Mutex, Weak};
 

@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::Digest as _;
 
-use super::md5::{hi, hmac_sha256, parse_md5_secret};
+use crate::crypto::{hi, hmac_sha256};
 
 /// Why a `SCRAM-SHA-256$...` secret could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -265,6 +265,29 @@ fn read_quoted(s: &str) -> Option<(String, &str)> {
             }
             None => return Some((value, after)),
         }
+    }
+}
+
+/// The 16 bytes of an `md5` + 32 hex secret; lowercase only, as PostgreSQL's get_password_type().
+pub(crate) fn parse_md5_secret(s: &str) -> Option<[u8; 16]> {
+    let hex = s.strip_prefix("md5")?.as_bytes();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let hi = hex_digit(*pair.first()?)?;
+        let lo = hex_digit(*pair.get(1)?)?;
+        *byte = (hi << 4) | lo;
+    }
+    Some(out)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
     }
 }
 

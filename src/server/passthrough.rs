@@ -8,7 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use super::md5::{ct_eq, hex, hmac_sha256};
+use crate::crypto::{ct_eq, hex, hmac_sha256};
 
 /// A server login credential.
 #[derive(Clone, PartialEq, Eq)]
@@ -146,47 +146,6 @@ impl KeysClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::scram::{SCRAM_SHA_256, ScramServer};
-    use crate::auth::userlist::ScramSecret;
-    use std::sync::Arc;
-
-    /// A verifier and its ClientKey, as a successful client login reveals it.
-    fn keys_of(password: &str) -> (Arc<ScramSecret>, [u8; 32]) {
-        let secret = Arc::new(ScramSecret::from_password(password));
-        let mut server = ScramServer::new(secret.clone(), SCRAM_SHA_256, None).unwrap();
-        let mut client = postgres_protocol::authentication::sasl::ScramSha256::new(
-            password.as_bytes(),
-            postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
-        );
-        let server_first = server.handle_client_first(client.message()).unwrap();
-        client.update(&server_first).unwrap();
-        server.handle_client_final(client.message()).unwrap();
-        (secret, server.client_key().unwrap())
-    }
-
-    #[test]
-    fn keys_client_logs_in_to_a_server_holding_the_same_verifier() {
-        let (secret, client_key) = keys_of("pw");
-        let mut server = ScramServer::new(secret.clone(), SCRAM_SHA_256, None).unwrap();
-        let mut client = KeysClient::new(client_key, secret.server_key, None);
-        let server_first = server.handle_client_first(&client.first()).unwrap();
-        let client_final = client.handle_server_first(&server_first).unwrap();
-        let server_final = server.handle_client_final(&client_final).unwrap();
-        assert_eq!(client.handle_server_final(&server_final), Ok(()));
-        assert_eq!(server.client_key(), Some(client_key));
-    }
-
-    #[test]
-    fn keys_client_rejects_a_server_with_another_verifier() {
-        let (secret, client_key) = keys_of("pw");
-        let (other, _) = keys_of("pw");
-        let mut server = ScramServer::new(other, SCRAM_SHA_256, None).unwrap();
-        let mut client = KeysClient::new(client_key, secret.server_key, None);
-        let server_first = server.handle_client_first(&client.first()).unwrap();
-        let client_final = client.handle_server_first(&server_first).unwrap();
-        assert!(server.handle_client_final(&client_final).is_err(), "another salt: the proof fails");
-        assert_eq!(client.handle_server_final(b"v=AAAA"), Err(KeysError::BadServerSignature));
-    }
 
     #[test]
     fn md5_response_from_the_hash_equals_the_one_from_the_password() {
