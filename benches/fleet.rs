@@ -95,7 +95,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
     for _ in 0..n {
         brokers.push(Broker::start(config(pg, mode, n, interval, dir.path())).await.unwrap());
     }
-    let has_share = |b: &Broker| b.app().budgets().values().all(|(_, limit)| limit.cap() >= 1);
+    let has_share = |b: &Broker| b.app().registry().budgets().values().all(|(_, limit)| limit.cap() >= 1);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !brokers.iter().all(has_share) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -120,9 +120,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
     let knocks = || {
         brokers
             .iter()
-            .flat_map(|b| {
-                b.app().fleet.lock().unwrap().values().map(|m| u64::from(m.status().knocking)).collect::<Vec<_>>()
-            })
+            .flat_map(|b| b.app().fleet().members().iter().map(|m| u64::from(m.status().knocking)).collect::<Vec<_>>())
             .sum::<u64>()
     };
     let tag = format!("pgbroker/{FLEET}/%");
@@ -130,7 +128,7 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
     let pooled = || {
         brokers
             .iter()
-            .flat_map(|b| b.app().budgets().values().map(|(_, l)| l.used() as u64).collect::<Vec<_>>())
+            .flat_map(|b| b.app().registry().budgets().values().map(|(_, l)| l.used() as u64).collect::<Vec<_>>())
             .sum::<u64>()
     };
     while Instant::now() < until {
@@ -150,11 +148,13 @@ async fn run(pg: &Cluster, admin: &tokio_postgres::Client, mode: &str, n: u64, i
     }
     let others = brokers
         .iter()
-        .flat_map(|b| b.app().fleet.lock().unwrap().values().map(|m| m.status().others).collect::<Vec<_>>())
+        .flat_map(|b| b.app().fleet().members().iter().map(|m| m.status().others).collect::<Vec<_>>())
         .max()
         .unwrap_or(0);
-    let shares: Vec<usize> =
-        brokers.iter().flat_map(|b| b.app().budgets().values().map(|(_, l)| l.cap()).collect::<Vec<_>>()).collect();
+    let shares: Vec<usize> = brokers
+        .iter()
+        .flat_map(|b| b.app().registry().budgets().values().map(|(_, l)| l.cap()).collect::<Vec<_>>())
+        .collect();
     for b in &brokers {
         b.stop();
     }

@@ -21,7 +21,7 @@
 //! - [`app`]: wiring, accept loop and signals.
 //! - [`cluster`]: a throwaway PostgreSQL cluster for `pgbroker demo`, tests and benchmarks.
 
-pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod budget;
@@ -37,9 +37,7 @@ pub mod flag;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
 pub mod histogram;
-pub mod http;
 pub mod init;
 pub mod logline;
 pub mod memory;
@@ -48,8 +46,10 @@ pub mod net;
 pub mod notify;
 pub mod pool;
 pub mod proto;
+pub mod registry;
 pub mod sdnotify;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stats;
 pub mod tls;

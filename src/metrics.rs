@@ -4,13 +4,11 @@
 //! recorder; the histograms are recorded as events happen into the broker's own lock-free
 //! buckets (see `histogram`), one set per pool, and rendered beside the recorder's text.
 
-use crate::app::App;
 use crate::histogram::{Histogram, escape_label};
 use metrics::{Key, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -164,11 +162,13 @@ impl Metrics {
         }
     }
 
-    fn gauge(&self, name: &'static str, labels: &[(&'static str, String)], v: f64) {
+    /// Sets gauge `name{labels}` to `v`.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)], v: f64) {
         self.recorder.register_gauge(&key(name, labels), &META).set(v);
     }
 
-    fn counter(&self, name: &'static str, labels: &[(&'static str, String)], v: u64) {
+    /// Sets counter `name{labels}` to `v`.
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)], v: u64) {
         self.recorder.register_counter(&key(name, labels), &META).absolute(v);
     }
 
@@ -177,88 +177,9 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// Reads the broker's state into the recorder and renders the text format.
-    pub fn render(&self, app: &App) -> String {
-        let clients = app.clients.all();
-        for state in [crate::clients::State::Active, crate::clients::State::Waiting, crate::clients::State::Idle] {
-            let n = clients.iter().filter(|c| c.state() == state).count();
-            self.gauge("pgbroker_clients", &[("state", state.as_str().into())], n as f64);
-        }
-        for p in app.pools.all() {
-            let k = p.key();
-            let labels = |extra: Option<(&'static str, String)>| {
-                let mut l = vec![("database", k.database.clone()), ("user", k.user.clone())];
-                l.extend(extra);
-                l
-            };
-            let st = p.stats();
-            let active = p.servers().iter().filter(|s| s.state == crate::pool::ServerState::Active).count();
-            for (state, n) in
-                [("active", active), ("idle", st.idle), ("login", st.open.saturating_sub(st.idle + active))]
-            {
-                self.gauge("pgbroker_servers", &labels(Some(("state", state.into()))), n as f64);
-            }
-            self.gauge("pgbroker_waiting_clients", &labels(None), st.waiting as f64);
-            let mine: Vec<crate::clients::Pins> =
-                clients.iter().filter(|c| c.pool.as_ref() == Some(k)).map(|c| c.pins()).collect();
-            for reason in crate::clients::PinReason::ALL {
-                let n = mine.iter().filter(|p| p.has(reason)).count();
-                self.gauge("pgbroker_pinned_clients", &labels(Some(("reason", reason.as_str().into()))), n as f64);
-            }
-            let c = p.counters.snapshot();
-            self.counter("pgbroker_transactions_total", &labels(None), c.xact_count);
-            self.counter("pgbroker_queries_total", &labels(None), c.query_count);
-            self.counter("pgbroker_received_bytes_total", &labels(None), c.bytes_received);
-            self.counter("pgbroker_sent_bytes_total", &labels(None), c.bytes_sent);
-            for (class, n) in p.counters.errors() {
-                self.counter("pgbroker_server_errors_total", &labels(Some(("class", class))), n);
-            }
-        }
-        for (server, (_, limit)) in app.budgets().iter() {
-            let l = [("server", server.clone())];
-            // The cap is the live budget: the derivation's, or the fleet share.
-            self.gauge("pgbroker_budget_connections", &l, limit.cap() as f64);
-            self.gauge("pgbroker_budget_used_connections", &l, limit.used() as f64);
-            let Some(member) = app.fleet_member(server) else { continue };
-            let status = member.status();
-            self.gauge("pgbroker_fleet_share_connections", &l, limit.cap() as f64);
-            if let Some(dec) = status.decision {
-                self.gauge("pgbroker_fleet_instances", &l, f64::from(dec.instances));
-                self.gauge("pgbroker_fleet_fair_share_connections", &l, f64::from(dec.fair));
-                self.gauge("pgbroker_fleet_total_connections", &l, f64::from(dec.fleet_total));
-                self.gauge("pgbroker_fleet_other_connections", &l, f64::from(status.others));
-            }
-        }
-        for (reason, n) in app.refusals.all() {
-            self.counter("pgbroker_refused_connections_total", &[("reason", reason.into())], n);
-        }
-        for (result, n) in [
-            ("forwarded", &app.cancels.forwarded),
-            ("unknown", &app.cancels.unknown),
-            ("rate_limited", &app.cancels.rate_limited),
-        ] {
-            self.counter("pgbroker_cancel_requests_total", &[("result", result.into())], n.load(Relaxed));
-        }
-        self.counter("pgbroker_logins_slowed_total", &[], app.login_throttle.slowed.load(Relaxed));
-        self.counter("pgbroker_config_reloads_total", &[], app.reloads.load(Relaxed));
-        self.counter("pgbroker_config_reload_failures_total", &[], app.reload_failures.load(Relaxed));
-        self.gauge("pgbroker_websocket_clients", &[], app.ws.total() as f64);
-        self.gauge("pgbroker_hibernating_clients", &[], app.hibernating_clients() as f64);
-        for hub in app.hubs.all() {
-            let l = [("database", hub.database().to_string())];
-            self.counter("pgbroker_notifications_received_total", &l, hub.stats.received.load(Relaxed));
-            self.counter("pgbroker_notifications_forwarded_total", &l, hub.stats.delivered.load(Relaxed));
-            self.counter("pgbroker_notification_subscribers_dropped_total", &l, hub.stats.dropped_slow.load(Relaxed));
-            self.counter("pgbroker_notification_listener_reconnects_total", &l, hub.stats.reconnects.load(Relaxed));
-            let failures = hub.stats.check_failures.load(Relaxed);
-            self.counter("pgbroker_notification_listener_check_failures_total", &l, failures);
-            let dropped = hub.stats.payloads_dropped.load(Relaxed);
-            self.counter("pgbroker_notification_payloads_dropped_total", &l, dropped);
-            for (result, n) in [("replayed", &hub.stats.resumed), ("resync", &hub.stats.resume_gaps)] {
-                let l = [("database", hub.database().to_string()), ("result", result.to_string())];
-                self.counter("pgbroker_notification_resumes_total", &l, n.load(Relaxed));
-            }
-        }
+    /// Renders the recorder's text format and the histograms, after the caller has read
+    /// the broker's state into gauges and counters.
+    pub fn render(&self) -> String {
         let mut out = self.handle.render();
         self.render_histograms(&mut out);
         out

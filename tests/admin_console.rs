@@ -249,7 +249,7 @@ async fn reload_applies_a_valid_file_and_rejects_a_bad_one() {
         "9000ms",
         "old config kept"
     );
-    assert_eq!(b.app().reload_failures.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(b.app().reload_failures(), 1);
 }
 
 #[tokio::test]
@@ -257,7 +257,7 @@ async fn shutdown_stops_the_broker() {
     let b = broker(config()).await;
     let admin = console(&b, "postgres", "postgres").await;
     admin.simple_query("SHUTDOWN").await.unwrap();
-    assert!(b.app().draining.is_cancelled(), "a graceful stop began");
+    assert!(b.app().shutdown().is_draining(), "a graceful stop began");
 }
 
 #[tokio::test]
@@ -289,7 +289,7 @@ async fn connections_that_never_log_in_cannot_keep_the_console_or_clients_out() 
         silent.push(raw(b.local_addr()).await);
     }
     eventually("the broker to count them", Duration::from_secs(5), || async {
-        b.app().logging_in.len() == 5 + pgbroker::app::ADMIN_RESERVE
+        b.app().admission().logging_in().len() == 5 + pgbroker::app::ADMIN_RESERVE
     })
     .await;
     // Once they have been logging in for over a second, newcomers get their places.

@@ -126,7 +126,8 @@ async fn repeated_failures_from_one_ip_are_refused_even_with_the_right_password(
     assert_eq!(sqlstate(&e), "28000", "{e}");
     let message = e.as_db_error().unwrap().message().to_string();
     assert!(message.contains("too many failed logins") && message.contains("127.0.0.1"), "{message}");
-    let counted = || async { b.app().refusals.auth_throttled.load(std::sync::atomic::Ordering::Relaxed) == 1 };
+    let counted =
+        || async { b.app().admission().refusals().auth_throttled.load(std::sync::atomic::Ordering::Relaxed) == 1 };
     common::eventually("the refusal counted as auth_throttled", Duration::from_secs(5), counted).await;
 }
 
@@ -143,7 +144,7 @@ async fn failures_past_the_global_rate_slow_new_logins_without_refusing_them() {
         let e = connect(b.local_addr(), "app", "guess", "appdb").await.unwrap_err();
         assert_eq!(sqlstate(&e), "28P01");
     }
-    let slowed = || b.app().login_throttle.slowed.load(std::sync::atomic::Ordering::Relaxed);
+    let slowed = || b.app().admission().throttle().slowed.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(slowed(), 0, "within the rate nobody waits");
     // The next two start 2 s apart: another guess, then the right password, which gets in,
     // slowed and not refused.

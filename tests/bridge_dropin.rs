@@ -63,7 +63,7 @@ async fn open_subscribed(url: &str) -> (Ws, Value) {
 /// The hub of `database`, once it exists.
 async fn hub(b: &pgbroker::app::Broker, database: &str) -> Arc<pgbroker::notify::Hub> {
     eventually("the hub", Duration::from_secs(10), || async {
-        b.app().hubs.all().into_iter().find(|h| h.database() == database)
+        b.app().bridge().hubs().all().into_iter().find(|h| h.database() == database)
     })
     .await
 }

@@ -121,14 +121,14 @@ async fn idle_servers_of_another_pool_make_room_within_the_budget() {
     a2.simple_query("BEGIN").await.unwrap();
     a1.simple_query("COMMIT").await.unwrap();
     a2.simple_query("COMMIT").await.unwrap();
-    let bench = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let bench = b.app().registry().pools().all().into_iter().find(|p| p.key().database == "bench").unwrap();
     assert_eq!(bench.stats().open, 2);
     // A client of another pool is served by closing one of them.
     let other = connect(addr, "app", "apppw", "appdb").await.unwrap();
     let started = Instant::now();
     assert_eq!(one(&other, "SELECT current_user").await, "app");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let budgets = b.app().budgets();
+    let budgets = b.app().registry().budgets();
     let (_, budget) = budgets.values().next().unwrap();
     assert!(budget.used() <= 2);
     assert_eq!(bench.stats().open, 1);
@@ -147,7 +147,7 @@ async fn reserve_pool_serves_a_client_that_waited_reserve_pool_timeout() {
     let started = Instant::now();
     assert_eq!(one(&waiter, "SELECT 1").await, "1");
     assert!(started.elapsed() >= Duration::from_millis(180), "waited for the reserve timeout");
-    assert_eq!(b.app().pools.all()[0].stats().open, 2);
+    assert_eq!(b.app().registry().pools().all()[0].stats().open, 2);
 }
 
 #[tokio::test]
@@ -157,7 +157,7 @@ async fn min_pool_size_is_kept_warm() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
-    let pool = b.app().pools.all()[0].clone();
+    let pool = b.app().registry().pools().all()[0].clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     while pool.stats().idle < 3 {
         assert!(Instant::now() < deadline, "min_pool_size not reached: {:?}", pool.stats());
@@ -190,7 +190,7 @@ async fn server_idle_timeout_closes_idle_servers() {
     let b = broker(cfg).await;
     let c = connect_bench(b.local_addr()).await;
     one(&c, "SELECT 1").await;
-    let pool = b.app().pools.all()[0].clone();
+    let pool = b.app().registry().pools().all()[0].clone();
     assert_eq!(pool.stats().open, 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while pool.stats().open > 0 {
@@ -340,10 +340,10 @@ async fn pgbench_simple_and_extended_with_200_clients_on_a_budget_of_20() {
         assert!(
             done == 2000,
             "-M {mode}: {text}\n{:?}",
-            b.app().pools.all().iter().map(|p| p.stats()).collect::<Vec<_>>()
+            b.app().registry().pools().all().iter().map(|p| p.stats()).collect::<Vec<_>>()
         );
     }
-    let budgets = b.app().budgets();
+    let budgets = b.app().registry().budgets();
     let (_, budget) = budgets.values().next().unwrap();
     assert!(budget.used() <= 20);
 }
@@ -425,7 +425,7 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
     let bench = tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(60), bench).await });
     let sampler = direct("postgres").await;
     let pool = eventually("a pool for the load", Duration::from_secs(20), || async {
-        b.app().pools.all().into_iter().find(|p| p.key().database == db)
+        b.app().registry().pools().all().into_iter().find(|p| p.key().database == db)
     })
     .await;
     // Full, and every server logged in (the pool counts a server from the moment it connects).

@@ -327,7 +327,7 @@ async fn show_budget_metrics_and_health_show_the_fleet() {
     let row = show_budget(&a).await;
     assert_eq!(row["mode"], "fleet");
     assert_eq!(row["fleet"], "v");
-    assert_eq!(row["instance"], a.app().instance_id);
+    assert_eq!(row["instance"], a.app().fleet().instance_id());
     // 40 - 3 superuser reserved - 5 reserved = 32 usable; one floor (2) kept free for a joiner.
     assert_eq!(row["fair_share"], ((32 - 2) / 2).to_string());
     assert_eq!(row["budget"], row["fair_share"]);
@@ -351,7 +351,7 @@ async fn servers_carry_the_fleet_tag_instead_of_the_clients_application_name() {
     let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let on_server = common::one(&c, "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").await;
-    assert_eq!(on_server, format!("pgbroker/w/{}", a.app().instance_id));
+    assert_eq!(on_server, format!("pgbroker/w/{}", a.app().fleet().instance_id()));
     let named: Vec<String> =
         common::col(&c, "SELECT application_name FROM pg_stat_activity WHERE application_name = 'myapp'").await;
     assert!(named.is_empty(), "the client's name never reaches a server: {named:?}");
@@ -378,7 +378,7 @@ async fn an_instance_that_does_not_fit_waits_and_says_so() {
     assert_eq!(code, 200);
     assert!(health.contains("\"status\":\"degraded\"") && health.contains("fleet: no connections"), "{health}");
     let shares: u32 =
-        [&a, &b].iter().map(|x| x.app().budgets().values().map(|(_, l)| l.cap() as u32).sum::<u32>()).sum();
+        [&a, &b].iter().map(|x| x.app().registry().budgets().values().map(|(_, l)| l.cap() as u32).sum::<u32>()).sum();
     assert!(shares <= 4, "shares {shares} fit in 4");
     let direct = common::direct_to(&pg, "postgres").await;
     let held: u32 =

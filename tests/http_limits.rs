@@ -210,7 +210,7 @@ async fn websocket_frame_over_limit_closed_from_its_header() {
     assert!(start.elapsed() < Duration::from_secs(8), "closing took {:?}", start.elapsed());
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 8 * 1024, "RSS grew by {grown} KiB for 10 announced 16 MiB frames");
-    assert!(poll(Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await.is_ok());
+    assert!(poll(Duration::from_secs(5), || async { b.app().bridge().ws().total() == 0 }).await.is_ok());
     ws_subscribe_answers(&b).await;
     assert!(health_ok(addr).await);
 }
@@ -226,7 +226,7 @@ async fn websocket_client_that_never_reads_is_closed() {
     let b = broker(cfg).await;
     let addr = b.http_addr();
     let mut s = ws_raw(addr, WS_PATH).await;
-    assert!(poll(Duration::from_secs(5), || async { b.app().ws.total() == 1 }).await.is_ok());
+    assert!(poll(Duration::from_secs(5), || async { b.app().bridge().ws().total() == 1 }).await.is_ok());
     // Every `subscribed` reply lists all the channels so far: ~18 MB of replies in all,
     // more than the socket buffers between the broker and this client hold.
     let pad = "p".repeat(44);
@@ -244,7 +244,7 @@ async fn websocket_client_that_never_reads_is_closed() {
     let limit = Duration::from_secs(1 + 5);
     let left = limit.saturating_sub(sent.elapsed());
     assert!(
-        poll(left, || async { b.app().ws.total() == 0 }).await.is_ok(),
+        poll(left, || async { b.app().bridge().ws().total() == 0 }).await.is_ok(),
         "a client that stopped reading was still connected {:?} after its commands",
         sent.elapsed()
     );
@@ -266,7 +266,7 @@ async fn websocket_client_that_never_reads_does_not_hold_a_drain() {
     cfg.websocket.pong_timeout = Duration::from_secs(60);
     let b = broker(cfg).await;
     let mut s = ws_raw(b.http_addr(), WS_PATH).await;
-    assert!(poll(Duration::from_secs(5), || async { b.app().ws.total() == 1 }).await.is_ok());
+    assert!(poll(Duration::from_secs(5), || async { b.app().bridge().ws().total() == 1 }).await.is_ok());
     let pad = "p".repeat(44);
     let mut commands = Vec::new();
     for i in 0..400 {
@@ -283,7 +283,7 @@ async fn websocket_client_that_never_reads_does_not_hold_a_drain() {
     let start = Instant::now();
     tokio::time::timeout(Duration::from_secs(20), b.drain(Duration::from_secs(30))).await.unwrap();
     assert!(start.elapsed() < Duration::from_secs(5), "the drain took {:?}", start.elapsed());
-    assert_eq!(b.app().ws.total(), 0);
+    assert_eq!(b.app().bridge().ws().total(), 0);
 }
 
 #[tokio::test]

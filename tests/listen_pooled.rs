@@ -35,7 +35,7 @@ async fn listen_in_transaction_mode_receives_notify_from_another_client() {
     let (listener, mut notes) = listening_client(b.local_addr()).await;
     listener.simple_query("LISTEN jobs").await.unwrap();
     // LISTEN holds no server: both pooled servers are free for others.
-    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let pool = b.app().registry().pools().all().into_iter().find(|p| p.key().database == "bench").unwrap();
     assert_eq!(pool.stats().idle, pool.stats().open);
     let other = connect_bench(b.local_addr()).await;
     other.simple_query("NOTIFY jobs, 'first'").await.unwrap();

@@ -77,7 +77,7 @@ async fn a_listener_that_stops_reading_is_cut_off_with_53400_and_costs_only_its_
     let reply = read_to_ready(&mut s).await;
     assert!(reply.starts_with(b"C"), "LISTEN answered: {reply:?}");
     // From here on the listener reads nothing.
-    let hub = b.app().hub(&b.app().config(), "bench").unwrap();
+    let hub = b.app().bridge().hub(&b.app().config(), "bench").unwrap();
     let notifier = direct("bench").await;
     let before = rss_kib();
     // 8,000 notifications of 7.9 KB (63 MB), distinct so PostgreSQL does not fold them, in

@@ -89,7 +89,7 @@ async fn subscriber_receives_notifications_with_parsed_json_payload() {
     assert_eq!(sub, json!({"type": "subscribed", "channels": ["employee_changes"]}));
     // NOTIFY goes through the broker like any query.
     let c = connect_bench(b.local_addr()).await;
-    let hub = b.app().hubs.all().into_iter().next().unwrap();
+    let hub = b.app().bridge().hubs().all().into_iter().next().unwrap();
     wait_for(|| hub.subscribers("employee_changes") == 1).await;
     server_ran(&["LISTEN \"employee_changes\""]).await;
     c.simple_query(r#"SELECT pg_notify('employee_changes', '{"id": 7, "name": "Ada"}')"#).await.unwrap();
@@ -139,7 +139,7 @@ async fn a_subscribe_past_max_channels_per_client_is_refused_whole_and_the_conne
         assert_eq!(reply["type"], "error", "{reply}");
         assert_eq!(reply["code"], "too_many_channels", "{reply}");
     }
-    let hub = b.app().hubs.all().into_iter().next().unwrap();
+    let hub = b.app().bridge().hubs().all().into_iter().next().unwrap();
     assert_eq!(hub.subscribers("flood_0"), 0, "nothing of a refused subscribe was taken");
     assert_eq!(subscribe(&mut ws, &many[..10]).await["channels"].as_array().unwrap().len(), 50, "up to the cap");
     // A bystander is served meanwhile.
@@ -323,7 +323,7 @@ async fn a_slow_consumer_is_cut_off_while_a_fast_one_gets_everything() {
     }
     sender.await.unwrap();
     assert_eq!(got, N, "the fast client received every notification");
-    let hub = b.app().hubs.all().into_iter().next().unwrap();
+    let hub = b.app().bridge().hubs().all().into_iter().next().unwrap();
     wait_for(|| hub.stats.dropped_slow.load(std::sync::atomic::Ordering::Relaxed) == 1).await;
     assert_eq!(hub.subscribers("firehose"), 1, "only the fast client is left");
     // The slow client, reading at last, gets what was in flight and then the end: a 1013
@@ -406,7 +406,8 @@ async fn a_client_that_never_answers_pings_is_closed() {
     let b = broker(cfg).await;
     let ws = open(&url(&b, "")).await;
     // Never read, so never answer a ping: the broker gives up and closes the TCP connection.
-    eventually("the connection to be dropped", Duration::from_secs(5), || async { b.app().ws.total() == 0 }).await;
+    eventually("the connection to be dropped", Duration::from_secs(5), || async { b.app().bridge().ws().total() == 0 })
+        .await;
     drop(ws);
 }
 

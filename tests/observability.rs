@@ -130,7 +130,7 @@ async fn events_and_metric_snapshots_stream_on_the_bridge() {
     c.simple_query("BEGIN").await.unwrap();
     let other = connect_bench(b.local_addr()).await;
     let blocked = tokio::spawn(async move { one(&other, "SELECT 1").await });
-    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let pool = b.app().registry().pools().all().into_iter().find(|p| p.key().database == "bench").unwrap();
     eventually("the second client to wait for the server", Duration::from_secs(10), || async {
         let stats = pool.stats();
         if stats.waiting == 1 { Ok(()) } else { Err(stats) }

@@ -555,7 +555,7 @@ struct Attempts {
 
 impl Attempts {
     fn watch(b: &Broker) -> Attempts {
-        let mut rx = b.app().events.subscribe(pgbroker::events::EVENTS_CHANNEL).unwrap();
+        let mut rx = b.app().events().subscribe(pgbroker::events::EVENTS_CHANNEL).unwrap();
         let (seen, missed) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (out, lagged) = (seen.clone(), missed.clone());
         tokio::spawn(async move {

@@ -247,7 +247,7 @@ async fn waiting_client_gets_the_server_when_it_frees_up() {
         c2.simple_query("SELECT 1").await.unwrap();
         Instant::now()
     });
-    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let pool = b.app().registry().pools().all().into_iter().find(|p| p.key().database == "bench").unwrap();
     eventually("the second client to queue for the server", Duration::from_secs(10), || async {
         let stats = pool.stats();
         if stats.waiting == 1 { Ok(()) } else { Err(stats) }
@@ -350,7 +350,7 @@ async fn cancel_requests_past_the_hosts_rate_are_dropped_and_a_real_one_lands_af
     });
     futures_util::future::join_all(guesses).await;
     let elapsed = started.elapsed();
-    let cancels = &b.app().cancels;
+    let cancels = b.app().cancels();
     let looked_up = cancels.unknown.load(std::sync::atomic::Ordering::Relaxed)
         + cancels.forwarded.load(std::sync::atomic::Ordering::Relaxed);
     let limited = cancels.rate_limited.load(std::sync::atomic::Ordering::Relaxed);
@@ -390,7 +390,7 @@ async fn five_hundred_clients_connect_at_once_to_a_pool_of_twenty_and_all_are_se
     let addr = b.local_addr();
     // Every client logs in while none holds a server: logins cost none.
     let clients: Vec<_> = futures_util::future::join_all((0..500).map(|_| connect_bench(addr))).await;
-    let pool = b.app().pools.all().into_iter().find(|p| p.key().database == "bench").unwrap();
+    let pool = b.app().registry().pools().all().into_iter().find(|p| p.key().database == "bench").unwrap();
     let stats = pool.stats();
     assert_eq!(stats.idle, stats.open, "no logged-in client holds a server: {stats:?}");
     // Then each runs a query and leaves, handing its server to one still waiting.

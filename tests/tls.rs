@@ -171,7 +171,8 @@ async fn require_refuses_plaintext_clients_with_28000() {
     assert_eq!(sqlstate(&err), "28000");
     let db_error = err.as_db_error().unwrap();
     assert!(db_error.message().contains("SSL required"), "{}", db_error.message());
-    let counted = || async { b.app().refusals.tls_required.load(std::sync::atomic::Ordering::Relaxed) == 1 };
+    let counted =
+        || async { b.app().admission().refusals().tls_required.load(std::sync::atomic::Ordering::Relaxed) == 1 };
     common::eventually("the refusal counted as tls_required", Duration::from_secs(5), counted).await;
 }
 

@@ -23,7 +23,7 @@ async fn server_is_held_for_the_whole_transaction_and_released_after() {
     let p1 = one(&c, "SELECT pg_backend_pid()").await;
     let p2 = one(&c, "SELECT pg_backend_pid()").await;
     assert_eq!(p1, p2, "one server for the whole transaction");
-    let pool = &b.app().pools.all()[0];
+    let pool = &b.app().registry().pools().all()[0];
     assert_eq!(pool.stats().idle, 0, "held while in the transaction");
     c.simple_query("COMMIT").await.unwrap();
     eventually("released at ReadyForQuery 'I'", Duration::from_secs(5), || async {
@@ -100,7 +100,7 @@ async fn error_inside_transaction_keeps_the_server_until_rollback() {
     let c = connect_bench(b.local_addr()).await;
     c.simple_query("BEGIN").await.unwrap();
     assert_eq!(sqlstate(&c.simple_query("SELECT 1/0").await.unwrap_err()), "22012");
-    let pool = &b.app().pools.all()[0];
+    let pool = &b.app().registry().pools().all()[0];
     assert_eq!(pool.stats().idle, 0, "the failed transaction keeps its server");
     assert_eq!(sqlstate(&c.simple_query("SELECT 1").await.unwrap_err()), "25P02");
     c.simple_query("ROLLBACK").await.unwrap();

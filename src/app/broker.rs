@@ -1,21 +1,17 @@
 //! Starting a broker: budgets, listeners (bound with SO_REUSEPORT, or taken from systemd
 //! socket activation), background tasks; and stopping it, gracefully or at once.
 
-use super::{App, Budgets, STATS_PERIOD, StartError};
+use super::{App, STATS_PERIOD, StartError};
 use crate::budget;
-use crate::cancel::CancelRegistry;
 use crate::config::Config;
-use crate::pool::{Limit, Pools};
-use arc_swap::ArcSwap;
+use crate::pool::Limit;
+use crate::registry::Budgets;
 use socket2::{Domain, Socket, Type};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A running broker: its listeners, sessions and background tasks.
@@ -98,53 +94,23 @@ impl Broker {
             .map(|fd| fd.try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
             .map_err(err(config.broker.listen))?;
-        let app = Arc::new(App {
-            budgets: ArcSwap::from_pointee(budgets),
-            origins: Mutex::new(HashMap::new()),
-            shared_limits: Mutex::new(HashMap::new()),
-            per_ip: Mutex::new(HashMap::new()),
-            statements: Arc::default(),
-            hubs: Default::default(),
-            ws: Default::default(),
-            clients: Arc::default(),
-            averages: Mutex::new(HashMap::new()),
-            reloads: Default::default(),
-            reload_failures: Default::default(),
-            refusals: Default::default(),
-            login_throttle: Default::default(),
-            metrics: Default::default(),
-            events: Arc::default(),
-            instance_id: crate::fleet::new_instance_id(),
-            fleet: Mutex::default(),
-            listeners: super::upgrade::Listeners(listeners),
-            upgrading: Default::default(),
-            clients_open: AtomicUsize::new(0),
-            logging_in: Default::default(),
-            hibernating: AtomicUsize::new(0),
-            live: ArcSwap::from_pointee(config),
-            pools: Pools::default(),
-            cancels: Arc::new(CancelRegistry::default()),
-            shutdown: CancellationToken::new(),
-            stopped: crate::flag::Flag::default(),
-            draining: CancellationToken::new(),
-            stopped_accepting: CancellationToken::new(),
-        });
-        app.join_fleets(app.config().broker.server_connect_timeout + Duration::from_secs(1)).await;
+        let app = App::new(config, budgets, super::upgrade::Listeners(listeners));
+        app.fleet().join(app.config().broker.server_connect_timeout + Duration::from_secs(1)).await;
         let tracker = TaskTracker::new();
         tracker.spawn(super::accept::accept_loop(app.clone(), listener, tracker.clone()));
-        tracker.spawn(crate::http::serve(app.clone(), http_listener));
-        tracker.spawn(crate::admin::stats_task(app.clone(), STATS_PERIOD));
-        tracker.spawn(crate::health::monitor(app.clone()));
+        tracker.spawn(super::http::serve(app.clone(), http_listener));
+        tracker.spawn(stats_task(app.clone(), STATS_PERIOD));
+        tracker.spawn(super::health::monitor(app.clone()));
         let counts = app.clone();
         tracker.spawn(crate::memory::give_back_after_bursts(
             move || crate::memory::footprint(counts.client_count(), counts.hibernating_clients()),
-            app.shutdown.clone(),
+            app.shutdown().stop_token(),
         ));
         // Databases with fixed channels listen from the start.
         let cfg = app.config();
         for (name, db) in &cfg.databases {
             if !db.channels.is_empty()
-                && let Err(e) = app.hub(&cfg, name)
+                && let Err(e) = app.bridge().hub(&cfg, name)
             {
                 tracing::warn!(database = %name, error = %e, "cannot start the notification listener");
             }
@@ -170,17 +136,11 @@ impl Broker {
 
     /// Stops at once: every session and task ends.
     pub fn stop(&self) {
-        self.app.draining.cancel();
-        self.app.shutdown.cancel();
-        self.app.stopped.raise();
+        self.app.shutdown().stop();
         self.tracker.close();
-        // Servers close now, not when the last task holding the app ends: an in-process
-        // broker (tests, benches) leaves nothing on the server once stopped.
-        for pool in self.app.pools.all() {
-            // Out of the registry too, so nothing reopens its warm servers (`min_pool_size`).
-            self.app.pools.remove(pool.key());
-            pool.retire();
-        }
+        // Servers close now, and no pool refills: an in-process broker (tests, benches)
+        // leaves nothing on the server once stopped.
+        self.app.registry().retire_all();
     }
 
     /// Stops gracefully: see [`App::drain`]; then everything ends.
@@ -194,5 +154,20 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Rolls the statistics period and the metrics' upkeep until the broker stops.
+async fn stats_task(app: Arc<App>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = app.shutdown().stopped() => return,
+            _ = tick.tick() => {
+                app.registry().roll_stats(period);
+                app.metrics.upkeep();
+            }
+        }
     }
 }

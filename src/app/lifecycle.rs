@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(interval / 2);
             loop {
                 tokio::select! {
-                    _ = app.shutdown.cancelled() => return,
+                    () = app.shutdown().stopped() => return,
                     _ = tick.tick() => sdnotify::notify("WATCHDOG=1"),
                 }
             }
@@ -53,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = app.draining.cancelled() => break,
+            () = app.shutdown().drain_begun() => break,
             _ = quit.recv() => {
                 tracing::warn!("SIGQUIT: stopping at once");
                 broker.stop();
@@ -93,18 +93,18 @@ impl App {
     /// idle clients are told (57P01) and closed at once, clients inside a transaction at its
     /// end; after `timeout` running queries are cancelled and everything left is closed.
     pub async fn drain(&self, timeout: Duration) {
-        self.draining.cancel();
+        self.shutdown.begin_drain();
         self.clients.drain_all("pgbroker is shutting down");
         let deadline = Instant::now() + timeout;
         // The accept loop's last sweep may still admit queued connections: counting clients
         // before it is done would end the drain under them (they would be reset).
-        let _ = tokio::time::timeout_at(deadline, self.stopped_accepting.cancelled()).await;
+        let _ = tokio::time::timeout_at(deadline, self.shutdown.accepting_stopped()).await;
         // Count connections, not logged-in clients: one still logging in must not be cut off.
-        while self.client_count() > 0 || self.ws.total() > 0 {
+        while self.client_count() > 0 || self.bridge.ws().total() > 0 {
             if Instant::now() >= deadline {
                 let left = self.client_count();
                 tracing::warn!(clients = left, "shutdown_timeout reached: cancelling running queries");
-                for p in self.pools.all() {
+                for p in self.registry.pools().all() {
                     p.cancel_active().await;
                 }
                 let grace = Instant::now() + CANCEL_GRACE;

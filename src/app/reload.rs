@@ -4,11 +4,11 @@
 //! file have their clients finish their transaction and leave. Listen addresses need a
 //! restart and are left alone.
 
-use super::{App, Budgets};
+use super::App;
 use crate::budget;
 use crate::config::Config;
 use crate::pool::Limit;
-use crate::server::Credential;
+use crate::registry::Budgets;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -68,7 +68,7 @@ impl App {
         let derivations = budget::derive_all(&new).await?;
 
         // Budgets: same limits with new caps, new ones for new servers.
-        let current = self.budgets();
+        let current = self.registry.budgets();
         let mut budgets = Budgets::new();
         for (server, d) in derivations {
             let limit = match current.get(&server) {
@@ -80,50 +80,17 @@ impl App {
             }
             budgets.insert(server, (d, limit));
         }
-        self.budgets.store(Arc::new(budgets));
+        self.registry.store_budgets(budgets);
         self.store_config(new);
         let cfg = self.config();
-        for (_, (d, limit)) in self.budgets().iter().filter(|(_, (d, _))| !d.fleet) {
+        for (_, (d, limit)) in self.registry.budgets().iter().filter(|(_, (d, _))| !d.fleet) {
             limit.set_cap(d.budget as usize);
             limit.shrink_to_cap();
         }
-        self.reconfigure_pools(&cfg);
+        self.registry.reconfigure(&cfg, &self.clients);
         // Servers new to a fleet-mode config join the fleet (their cap starts at 0).
-        self.join_fleets(cfg.broker.server_connect_timeout).await;
+        self.fleet.join(cfg.broker.server_connect_timeout).await;
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
-    }
-
-    /// Gives every pool its settings under `cfg`; retires pools of removed databases.
-    fn reconfigure_pools(&self, cfg: &Config) {
-        let origins = self.origins.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for pool in self.pools.all() {
-            let Some(origin) = origins.get(pool.key()) else { continue };
-            let Some(db) = cfg.databases.get(&origin.database) else {
-                tracing::warn!(database = %origin.database, "database removed from the config: its clients leave after their transaction");
-                self.clients.drain_database(
-                    &origin.database,
-                    &format!("database \"{}\" was removed from pgbroker's configuration", origin.database),
-                );
-                pool.retire();
-                self.pools.remove(pool.key());
-                continue;
-            };
-            let credential = if db.user.is_some() {
-                db.password.clone().map(Credential::Password)
-            } else {
-                // The auth file's password if it has one, else what the clients' logins gave.
-                let plain = cfg.auth.users.get(&origin.user).and_then(|e| e.password());
-                plain.map(|p| Credential::Password(p.to_owned())).or_else(|| pool.target().credential.clone())
-            };
-            let (target, settings) = self.pool_setup(cfg, origin, db, credential);
-            if db.max_db_connections > 0 {
-                self.shared_limit(format!("max_db_connections {}", origin.database), db.max_db_connections);
-            }
-            if cfg.broker.max_user_connections > 0 {
-                self.shared_limit(format!("max_user_connections {}", origin.user), cfg.broker.max_user_connections);
-            }
-            pool.reconfigure(settings, target);
-        }
     }
 }

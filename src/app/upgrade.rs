@@ -45,7 +45,7 @@ impl App {
     /// Hands this broker's listening sockets to a new process of the binary on disk and,
     /// once it is ready, drains this one. Returns the new process's pid.
     pub async fn upgrade(self: &Arc<Self>) -> Result<u32, UpgradeError> {
-        if self.draining.is_cancelled() || self.upgrading.swap(true, Ordering::SeqCst) {
+        if self.shutdown.is_draining() || self.upgrading.swap(true, Ordering::SeqCst) {
             return Err(UpgradeError::Busy);
         }
         let result = self.hand_over().await;
@@ -54,7 +54,7 @@ impl App {
                 tracing::info!(pid, "upgrade: the new process is ready; this one drains");
                 // systemd (NotifyAccess=all) follows the new process as the service's main one.
                 sdnotify::notify(&format!("MAINPID={pid}"));
-                self.draining.cancel();
+                self.shutdown.begin_drain();
             }
             Err(e) => {
                 tracing::error!(error = %crate::error::chain(e), "upgrade failed; this process keeps serving");

@@ -2,17 +2,22 @@
 //! PgBouncer's `auth_query`/`auth_user` do, through a pool that logs in as `auth.user` (its
 //! connections count against the budget like any other).
 
-use crate::app::App;
 use crate::config::Config;
 use crate::config::userlist::{Secret, UserEntry};
 use crate::error::SqlState;
+use crate::registry::Registry;
 use crate::server::Credential;
 use crate::session::SessionError;
 
 /// Looks up `user`'s secret for a client of `database`. `Ok(None)`: no such user, or one that
 /// may not log in (no secret, expired, not LOGIN), which the caller treats like an unknown
 /// user. An error means the lookup itself failed; the client is told so, with the cause.
-pub async fn lookup(app: &App, cfg: &Config, database: &str, user: &str) -> Result<Option<UserEntry>, SessionError> {
+pub async fn lookup(
+    registry: &Registry,
+    cfg: &Config,
+    database: &str,
+    user: &str,
+) -> Result<Option<UserEntry>, SessionError> {
     let Some(aq) = cfg.auth.query.as_ref() else { return Ok(None) };
     let key = aq.dbname.as_deref().unwrap_or(database);
     let Some(db) = cfg.databases.get(key) else {
@@ -23,7 +28,7 @@ pub async fn lookup(app: &App, cfg: &Config, database: &str, user: &str) -> Resu
         .clone()
         .or_else(|| cfg.auth.users.get(&aq.user).and_then(|e| e.password()).map(str::to_owned))
         .map(Credential::Password);
-    let pool = app.pool(cfg, key, db, &aq.user, credential);
+    let pool = registry.pool(cfg, key, db, &aq.user, credential);
     let unavailable = |why: String| {
         tracing::warn!(database = key, auth_user = %aq.user, error = %why, "auth_query failed");
         SessionError::fatal(SqlState::CANNOT_CONNECT, format!("authentication lookup (auth_query) failed: {why}"))

@@ -3,6 +3,7 @@
 //! `raw` holds the file as written; this module checks every value and names the key at fault.
 
 mod describe;
+mod live;
 mod pinning;
 mod restart;
 pub use pinning::{SessionState, max_pinned};
@@ -16,6 +17,7 @@ pub use security::{AuthQuery, DEFAULT_AUTH_QUERY, Throttle, Tls};
 use syntax::syntax_message;
 use validate::Validator;
 pub mod values;
+pub use live::Live;
 pub use restart::RESTART_ONLY;
 
 use std::collections::BTreeMap;

@@ -15,14 +15,15 @@
 pub mod share;
 mod sql;
 
-use crate::app::App;
 use crate::budget;
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::error::SqlState;
 use crate::pool::{Limit, PoolError, Release};
+use crate::registry::Registry;
 use crate::server::{QueryError, ServerConn, ServerError};
+use crate::shutdown::Shutdown;
 use share::{Allocation, Decision, RoundInput, Row, Standing};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,71 @@ struct Seen {
     settled: bool,
 }
 
+/// This broker in its fleets: one membership per server (fleet mode).
+pub struct Fleet {
+    live: Live,
+    registry: Arc<Registry>,
+    shutdown: Arc<Shutdown>,
+    /// This broker's id in its fleet.
+    instance_id: String,
+    /// Memberships by server.
+    members: Mutex<BTreeMap<String, Arc<Member>>>,
+}
+
+impl Fleet {
+    /// No membership yet; `instance_id` names this broker in its fleet.
+    pub fn new(live: Live, registry: Arc<Registry>, shutdown: Arc<Shutdown>, instance_id: String) -> Fleet {
+        Fleet { live, registry, shutdown, instance_id, members: Mutex::default() }
+    }
+
+    /// This broker's id in its fleet.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The membership for `server`, in fleet mode.
+    pub fn member(&self, server: &str) -> Option<Arc<Member>> {
+        self.lock().get(server).cloned()
+    }
+
+    /// Every membership, by server.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Member>>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a membership for every budget that has none (fleet mode), waiting up to `wait`
+    /// for their first rounds so the broker starts with its share.
+    pub async fn join(self: &Arc<Self>, wait: Duration) {
+        if self.live.config().budget.mode != crate::config::BudgetMode::Fleet {
+            return;
+        }
+        let mut firsts = Vec::new();
+        for (server, (_, limit)) in self.registry.budgets().iter() {
+            let mut map = self.lock();
+            // A member of an earlier limit for this server (dropped and added again by
+            // reloads) is replaced; it leaves at its next round.
+            if map.get(server).is_some_and(|m| Arc::ptr_eq(m.limit(), limit)) {
+                continue;
+            }
+            let member = Member::new(server.clone(), self.instance_id.clone(), limit.clone());
+            map.insert(server.clone(), member.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(member.run(self.clone(), tx));
+            firsts.push(rx);
+        }
+        let all_first = async {
+            for rx in firsts {
+                let _ = rx.await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, all_first).await;
+    }
+}
+
 /// This broker's membership in the fleet for one server.
 pub struct Member {
     server: String,
@@ -143,31 +209,31 @@ impl Member {
 
     /// True while the broker's budget for this server is still the one this member caps
     /// (a reload may drop the server, or drop and add it again with a new limit).
-    fn is_current(&self, app: &App) -> bool {
-        app.budgets().get(&self.server).is_some_and(|(_, l)| Arc::ptr_eq(l, &self.limit))
+    fn is_current(&self, fleet: &Fleet) -> bool {
+        fleet.registry.budgets().get(&self.server).is_some_and(|(_, l)| Arc::ptr_eq(l, &self.limit))
     }
 
     /// Heartbeats until the broker stops; `first` is told when the first one has ended.
-    pub async fn run(self: Arc<Self>, app: Arc<App>, first: tokio::sync::oneshot::Sender<()>) {
+    pub async fn run(self: Arc<Self>, fleet: Arc<Fleet>, first: tokio::sync::oneshot::Sender<()>) {
         let mut knock: Option<ServerConn> = None;
         let mut first = Some(first);
         // Waiting for busy servers over a lowered share to close: quick at first, then
         // backing off (session-mode servers may stay busy for a whole session).
         let mut shrink_wait = SHRINK_RECHECK;
         loop {
-            if !self.is_current(&app) {
+            if !self.is_current(&fleet) {
                 // Its server left the config: leave the fleet; its row goes once stale.
-                let mut map = app.fleet.lock().unwrap_or_else(|e| e.into_inner());
+                let mut map = fleet.lock();
                 if map.get(&self.server).is_some_and(|m| Arc::ptr_eq(m, &self)) {
                     map.remove(&self.server);
                 }
                 tracing::info!(server = %self.server, "left the fleet: the server is no longer configured");
                 return;
             }
-            let cfg = app.config();
+            let cfg = fleet.live.config();
             let b = &cfg.budget;
             let quick = quick(b.fleet_interval);
-            let beat = tokio::time::timeout(ROUND_TIMEOUT, self.beat(&app, &cfg, &mut knock)).await;
+            let beat = tokio::time::timeout(ROUND_TIMEOUT, self.beat(&fleet.registry, &cfg, &mut knock)).await;
             let delay = match beat.unwrap_or(Err(FleetError::Timeout)) {
                 Ok(moving) => {
                     if self.limit.used() > self.limit.cap() {
@@ -200,7 +266,7 @@ impl Member {
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = app.shutdown.cancelled() => return,
+                () = fleet.shutdown.stopped() => return,
             }
         }
     }
@@ -225,8 +291,13 @@ impl Member {
     }
 
     /// One heartbeat (and the round, if one is due). True while the fleet is moving.
-    async fn beat(&self, app: &App, cfg: &Config, knock: &mut Option<ServerConn>) -> Result<bool, FleetError> {
-        let pool = app.fleet_pool(cfg, &self.server).ok_or(FleetError::NoLogin)?;
+    async fn beat(
+        &self,
+        registry: &Registry,
+        cfg: &Config,
+        knock: &mut Option<ServerConn>,
+    ) -> Result<bool, FleetError> {
+        let pool = registry.fleet_pool(cfg, &self.server).ok_or(FleetError::NoLogin)?;
         let (cap, used) = (self.limit.cap() as u32, self.limit.used() as u32);
         // A server of our own pool if one is free soon; else (joining, left with nothing,
         // or every server busy, as whole sessions may keep them) a knock.

@@ -3,12 +3,14 @@
 //! transaction mode) wants, and hands each notification to their bounded queues.
 
 mod assemble;
+pub mod bridge;
 pub mod command;
 mod glob;
 pub use glob::glob_match;
 pub mod hold;
 mod hubs;
 pub(crate) mod json;
+pub use bridge::{Bridge, BridgeError};
 pub use hubs::Hubs;
 mod listener;
 pub mod replay;

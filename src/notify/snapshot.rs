@@ -3,8 +3,8 @@
 //! transaction ids it sees, on a server of the database's pool as its configured user.
 
 use super::CHECK_CHANNEL;
+use super::bridge::Bridge;
 use super::hold::{PgSnapshot, Taken};
-use crate::app::App;
 use crate::config::Config;
 use crate::pool::Release;
 use crate::server::{QueryError, ServerError};
@@ -12,8 +12,8 @@ use postgres_protocol::escape::{escape_identifier, escape_literal};
 use serde_json::Value;
 
 /// Commits `marker` on the listener's private channel, then takes `sql`'s value.
-pub async fn take(app: &App, cfg: &Config, database: &str, sql: &str, marker: &str) -> Taken {
-    match run(app, cfg, database, sql, marker).await {
+pub async fn take(bridge: &Bridge, cfg: &Config, database: &str, sql: &str, marker: &str) -> Taken {
+    match run(bridge, cfg, database, sql, marker).await {
         Ok((data, seen)) => Taken { data: Ok(data), seen: Some(seen) },
         Err(e) => {
             tracing::warn!(database, error = %e, "snapshot_query failed");
@@ -22,8 +22,14 @@ pub async fn take(app: &App, cfg: &Config, database: &str, sql: &str, marker: &s
     }
 }
 
-async fn run(app: &App, cfg: &Config, database: &str, sql: &str, marker: &str) -> Result<(String, PgSnapshot), String> {
-    let pool = app.bridge_pool(cfg, database).map_err(|e| e.to_string())?;
+async fn run(
+    bridge: &Bridge,
+    cfg: &Config,
+    database: &str,
+    sql: &str,
+    marker: &str,
+) -> Result<(String, PgSnapshot), String> {
+    let pool = bridge.pool(cfg, database).map_err(|e| e.to_string())?;
     let mut server = pool.checkout(cfg.broker.query_wait_timeout).await.map_err(|e| e.to_string())?;
     // Any failure leaves the server mid-transaction or worse: it is not reused.
     server.release = Release::Close;

@@ -1,10 +1,10 @@
 //! The WebSocket endpoint: admission (origin, token, limits), then one task per connection
 //! running subscribe/unsubscribe commands, notifications out, heartbeats and timeouts.
 
+use super::bridge::Bridge;
 use super::command::{self, Command};
 use super::hold::Taken;
 use super::{Event, Subscription, json};
-use crate::app::App;
 use crate::config::Config;
 use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -37,13 +37,13 @@ pub struct WsCounts {
 }
 
 struct Admission {
-    app: Arc<App>,
+    bridge: Arc<Bridge>,
     ip: IpAddr,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut map = self.app.ws.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.bridge.ws().per_ip.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -90,13 +90,13 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 
 /// `GET <websocket.path>`: checks the request, then upgrades.
 pub async fn handler(
-    State(app): State<Arc<App>>,
+    State(bridge): State<Arc<Bridge>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(params): Query<Params>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let cfg = app.config();
+    let cfg = bridge.config();
     let w = &cfg.websocket;
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     if !w.allowed_origins.is_empty() {
@@ -132,8 +132,8 @@ pub async fn handler(
         (None, 1) => cfg.databases.keys().next().cloned().unwrap_or_default(),
         (None, _) => return refuse(StatusCode::BAD_REQUEST, "several databases are configured: add ?database=NAME"),
     };
-    let Some(admission) = admit(&app, &cfg, crate::net::peer_key(peer.ip())) else {
-        return if app.ws.total() >= w.max_ws_connections {
+    let Some(admission) = admit(&bridge, &cfg, crate::net::peer_key(peer.ip())) else {
+        return if bridge.ws().total() >= w.max_ws_connections {
             refuse(StatusCode::SERVICE_UNAVAILABLE, &format!("max_ws_connections ({}) reached", w.max_ws_connections))
         } else {
             refuse(
@@ -148,7 +148,7 @@ pub async fn handler(
     };
     // Without a listener for this database the broker's own channels still work; database
     // channels then answer with the reason.
-    let (sub, hub_error) = match app.hub(&cfg, &database) {
+    let (sub, hub_error) = match bridge.hub(&cfg, &database) {
         Ok(h) => {
             h.configure(w);
             (Some(h.register(w.ws_send_queue, true)), None)
@@ -156,7 +156,7 @@ pub async fn handler(
         Err(e) => (None, Some(e.to_string())),
     };
     let hubbed = Hubbed { sub, error: hub_error };
-    limits(upgrade).on_upgrade(move |socket| session(socket, hubbed, on_connect, allowed, cfg, admission, app))
+    limits(upgrade).on_upgrade(move |socket| session(socket, hubbed, on_connect, allowed, cfg, admission, bridge))
 }
 
 /// The bridge's size limits on an upgrade; one function so the `ws_frames` fuzz target runs
@@ -204,9 +204,9 @@ fn token_channels(cfg: &Config, headers: &HeaderMap, query: Option<&str>) -> Res
         .ok_or(())
 }
 
-fn admit(app: &Arc<App>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
+fn admit(bridge: &Arc<Bridge>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
     let w = &cfg.websocket;
-    let mut map = app.ws.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+    let mut map = bridge.ws().per_ip.lock().unwrap_or_else(|e| e.into_inner());
     let total: usize = map.values().sum();
     let here = map.entry(ip).or_insert(0);
     if total >= w.max_ws_connections || *here >= w.max_ws_connections_per_ip {
@@ -216,7 +216,7 @@ fn admit(app: &Arc<App>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
         return None;
     }
     *here += 1;
-    Some(Admission { app: app.clone(), ip })
+    Some(Admission { bridge: bridge.clone(), ip })
 }
 
 /// How a session ends.
@@ -272,26 +272,28 @@ async fn session(
     allowed: Option<Vec<String>>,
     cfg: Arc<Config>,
     _admission: Admission,
-    app: Arc<App>,
+    bridge: Arc<Bridge>,
 ) {
     let w = &cfg.websocket;
-    let shutdown = app.draining.clone();
+    let shutdown = bridge.shutdown().drain_token();
     let mut reserved = Reserved::default();
     let kicked = sub.sub.as_ref().map(|s| s.kicked.clone());
     // A client that cannot take a message within pong_timeout is as gone as one that does
     // not answer a ping within it.
     let bound = Bound { limit: w.pong_timeout.max(STUCK_CLOSE_WAIT), kicked: &kicked, shutdown: &shutdown };
-    let id = app.ws.next_id();
+    let id = bridge.ws().next_id();
     let mut opened = send(&mut socket, Message::Text(json::ack(id).into()), &bound).await;
     if opened.is_ok() && !on_connect.channels.is_empty() {
         let reply = match command::check_channels(on_connect.channels, allowed.as_deref()) {
-            Ok((broker, database)) => subscribe(&sub, &app, &mut reserved, broker, database, on_connect.resume).await,
+            Ok((broker, database)) => {
+                subscribe(&sub, &bridge, &mut reserved, broker, database, on_connect.resume).await
+            }
             Err(refusal) => refusal.to_json(),
         };
         opened = send(&mut socket, Message::Text(reply.into()), &bound).await;
     }
     let end = match opened {
-        Ok(()) => session_loop(&mut socket, &mut sub, &mut reserved, allowed.as_deref(), &cfg, &app, &bound).await,
+        Ok(()) => session_loop(&mut socket, &mut sub, &mut reserved, allowed.as_deref(), &cfg, &bridge, &bound).await,
         Err(end) => end,
     };
     let (code, reason, wait) = match end {
@@ -313,7 +315,7 @@ async fn session_loop(
     reserved: &mut Reserved,
     allowed: Option<&[String]>,
     cfg: &Config,
-    app: &App,
+    bridge: &Bridge,
     bound: &Bound<'_>,
 ) -> End {
     let w = &cfg.websocket;
@@ -339,7 +341,7 @@ async fn session_loop(
                     Some(Event::Resync(reason)) => {
                         // What the client held may be stale: snapshots again, behind the resync.
                         if let Some(s) = &sub.sub {
-                            snapshots(app, cfg, s, &s.channels(), None).await;
+                            snapshots(bridge, cfg, s, &s.channels(), None).await;
                         }
                         json::resync(&reason).into()
                     }
@@ -355,7 +357,7 @@ async fn session_loop(
             }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    let reply = command(sub, app, reserved, allowed, &text).await;
+                    let reply = command(sub, bridge, reserved, allowed, &text).await;
                     let subscribed = sub.sub.as_ref().map_or(0, |s| s.hub.subscriptions(s.id)) + reserved.count();
                     idle_since = if subscribed == 0 { idle_since.or(Some(Instant::now())) } else { None };
                     send(socket, Message::Text(reply.into()), bound).await
@@ -479,7 +481,7 @@ fn all_channels(reserved: &Reserved, hub: Vec<String>) -> Vec<String> {
 /// `resume`; returns the reply.
 async fn subscribe(
     sub: &Hubbed,
-    app: &App,
+    bridge: &Bridge,
     reserved: &mut Reserved,
     broker: Vec<String>,
     database: Vec<String>,
@@ -493,13 +495,13 @@ async fn subscribe(
         if let Some(slot) = reserved.slot(ch)
             && slot.is_none()
         {
-            *slot = app.events.subscribe(ch);
+            *slot = bridge.events().subscribe(ch);
         }
     }
     let hub = match (&sub.sub, database.is_empty()) {
         (Some(s), true) => s.channels(),
         (Some(s), false) => {
-            let cfg = app.config();
+            let cfg = bridge.config();
             let cap = cfg.websocket.max_channels_per_client;
             // New channels with a snapshot are held from before their LISTEN (a resume
             // instead gets what it missed, or a resync, which brings the snapshot).
@@ -515,7 +517,7 @@ async fn subscribe(
                 }
                 return json::error("too_many_channels", &e.to_string());
             }
-            snapshots(app, &cfg, s, &new, Some(markers)).await;
+            snapshots(bridge, &cfg, s, &new, Some(markers)).await;
             s.channels()
         }
         (None, true) => Vec::new(),
@@ -534,7 +536,7 @@ fn hold(cfg: &Config, s: &Subscription, channels: &[String]) -> Vec<(String, Str
 /// Takes the snapshots of `channels` for `s`: those held in `markers`, or (`None`) every one
 /// of `channels` with a `snapshot_query`, held now.
 async fn snapshots(
-    app: &App,
+    bridge: &Bridge,
     cfg: &Config,
     s: &Subscription,
     channels: &[String],
@@ -543,20 +545,26 @@ async fn snapshots(
     let markers = markers.unwrap_or_else(|| hold(cfg, s, channels));
     for (ch, marker) in markers {
         let Some(sql) = cfg.websocket.channels.get(&ch).and_then(|c| c.snapshot_query.as_deref()) else { continue };
-        let taken = super::snapshot::take(app, cfg, s.hub().database(), sql, &marker).await;
+        let taken = super::snapshot::take(bridge, cfg, s.hub().database(), sql, &marker).await;
         s.hub().taken(s.id, &ch, taken);
     }
 }
 
 /// Runs one JSON command and returns the reply.
-async fn command(sub: &Hubbed, app: &App, reserved: &mut Reserved, allowed: Option<&[String]>, text: &str) -> String {
+async fn command(
+    sub: &Hubbed,
+    bridge: &Bridge,
+    reserved: &mut Reserved,
+    allowed: Option<&[String]>,
+    text: &str,
+) -> String {
     let cmd = match command::parse(text, allowed) {
         Ok(cmd) => cmd,
         Err(refusal) => return refusal.to_json(),
     };
     match cmd {
         Command::Subscribe { broker, database, resume } => {
-            subscribe(sub, app, reserved, broker, database, resume).await
+            subscribe(sub, bridge, reserved, broker, database, resume).await
         }
         Command::Unsubscribe(channels) => {
             match channels.as_deref() {

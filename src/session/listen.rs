@@ -2,26 +2,26 @@
 //! listening, and the client gets its notifications whenever it holds no server.
 
 use super::sql::Command;
-use crate::app::App;
 use crate::config::Config;
 use crate::error::SqlState;
 use crate::notify::{Event, Subscription};
 use crate::proto::build::{self, Severity};
 use crate::proto::check_channel;
+use crate::session::Shared;
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 
 /// A pooled client's subscriptions, made on its first `LISTEN`.
 pub(super) struct Listens {
-    app: Arc<App>,
+    shared: Arc<Shared>,
     database: String,
     sub: Option<Subscription>,
 }
 
 impl Listens {
     /// No subscriptions yet for a client of `database`.
-    pub fn new(app: Arc<App>, database: String) -> Listens {
-        Listens { app, database, sub: None }
+    pub fn new(shared: Arc<Shared>, database: String) -> Listens {
+        Listens { shared, database, sub: None }
     }
 
     /// Runs `LISTEN`/`UNLISTEN` and writes the reply a server would give, ReadyForQuery
@@ -47,8 +47,11 @@ impl Listens {
     async fn listen(&mut self, cfg: &Config, channel: String) -> Result<(), (SqlState, String)> {
         check_channel(&channel).map_err(|why| (SqlState::INVALID_PARAMETER_VALUE, why.to_string()))?;
         if self.sub.is_none() {
-            let hub =
-                self.app.hub(cfg, &self.database).map_err(|e| (SqlState::FEATURE_NOT_SUPPORTED, e.to_string()))?;
+            let hub = self
+                .shared
+                .bridge
+                .hub(cfg, &self.database)
+                .map_err(|e| (SqlState::FEATURE_NOT_SUPPORTED, e.to_string()))?;
             self.sub = Some(hub.register(cfg.websocket.ws_send_queue, false));
         }
         if let Some(sub) = &self.sub {

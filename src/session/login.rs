@@ -3,7 +3,6 @@
 use super::io::ClientIo;
 use super::stream::ClientStream;
 use super::{Refusal, SessionError, welcome};
-use crate::app::App;
 use crate::auth;
 use crate::clients::NewClient;
 use crate::config::{Config, Database};
@@ -12,6 +11,7 @@ use crate::pool::Pool;
 use crate::proto::build;
 use crate::proto::startup::{Packet, Startup};
 use crate::server::Credential;
+use crate::session::Shared;
 use crate::tls::{Acceptor, ClientMode};
 use std::sync::Arc;
 
@@ -31,18 +31,18 @@ pub(super) struct Login {
 
 /// Runs the whole session: login within `client_login_timeout`, then the pool mode's loop.
 pub(super) async fn serve(
-    app: &Arc<App>,
+    shared: &Arc<Shared>,
     io: &mut ClientIo<ClientStream>,
     id: u64,
     peer: std::net::SocketAddr,
     admin_only: bool,
 ) -> Result<(), SessionError> {
-    let cfg = app.config();
+    let cfg = shared.config();
     let limit = cfg.broker.client_login_timeout;
     // The handshake's state (TLS, SCRAM) is boxed: it lives for the login only, while the
     // session future it would enlarge lives as long as the client.
-    let ticket = app.logging_in.enter(admin_only);
-    let handshake = tokio::time::timeout(limit, Box::pin(handshake(app, &cfg, io, peer.ip())));
+    let ticket = shared.admission.logging_in().enter(admin_only);
+    let handshake = tokio::time::timeout(limit, Box::pin(handshake(shared, &cfg, io, peer.ip())));
     let outcome = tokio::select! {
         r = handshake => r,
         () = ticket.evicted() => Ok(Err(SessionError::fatal(
@@ -50,7 +50,7 @@ pub(super) async fn serve(
             format!(
                 "no more connections allowed (max_client_conn = {}): this connection was still logging in after {:?} and made room for a newer one",
                 cfg.broker.max_client_conn,
-                crate::app::logins::SLOW_LOGIN
+                crate::admission::logins::SLOW_LOGIN
             ),
         ))),
     };
@@ -58,7 +58,7 @@ pub(super) async fn serve(
     let login = match outcome {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
-            count_refusal(app, &e);
+            count_refusal(shared, &e);
             if matches!(&e, SessionError::Fatal { code, .. } if *code == SqlState::INVALID_PASSWORD) {
                 // Answered late (the failure was counted as the exchange ended): guessing
                 // costs time, and then a refusal.
@@ -67,7 +67,7 @@ pub(super) async fn serve(
             return Err(e);
         }
         Err(_) => {
-            app.refusals.login_timeout.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.admission.refusals().login_timeout.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(SessionError::fatal(
                 SqlState::PROTOCOL_VIOLATION,
                 format!("client_login_timeout: login not completed within {limit:?}"),
@@ -78,7 +78,7 @@ pub(super) async fn serve(
         return Ok(());
     };
     if admin_only && login.db.is_some() {
-        app.refusals.max_client_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.admission.refusals().max_client_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Err(SessionError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
             format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn),
@@ -86,7 +86,7 @@ pub(super) async fn serve(
     }
     let application_name = login.startup.param("application_name").unwrap_or_default().to_string();
     let Some(db) = login.db.as_ref() else {
-        let registered = app.clients.register(NewClient {
+        let registered = shared.clients.register(NewClient {
             id,
             user: login.user.clone(),
             database: login.database.clone(),
@@ -95,14 +95,14 @@ pub(super) async fn serve(
             application_name,
         });
         tracing::info!(user = %login.user, "admin console login");
-        let _uncounted = Uncounted::new(app);
-        return Box::pin(crate::admin::serve(app, io, &login.user, &registered.client)).await;
+        let _uncounted = shared.admission.uncount_console();
+        return shared.console.serve(io, &login.user, &registered.client).await;
     };
-    let pool = pool_for(app, &cfg, &login, db);
+    let pool = pool_for(shared, &cfg, &login, db);
     // Only the mode is needed from here on (the login and its database settings are dropped
     // by the mode's loop once it has what it needs).
     let mode = db.pool_mode;
-    let registered = app.clients.register(NewClient {
+    let registered = shared.clients.register(NewClient {
         id,
         user: login.user.clone(),
         database: login.database.clone(),
@@ -114,29 +114,11 @@ pub(super) async fn serve(
     if cfg.broker.log_connections {
         tracing::info!(user = %login.user, database = %login.database, "client logged in");
     }
-    welcome::run(app, &cfg, io, login, pool, mode, client).await
+    welcome::run(shared, &cfg, io, login, pool, mode, client).await
 }
 
-/// Console sessions do not count against `max_client_conn`, so an operator can always get in
-/// (accepting one when full is what the admin reserve is for); gives the count back on drop,
-/// which the client's slot then releases.
-struct Uncounted<'a>(&'a App);
-
-impl Uncounted<'_> {
-    fn new(app: &App) -> Uncounted<'_> {
-        app.clients_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        Uncounted(app)
-    }
-}
-
-impl Drop for Uncounted<'_> {
-    fn drop(&mut self) {
-        self.0.clients_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-fn count_refusal(app: &App, e: &SessionError) {
-    let r = &app.refusals;
+fn count_refusal(shared: &Shared, e: &SessionError) {
+    let r = shared.admission.refusals();
     let counter = match e {
         SessionError::Refused(Refusal::Throttled, _) => &r.auth_throttled,
         SessionError::Refused(Refusal::TlsRequired, _) => &r.tls_required,
@@ -153,13 +135,13 @@ fn count_refusal(app: &App, e: &SessionError) {
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn pool_for(app: &App, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> {
+fn pool_for(shared: &Shared, cfg: &Config, login: &Login, db: &Database) -> Arc<Pool> {
     let server_user = db.user.as_deref().unwrap_or(&login.user);
     let credential = match db.user {
         Some(_) => db.password.clone().map(Credential::Password),
         None => login.credential.clone(),
     };
-    let pool = app.pool(cfg, &login.database, db, server_user, credential.clone());
+    let pool = shared.registry.pool(cfg, &login.database, db, server_user, credential.clone());
     if let Some(c) = credential.filter(|c| db.user.is_none() && pool.target().credential.as_ref() != Some(c)) {
         // The pool was made by an earlier login: this client proved a newer secret.
         pool.set_credential(c);
@@ -185,7 +167,7 @@ async fn start_tls(io: &mut ClientIo<ClientStream>, acceptor: &Acceptor) -> Resu
 
 /// Startup packets and authentication. `None` means the connection only carried a cancel.
 async fn handshake(
-    app: &App,
+    shared: &Shared,
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
     ip: std::net::IpAddr,
@@ -212,7 +194,7 @@ async fn handshake(
             Packet::GssEncRequest => io.write_byte(b'N').await.map_err(SessionError::Io)?,
             Packet::Cancel(key) => {
                 if let Some(key) = key {
-                    app.cancels.cancel(ip, key).await;
+                    shared.cancels.cancel(ip, key).await;
                 }
                 return Ok(None);
             }
@@ -227,7 +209,7 @@ async fn handshake(
     }
     // Counted from here, a failure unless the credentials prove right: an exchange abandoned
     // halfway, or a lookup of an unknown name, counts too.
-    let attempt = match app.login_throttle.begin(ip, &cfg.auth.throttle).await {
+    let attempt = match shared.admission.throttle().begin(ip, &cfg.auth.throttle).await {
         Ok(a) => a,
         Err(wait) => {
             return Err(SessionError::Refused(
@@ -263,15 +245,15 @@ async fn handshake(
     let looked_up;
     let entry = match cfg.auth.users.get(&user) {
         Some(e) => Some(e),
-        None if cfg.auth.query.is_some() && !crate::admin::is_console(&database) => {
-            looked_up = auth::query::lookup(app, cfg, &database, &user).await?;
+        None if cfg.auth.query.is_some() && !super::shared::is_console(&database) => {
+            looked_up = auth::query::lookup(&shared.registry, cfg, &database, &user).await?;
             looked_up.as_ref()
         }
         None => None,
     };
     let authenticated = auth::authenticate(io, &cfg.auth, &user, entry, binding).await?;
     attempt.succeeded();
-    let db = if crate::admin::is_console(&database) {
+    let db = if super::shared::is_console(&database) {
         if !cfg.auth.admin_users.contains(&user) && !cfg.auth.stats_users.contains(&user) {
             return Err(SessionError::fatal(
                 SqlState::INVALID_AUTHORIZATION,

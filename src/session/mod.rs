@@ -16,12 +16,14 @@ pub mod pipe;
 pub mod prepared;
 mod probe;
 pub mod relay;
+mod shared;
 mod sql;
 pub mod stream;
 mod timers;
 mod welcome;
 
-use crate::app::App;
+pub use shared::{Console, ConsoleFuture, Shared};
+
 use crate::error::{SqlState, is_disconnect};
 use crate::proto::build::{self, Severity};
 use bytes::BytesMut;
@@ -124,13 +126,13 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Serves one client until it leaves; every failure ends only this client. `admin_only`:
 /// admitted past `max_client_conn` on the admin reserve, so only a console login may stay.
-pub async fn run(app: Arc<App>, stream: TcpStream, peer: SocketAddr, admin_only: bool) {
+pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admin_only: bool) {
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("session", id, %peer);
     async move {
         let mut io = ClientIo::new(stream::ClientStream::Plain(stream));
-        let result = login::serve(&app, &mut io, id, peer, admin_only).await;
-        let log = app.config().broker.log_disconnections;
+        let result = login::serve(&shared, &mut io, id, peer, admin_only).await;
+        let log = shared.config().broker.log_disconnections;
         match &result {
             Ok(()) if log => tracing::info!(reason = "client close request", "client disconnected"),
             Err(e) if log || !e.is_quiet() => {

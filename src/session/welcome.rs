@@ -10,18 +10,18 @@ use super::login::Login;
 use super::params::{self, ClientSettings};
 use super::prepared::{Limits, Prepared};
 use super::stream::ClientStream;
-use crate::app::App;
 use crate::clients::Client;
 use crate::config::{Config, PoolMode};
 use crate::error::SqlState;
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
 use crate::server::Setting;
+use crate::session::Shared;
 use bytes::{Bytes, BytesMut};
 use std::sync::{Arc, Mutex, Weak};
 
 pub(super) async fn run(
-    app: &Arc<App>,
+    shared: &Arc<Shared>,
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
     login: Box<Login>,
@@ -30,7 +30,7 @@ pub(super) async fn run(
     client: Arc<Client>,
 ) -> Result<(), SessionError> {
     let defaults = pool_defaults(&pool, cfg).await?;
-    let client_loop = welcome(app, cfg, io, login, pool, mode, client, defaults);
+    let client_loop = welcome(shared, cfg, io, login, pool, mode, client, defaults);
     io.flush().await?;
     client_loop.run(io).await
 }
@@ -39,7 +39,7 @@ pub(super) async fn run(
 /// what it moves into the loop would otherwise keep a place in the client's future.
 #[allow(clippy::too_many_arguments)]
 fn welcome(
-    app: &Arc<App>,
+    shared: &Arc<Shared>,
     cfg: &Config,
     io: &mut ClientIo<ClientStream>,
     login: Box<Login>,
@@ -54,11 +54,11 @@ fn welcome(
     drop(startup);
     // In session mode the client keeps its server: its LISTENs and statements stay there.
     let pooled = mode != PoolMode::Session;
-    let listens = pooled.then(|| Listens::new(app.clone(), login.database.clone()));
+    let listens = pooled.then(|| Listens::new(shared.clone(), login.database.clone()));
     // The login (startup packet, database settings) is not needed past this point and would
     // otherwise stay allocated for the life of the client.
     drop(login);
-    let registration = app.cancels.register();
+    let registration = shared.cancels.register();
     match own_name {
         // Most clients: the pool's settings overlaid with a list many clients share.
         None => io.wbuf.extend_from_slice(&statuses(&defaults, &settings)),
@@ -69,9 +69,9 @@ fn welcome(
     let max = cfg.broker.max_prepared_statements;
     let limits =
         Limits { statements: cfg.broker.max_client_prepared_statements, bytes: cfg.broker.max_client_prepared_bytes };
-    let prepared = (pooled && max > 0).then(|| Prepared::new(app.statements.clone(), max).limit(limits));
+    let prepared = (pooled && max > 0).then(|| Prepared::new(shared.statements.clone(), max).limit(limits));
     let setup = Setup { mode, pool, defaults, settings, registration, server: None, prepared, listens, client };
-    ClientLoop::new(app.clone(), setup)
+    ClientLoop::new(shared.clone(), setup)
 }
 
 /// The ParameterStatus messages of a welcome.
@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn clients_with_the_same_settings_share_one_encoded_welcome_and_others_get_their_own() {
         let defaults = Arc::new(Defaults::new(pairs(&[("TimeZone", "UTC"), ("application_name", "")]), vec![]));
-        let settings = |app: &str| ClientSettings::new(defaults.all(), &pairs(&[("application_name", app)]), &[]);
+        let settings = |shared: &str| ClientSettings::new(defaults.all(), &pairs(&[("application_name", shared)]), &[]);
         let (a, b, other) = (settings("welcome-test"), settings("welcome-test"), settings("welcome-other"));
         let first = statuses(&defaults, &a);
         assert_eq!(first.as_ptr(), statuses(&defaults, &b).as_ptr(), "encoded once");

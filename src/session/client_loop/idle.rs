@@ -8,7 +8,6 @@ use super::ClientLoop;
 use crate::session::SessionError;
 use crate::session::io::ClientIo;
 use crate::session::stream::ClientStream;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -61,7 +60,7 @@ impl ClientLoop {
 
     /// Waits, outside the relay loop, until the client needs it again.
     pub(super) async fn hibernate(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
-        let _counted = Counted::new(&self.app.hibernating);
+        let _counted = self.shared.admission.hibernate();
         self.recent.forget();
         let client = self.client.clone();
         // Boxed, and only with `client_idle_timeout` set: most clients need no timer here.
@@ -73,22 +72,6 @@ impl ClientLoop {
             () = client.drain.wait() => Ok(()),
             () = async { if let Some(s) = idle_limit.as_mut() { s.await } }, if idle_limit.is_some() => Ok(()),
         }
-    }
-}
-
-/// One hibernating client in the broker's count, however the wait ends.
-struct Counted<'a>(&'a AtomicUsize);
-
-impl<'a> Counted<'a> {
-    fn new(n: &'a AtomicUsize) -> Counted<'a> {
-        n.fetch_add(1, Relaxed);
-        Counted(n)
-    }
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 

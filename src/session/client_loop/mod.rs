@@ -22,7 +22,6 @@ use super::probe::{self, Probe};
 use super::sql;
 use super::stream::ClientStream;
 use super::timers::{Held, Timers};
-use crate::app::App;
 use crate::cancel::Registration;
 use crate::clients::{Client, Pins, State as ClientState};
 use crate::config::{Config, PoolMode};
@@ -32,6 +31,7 @@ use crate::pool::{Defaults, Pool, Pooled, Release};
 use crate::proto::build;
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, tag};
+use crate::session::Shared;
 use crate::stats::Counters;
 use bytes::BytesMut;
 use faults::cancel_query;
@@ -72,7 +72,7 @@ pub(super) struct Setup {
 pub(super) struct ClientLoop {
     /// The config this client runs under; refreshed at each new transaction (live reload).
     cfg: Arc<Config>,
-    app: Arc<App>,
+    shared: Arc<Shared>,
     /// The server answered at least one request for this client.
     served: bool,
     /// When the client finished logging in.
@@ -92,7 +92,7 @@ pub(super) struct ClientLoop {
     statements: hints::Statements,
     /// The last statement text read, so that a text sent again is not read again.
     recent: hints::Recent,
-    /// Custom settings (`app.tenant`) the client's statements set, which the probe must
+    /// Custom settings (`shared.tenant`) the client's statements set, which the probe must
     /// ask for by name.
     custom: Vec<String>,
     /// The server of the client's last transaction and its use number then: where its
@@ -120,8 +120,8 @@ impl Drop for ClientLoop {
 
 impl ClientLoop {
     /// A loop for a client; boxed, as `run` takes it by value (see `run`).
-    pub fn new(app: Arc<App>, setup: Setup) -> Box<ClientLoop> {
-        let cfg = app.config();
+    pub fn new(shared: Arc<Shared>, setup: Setup) -> Box<ClientLoop> {
+        let cfg = shared.config();
         let Setup { mode, pool, defaults, settings, registration, server, prepared, listens, client } = setup;
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
@@ -135,7 +135,7 @@ impl ClientLoop {
                 .hold_limit(cfg.broker.max_buffered_message, streamable(&prepared)),
             down: Pipe::new(MAX_SERVER_MESSAGE),
             cfg,
-            app,
+            shared,
             mode,
             pool,
             defaults,
@@ -179,7 +179,7 @@ impl ClientLoop {
     /// Checks out a server for the transaction the client just started and brings it to the
     /// client's settings.
     async fn attach(&mut self) -> Result<(), SessionError> {
-        if let Some(cfg) = self.app.config_if_changed(&self.cfg) {
+        if let Some(cfg) = self.shared.config_if_changed(&self.cfg) {
             self.timers.set_limits(&cfg.broker);
             self.cfg = cfg;
         }

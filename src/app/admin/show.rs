@@ -81,8 +81,8 @@ fn pools(app: &Arc<App>) -> Table {
         ("maxwait_us", Int8),
         ("pool_mode", Text),
     ]);
-    let clients = app.clients.all();
-    for p in app.pools.all() {
+    let clients = app.clients().all();
+    for p in app.registry().pools().all() {
         let key = p.key();
         let st = p.stats();
         let active_servers = p.servers().iter().filter(|s| s.state == crate::pool::ServerState::Active).count();
@@ -97,7 +97,7 @@ fn pools(app: &Arc<App>) -> Table {
         let wait = p.max_wait();
         let mode = cfg
             .databases
-            .get(key.database.trim_end_matches(crate::app::LISTENER_SUFFIX))
+            .get(key.database.trim_end_matches(crate::registry::LISTENER_SUFFIX))
             .map_or("session", |d| d.pool_mode.as_str());
         t.row(vec![
             s(&key.database),
@@ -137,7 +137,7 @@ fn clients(app: &Arc<App>) -> Table {
         ("id", Int8),
         ("pinned", Text),
     ]);
-    for c in app.clients.all() {
+    for c in app.clients().all() {
         let in_state = c.in_state_us();
         let waiting = c.state() == crate::clients::State::Waiting;
         let since = SystemTime::now() - std::time::Duration::from_micros(in_state);
@@ -174,9 +174,9 @@ fn servers(app: &Arc<App>) -> Table {
         ("id", Int8),
     ]);
     let cfg = app.config();
-    for p in app.pools.all() {
+    for p in app.registry().pools().all() {
         let key = p.key();
-        let db = cfg.databases.get(key.database.trim_end_matches(crate::app::LISTENER_SUFFIX));
+        let db = cfg.databases.get(key.database.trim_end_matches(crate::registry::LISTENER_SUFFIX));
         for sv in p.servers() {
             t.row(vec![
                 s("S"),
@@ -213,7 +213,7 @@ fn stats(app: &Arc<App>) -> Table {
         ("avg_query_time", Int8),
         ("avg_wait_time", Int8),
     ]);
-    for (db, total, avg) in app.database_stats() {
+    for (db, total, avg) in app.registry().database_stats() {
         let r = |v: f64| s(v.round() as u64);
         t.row(vec![
             s(db),
@@ -253,7 +253,7 @@ fn databases(app: &Arc<App>) -> Table {
         ("paused", Int8),
         ("disabled", Int8),
     ]);
-    let pools = app.pools.all();
+    let pools = app.registry().pools().all();
     for (name, d) in &cfg.databases {
         let mine: Vec<_> = pools.iter().filter(|p| p.key().database == *name).collect();
         let current: usize = mine.iter().map(|p| p.stats().open).sum();
@@ -300,8 +300,8 @@ fn config(app: &Arc<App>) -> Table {
 fn lists(app: &Arc<App>) -> Table {
     let cfg = app.config();
     let mut t = Table::new(&[("list", Text), ("items", Int8)]);
-    let pools = app.pools.all();
-    let clients = app.clients.all();
+    let pools = app.registry().pools().all();
+    let clients = app.clients().all();
     let servers: Vec<_> = pools.iter().flat_map(|p| p.servers()).collect();
     let users: std::collections::BTreeSet<&str> = pools.iter().map(|p| p.key().user.as_str()).collect();
     for (name, n) in [
@@ -312,7 +312,7 @@ fn lists(app: &Arc<App>) -> Table {
         ("login_clients", app.client_count().saturating_sub(clients.len())),
         ("used_servers", servers.iter().filter(|s| s.state == crate::pool::ServerState::Active).count()),
         ("idle_servers", servers.iter().filter(|s| s.state == crate::pool::ServerState::Idle).count()),
-        ("ws_clients", app.ws.total()),
+        ("ws_clients", app.bridge().ws().total()),
     ] {
         t.row(vec![s(name), s(n)]);
     }
@@ -341,13 +341,13 @@ fn budget(app: &Arc<App>) -> Table {
         ("others", Int8),
         ("standing", Text),
     ]);
-    for (server, (d, limit)) in app.budgets().iter() {
+    for (server, (d, limit)) in app.registry().budgets().iter() {
         let source = match d.source {
             Source::Config => "config",
             Source::Env => "DB_MAX_CONNECTIONS",
             Source::Server => "server",
         };
-        let member = app.fleet_member(server);
+        let member = app.fleet().member(server);
         let status = member.as_ref().map(|m| m.status());
         let decision = status.as_ref().and_then(|st| st.decision);
         // The cap is the live budget (the fleet share in fleet mode); instances are the live

@@ -79,10 +79,11 @@ pub struct FleetHealth {
 }
 
 fn fleet_health(app: &App) -> Vec<FleetHealth> {
-    app.budgets()
+    app.registry()
+        .budgets()
         .iter()
         .filter_map(|(server, (_, limit))| {
-            let st = app.fleet_member(server)?.status();
+            let st = app.fleet().member(server)?.status();
             let d = st.decision;
             Some(FleetHealth {
                 server: server.clone(),
@@ -101,12 +102,12 @@ pub fn assess(app: &App) -> Health {
     let cfg = app.config();
     let h = &cfg.health;
     let (mut used, mut max, mut utilization) = (0usize, 0usize, 0.0f64);
-    for (_, limit) in app.budgets().values() {
+    for (_, limit) in app.registry().budgets().values() {
         used += limit.used();
         max += limit.cap();
         utilization = utilization.max(limit.used() as f64 / limit.cap().max(1) as f64);
     }
-    let pools = app.pools.all();
+    let pools = app.registry().pools().all();
     let waiting: usize = pools.iter().map(|p| p.stats().waiting).sum();
     let max_wait = pools.iter().map(|p| p.max_wait()).max().unwrap_or_default();
     let (mut queries, mut errors) = (0u64, 0u64);
@@ -116,7 +117,7 @@ pub fn assess(app: &App) -> Health {
     }
     let error_rate = if queries > 0 { errors as f64 / queries as f64 } else { 0.0 };
     let (mut qtime, mut qrate) = (0.0, 0.0);
-    for (_, _, avg) in app.database_stats() {
+    for (_, _, avg) in app.registry().database_stats() {
         qtime += avg.query_time * avg.query_count;
         qrate += avg.query_count;
     }
@@ -124,7 +125,7 @@ pub fn assess(app: &App) -> Health {
     let failing = !pools.is_empty() && pools.iter().all(|p| p.is_failing());
     let fleet = fleet_health(app);
     let starved = fleet.iter().find(|f| f.share == 0);
-    let (status, message) = if app.draining.is_cancelled() {
+    let (status, message) = if app.shutdown().is_draining() {
         (Status::Unavailable, "shutting down".to_string())
     } else if failing {
         (Status::Unavailable, "no database reachable: every pool's last server login failed".to_string())
@@ -165,7 +166,7 @@ pub fn assess(app: &App) -> Health {
         active_connections: used,
         max_connections: max,
         waiting_clients: waiting,
-        rejected_connections: app.refusals.total(),
+        rejected_connections: app.admission().refusals().total(),
         average_response_time,
         error_rate,
         fleet,
@@ -190,7 +191,7 @@ pub enum NotReady {
 /// Readiness: listeners are bound (we are answering), not draining, and every configured
 /// server accepts a TCP connection (or has its Unix socket).
 pub async fn ready(app: &App) -> Result<(), NotReady> {
-    if app.draining.is_cancelled() {
+    if app.shutdown().is_draining() {
         return Err(NotReady::Draining);
     }
     for db in app.config().databases.values() {
@@ -216,7 +217,8 @@ pub async fn ready(app: &App) -> Result<(), NotReady> {
 /// A compact view of the broker for the `$pgbroker.metrics` channel and the status page.
 pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
     let pools: Vec<Value> = app
-        .pools
+        .registry()
+        .pools()
         .all()
         .iter()
         .map(|p| {
@@ -233,6 +235,7 @@ pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
         })
         .collect();
     let budgets: Vec<Value> = app
+        .registry()
         .budgets()
         .iter()
         .map(|(server, (d, l))| json!({"server": server, "budget": d.budget, "used": l.used()}))
@@ -243,8 +246,8 @@ pub fn snapshot(app: &App, health: &Health, tps: f64) -> Value {
         "timestamp": crate::events::rfc3339(std::time::SystemTime::now()),
         "health": health,
         "transactionsPerSecond": tps,
-        "clients": app.clients.all().len(),
-        "websocketClients": app.ws.total(),
+        "clients": app.clients().all().len(),
+        "websocketClients": app.bridge().ws().total(),
         "budgets": budgets,
         "pools": pools,
     })
@@ -263,31 +266,31 @@ pub async fn monitor(app: Arc<App>) {
     let mut n: u64 = 0;
     loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => return,
+            _ = app.shutdown().stopped() => return,
             _ = tick.tick() => {}
         }
         n += 1;
         let health = assess(&app);
         if let Some(on) = budget_alarm.update(health.utilization_ratio) {
             let kind = if on { "budget_high" } else { "budget_ok" };
-            app.events.emit(kind, json!({"utilizationRatio": health.utilization_ratio, "activeConnections": health.active_connections, "maxConnections": health.max_connections}));
+            app.events().emit(kind, json!({"utilizationRatio": health.utilization_ratio, "activeConnections": health.active_connections, "maxConnections": health.max_connections}));
         }
         if let Some(on) = waiting_alarm.update(health.waiting_clients as f64) {
             let kind = if on { "clients_waiting" } else { "clients_waiting_cleared" };
-            app.events.emit(kind, json!({"waitingClients": health.waiting_clients}));
+            app.events().emit(kind, json!({"waitingClients": health.waiting_clients}));
         }
         if health.status != last_status {
-            app.events.emit(
+            app.events().emit(
                 "health_status_changed",
                 json!({"from": last_status, "to": health.status, "message": health.message}),
             );
             last_status = health.status;
         }
-        if n.is_multiple_of(2) && app.events.metrics_watched() {
+        if n.is_multiple_of(2) && app.events().metrics_watched() {
             let xacts = total_xacts(&app);
             let tps = xacts.saturating_sub(last_xacts) as f64 / 2.0;
             last_xacts = xacts;
-            app.events.publish_metrics(|| snapshot(&app, &health, tps));
+            app.events().publish_metrics(|| snapshot(&app, &health, tps));
         } else if n.is_multiple_of(2) {
             last_xacts = total_xacts(&app);
         }
@@ -295,5 +298,5 @@ pub async fn monitor(app: Arc<App>) {
 }
 
 fn total_xacts(app: &App) -> u64 {
-    app.pools.all().iter().map(|p| p.counters.xact_count.load(Relaxed)).sum()
+    app.registry().pools().all().iter().map(|p| p.counters.xact_count.load(Relaxed)).sum()
 }

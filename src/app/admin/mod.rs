@@ -2,10 +2,7 @@
 //! PgBouncer's SHOW commands with ordinary result sets and running RELOAD, PAUSE, RESUME,
 //! KILL, UPGRADE and SHUTDOWN. It never reaches a real server.
 
-mod ops;
 mod show;
-
-pub use ops::stats_task;
 
 use crate::app::App;
 use crate::clients::Client;
@@ -16,15 +13,10 @@ use crate::session::SessionError;
 use crate::session::io::ClientIo;
 use crate::session::stream::ClientStream;
 use bytes::BytesMut;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Largest query the console reads.
 const MAX_COMMAND: usize = 64 * 1024;
-
-/// True for the database names that open the console.
-pub fn is_console(database: &str) -> bool {
-    database == "pgbroker" || database == "pgbouncer"
-}
 
 /// A result set to send: columns, then rows of text values.
 pub struct Table {
@@ -58,6 +50,24 @@ enum Reply {
     Error(SqlState, String),
     /// The console session ends after the reply (SHUTDOWN).
     Shutdown,
+}
+
+/// The console as client sessions reach it (a weak handle: the broker owns the sessions'
+/// view, which holds this).
+pub(super) struct Console(pub(super) Weak<App>);
+
+impl crate::session::Console for Console {
+    fn serve<'a>(
+        &'a self,
+        io: &'a mut ClientIo<ClientStream>,
+        user: &'a str,
+        client: &'a Arc<Client>,
+    ) -> crate::session::ConsoleFuture<'a> {
+        Box::pin(async move {
+            let Some(app) = self.0.upgrade() else { return Err(SessionError::Disconnected) };
+            serve(&app, io, user, client).await
+        })
+    }
 }
 
 /// Serves one console session until the client leaves.
@@ -111,7 +121,7 @@ pub async fn serve(
                 io.flush().await?;
                 if shutdown {
                     // The process (app::run) sees the drain start and stops gracefully.
-                    app.draining.cancel();
+                    app.shutdown().begin_drain();
                     return Ok(());
                 }
             }
@@ -167,14 +177,14 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
         },
         ["pause"] | ["pause", _] => {
             let db = if words.len() == 2 { arg() } else { None };
-            match app.pause(db.as_deref()).await {
+            match app.registry().pause(db.as_deref()).await {
                 Ok(()) => Reply::Done("PAUSE".into()),
                 Err(e) => Reply::Error(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, e.to_string()),
             }
         }
         ["resume"] | ["resume", _] => {
             let db = if words.len() == 2 { arg() } else { None };
-            app.resume(db.as_deref());
+            app.registry().resume(db.as_deref());
             Reply::Done("RESUME".into())
         }
         ["kill", _] => {
@@ -182,7 +192,7 @@ async fn run(app: &Arc<App>, admin: bool, text: &str) -> Reply {
             if !app.config().databases.contains_key(&db) {
                 return Reply::Error(SqlState::INVALID_CATALOG_NAME, format!("database \"{db}\" is not configured"));
             }
-            let n = app.kill(&db);
+            let n = app.registry().kill(&db, app.clients());
             tracing::warn!(database = %db, clients = n, "KILL from the admin console");
             Reply::Done("KILL".into())
         }

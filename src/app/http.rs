@@ -22,13 +22,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 /// The status page, embedded in the binary (no CDN, no external assets).
-const STATUS_PAGE: &str = include_str!("../assets/status.html");
+const STATUS_PAGE: &str = include_str!("../../assets/status.html");
 
 /// The routes served on `http_listen`.
 pub fn router(app: Arc<App>) -> Router {
     let ws_path = app.config().websocket.path.clone();
     Router::new()
-        .route(&ws_path, get(crate::notify::ws::handler))
+        .route(&ws_path, get(crate::notify::ws::handler).with_state(app.bridge().clone()))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/health/live", get(live))
@@ -38,12 +38,12 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = app.metrics.render(&app);
+    let body = super::scrape::render(&app);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let h = crate::health::assess(&app);
+    let h = super::health::assess(&app);
     let code = StatusCode::from_u16(h.status.http_code()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let body = serde_json::to_string(&h).unwrap_or_default();
     (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -54,7 +54,7 @@ async fn live() -> Response {
 }
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    let (code, body) = match crate::health::ready(&app).await {
+    let (code, body) = match super::health::ready(&app).await {
         Ok(()) => (StatusCode::OK, serde_json::json!({"status": "ready"})),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -109,7 +109,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     let limits = Limits { header_timeout: cfg.broker.http_header_timeout };
     let permits = Arc::new(Semaphore::new(cfg.broker.max_http_connections));
     let router = router(app.clone());
-    let shutdown = app.shutdown.clone();
+    let shutdown = app.shutdown().stop_token();
     let conns = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
