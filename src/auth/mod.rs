@@ -9,12 +9,34 @@ pub mod throttle;
 use crate::config::userlist::{ScramSecret, Secret, UserEntry};
 use crate::config::{Auth, AuthType};
 use crate::error::SqlState;
+use crate::net::{ClientIo, ClientIoError};
 use crate::proto::{build, read_i32, split_cstr, tag};
 use crate::server::Credential;
-use crate::session::SessionError;
-use crate::session::io::ClientIo;
 use std::sync::{Arc, OnceLock};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Why a client was not authenticated.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The client's connection failed, or it broke message framing.
+    #[error(transparent)]
+    Client(#[from] ClientIoError),
+    /// Refused: the client is told `message` with `code`.
+    #[error("{message}")]
+    Refused {
+        /// SQLSTATE sent to the client.
+        code: SqlState,
+        /// Message sent to the client.
+        message: String,
+    },
+}
+
+impl AuthError {
+    /// A refusal the client is told about.
+    pub fn refused(code: SqlState, message: impl Into<String>) -> AuthError {
+        AuthError::Refused { code, message: message.into() }
+    }
+}
 
 /// Largest password or SASL message accepted from a client.
 const MAX_AUTH_MESSAGE: usize = 8 * 1024;
@@ -38,7 +60,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     entry: Option<&UserEntry>,
     binding: Option<Arc<[u8]>>,
-) -> Result<Authenticated, SessionError> {
+) -> Result<Authenticated, AuthError> {
     let from_secret = || match entry.map(|e| &e.secret) {
         Some(Secret::Plain(p)) => Some(Credential::Password(p.clone())),
         Some(Secret::Md5(h)) => Some(Credential::Md5(*h)),
@@ -73,21 +95,21 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn failed(user: &str) -> SessionError {
+fn failed(user: &str) -> AuthError {
     // Same answer for unknown users and wrong passwords, so names cannot be probed.
-    SessionError::fatal(SqlState::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
+    AuthError::refused(SqlState::INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
 }
 
-fn malformed(what: &str) -> SessionError {
-    SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("malformed authentication message: {what}"))
+fn malformed(what: &str) -> AuthError {
+    AuthError::refused(SqlState::PROTOCOL_VIOLATION, format!("malformed authentication message: {what}"))
 }
 
 async fn read_password_message<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
-) -> Result<bytes::Bytes, SessionError> {
+) -> Result<bytes::Bytes, AuthError> {
     let (t, body) = io.read_message(MAX_AUTH_MESSAGE).await?;
     if t != tag::PASSWORD {
-        return Err(SessionError::fatal(
+        return Err(AuthError::refused(
             SqlState::PROTOCOL_VIOLATION,
             format!("expected password response, got message type {}", crate::proto::frame::tag_name(t)),
         ));
@@ -99,7 +121,7 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut ClientIo<S>,
     entry: Option<&UserEntry>,
     user: &str,
-) -> Result<bool, SessionError> {
+) -> Result<bool, AuthError> {
     let salt: [u8; 4] = rand::random();
     build::auth_md5(&mut io.wbuf, salt);
     io.flush().await?;
@@ -132,7 +154,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     secret: Option<Arc<ScramSecret>>,
     binding: Option<Arc<[u8]>>,
-) -> Result<Result<Option<[u8; 32]>, ()>, SessionError> {
+) -> Result<Result<Option<[u8; 32]>, ()>, AuthError> {
     let known = secret.is_some();
     let secret = secret.unwrap_or_else(|| mock_secret(user));
     // PostgreSQL's order: the channel-bound mechanism first when the connection allows it.
@@ -168,11 +190,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn scram_error(e: scram::ScramError) -> SessionError {
+fn scram_error(e: scram::ScramError) -> AuthError {
     match e {
         scram::ScramError::InvalidProof => {
-            SessionError::fatal(SqlState::INVALID_PASSWORD, "password authentication failed")
+            AuthError::refused(SqlState::INVALID_PASSWORD, "password authentication failed")
         }
-        other => SessionError::fatal(SqlState::PROTOCOL_VIOLATION, format!("SCRAM exchange failed: {other}")),
+        other => AuthError::refused(SqlState::PROTOCOL_VIOLATION, format!("SCRAM exchange failed: {other}")),
     }
 }

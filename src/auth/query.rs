@@ -2,12 +2,12 @@
 //! PgBouncer's `auth_query`/`auth_user` do, through a pool that logs in as `auth.user` (its
 //! connections count against the budget like any other).
 
+use super::AuthError;
 use crate::config::Config;
 use crate::config::userlist::{Secret, UserEntry};
 use crate::error::SqlState;
 use crate::registry::Registry;
 use crate::server::Credential;
-use crate::session::SessionError;
 
 /// Looks up `user`'s secret for a client of `database`. `Ok(None)`: no such user, or one that
 /// may not log in (no secret, expired, not LOGIN), which the caller treats like an unknown
@@ -17,11 +17,11 @@ pub async fn lookup(
     cfg: &Config,
     database: &str,
     user: &str,
-) -> Result<Option<UserEntry>, SessionError> {
+) -> Result<Option<UserEntry>, AuthError> {
     let Some(aq) = cfg.auth.query.as_ref() else { return Ok(None) };
     let key = aq.dbname.as_deref().unwrap_or(database);
     let Some(db) = cfg.databases.get(key) else {
-        return Err(SessionError::fatal(SqlState::INVALID_CATALOG_NAME, format!("database \"{key}\" does not exist")));
+        return Err(AuthError::refused(SqlState::INVALID_CATALOG_NAME, format!("database \"{key}\" does not exist")));
     };
     let credential = aq
         .password
@@ -31,7 +31,7 @@ pub async fn lookup(
     let pool = registry.pool(cfg, key, db, &aq.user, credential);
     let unavailable = |why: String| {
         tracing::warn!(database = key, auth_user = %aq.user, error = %why, "auth_query failed");
-        SessionError::fatal(SqlState::CANNOT_CONNECT, format!("authentication lookup (auth_query) failed: {why}"))
+        AuthError::refused(SqlState::CANNOT_CONNECT, format!("authentication lookup (auth_query) failed: {why}"))
     };
     let mut server =
         pool.checkout(cfg.broker.query_wait_timeout).await.map_err(|e| unavailable(crate::error::chain(&e)))?;

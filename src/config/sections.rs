@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Default of `websocket.max_channels_per_client`.
+pub const DEFAULT_MAX_CHANNELS: usize = 1000;
+
 /// Default of `websocket.replay_buffer`: notifications kept per database for resume.
 pub const DEFAULT_REPLAY_BUFFER: usize = 1000;
 /// Default of `websocket.max_payload_bytes`: 1 MiB.
@@ -64,7 +67,7 @@ impl Validator<'_> {
             max_channels_per_client: self.int(
                 "websocket.max_channels_per_client",
                 w.max_channels_per_client,
-                crate::notify::DEFAULT_MAX_CHANNELS,
+                DEFAULT_MAX_CHANNELS,
                 1,
             )?,
             allowed_origins: w.allowed_origins.clone().unwrap_or_default(),

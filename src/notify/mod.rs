@@ -85,9 +85,6 @@ enum Cmd {
     Unlisten(String),
 }
 
-/// Default of `websocket.max_channels_per_client`.
-pub const DEFAULT_MAX_CHANNELS: usize = 1000;
-
 /// A subscribe that would take a client past `websocket.max_channels_per_client`.
 #[derive(Debug, thiserror::Error)]
 #[error("at most {0} channels per client (websocket.max_channels_per_client)")]

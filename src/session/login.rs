@@ -1,12 +1,12 @@
 //! Login: startup packet exchange, authentication, then hand-off to the pool mode's loop.
 
-use super::io::ClientIo;
-use super::stream::ClientStream;
 use super::{Refusal, SessionError, welcome};
 use crate::auth;
 use crate::clients::NewClient;
 use crate::config::{Config, Database};
 use crate::error::SqlState;
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::pool::Pool;
 use crate::proto::build;
 use crate::proto::startup::{Packet, Startup};

@@ -7,7 +7,6 @@ pub(crate) mod accounting;
 mod buffers;
 mod client_loop;
 mod hints;
-pub mod io;
 mod listen;
 mod login;
 pub(crate) mod params;
@@ -18,16 +17,15 @@ mod probe;
 pub mod relay;
 mod shared;
 mod sql;
-pub mod stream;
 mod timers;
 mod welcome;
 
 pub use shared::{Console, ConsoleFuture, Shared};
 
 use crate::error::{SqlState, is_disconnect};
+use crate::net::{ClientIo, ClientIoError, ClientStream};
 use crate::proto::build::{self, Severity};
 use bytes::BytesMut;
-use io::ClientIo;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +63,28 @@ pub enum SessionError {
     /// The TLS handshake failed (nothing more can be said to the client).
     #[error("TLS handshake failed")]
     Tls(#[source] std::io::Error),
+}
+
+/// A client connection that failed or broke framing ends its session the same way.
+impl From<ClientIoError> for SessionError {
+    fn from(e: ClientIoError) -> SessionError {
+        match e {
+            ClientIoError::Disconnected => SessionError::Disconnected,
+            ClientIoError::Io(e) => SessionError::Io(e),
+            ClientIoError::Frame(e) => SessionError::Frame(e),
+            ClientIoError::Startup(e) => SessionError::Startup(e),
+        }
+    }
+}
+
+/// A refused login ends its session with the refusal.
+impl From<crate::auth::AuthError> for SessionError {
+    fn from(e: crate::auth::AuthError) -> SessionError {
+        match e {
+            crate::auth::AuthError::Client(e) => e.into(),
+            crate::auth::AuthError::Refused { code, message } => SessionError::Fatal { code, message },
+        }
+    }
 }
 
 /// A server that failed under the client (the client is told why, with its SQLSTATE).
@@ -130,7 +150,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, admin
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("session", id, %peer);
     async move {
-        let mut io = ClientIo::new(stream::ClientStream::Plain(stream));
+        let mut io = ClientIo::new(ClientStream::Plain(stream));
         let result = login::serve(&shared, &mut io, id, peer, admin_only).await;
         let log = shared.config().broker.log_disconnections;
         match &result {

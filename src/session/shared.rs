@@ -2,13 +2,13 @@
 //! its sessions (one pointer each).
 
 use super::SessionError;
-use super::io::ClientIo;
 use super::prepared;
-use super::stream::ClientStream;
 use crate::admission::Admission;
 use crate::cancel::CancelRegistry;
 use crate::clients::{Client, Clients};
 use crate::config::{Config, Live};
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::notify::Bridge;
 use crate::registry::Registry;
 use std::future::Future;

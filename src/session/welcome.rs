@@ -4,15 +4,15 @@
 
 use super::SessionError;
 use super::client_loop::{ClientLoop, Setup};
-use super::io::ClientIo;
 use super::listen::Listens;
 use super::login::Login;
 use super::params::{self, ClientSettings};
 use super::prepared::{Limits, Prepared};
-use super::stream::ClientStream;
 use crate::clients::Client;
 use crate::config::{Config, PoolMode};
 use crate::error::SqlState;
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::pool::{Defaults, Pool, Release};
 use crate::proto::build;
 use crate::server::Setting;

@@ -7,11 +7,11 @@ mod show;
 use crate::app::App;
 use crate::clients::Client;
 use crate::error::SqlState;
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::proto::build::{self, ColumnType, Severity};
 use crate::proto::{split_cstr, tag};
 use crate::session::SessionError;
-use crate::session::io::ClientIo;
-use crate::session::stream::ClientStream;
 use bytes::BytesMut;
 use std::sync::{Arc, Weak};
 

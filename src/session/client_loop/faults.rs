@@ -3,11 +3,11 @@
 
 use super::ClientLoop;
 use crate::error::SqlState;
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::pool::Release;
 use crate::proto::build::{self, Severity};
 use crate::session::SessionError;
-use crate::session::io::ClientIo;
-use crate::session::stream::ClientStream;
 use crate::session::timers::{Expired, QueryCheck};
 use bytes::BytesMut;
 use std::sync::Arc;

@@ -5,9 +5,9 @@
 //! pays for hibernating between its transactions.
 
 use super::ClientLoop;
+use crate::net::ClientIo;
+use crate::net::ClientStream;
 use crate::session::SessionError;
-use crate::session::io::ClientIo;
-use crate::session::stream::ClientStream;
 use std::time::Duration;
 use tokio::time::Instant;
 

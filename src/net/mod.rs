@@ -1,4 +1,11 @@
-//! Socket setup in one place: TCP_NODELAY and keepalive for client, server and HTTP sockets.
+//! Sockets: setup in one place (TCP_NODELAY and keepalive for client, server and HTTP
+//! sockets), and a client's connection with its buffers.
+
+pub mod io;
+pub mod stream;
+
+pub use io::{ClientIo, ClientIoError};
+pub use stream::ClientStream;
 
 use socket2::{SockRef, TcpKeepalive};
 use std::time::Duration;
