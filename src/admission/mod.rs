@@ -33,6 +33,22 @@ pub struct Admission {
     throttle: LoginThrottle,
 }
 
+/// Why a connection was turned away at the door (the client is told this, with 53300).
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// `max_client_conn` clients are connected.
+    #[error("no more connections allowed (max_client_conn = {0})")]
+    MaxClientConn(usize),
+    /// `max_client_conn_per_ip` clients are connected from this address.
+    #[error("too many connections from {host} (max_client_conn_per_ip = {limit})")]
+    PerIp {
+        /// The address (IPv6 addresses by their /64).
+        host: IpAddr,
+        /// The limit.
+        limit: usize,
+    },
+}
+
 /// A client let in: its slots, released when dropped.
 pub struct Admitted {
     /// Admitted on the admin reserve: only a console login may stay.
@@ -43,8 +59,8 @@ pub struct Admitted {
 
 impl Admission {
     /// Counts a new connection from `peer` against the limits of `cfg`, or says why not
-    /// (the message the client is told; the refusal is counted).
-    pub fn admit(self: &Arc<Self>, cfg: &Config, peer: SocketAddr) -> Result<Admitted, String> {
+    /// (the refusal is counted).
+    pub fn admit(self: &Arc<Self>, cfg: &Config, peer: SocketAddr) -> Result<Admitted, Refused> {
         let limit = cfg.broker.max_client_conn + ADMIN_RESERVE;
         let full = self.open.load(Relaxed) >= cfg.broker.max_client_conn;
         // When full, a connection logging in for too long makes room for this one.
@@ -55,16 +71,13 @@ impl Admission {
         let Some((admin_only, slot)) = slot else {
             self.refusals.max_client_conn.fetch_add(1, Relaxed);
             tracing::warn!(%peer, "max_client_conn reached; refusing client");
-            return Err(format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn));
+            return Err(Refused::MaxClientConn(cfg.broker.max_client_conn));
         };
         let host = crate::net::peer_key(peer.ip());
         let Ok(per_ip) = IpSlot::take(self, host, cfg.broker.max_client_conn_per_ip) else {
             self.refusals.max_client_conn_per_ip.fetch_add(1, Relaxed);
             tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
-            return Err(format!(
-                "too many connections from {host} (max_client_conn_per_ip = {})",
-                cfg.broker.max_client_conn_per_ip
-            ));
+            return Err(Refused::PerIp { host, limit: cfg.broker.max_client_conn_per_ip });
         };
         Ok(Admitted { admin_only, _slot: slot, _per_ip: per_ip })
     }

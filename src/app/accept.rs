@@ -51,8 +51,8 @@ fn admit(app: &Arc<App>, stream: TcpStream, peer: SocketAddr, tracker: &TaskTrac
     crate::net::tune(&stream, cfg.broker.tcp_keepalive);
     let admitted = match app.admission().admit(&cfg, peer) {
         Ok(a) => a,
-        Err(message) => {
-            tokio::spawn(refuse(stream, message));
+        Err(refused) => {
+            tokio::spawn(refuse(stream, refused.to_string()));
             return;
         }
     };

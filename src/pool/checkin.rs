@@ -87,7 +87,7 @@ impl Pool {
         tracing::debug!(server = conn.id, pool = %self.key, "closing server");
         self.event("connection_removed", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
         // Say goodbye so the backend exits now rather than when it notices the socket closed.
-        let _ = conn.stream.try_write(&[b'X', 0, 0, 0, 4]);
+        let _ = conn.stream.try_write(&[crate::proto::tag::TERMINATE, 0, 0, 0, 4]);
         drop(conn);
     }
 

@@ -88,8 +88,8 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
 }
 
 /// ReadyForQuery with a transaction status byte.
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    message(buf, tag::READY_FOR_QUERY, |b| b.put_u8(status));
+pub fn ready_for_query(buf: &mut BytesMut, status: super::TxnStatus) {
+    message(buf, tag::READY_FOR_QUERY, |b| b.put_u8(status.as_byte()));
 }
 
 /// NegotiateProtocolVersion: the newest minor version spoken and the options not understood.
@@ -232,7 +232,7 @@ mod tests {
         auth_ok(&mut b);
         parameter_status(&mut b, "server_version", "15.0");
         backend_key_data(&mut b, 42, -7);
-        ready_for_query(&mut b, b'I');
+        ready_for_query(&mut b, crate::proto::TxnStatus::Idle);
         assert!(matches!(parse_one(&mut b), Message::AuthenticationOk));
         let Message::ParameterStatus(p) = parse_one(&mut b) else { panic!() };
         assert_eq!(p.name().unwrap(), "server_version");

@@ -91,6 +91,14 @@ pub mod tag {
     pub const DATA_ROW: u8 = b'D';
     /// Backend: NegotiateProtocolVersion.
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+    /// Backend: CopyInResponse.
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+}
+
+/// What a Close or Describe names: its first byte.
+pub mod target {
+    /// A prepared statement (a portal is `P`).
+    pub const STATEMENT: u8 = b'S';
 }
 
 /// Field types of ErrorResponse and NoticeResponse.

@@ -3,6 +3,11 @@
 use super::{MAX_STARTUP_LEN, read_i32, split_cstr};
 use thiserror::Error;
 
+/// The one-byte answer to SSLRequest (and GSSENCRequest): go ahead with the handshake.
+pub const ENCRYPTION_ACCEPTED: u8 = b'S';
+/// The one-byte answer to SSLRequest (and GSSENCRequest): continue unencrypted.
+pub const ENCRYPTION_REFUSED: u8 = b'N';
+
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
 const CANCEL_REQUEST: i32 = 80_877_102;

@@ -1,6 +1,7 @@
 //! TLS towards the server: SSLRequest, then a rustls handshake, as `server_tls_sslmode` says.
 
 use super::{ServerError, Stream, Target};
+use crate::proto::startup::{ENCRYPTION_ACCEPTED, ENCRYPTION_REFUSED};
 use crate::tls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,9 +19,11 @@ pub(super) async fn encrypt(target: &Target, stream: Stream) -> Result<Stream, S
     };
     tcp.write_all(&SSL_REQUEST).await?;
     match tcp.read_u8().await.map_err(|_| ServerError::Closed)? {
-        b'S' => {}
-        b'N' if !target.tls.mode.required() => return Ok(Stream::Tcp(tcp)),
-        b'N' => return Err(ServerError::TlsRefused { addr: target.addr(), mode: target.tls.mode.as_str() }),
+        ENCRYPTION_ACCEPTED => {}
+        ENCRYPTION_REFUSED if !target.tls.mode.required() => return Ok(Stream::Tcp(tcp)),
+        ENCRYPTION_REFUSED => {
+            return Err(ServerError::TlsRefused { addr: target.addr(), mode: target.tls.mode.as_str() });
+        }
         other => return Err(super::protocol(&format!("unexpected answer {other:#04x} to SSLRequest"))),
     }
     let name = tls::server_name(&target.host)

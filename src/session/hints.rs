@@ -127,7 +127,7 @@ impl Statements {
     /// Custom settings a parsed statement may set are added to `custom`.
     pub fn observe_alone(&mut self, tag: u8, body: &[u8], custom: &mut Vec<String>) {
         let Some((name, rest)) = split_cstr_at(tag, body) else { return };
-        if tag != b'P' {
+        if tag != crate::proto::tag::PARSE {
             return self.closed(name);
         }
         let found = hints(rest);
@@ -148,7 +148,7 @@ fn split_cstr_at(tag: u8, body: &[u8]) -> Option<(&[u8], &[u8])> {
     match tag {
         crate::proto::tag::PARSE => crate::proto::split_cstr(body),
         crate::proto::tag::CLOSE => match body.split_first() {
-            Some((b'S', rest)) => crate::proto::split_cstr(rest),
+            Some((&crate::proto::target::STATEMENT, rest)) => crate::proto::split_cstr(rest),
             _ => None,
         },
         _ => None,

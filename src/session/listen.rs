@@ -41,7 +41,7 @@ impl Listens {
             Ok(tag) => build::command_complete(out, tag),
             Err((code, message)) => build::error_response(out, Severity::Error, code, &message, None),
         }
-        build::ready_for_query(out, b'I');
+        build::ready_for_query(out, crate::proto::TxnStatus::Idle);
     }
 
     async fn listen(&mut self, cfg: &Config, channel: String) -> Result<(), (SqlState, String)> {
@@ -101,7 +101,7 @@ impl Listens {
 pub(super) fn write_event(ev: &Event, out: &mut BytesMut) {
     match ev {
         Event::Notify(n) => {
-            out.put_u8(b'A');
+            out.put_u8(crate::proto::tag::NOTIFICATION);
             let len = 4 + 4 + n.channel.len() + 1 + n.payload.len() + 1;
             out.put_i32(len as i32);
             out.put_i32(n.pid);

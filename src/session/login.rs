@@ -1,6 +1,7 @@
 //! Login: startup packet exchange, authentication, then hand-off to the pool mode's loop.
 
 use super::{Refusal, SessionError, welcome};
+use crate::admission::Refused;
 use crate::auth;
 use crate::clients::NewClient;
 use crate::config::{Config, Database};
@@ -48,8 +49,8 @@ pub(super) async fn serve(
         () = ticket.evicted() => Ok(Err(SessionError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
             format!(
-                "no more connections allowed (max_client_conn = {}): this connection was still logging in after {:?} and made room for a newer one",
-                cfg.broker.max_client_conn,
+                "{}: this connection was still logging in after {:?} and made room for a newer one",
+                Refused::MaxClientConn(cfg.broker.max_client_conn),
                 crate::admission::logins::SLOW_LOGIN
             ),
         ))),
@@ -81,7 +82,7 @@ pub(super) async fn serve(
         shared.admission.refusals().max_client_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Err(SessionError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
-            format!("no more connections allowed (max_client_conn = {})", cfg.broker.max_client_conn),
+            Refused::MaxClientConn(cfg.broker.max_client_conn).to_string(),
         ));
     }
     let application_name = login.startup.param("application_name").unwrap_or_default().to_string();
@@ -151,7 +152,7 @@ fn pool_for(shared: &Shared, cfg: &Config, login: &Login, db: &Database) -> Arc<
 
 /// Answers SSLRequest with `S` and runs the TLS handshake on the client's socket.
 async fn start_tls(io: &mut ClientIo<ClientStream>, acceptor: &Acceptor) -> Result<(), SessionError> {
-    io.write_byte(b'S').await.map_err(SessionError::Io)?;
+    io.write_byte(crate::proto::startup::ENCRYPTION_ACCEPTED).await.map_err(SessionError::Io)?;
     let Some(tcp) = io.stream.take_plain() else {
         return Err(SessionError::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest on an encrypted connection"));
     };
@@ -188,10 +189,12 @@ async fn handshake(
             Packet::SslRequest => {
                 match cfg.tls.client.acceptor.as_ref().filter(|_| cfg.tls.client.mode != ClientMode::Disable) {
                     Some(acceptor) => start_tls(io, acceptor).await?,
-                    None => io.write_byte(b'N').await.map_err(SessionError::Io)?,
+                    None => io.write_byte(crate::proto::startup::ENCRYPTION_REFUSED).await.map_err(SessionError::Io)?,
                 }
             }
-            Packet::GssEncRequest => io.write_byte(b'N').await.map_err(SessionError::Io)?,
+            Packet::GssEncRequest => {
+                io.write_byte(crate::proto::startup::ENCRYPTION_REFUSED).await.map_err(SessionError::Io)?
+            }
             Packet::Cancel(key) => {
                 if let Some(key) = key {
                     shared.cancels.cancel(ip, key).await;

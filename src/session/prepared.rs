@@ -212,7 +212,7 @@ impl Prepared {
         }
         if let Some(victim) = server.insert(name.clone(), self.max_on_server) {
             write_message(out, tag::CLOSE, |b| {
-                b.put_u8(b'S');
+                b.put_u8(crate::proto::target::STATEMENT);
                 put_cstr(b, victim.as_bytes());
             });
             self.expect.push_back(Expect::Close { evicted: Some(victim) });
@@ -326,7 +326,7 @@ impl Prepared {
 
     fn describe(&mut self, body: &[u8], out: &mut BytesMut, server: &mut Statements) -> Action {
         let (kind, name) = (body.first().copied(), body.get(1..).and_then(split_cstr).map(|(n, _)| n));
-        if kind != Some(b'S') {
+        if kind != Some(crate::proto::target::STATEMENT) {
             return self.expect(Expect::DescribePortal);
         }
         let Some(entry) = name.and_then(|n| self.client.get_mut(n)) else {
@@ -336,7 +336,7 @@ impl Prepared {
         let def = entry.def.clone();
         self.ensure(&server_name, &def, out, server, true);
         write_message(out, tag::DESCRIBE, |b| {
-            b.put_u8(b'S');
+            b.put_u8(crate::proto::target::STATEMENT);
             put_cstr(b, server_name.as_bytes());
         });
         self.expect(Expect::DescribeStatement);
@@ -346,7 +346,7 @@ impl Prepared {
     fn close(&mut self, body: &[u8]) -> Action {
         let (kind, name) = (body.first().copied(), body.get(1..).and_then(split_cstr).map(|(n, _)| n));
         match (kind, name) {
-            (Some(b'S'), Some(n)) if !n.is_empty() => {
+            (Some(crate::proto::target::STATEMENT), Some(n)) if !n.is_empty() => {
                 if self.skipping {
                     // The server skips it: the statement stays.
                     return Action::Drop;
@@ -511,9 +511,9 @@ impl Prepared {
                 Mine::CloseComplete => write_message(out, tag::CLOSE_COMPLETE, |_| {}),
                 Mine::Deallocate => {
                     write_message(out, tag::COMMAND_COMPLETE, |b| put_cstr(b, b"DEALLOCATE"));
-                    build::ready_for_query(out, status.as_byte());
+                    build::ready_for_query(out, status);
                 }
-                Mine::Ready => build::ready_for_query(out, b'I'),
+                Mine::Ready => build::ready_for_query(out, crate::proto::TxnStatus::Idle),
             }
             self.expect.pop_front();
             wrote = true;

@@ -65,7 +65,7 @@ fn welcome(
         Some(own) => write_statuses(&mut io.wbuf, &defaults, &settings, Some(&own)),
     }
     build::backend_key_data(&mut io.wbuf, registration.key.pid, registration.key.secret);
-    build::ready_for_query(&mut io.wbuf, b'I');
+    build::ready_for_query(&mut io.wbuf, crate::proto::TxnStatus::Idle);
     let max = cfg.broker.max_prepared_statements;
     let limits =
         Limits { statements: cfg.broker.max_client_prepared_statements, bytes: cfg.broker.max_client_prepared_bytes };

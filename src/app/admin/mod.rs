@@ -89,7 +89,7 @@ pub async fn serve(
         build::parameter_status(&mut io.wbuf, k, v);
     }
     build::backend_key_data(&mut io.wbuf, 0, rand::random());
-    build::ready_for_query(&mut io.wbuf, b'I');
+    build::ready_for_query(&mut io.wbuf, crate::proto::TxnStatus::Idle);
     io.flush().await?;
     let mut extended_error = false;
     loop {
@@ -117,7 +117,7 @@ pub async fn serve(
                 let reply = run(app, admin, &text).await;
                 let shutdown = matches!(reply, Reply::Shutdown);
                 write_reply(&mut io.wbuf, reply);
-                build::ready_for_query(&mut io.wbuf, b'I');
+                build::ready_for_query(&mut io.wbuf, crate::proto::TxnStatus::Idle);
                 io.flush().await?;
                 if shutdown {
                     // The process (app::run) sees the drain start and stops gracefully.
@@ -127,7 +127,7 @@ pub async fn serve(
             }
             tag::SYNC => {
                 extended_error = false;
-                build::ready_for_query(&mut io.wbuf, b'I');
+                build::ready_for_query(&mut io.wbuf, crate::proto::TxnStatus::Idle);
                 io.flush().await?;
             }
             _ if !extended_error => {

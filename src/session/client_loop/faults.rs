@@ -57,7 +57,7 @@ impl ClientLoop {
         let mut out = BytesMut::new();
         for _ in 0..self.pending.sync_points {
             build::error_response(&mut out, Severity::Error, code, message, None);
-            build::ready_for_query(&mut out, b'I');
+            build::ready_for_query(&mut out, crate::proto::TxnStatus::Idle);
         }
         self.up.discard_ready();
         self.pending.sync_points = 0;

@@ -56,7 +56,7 @@ impl ClientLoop {
                             }
                         }
                         tag::CLOSE if binds => {
-                            if let Some((b'S', rest)) = body.split_first()
+                            if let Some((&crate::proto::target::STATEMENT, rest)) = body.split_first()
                                 && let Some((name, _)) = split_cstr(rest)
                             {
                                 statements.closed(name);
@@ -121,7 +121,7 @@ impl ClientLoop {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
                     let mut refuse = false;
                     match t {
-                        COPY_IN_RESPONSE => {
+                        tag::COPY_IN_RESPONSE => {
                             pending.on_copy_in();
                             if let Some(p) = prepared.as_mut() {
                                 p.on_copy_in();
@@ -219,9 +219,6 @@ fn refuse_in_place(action: Action, msg: &[u8], out: &mut BytesMut) -> Action {
     Action::Replace
 }
 
-/// CopyInResponse: the server waits for the client's COPY data.
-const COPY_IN_RESPONSE: u8 = b'G';
-
 /// Statement mode: the statement opened a transaction block. The client gets an error and an
 /// idle ReadyForQuery; the server is rolled back when it goes back to the pool.
 fn refuse_transaction(out: &mut BytesMut) {
@@ -232,7 +229,7 @@ fn refuse_transaction(out: &mut BytesMut) {
         "transaction blocks are not allowed in statement pooling mode",
         Some("pool_mode = \"statement\" runs each statement on its own; the transaction was rolled back"),
     );
-    build::ready_for_query(out, b'I');
+    build::ready_for_query(out, crate::proto::TxnStatus::Idle);
 }
 
 #[cfg(test)]
@@ -245,7 +242,7 @@ mod tests {
 
     fn ready(status: u8) -> BytesMut {
         let mut b = BytesMut::new();
-        build::ready_for_query(&mut b, status);
+        build::ready_for_query(&mut b, crate::proto::TxnStatus::from_byte(status));
         b
     }
 

@@ -37,7 +37,7 @@ impl Prepared {
                     _ => false,
                 },
                 tag::CLOSE => match body.get(1..).and_then(split_cstr) {
-                    Some((name, _)) if body.first() == Some(&b'S') && !name.is_empty() => {
+                    Some((name, _)) if body.first() == Some(&crate::proto::target::STATEMENT) && !name.is_empty() => {
                         batch.insert(name, false);
                         true
                     }
