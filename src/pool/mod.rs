@@ -1,13 +1,17 @@
 //! Server pools, one per (database, user): bounded by their own size and by shared limits
 //! (the budget), FIFO waiters, and an RAII checkout guard whose `Drop` returns, resets or
 //! closes the server. Knows nothing of client bytes.
+//!
+//! Where each behaviour lives: a server's way through the pool, checkout and check-in
+//! (`checkout`); the guard and what its drop does (`pooled`); the background upkeep
+//! (`maintenance`); servers in use (`active`); shared caps (`limit`); what the console sees
+//! (`view`); and here, the pool itself, its settings and the operator's controls.
 
 mod active;
+mod checkout;
 mod defaults;
 mod error;
 mod guards;
-use guards::{ProbeGuard, SlotGuard, Withdraw};
-mod checkin;
 pub mod limit;
 pub use defaults::Defaults;
 pub use error::PoolError;
@@ -16,7 +20,7 @@ mod pooled;
 mod view;
 
 use crate::error::SqlState;
-use crate::server::{ServerConn, ServerError, Target};
+use crate::server::{ServerConn, Target};
 pub use active::ActiveServer;
 use arc_swap::ArcSwap;
 pub use limit::Limit;
@@ -238,291 +242,37 @@ impl Pool {
         self.backoff_error(&self.lock()).is_some()
     }
 
+    /// Stops handing out servers (admin PAUSE); checkouts wait until `resume`.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Hands out servers again.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Closes every idle server (admin KILL); checked-out ones close when returned.
+    pub fn close_idle(&self) {
+        while self.close_one_idle() {}
+    }
+
+    /// Takes the pool out of service (its database was removed): idle servers close now,
+    /// busy ones when they come back.
+    pub fn retire(&self) {
+        self.retired.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.close_idle();
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic under this lock cannot leave the counts worse than losing the pool; recover
         // rather than poison every later client.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes an idle server, opens a new one, or waits in FIFO order up to `wait`.
-    ///
-    /// # Cancel safety
-    /// Dropping the future gives back anything it was granted.
-    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Pooled, PoolError> {
-        let start = Instant::now();
-        let deadline = start + wait;
-        if *self.paused.borrow() {
-            let mut rx = self.paused.subscribe();
-            let resumed = tokio::time::timeout_at(deadline, rx.wait_for(|p| !*p)).await;
-            if resumed.is_err() {
-                return Err(PoolError::Timeout {
-                    pool: self.key.to_string(),
-                    waited: wait,
-                    size: self.settings().size,
-                });
-            }
-        }
-        let mut reserve_at = (self.settings().reserve_size > 0).then(|| start + self.settings().reserve_timeout);
-        loop {
-            let next = {
-                let mut inner = self.lock();
-                if let Some(conn) = self.take_idle(&mut inner) {
-                    Ok(conn)
-                } else if let Some(e) = self.backoff_error(&inner) {
-                    return Err(e);
-                } else if self.reserve_slot(&mut inner, false) {
-                    Err(None)
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    inner.waiters.push_back(Waiter { tx, since: Instant::now() });
-                    inner.blocked |= inner.open < self.settings().size;
-                    let report = !inner.limit_reported;
-                    inner.limit_reported = true;
-                    let blocked = inner.blocked;
-                    drop(inner);
-                    if report {
-                        self.event(
-                            "pool_limit_reached",
-                            serde_json::json!({"poolSize": self.settings().size, "blockedByBudget": blocked}),
-                        );
-                    }
-                    Err(Some((rx, blocked)))
-                }
-            };
-            let (rx, blocked) = match next {
-                Ok(conn) => match self.prepare(conn).await {
-                    Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
-                    None => continue,
-                },
-                Err(None) => return self.open_granted().await,
-                Err(Some(w)) => w,
-            };
-            // Whichever way the wait ends, including this future being dropped, a grant sent
-            // meanwhile goes back to the pool instead of leaking its server or slot.
-            let mut waiting = Withdraw { pool: self, rx };
-            if blocked {
-                self.request_capacity(true);
-            }
-            loop {
-                let until = reserve_at.filter(|r| *r < deadline).unwrap_or(deadline);
-                match tokio::time::timeout_at(until, &mut waiting.rx).await {
-                    Ok(Ok(Grant::Server(conn))) => match self.prepare(conn).await {
-                        Some(conn) => return Ok(Pooled::new(self.clone(), conn)),
-                        None => break,
-                    },
-                    Ok(Ok(Grant::Slot)) => return self.open_granted().await,
-                    Ok(Err(_)) => break,
-                    Err(_) if until < deadline => {
-                        reserve_at = None;
-                        let reserved = self.reserve_slot(&mut self.lock(), true);
-                        if reserved {
-                            drop(waiting);
-                            tracing::info!(pool = %self.key, "using the reserve pool");
-                            return self.open_granted().await;
-                        }
-                    }
-                    Err(_) => {
-                        drop(waiting);
-                        self.event("connection_timeout", serde_json::json!({"waitedMs": wait.as_millis() as u64}));
-                        return Err(PoolError::Timeout {
-                            pool: self.key.to_string(),
-                            waited: wait,
-                            size: self.settings().size,
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// Withdraws a waiter, returning anything granted to it in the meantime.
-    fn give_back(&self, rx: &mut oneshot::Receiver<Grant>) {
-        rx.close();
-        match rx.try_recv() {
-            Ok(Grant::Server(conn)) => self.checkin(conn),
-            Ok(Grant::Slot) => self.release_slot(),
-            Err(_) => {}
-        }
-    }
-
-    fn backoff_error(&self, inner: &Inner) -> Option<PoolError> {
-        let b = inner.backoff.as_ref()?;
-        let now = Instant::now();
-        (now < b.until || inner.probing).then(|| PoolError::Backoff {
-            pool: self.key.to_string(),
-            message: b.message.clone(),
-            code: b.code,
-            retry_in: b.until.saturating_duration_since(now),
-        })
-    }
-
-    /// Counts a new server against the pool size (plus the reserve if allowed) and every limit.
-    fn reserve_slot(&self, inner: &mut Inner, reserve: bool) -> bool {
-        let cap = self.settings().size + if reserve { self.settings().reserve_size } else { 0 };
-        if inner.open >= cap {
-            return false;
-        }
-        for (i, l) in self.limits.iter().enumerate() {
-            if !l.try_acquire() {
-                for taken in &self.limits[..i] {
-                    taken.release_quiet();
-                }
-                return false;
-            }
-        }
-        inner.open += 1;
-        true
-    }
-
-    /// Queues this pool on every full limit; with `evict`, asks another pool to give up an
-    /// idle server.
-    fn request_capacity(self: &Arc<Self>, evict: bool) {
-        for l in &self.limits {
-            if l.is_full() {
-                l.wait(self);
-                if evict {
-                    l.evict_for(self);
-                }
-            }
-        }
-    }
-
-    /// A limit has room: serve blocked waiters while it lasts.
-    pub(crate) fn on_capacity(self: &Arc<Self>) {
-        let mut inner = self.lock();
-        if inner.backoff.as_ref().is_some_and(|b| Instant::now() < b.until) {
-            return;
-        }
-        while inner.waiters.iter().any(|w| !w.tx.is_closed()) && self.reserve_slot(&mut inner, false) {
-            let mut served = false;
-            while let Some(w) = inner.waiters.pop_front() {
-                if w.tx.send(Grant::Slot).is_ok() {
-                    served = true;
-                    break;
-                }
-            }
-            if !served {
-                inner.open -= 1;
-                for l in &self.limits {
-                    l.release_quiet();
-                }
-                break;
-            }
-        }
-        inner.blocked = inner.open < self.settings().size && inner.waiters.iter().any(|w| !w.tx.is_closed());
-    }
-
-    /// True if clients wait for capacity a shared limit withholds.
-    pub(crate) fn has_blocked_waiters(&self) -> bool {
-        let inner = self.lock();
-        inner.blocked && inner.waiters.iter().any(|w| !w.tx.is_closed())
-    }
-
-    fn take_idle(&self, inner: &mut Inner) -> Option<Conn> {
-        // Most recently used first: warm caches, and the least used age out.
-        while let Some(conn) = inner.idle.pop() {
-            if conn.is_idle_healthy() {
-                return Some(conn);
-            }
-            tracing::debug!(server = conn.id, pool = %self.key, "idle server closed or spoke; dropping it");
-            inner.open -= 1;
-            for l in &self.limits {
-                l.release_quiet();
-            }
-        }
-        None
-    }
-
-    /// Runs the liveness check on a server idle longer than `check_delay`. `None` = it failed
-    /// and was closed.
-    async fn prepare(self: &Arc<Self>, mut conn: Conn) -> Option<Conn> {
-        conn.uses += 1;
-        if conn.last_used.elapsed() < self.settings().check_delay {
-            return Some(conn);
-        }
-        let settings = self.settings();
-        // Boxed for the same reason as a connect: rare, and sizing every session future.
-        let check = Box::pin(tokio::time::timeout(settings.connect_timeout, conn.simple_query(&settings.check_query)));
-        match check.await {
-            Ok(Ok(Ok(()))) => Some(conn),
-            _ => {
-                tracing::info!(server = conn.id, pool = %self.key, "server failed server_check_query; closing it");
-                self.discard(conn);
-                None
-            }
-        }
-    }
-
-    /// Opens a server for a slot already counted.
-    async fn open_granted(self: &Arc<Self>) -> Result<Pooled, PoolError> {
-        // If this future is dropped mid-connect the slot must still be returned.
-        let slot = SlotGuard(Some(self.clone()));
-        // While a login failure is waited out, fail fast instead of hammering the server.
-        if let Some(e) = self.backoff_error(&self.lock()) {
-            return Err(e);
-        }
-        // Boxed: a connect's state (TLS, authentication) is large and rarely live, and it
-        // would otherwise size every client's session future.
-        match Box::pin(self.connect()).await {
-            Ok(conn) => {
-                std::mem::forget(slot);
-                Ok(Pooled::new(self.clone(), conn))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Connects and logs in, recording success or failure for `server_login_retry`: after a
-    /// failure, the wait before the next attempt doubles up to `server_login_retry`, and once
-    /// it is over a single attempt probes the server while everyone else fails fast.
-    async fn connect(&self) -> Result<Conn, PoolError> {
-        let _probe = {
-            let mut inner = self.lock();
-            if let Some(e) = self.backoff_error(&inner) {
-                return Err(e);
-            }
-            inner.backoff.is_some().then(|| {
-                inner.probing = true;
-                ProbeGuard(self)
-            })
-        };
-        let connect = async {
-            let mut conn = ServerConn::connect(self.target.load_full(), self.settings().connect_timeout).await?;
-            self.learn_defaults(&mut conn).await?;
-            Ok::<_, ServerError>(Box::new(conn))
-        };
-        match connect.await {
-            Ok(mut conn) => {
-                self.lock().backoff = None;
-                conn.expires = maintenance::jittered(self.settings().lifetime).map(|d| conn.created + d);
-                conn.generation = self.generation.load(Ordering::Relaxed);
-                conn.uses = 1;
-                self.event("connection_added", serde_json::json!({"serverId": conn.id, "pid": conn.cancel.pid}));
-                Ok(conn)
-            }
-            Err(source) => {
-                let mut inner = self.lock();
-                let first = self.settings().login_retry.min(Duration::from_secs(1));
-                let delay = match &inner.backoff {
-                    // Attempts made together fail together: one round, one doubling.
-                    Some(b) if Instant::now() < b.until => b.delay,
-                    Some(b) => (b.delay * 2).min(self.settings().login_retry).max(first),
-                    None => first,
-                };
-                inner.backoff = Some(Backoff {
-                    until: Instant::now() + delay,
-                    delay,
-                    message: crate::error::chain(&source),
-                    code: source.sqlstate(),
-                });
-                drop(inner);
-                tracing::warn!(pool = %self.key, error = %crate::error::chain(&source), retry_in = ?delay, "server connection failed");
-                self.event(
-                    "connection_error",
-                    serde_json::json!({"error": crate::error::chain(&source), "retryInMs": delay.as_millis() as u64}),
-                );
-                Err(PoolError::Connect { pool: self.key.to_string(), source })
-            }
-        }
     }
 }

@@ -34,7 +34,7 @@ impl Pooled {
     }
 
     /// A guard for a server already recorded as checked out.
-    fn tracked(pool: Arc<Pool>, conn: Conn) -> Pooled {
+    pub(super) fn tracked(pool: Arc<Pool>, conn: Conn) -> Pooled {
         Pooled { conn: Some(conn), pool, release: Release::Close }
     }
 
@@ -67,49 +67,6 @@ impl Drop for Pooled {
 }
 
 impl Pool {
-    /// The common checkout, without waiting: an idle server due no liveness query. `None`
-    /// when `checkout` has more to do (wait, open a server, run `server_check_query`); the
-    /// caller can then box that larger future rather than carry its state for good.
-    pub fn try_checkout(self: &Arc<Self>) -> Option<Pooled> {
-        if *self.paused.borrow() {
-            return None;
-        }
-        let check_delay = self.settings.load().check_delay;
-        let mut inner = self.lock();
-        let mut conn = self.take_idle(&mut inner)?;
-        let now = tokio::time::Instant::now();
-        if now.saturating_duration_since(conn.last_used) >= check_delay {
-            inner.idle.push(conn);
-            return None;
-        }
-        // Tracked under the same lock: one lock per checkout (and one per checkin).
-        Self::track_in(&mut inner, &conn, now);
-        drop(inner);
-        conn.uses += 1;
-        Some(Pooled::tracked(self.clone(), conn))
-    }
-
-    /// Server `id` again, if it is idle and nobody has checked it out since its use number
-    /// was `uses`: what its last client left in the session (`lastval()`) is still that
-    /// client's.
-    pub fn try_checkout_again(self: &Arc<Self>, id: u64, uses: u64) -> Option<Pooled> {
-        if *self.paused.borrow() {
-            return None;
-        }
-        let mut inner = self.lock();
-        let at = inner.idle.iter().position(|c| c.id == id && c.uses == uses)?;
-        let mut conn = inner.idle.remove(at);
-        if !conn.is_idle_healthy() {
-            // `take_idle` closes it in its turn.
-            inner.idle.insert(at, conn);
-            return None;
-        }
-        Self::track_in(&mut inner, &conn, tokio::time::Instant::now());
-        drop(inner);
-        conn.uses += 1;
-        Some(Pooled::tracked(self.clone(), conn))
-    }
-
     fn release(self: &Arc<Self>, conn: Conn, how: Release) {
         let needs_work = how == Release::Reset || conn.status != TxnStatus::Idle;
         if how != Release::Close && !needs_work {

@@ -93,34 +93,6 @@ impl Pool {
         v.sort_by_key(|s| s.id);
         v
     }
-
-    /// Stops handing out servers (admin PAUSE); checkouts wait until `resume`.
-    pub fn pause(&self) {
-        self.paused.send_replace(true);
-    }
-
-    /// Hands out servers again.
-    pub fn resume(&self) {
-        self.paused.send_replace(false);
-    }
-
-    /// True while paused.
-    pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
-    }
-
-    /// Closes every idle server (admin KILL); checked-out ones close when returned.
-    pub fn close_idle(&self) {
-        while self.close_one_idle() {}
-    }
-
-    /// Takes the pool out of service (its database was removed): idle servers close now,
-    /// busy ones when they come back.
-    pub fn retire(&self) {
-        self.retired.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.close_idle();
-    }
 }
 
 /// All pools, created on first use.
