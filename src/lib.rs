@@ -4,21 +4,26 @@
 //! connections onto few server connections, never more than its budget.
 //!
 //! # Layout
-//! - [`proto`]: wire protocol framing, startup packets and message builders (pure, fuzzed).
-//! - [`config`]: the TOML file, validated into typed settings.
+//! Each module imports only modules below it (the README draws the layers):
+//! - [`app`]: the broker (`App`, the composition of the parts below), starting, accepting,
+//!   reloading, upgrading, draining, and the operator's surfaces (admin console, HTTP, health).
+//! - [`session`]: the task serving one client: login, then the relay loop of its pool mode.
+//! - [`admission`]: client counts and slots, logins in progress, refusals.
 //! - [`auth`]: client authentication against the auth file (trust, md5, SCRAM-SHA-256).
-//! - [`server`]: one upstream connection: connect, log in, the broker's own queries.
+//! - [`notify`]: LISTEN/NOTIFY fan-out to WebSocket clients and pooled SQL clients.
+//! - [`fleet`]: fleet mode, the budget shared live through the database.
+//! - [`registry`]: the pools, made from the config with their budgets and shared limits.
+//! - [`clients`]: the logged-in clients.
 //! - [`pool`]: servers per (database, user), checkout with FIFO waiting, RAII return,
 //!   shared limits (the budget).
 //! - [`budget`]: the per-instance server connection budget and its derivation.
-//! - [`session`]: the task serving one client: login, then the relay loop of its pool mode.
 //! - [`cancel`]: client cancel keys mapped to the server running their query.
-//! - [`notify`]: LISTEN/NOTIFY fan-out to WebSocket clients and pooled SQL clients.
-//! - [`http`]: the HTTP listener (WebSocket bridge).
-//! - [`logline`]: log lines that stay one line whatever peers put in them.
-//! - [`admin`]: the admin console (virtual database `pgbroker`).
-//! - [`stats`], [`clients`]: counters and the client registry behind it.
-//! - [`app`]: wiring, accept loop and signals.
+//! - [`server`]: one upstream connection: connect, log in, the broker's own queries.
+//! - [`net`]: socket setup and a client's connection.
+//! - [`config`]: the TOML file, validated into typed settings; the live config.
+//! - [`proto`]: wire protocol framing, startup packets and message builders (pure, fuzzed).
+//! - [`shutdown`], [`metrics`], [`events`], [`stats`], [`tls`], [`crypto`], [`logline`]:
+//!   the shared ground.
 //! - [`cluster`]: a throwaway PostgreSQL cluster for `pgbroker demo`, tests and benchmarks.
 
 pub mod admission;

@@ -198,7 +198,7 @@ impl Registry {
     }
 
     /// The pool a fleet member heartbeats through on `server`: its own login's
-    /// ([`budget::own_login`]), which keeps one server open in fleet mode.
+    /// (`budget::own_login`), which keeps one server open in fleet mode.
     pub fn fleet_pool(&self, cfg: &Config, server: &str) -> Option<Arc<Pool>> {
         let (database, user, password) = budget::own_login(cfg, server)?;
         let db = cfg.databases.get(&database)?;
