@@ -3,8 +3,7 @@
 
 use super::ClientLoop;
 use crate::error::SqlState;
-use crate::net::ClientIo;
-use crate::net::ClientStream;
+use crate::net::{ClientIo, ClientStream};
 use crate::pool::Release;
 use crate::proto::build::{self, Severity};
 use crate::session::SessionError;

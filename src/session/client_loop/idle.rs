@@ -5,8 +5,7 @@
 //! pays for hibernating between its transactions.
 
 use super::ClientLoop;
-use crate::net::ClientIo;
-use crate::net::ClientStream;
+use crate::net::{ClientIo, ClientStream};
 use crate::session::SessionError;
 use std::time::Duration;
 use tokio::time::Instant;
