@@ -108,7 +108,8 @@ async fn serve(
         let result = tokio::select! {
             () = sleep_until(next_check), if next_check.is_some() => {
                 let (_, within) = hub.upgrade()?.check_settings();
-                if let Err(why) = check(hub, server, within).await {
+                if let Err(failed) = check(hub, server, within).await {
+                    let why = failed.to_string();
                     let h = hub.upgrade()?;
                     h.stats.check_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     (h.emit)("listener_replaced", serde_json::json!({"database": h.database, "reason": why}));
@@ -158,13 +159,30 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Why a listener check failed: the listener is replaced.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    /// Nothing came back in time.
+    #[error("listener check: no answer within {0:?} (listener_check_timeout)")]
+    Timeout(Duration),
+    /// The connection failed.
+    #[error("listener check: {0}")]
+    Server(#[from] ServerError),
+    /// The server refused the NOTIFY.
+    #[error("listener check: NOTIFY refused: {0}")]
+    Refused(String),
+    /// The NOTIFY ran but its notification never arrived.
+    #[error("listener check: its own notification did not come back")]
+    NotReceived,
+}
+
 /// Sequence of the check notifications, so that each check waits for its own.
 static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Proves the connection receives: a NOTIFY on `CHECK_CHANNEL` sent on it must come back to
 /// it (a session gets its own notifications) within `within`. Other notifications that
 /// arrive meanwhile go to the hub as usual.
-async fn check(hub: &Weak<Hub>, server: &mut ServerConn, within: Duration) -> Result<(), String> {
+async fn check(hub: &Weak<Hub>, server: &mut ServerConn, within: Duration) -> Result<(), CheckFailed> {
     let token = CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string();
     let sql = format!("NOTIFY {}, '{token}'", escape_identifier(CHECK_CHANNEL));
     let h = hub.upgrade();
@@ -178,11 +196,11 @@ async fn check(hub: &Weak<Hub>, server: &mut ServerConn, within: Duration) -> Re
         }
     };
     match tokio::time::timeout(within, server.simple_query_notifying(&sql, &mut notified)).await {
-        Err(_) => Err(format!("listener check: no answer within {within:?} (listener_check_timeout)")),
-        Ok(Err(e)) => Err(format!("listener check: {e}")),
-        Ok(Ok(Err(e))) => Err(format!("listener check: NOTIFY refused: {}", e.message)),
+        Err(_) => Err(CheckFailed::Timeout(within)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(Err(e))) => Err(CheckFailed::Refused(e.message)),
         Ok(Ok(Ok(()))) if seen => Ok(()),
-        Ok(Ok(Ok(()))) => Err("listener check: its own notification did not come back".to_string()),
+        Ok(Ok(Ok(()))) => Err(CheckFailed::NotReceived),
     }
 }
 
