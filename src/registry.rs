@@ -19,7 +19,12 @@ use std::time::Duration;
 pub type Budgets = BTreeMap<String, (Derivation, Arc<Limit>)>;
 
 /// Pools of the notification listener are named after their database with this suffix.
-pub const LISTENER_SUFFIX: &str = " (listener)";
+const LISTENER_SUFFIX: &str = " (listener)";
+
+/// The configured database a pool serves (a listener pool's name carries a suffix).
+pub fn configured_database(key: &PoolKey) -> &str {
+    key.database.trim_end_matches(LISTENER_SUFFIX)
+}
 
 /// How long PAUSE waits for active servers before giving up (pools stay paused).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);

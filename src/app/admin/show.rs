@@ -95,10 +95,8 @@ fn pools(app: &Arc<App>) -> Table {
             }
         }
         let wait = p.max_wait();
-        let mode = cfg
-            .databases
-            .get(key.database.trim_end_matches(crate::registry::LISTENER_SUFFIX))
-            .map_or("session", |d| d.pool_mode.as_str());
+        let mode =
+            cfg.databases.get(crate::registry::configured_database(key)).map_or("session", |d| d.pool_mode.as_str());
         t.row(vec![
             s(&key.database),
             s(&key.user),
@@ -176,7 +174,7 @@ fn servers(app: &Arc<App>) -> Table {
     let cfg = app.config();
     for p in app.registry().pools().all() {
         let key = p.key();
-        let db = cfg.databases.get(key.database.trim_end_matches(crate::registry::LISTENER_SUFFIX));
+        let db = cfg.databases.get(crate::registry::configured_database(key));
         for sv in p.servers() {
             t.row(vec![
                 s("S"),
