@@ -6,12 +6,12 @@ pub mod logins;
 
 use crate::auth::throttle::LoginThrottle;
 use crate::config::Config;
+use crate::net::{IpSlot, PerIp};
 use crate::stats::Refusals;
 use logins::LoggingIn;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 
 /// Connections accepted past `max_client_conn` for admin console logins only.
 pub const ADMIN_RESERVE: usize = 3;
@@ -26,7 +26,7 @@ pub struct Admission {
     /// Clients hibernating now (quiet, their relay state freed).
     hibernating: AtomicUsize,
     /// Clients per IP address, for `max_client_conn_per_ip`.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Arc<PerIp>,
     /// Refused client connections by reason.
     refusals: Refusals,
     /// Failed logins per address (`auth.max_failures_per_ip`).
@@ -74,10 +74,16 @@ impl Admission {
             return Err(Refused::MaxClientConn(cfg.broker.max_client_conn));
         };
         let host = crate::net::peer_key(peer.ip());
-        let Ok(per_ip) = IpSlot::take(self, host, cfg.broker.max_client_conn_per_ip) else {
-            self.refusals.max_client_conn_per_ip.fetch_add(1, Relaxed);
-            tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
-            return Err(Refused::PerIp { host, limit: cfg.broker.max_client_conn_per_ip });
+        let limit = cfg.broker.max_client_conn_per_ip;
+        // 0: no limit, nothing counted.
+        let per_ip = match (limit > 0).then(|| self.per_ip.take(host, limit, usize::MAX)) {
+            None => None,
+            Some(Some(slot)) => Some(slot),
+            Some(None) => {
+                self.refusals.max_client_conn_per_ip.fetch_add(1, Relaxed);
+                tracing::warn!(%peer, "max_client_conn_per_ip reached; refusing client");
+                return Err(Refused::PerIp { host, limit });
+            }
         };
         Ok(Admitted { admin_only, _slot: slot, _per_ip: per_ip })
     }
@@ -162,40 +168,5 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Relaxed);
-    }
-}
-
-/// One client's count against `max_client_conn_per_ip`; released on drop.
-struct IpSlot {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    /// Counts a client from `ip` (`Ok(None)`: no limit, nothing counted); `Err` if that
-    /// would exceed `limit`.
-    fn take(a: &Arc<Admission>, ip: IpAddr, limit: usize) -> Result<Option<IpSlot>, ()> {
-        if limit == 0 {
-            return Ok(None);
-        }
-        let mut map = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit {
-            return Err(());
-        }
-        *n += 1;
-        Ok(Some(IpSlot { admission: a.clone(), ip }))
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.admission.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
     }
 }

@@ -8,6 +8,9 @@ pub use io::{ClientIo, ClientIoError};
 pub use stream::ClientStream;
 
 use socket2::{SockRef, TcpKeepalive};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -45,10 +48,64 @@ pub fn peer_key(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// Connections counted by client address (a [`peer_key`]), for per-address limits.
+#[derive(Default)]
+pub struct PerIp(Mutex<Counts>);
+
+/// Connections by address, and their sum (kept, so no limit check walks the map).
+#[derive(Default)]
+struct Counts {
+    by_ip: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// One connection in a [`PerIp`] count; released on drop.
+pub struct IpSlot {
+    counts: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a connection from `ip` unless `ip` has `per_ip` of them already or all
+    /// addresses together have `total`.
+    pub fn take(self: &Arc<Self>, ip: IpAddr, per_ip: usize, total: usize) -> Option<IpSlot> {
+        let mut c = self.lock();
+        if c.total >= total || c.by_ip.get(&ip).copied().unwrap_or(0) >= per_ip {
+            return None;
+        }
+        *c.by_ip.entry(ip).or_insert(0) += 1;
+        c.total += 1;
+        Some(IpSlot { counts: self.clone(), ip })
+    }
+
+    /// Connections counted now, from every address.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let c = &mut *self.counts.lock();
+        if let Some(n) = c.by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            c.total -= 1;
+            if *n == 0 {
+                c.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::peer_key;
+    use super::{PerIp, peer_key};
     use std::net::IpAddr;
+    use std::sync::Arc;
 
     fn key(s: &str) -> String {
         peer_key(s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]))).to_string()
@@ -72,5 +129,19 @@ mod tests {
     fn other_ipv4_peers_are_counted_by_address() {
         assert_eq!(key("10.0.0.7"), "10.0.0.7");
         assert_eq!(key("::ffff:10.0.0.7"), "10.0.0.7");
+    }
+
+    #[test]
+    fn per_ip_counts_refuse_past_either_limit_and_free_on_drop() {
+        let counts = Arc::new(PerIp::default());
+        let (a, b) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let first = counts.take(a, 1, 2).unwrap();
+        assert!(counts.take(a, 1, 2).is_none(), "a's own limit");
+        let second = counts.take(b, 1, 2).unwrap();
+        assert!(counts.take(IpAddr::from([10, 0, 0, 3]), 1, 2).is_none(), "the total");
+        assert_eq!(counts.total(), 2);
+        drop((first, second));
+        assert_eq!(counts.total(), 0);
+        assert!(counts.take(a, 1, 2).is_some());
     }
 }

@@ -7,14 +7,15 @@ use super::hold::Taken;
 use super::{Event, Subscription, json};
 use crate::config::Config;
 use crate::events::{EVENTS_CHANNEL, METRICS_CHANNEL};
+use crate::net::{IpSlot, PerIp};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use std::collections::HashMap;
+
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -32,25 +33,8 @@ const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 /// Open WebSocket connections, in total and per IP.
 #[derive(Default)]
 pub struct WsCounts {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: Arc<PerIp>,
     next_id: std::sync::atomic::AtomicU64,
-}
-
-struct Admission {
-    bridge: Arc<Bridge>,
-    ip: IpAddr,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let mut map = self.bridge.ws().per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl WsCounts {
@@ -61,7 +45,7 @@ impl WsCounts {
 
     /// Connections open now.
     pub fn total(&self) -> usize {
-        self.per_ip.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+        self.per_ip.total()
     }
 }
 
@@ -204,19 +188,9 @@ fn token_channels(cfg: &Config, headers: &HeaderMap, query: Option<&str>) -> Res
         .ok_or(())
 }
 
-fn admit(bridge: &Arc<Bridge>, cfg: &Config, ip: IpAddr) -> Option<Admission> {
+fn admit(bridge: &Bridge, cfg: &Config, ip: IpAddr) -> Option<IpSlot> {
     let w = &cfg.websocket;
-    let mut map = bridge.ws().per_ip.lock().unwrap_or_else(|e| e.into_inner());
-    let total: usize = map.values().sum();
-    let here = map.entry(ip).or_insert(0);
-    if total >= w.max_ws_connections || *here >= w.max_ws_connections_per_ip {
-        if *here == 0 {
-            map.remove(&ip);
-        }
-        return None;
-    }
-    *here += 1;
-    Some(Admission { bridge: bridge.clone(), ip })
+    bridge.ws().per_ip.take(ip, w.max_ws_connections_per_ip, w.max_ws_connections)
 }
 
 /// How a session ends.
@@ -271,7 +245,7 @@ async fn session(
     on_connect: OnConnect,
     allowed: Option<Vec<String>>,
     cfg: Arc<Config>,
-    _admission: Admission,
+    _admission: IpSlot,
     bridge: Arc<Bridge>,
 ) {
     let w = &cfg.websocket;
