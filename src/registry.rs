@@ -125,13 +125,7 @@ impl Registry {
             if let Some((_, limit)) = self.budgets().get(&budget::server_of(db)) {
                 limits.push(limit.clone());
             }
-            if db.max_db_connections > 0 {
-                limits.push(self.shared_limit(format!("max_db_connections {real}"), db.max_db_connections));
-            }
-            if cfg.broker.max_user_connections > 0 {
-                let name = format!("max_user_connections {server_user}");
-                limits.push(self.shared_limit(name, cfg.broker.max_user_connections));
-            }
+            limits.extend(self.shared_limits(cfg, &origin, db));
             tracing::debug!(pool = %key, size = settings.size, "creating pool");
             self.origins.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), origin);
             Pool::new(key.clone(), target, settings, limits)
@@ -210,6 +204,21 @@ impl Registry {
         Some(self.pool(cfg, &database, db, &user, password.map(Credential::Password)))
     }
 
+    /// The `max_db_connections` and `max_user_connections` limits a pool of `origin` shares
+    /// with the other pools of its database or user, created on first use, capped as `cfg` says.
+    fn shared_limits(&self, cfg: &Config, origin: &Origin, db: &Database) -> Vec<Arc<Limit>> {
+        let mut limits = Vec::new();
+        if db.max_db_connections > 0 {
+            let name = format!("max_db_connections {}", origin.database);
+            limits.push(self.shared_limit(name, db.max_db_connections));
+        }
+        if cfg.broker.max_user_connections > 0 {
+            let name = format!("max_user_connections {}", origin.user);
+            limits.push(self.shared_limit(name, cfg.broker.max_user_connections));
+        }
+        limits
+    }
+
     fn shared_limit(&self, name: String, cap: u32) -> Arc<Limit> {
         let mut map = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
         let limit = map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap as usize)).clone();
@@ -249,12 +258,8 @@ impl Registry {
                 plain.map(|p| Credential::Password(p.to_owned())).or_else(|| pool.target().credential.clone())
             };
             let (target, settings) = self.pool_setup(cfg, origin, db, credential);
-            if db.max_db_connections > 0 {
-                self.shared_limit(format!("max_db_connections {}", origin.database), db.max_db_connections);
-            }
-            if cfg.broker.max_user_connections > 0 {
-                self.shared_limit(format!("max_user_connections {}", origin.user), cfg.broker.max_user_connections);
-            }
+            // Caps follow the config (a limit first set by this reload is not attached).
+            self.shared_limits(cfg, origin, db);
             pool.reconfigure(settings, target);
         }
     }
