@@ -227,6 +227,27 @@ async fn a_session_setting_follows_its_client_and_never_reaches_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_shorter_than_the_brokers_own_queries_costs_no_client_its_connection() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    let a = connect_bench(b.local_addr()).await;
+    // Each SET makes the broker look at the session under the client's 1ms timeout, and each
+    // bystander landing on a server A left resets it under that timeout: the broker's own
+    // statements may be stopped by it, no client's connection (the bystanders' included).
+    for i in 0..100 {
+        for sql in ["SET statement_timeout = '1ms'", &format!("SET work_mem = '{}kB'", 4096 + i)] {
+            if let Err(e) = a.batch_execute(sql).await {
+                assert_eq!(sqlstate(&e), "57014", "{sql}: {e}");
+            }
+        }
+    }
+    load.running().await;
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(one(&a, "SHOW statement_timeout").await, "0");
+    load.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_local_and_a_set_rolled_back_do_not_persist() {
     let b = pooled_broker().await;
     let load = Load::start(&b).await;

@@ -67,7 +67,7 @@ pub fn config_with(auth_type: &str, extra: &str) -> Config {
 listen = "127.0.0.1:0"
 http_listen = "127.0.0.1:0"
 query_wait_timeout = "5s"
-client_login_timeout = "3s"
+client_login_timeout = "10s"
 
 [auth]
 type = "{auth_type}"

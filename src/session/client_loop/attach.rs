@@ -12,6 +12,7 @@ use crate::net::{ClientIo, ClientStream};
 use crate::pool::{Pooled, Release};
 use crate::proto::frame::HEADER_LEN;
 use crate::proto::{TxnStatus, build, tag};
+use crate::server::{QueryError, ServerError};
 use crate::session::SessionError;
 use crate::session::accounting::Accounting;
 use crate::session::hints::{self, Hints};
@@ -20,6 +21,15 @@ use crate::stats::Counters;
 use bytes::BytesMut;
 use std::sync::atomic::Ordering;
 use tokio::io::AsyncWriteExt;
+
+/// How many more times the broker runs its own query on a server when a `statement_timeout`
+/// the server carries stopped it (57014) before that query could lift the timeout.
+const STOPPED_TRIES: usize = 3;
+
+/// Whether the server stopped the broker's query for its statement_timeout.
+fn stopped<T>(result: &Result<Result<T, QueryError>, ServerError>) -> bool {
+    matches!(result, Ok(Err(e)) if e.code == SqlState::QUERY_CANCELED)
+}
 
 impl ClientLoop {
     /// Checks out a server for the transaction the client just started and brings it to the
@@ -143,7 +153,16 @@ impl ClientLoop {
         self.client.set_state(ClientState::Active);
         if let Some(plan) = self.settings.plan_sync(&server, self.defaults.all()) {
             // Boxed, as the other rare awaits here: the loop's future lives as long as the client.
-            match Box::pin(server.query_row(&plan.sql)).await {
+            let mut result = Box::pin(server.query_row(&plan.sql)).await;
+            // Another client's statement_timeout, still on the server, times the first RESET;
+            // on a busy machine it can stop it, and then nothing was applied: try again.
+            for _ in 0..STOPPED_TRIES {
+                if !stopped(&result) {
+                    break;
+                }
+                result = Box::pin(server.query_row(&plan.sql)).await;
+            }
+            match result {
                 Ok(Ok(row)) => {
                     let mut told = BytesMut::new();
                     for s in self.settings.apply_sync(&plan, &row, &mut server) {
@@ -152,7 +171,8 @@ impl ClientLoop {
                     self.down.insert(&told);
                 }
                 Ok(Err(e)) => {
-                    // Only the client's setting was refused; the server is fine.
+                    // The client's setting was refused (or every try was stopped): the sync is one
+                    // transaction, so nothing was applied and the server is fine.
                     server.release = Release::Reuse;
                     return Err(SessionError::fatal(e.code, e.message));
                 }
@@ -214,8 +234,19 @@ impl ClientLoop {
         let mut names = self.settings.extras().to_vec();
         names.extend(self.custom.iter().filter(|c| !names.contains(c)).cloned().collect::<Vec<_>>());
         let mut result = Box::pin(server.query_rows(&probe::sql(&names, false))).await;
-        if matches!(&result, Ok(Err(e)) if e.code == SqlState::QUERY_CANCELED) {
-            // The client's own statement_timeout is shorter than the probe.
+        // The client's own statement_timeout is shorter than the probe: the untimed probe
+        // lifts it, but its first statements still run under it and a busy machine can stop
+        // those too. Each try starts clean: a stopped one leaves its transaction open.
+        for _ in 0..STOPPED_TRIES {
+            if !stopped(&result) {
+                break;
+            }
+            if server.status != TxnStatus::Idle {
+                result = Box::pin(server.query_rows("ROLLBACK")).await;
+                if !matches!(result, Ok(Ok(_))) {
+                    continue;
+                }
+            }
             result = Box::pin(server.query_rows(&probe::sql(&names, true))).await;
         }
         let found = match result {
