@@ -206,25 +206,23 @@ impl Registry {
 
     /// The `max_db_connections` and `max_user_connections` limits a pool of `origin` shares
     /// with the other pools of its database or user, created on first use, capped as `cfg` says.
-    fn shared_limits(&self, cfg: &Config, origin: &Origin, db: &Database) -> Vec<Arc<Limit>> {
-        let mut limits = Vec::new();
-        if db.max_db_connections > 0 {
-            let name = format!("max_db_connections {}", origin.database);
-            limits.push(self.shared_limit(name, db.max_db_connections));
-        }
-        if cfg.broker.max_user_connections > 0 {
-            let name = format!("max_user_connections {}", origin.user);
-            limits.push(self.shared_limit(name, cfg.broker.max_user_connections));
-        }
-        limits
+    /// Every pool counts against both, set or not, so that a reload that sets one caps the
+    /// servers already open as well as those opened after.
+    fn shared_limits(&self, cfg: &Config, origin: &Origin, db: &Database) -> [Arc<Limit>; 2] {
+        [
+            self.shared_limit(format!("max_db_connections {}", origin.database), db.max_db_connections),
+            self.shared_limit(format!("max_user_connections {}", origin.user), cfg.broker.max_user_connections),
+        ]
     }
 
+    /// The shared limit `name`, its cap set to `cap` (0: none, as in the config).
     fn shared_limit(&self, name: String, cap: u32) -> Arc<Limit> {
+        let cap = if cap == 0 { usize::MAX } else { cap as usize };
         let mut map = self.shared_limits.lock().unwrap_or_else(|e| e.into_inner());
-        let limit = map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap as usize)).clone();
-        if limit.cap() != cap as usize {
+        let limit = map.entry(name.clone()).or_insert_with(|| Limit::new(name, cap)).clone();
+        if limit.cap() != cap {
             // Reloaded: the shared cap follows the config.
-            limit.set_cap(cap as usize);
+            limit.set_cap(cap);
         }
         limit
     }
@@ -258,7 +256,7 @@ impl Registry {
                 plain.map(|p| Credential::Password(p.to_owned())).or_else(|| pool.target().credential.clone())
             };
             let (target, settings) = self.pool_setup(cfg, origin, db, credential);
-            // Caps follow the config (a limit first set by this reload is not attached).
+            // Caps follow the config; `pool.reconfigure` then closes idle servers over them.
             self.shared_limits(cfg, origin, db);
             pool.reconfigure(settings, target);
         }

@@ -350,7 +350,7 @@ async fn pgbench_simple_and_extended_with_200_clients_on_a_budget_of_20() {
 
 /// A broker config file for database `db` of the shared cluster: transaction mode, trust
 /// auth, `pool_size` servers, a budget of `budget`.
-fn shrink_config_text(db: &str, pool_size: u32, budget: u32) -> String {
+fn shrink_config_text(db: &str, Caps { pool_size, budget, max_db_connections }: Caps) -> String {
     format!(
         r#"
 [broker]
@@ -372,6 +372,7 @@ port = {port}
 user = "postgres"
 password = "postgres"
 pool_size = {pool_size}
+max_db_connections = {max_db_connections}
 "#,
         port = pg().port(),
         max = budget + 5,
@@ -387,21 +388,70 @@ async fn server_pids(sampler: &tokio_postgres::Client, db: &str) -> std::collect
     rows.iter().map(|r| r.get(0)).collect()
 }
 
+/// What caps a pool's servers in `shrink_under_load` (`max_db_connections` 0: none).
+#[derive(Clone, Copy)]
+struct Caps {
+    pool_size: u32,
+    budget: u32,
+    max_db_connections: u32,
+}
+
+impl Caps {
+    const WIDE: Caps = Caps { pool_size: 20, budget: 95, max_db_connections: 0 };
+
+    /// The servers these caps allow.
+    fn cap(self) -> usize {
+        let db = if self.max_db_connections == 0 { u32::MAX } else { self.max_db_connections };
+        self.pool_size.min(self.budget).min(db) as usize
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_lowers_pool_size_closes_servers_as_transactions_end_and_opens_none() {
-    shrink_under_load("shrink_pool_db", (20, 95), (4, 95)).await;
+    shrink_under_load("shrink_pool_db", Caps::WIDE, Caps { pool_size: 4, ..Caps::WIDE }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_lowers_the_budget_closes_servers_as_transactions_end_and_opens_none() {
-    shrink_under_load("shrink_budget_db", (20, 95), (20, 4)).await;
+    shrink_under_load("shrink_budget_db", Caps::WIDE, Caps { budget: 4, ..Caps::WIDE }).await;
 }
 
-/// 50 pgbench clients (TPC-B) on database `db` with (pool_size, budget) `before`; a reload
-/// to `after` while they run; the pool's servers sampled on the server every 100 ms.
-async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
-    let cap = after.0.min(after.1) as usize;
-    let full = before.0.min(before.1) as usize;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_sets_max_db_connections_caps_the_servers_already_open() {
+    shrink_under_load("shrink_maxdb_db", Caps::WIDE, Caps { max_db_connections: 4, ..Caps::WIDE }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_lifts_max_db_connections_serves_the_clients_waiting_on_it() {
+    let db = "lift_maxdb_db";
+    create_db(db);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgbroker.toml");
+    std::fs::write(&path, shrink_config_text(db, Caps { max_db_connections: 1, ..Caps::WIDE })).unwrap();
+    let b = broker(Config::load(&path).unwrap()).await;
+    let holder = connect(b.local_addr(), "postgres", "postgres", db).await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let other = connect(b.local_addr(), "postgres", "postgres", db).await.unwrap();
+    let waiting = tokio::spawn(async move { other.batch_execute("SELECT 1").await });
+    let pool = b.app().registry().pools().all().into_iter().find(|p| p.key().database == db).unwrap();
+    eventually("the second client to wait on the limit", Duration::from_secs(10), || async {
+        pool.stats().waiting == 1
+    })
+    .await;
+
+    std::fs::write(&path, shrink_config_text(db, Caps::WIDE)).unwrap();
+    b.app().reload().await.unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), waiting).await;
+    served.expect("served once the limit was lifted").unwrap().unwrap();
+    assert_eq!(pool.stats().open, 2, "a second server beside the held one");
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+/// 50 pgbench clients (TPC-B) on database `db` with caps `before`; a reload to `after`
+/// while they run; the pool's servers sampled on the server every 100 ms.
+async fn shrink_under_load(db: &str, before: Caps, after: Caps) {
+    let cap = after.cap();
+    let full = before.cap();
     create_db(db);
     let pg = pg();
     let init = std::process::Command::new("pgbench")
@@ -412,7 +462,7 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgbroker.toml");
-    std::fs::write(&path, shrink_config_text(db, before.0, before.1)).unwrap();
+    std::fs::write(&path, shrink_config_text(db, before)).unwrap();
     let b = broker(Config::load(&path).unwrap()).await;
     let addr = b.local_addr();
 
@@ -435,7 +485,7 @@ async fn shrink_under_load(db: &str, before: (u32, u32), after: (u32, u32)) {
     })
     .await;
 
-    std::fs::write(&path, shrink_config_text(db, after.0, after.1)).unwrap();
+    std::fs::write(&path, shrink_config_text(db, after)).unwrap();
     b.app().reload().await.unwrap();
 
     // Every 100 ms until pgbench is done: the count never rises, and no server logs in while

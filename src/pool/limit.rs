@@ -133,6 +133,11 @@ impl Limit {
     /// deciding and counting at once so two servers freed together never both go for one
     /// over the cap. True if it gave one back.
     pub(super) fn release_if_over(&self) -> bool {
+        // Asked at every check-in: the usual answer without the lock. A cap lowered meanwhile
+        // is seen at the next one.
+        if self.used() <= self.cap() {
+            return false;
+        }
         let mut st = self.lock();
         if st.used <= self.cap() {
             return false;
