@@ -248,6 +248,84 @@ async fn a_statement_timeout_shorter_than_the_brokers_own_queries_costs_no_clien
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_and_discard_all_return_a_setting_to_the_value_the_client_logged_in_with() {
+    let b = pooled_broker().await;
+    let load = Load::start(&b).await;
+    // As Npgsql's "Search Path", and its DISCARD ALL when a connection goes back to its pool.
+    let info = format!(
+        "{} application_name=startup-app options='-c search_path=startup_schema,public -c work_mem=5MB'",
+        conninfo(b.local_addr(), "postgres", "postgres", "bench")
+    );
+    let (a, conn) = tokio_postgres::connect(&info, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let settings = "SELECT current_setting('search_path') || ' ' || current_setting('work_mem') || ' ' || current_setting('application_name')";
+    let logged_in = "startup_schema,public 5MB startup-app";
+    assert_eq!(one(&a, settings).await, logged_in);
+    for reset in ["RESET search_path; RESET work_mem; RESET application_name", "RESET ALL", "DISCARD ALL"] {
+        a.batch_execute("SET search_path = other; SET work_mem = '7MB'; SET application_name = 'changed'")
+            .await
+            .unwrap();
+        assert_eq!(one(&a, settings).await, "other 7MB changed");
+        load.running().await;
+        a.batch_execute(reset).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(one(&a, settings).await, logged_in, "after {reset}");
+            load.running().await;
+        }
+    }
+    load.finish().await;
+}
+
+/// The `application_name` values a raw client is told (ParameterStatus) up to its next
+/// ReadyForQuery.
+async fn application_names_until_ready(s: &mut tokio::net::TcpStream) -> Vec<String> {
+    use postgres_protocol::message::backend::Message;
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::new();
+    let mut names = Vec::new();
+    loop {
+        while let Some(m) = Message::parse(&mut buf).unwrap() {
+            match m {
+                Message::ParameterStatus(p) if p.name().unwrap() == "application_name" => {
+                    names.push(p.value().unwrap().to_string())
+                }
+                Message::ErrorResponse(_) => panic!("an error after {names:?}"),
+                Message::ReadyForQuery(_) => return names,
+                _ => {}
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed after {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_reported_setting_is_reported_back_at_the_clients_login_value() {
+    let mut cfg = mode_config(PoolMode::Transaction, 1);
+    cfg.auth.kind = pgbroker::config::AuthType::Trust;
+    let b = broker(cfg).await;
+    let mut s = raw(b.local_addr()).await;
+    let login = [("user", "postgres"), ("database", "bench"), ("application_name", "startup-app")];
+    send(&mut s, &startup_packet(&login)).await;
+    assert_eq!(application_names_until_ready(&mut s).await.last().map(String::as_str), Some("startup-app"));
+    let query = |sql: &str| {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    };
+    send(&mut s, &query("SET application_name = 'changed'")).await;
+    assert_eq!(application_names_until_ready(&mut s).await, ["changed"]);
+    // The server reports its own login value, then the broker the client's.
+    send(&mut s, &query("RESET application_name")).await;
+    let mut told = application_names_until_ready(&mut s).await;
+    send(&mut s, &query("SELECT 1")).await;
+    told.extend(application_names_until_ready(&mut s).await);
+    assert_eq!(told.last().map(String::as_str), Some("startup-app"), "{told:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_local_and_a_set_rolled_back_do_not_persist() {
     let b = pooled_broker().await;
     let load = Load::start(&b).await;

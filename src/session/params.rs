@@ -83,6 +83,9 @@ pub struct ClientSettings {
     /// `track_extra_parameters` (lowercase): unreported settings whose pool defaults every
     /// client starts from.
     extras: Arc<[String]>,
+    /// The settings as the client logged in with them: what `RESET` and `DISCARD ALL` return
+    /// to, as they would on a server of its own (shared as `items` is at login).
+    login: Arc<Vec<Setting>>,
 }
 
 /// A pending sync: the statement to run and which settings it sets, in column order.
@@ -158,7 +161,7 @@ impl ClientSettings {
     /// Settings from a pool's `defaults` (a fresh server's reported settings and extras),
     /// overlaid with the client's startup settings.
     pub fn new(defaults: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> ClientSettings {
-        let mut out = ClientSettings { items: Arc::default(), extras: lowercase_extras(extras) };
+        let mut out = ClientSettings { items: Arc::default(), extras: lowercase_extras(extras), login: Arc::default() };
         // Gathered as references: a client whose settings another one already has (most of
         // them) allocates nothing for them.
         let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(SYNCED_REPORTED.len() + startup.len());
@@ -171,6 +174,7 @@ impl ClientSettings {
             put(&mut wanted, name, value);
         }
         out.items = intern(&wanted);
+        out.login = out.items.clone();
         out
     }
 
@@ -278,23 +282,37 @@ impl ClientSettings {
     }
 
     /// Takes what the probe found the session to have set after a transaction (see
-    /// `probe`): those are now the client's values. An unreported setting no longer set goes
-    /// back to the pool's default, or is dropped if the pool has none (the server's default is
-    /// what the client then wants). Reported settings follow ParameterStatus instead. The
-    /// server is recorded as holding exactly these, and as matching the client.
+    /// `probe`): those are now the client's values. A setting no longer set in the session was
+    /// reset (`RESET`, `DISCARD ALL`, a rolled-back `SET`): it goes back to the value the client
+    /// logged in with, else to the pool's default, else is dropped (the server's default is what
+    /// the client then wants). The server is recorded as holding what the probe found, and as
+    /// matching the client only if it does. Returns the reported settings put back to the
+    /// client's login value, which the client was last told otherwise.
     pub fn apply_session(
         &mut self,
         session: &[(String, String)],
         server: &mut ServerConn,
         defaults: &[(String, String)],
-    ) {
-        let reported = |key: &str| server.param_ci(key).is_some();
+    ) -> Vec<Setting> {
+        let login = self.login.clone();
+        let at_login = |key: &str| login.iter().find(|s| s.key == key).map(|s| s.value.as_str());
+        let mut restored = Vec::new();
         let items = Arc::make_mut(&mut self.items);
         items.retain_mut(|s| {
-            if reported(&s.key) {
+            let set = value_in(session, &s.key);
+            if let Some(now) = server.param_ci(&s.key) {
+                // Reported: the value follows ParameterStatus, except that a reset one returns
+                // to the client's login value rather than the server's.
+                if let (None, Some(v)) = (set, at_login(&s.key))
+                    && now != v
+                    && s.value != v
+                {
+                    v.clone_into(&mut s.value);
+                    restored.push(s.clone());
+                }
                 return true;
             }
-            match value_in(session, &s.key).or_else(|| value_in(defaults, &s.key)) {
+            match set.or_else(|| at_login(&s.key)).or_else(|| value_in(defaults, &s.key)) {
                 Some(v) => {
                     v.clone_into(&mut s.value);
                     true
@@ -305,7 +323,7 @@ impl ClientSettings {
         let mut applied = Vec::new();
         for (name, value) in session {
             let key = name.to_lowercase();
-            if reported(&key) {
+            if server.param_ci(&key).is_some() {
                 continue;
             }
             if !items.iter().any(|s| s.key == key) {
@@ -314,7 +332,11 @@ impl ClientSettings {
             applied.push((key, value.clone()));
         }
         server.applied = applied;
-        self.mark_synced(server);
+        server.synced = None;
+        if self.plan_sync(server, defaults).is_none() {
+            self.mark_synced(server);
+        }
+        restored
     }
 }
 

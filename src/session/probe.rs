@@ -31,9 +31,10 @@ macro_rules! probe_select {
     };
 }
 
-/// The probe. `custom` names settings that `pg_settings` does not list (placeholders such
-/// as `app.tenant`, found in the client's statements, and `track_extra_parameters`): each
-/// one the session has a value for is reported too. `untimed`: for a session whose
+/// The probe. `custom` names settings that `pg_settings` may not list (placeholders such
+/// as `app.tenant`, found in the client's statements, and `track_extra_parameters`, lowercase):
+/// each one it does not list that the session has a value for is reported too. One it lists
+/// (`search_path`) is reported only when set in the session, so that one reset is seen as such. `untimed`: for a session whose
 /// `statement_timeout` is too short for the probe (a first try was cancelled), the timeout is
 /// read first, then lifted for the rest of a transaction; under `SET LOCAL` the session shows
 /// the local value, so the one read first replaces it.
@@ -44,7 +45,8 @@ pub fn sql(custom: &[String], untimed: bool) -> String {
         select.push_str(&format!(
             " UNION ALL SELECT 's', n, pg_catalog.current_setting(n, true) \
              FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) n \
-             WHERE pg_catalog.current_setting(n, true) OPERATOR(pg_catalog.<>) ''",
+             WHERE pg_catalog.current_setting(n, true) OPERATOR(pg_catalog.<>) '' \
+             AND pg_catalog.lower(n) OPERATOR(pg_catalog.<>) ALL (SELECT pg_catalog.lower(name) FROM pg_catalog.pg_settings)",
             names.join(", ")
         ));
     }

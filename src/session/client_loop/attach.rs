@@ -259,7 +259,17 @@ impl ClientLoop {
             }
             Err(e) => return Err(self.server_lost(io, Some(std::io::Error::other(e))).await),
         };
-        self.settings.apply_session(&found.settings, server, self.defaults.all());
+        let restored = self.settings.apply_session(&found.settings, server, self.defaults.all());
+        if !restored.is_empty() {
+            // The client saw the reset's ParameterStatus (the server's value): it may be sent
+            // at any time, and now says the value the client's own session would have.
+            let mut told = BytesMut::new();
+            for s in &restored {
+                build::parameter_status(&mut told, &s.name, &s.value);
+            }
+            io.stream.write_all(&told).await.map_err(SessionError::Io)?;
+            io.stream.flush().await.map_err(SessionError::Io)?;
+        }
         let before = self.client.pins();
         if found.pins != before {
             if found.pins.is_empty() {
