@@ -277,14 +277,13 @@ async fn reset_and_discard_all_return_a_setting_to_the_value_the_client_logged_i
 }
 
 /// The `application_name` values a raw client is told (ParameterStatus) up to its next
-/// ReadyForQuery.
-async fn application_names_until_ready(s: &mut tokio::net::TcpStream) -> Vec<String> {
+/// ReadyForQuery; what follows that stays in `buf`.
+async fn application_names_until_ready(s: &mut tokio::net::TcpStream, buf: &mut bytes::BytesMut) -> Vec<String> {
     use postgres_protocol::message::backend::Message;
     use tokio::io::AsyncReadExt;
-    let mut buf = bytes::BytesMut::new();
     let mut names = Vec::new();
     loop {
-        while let Some(m) = Message::parse(&mut buf).unwrap() {
+        while let Some(m) = Message::parse(buf).unwrap() {
             match m {
                 Message::ParameterStatus(p) if p.name().unwrap() == "application_name" => {
                     names.push(p.value().unwrap().to_string())
@@ -294,7 +293,8 @@ async fn application_names_until_ready(s: &mut tokio::net::TcpStream) -> Vec<Str
                 _ => {}
             }
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf)).await.unwrap().unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_buf(buf)).await;
+        let n = read.unwrap_or_else(|_| panic!("no ReadyForQuery within 10 s after {names:?}")).unwrap();
         assert!(n > 0, "closed after {names:?}");
     }
 }
@@ -304,10 +304,10 @@ async fn a_reset_reported_setting_is_reported_back_at_the_clients_login_value() 
     let mut cfg = mode_config(PoolMode::Transaction, 1);
     cfg.auth.kind = pgbroker::config::AuthType::Trust;
     let b = broker(cfg).await;
-    let mut s = raw(b.local_addr()).await;
+    let (mut s, mut buf) = (raw(b.local_addr()).await, bytes::BytesMut::new());
     let login = [("user", "postgres"), ("database", "bench"), ("application_name", "startup-app")];
     send(&mut s, &startup_packet(&login)).await;
-    assert_eq!(application_names_until_ready(&mut s).await.last().map(String::as_str), Some("startup-app"));
+    assert_eq!(application_names_until_ready(&mut s, &mut buf).await.last().map(String::as_str), Some("startup-app"));
     let query = |sql: &str| {
         let mut m = vec![b'Q'];
         m.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
@@ -316,12 +316,12 @@ async fn a_reset_reported_setting_is_reported_back_at_the_clients_login_value() 
         m
     };
     send(&mut s, &query("SET application_name = 'changed'")).await;
-    assert_eq!(application_names_until_ready(&mut s).await, ["changed"]);
+    assert_eq!(application_names_until_ready(&mut s, &mut buf).await, ["changed"]);
     // The server reports its own login value, then the broker the client's.
     send(&mut s, &query("RESET application_name")).await;
-    let mut told = application_names_until_ready(&mut s).await;
+    let mut told = application_names_until_ready(&mut s, &mut buf).await;
     send(&mut s, &query("SELECT 1")).await;
-    told.extend(application_names_until_ready(&mut s).await);
+    told.extend(application_names_until_ready(&mut s, &mut buf).await);
     assert_eq!(told.last().map(String::as_str), Some("startup-app"), "{told:?}");
 }
 
