@@ -133,6 +133,34 @@ async fn startup_parameters_apply_to_the_server_session() {
 }
 
 #[tokio::test]
+async fn reset_and_discard_all_return_to_the_login_values_as_on_a_direct_connection() {
+    let b = broker(config()).await;
+    // As Npgsql's "Search Path", and its DISCARD ALL when a connection goes back to its pool.
+    let login = "application_name=orders-api options='-c search_path=pg_catalog,public -c work_mem=5MB'";
+    let through = format!("{} {login}", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
+    let direct = format!("host=127.0.0.1 port={} user=postgres password=postgres dbname=bench {login}", pg().port());
+    let settings = "SELECT current_setting('search_path') || ' ' || current_setting('work_mem') || ' ' || current_setting('application_name')";
+    let mut seen = Vec::new();
+    for info in [through, direct] {
+        let (c, task) = tokio_postgres::connect(&info, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(task);
+        let mut values = vec![one(&c, settings).await];
+        for reset in ["RESET search_path; RESET work_mem; RESET application_name", "RESET ALL", "DISCARD ALL"] {
+            c.batch_execute("SET search_path = public; SET work_mem = '7MB'; SET application_name = 'changed'")
+                .await
+                .unwrap();
+            c.batch_execute(reset).await.unwrap();
+            values.push(one(&c, settings).await);
+        }
+        c.batch_execute("SET work_mem TO DEFAULT").await.unwrap();
+        values.push(one(&c, settings).await);
+        seen.push(values);
+    }
+    assert_eq!(seen[0], seen[1], "through the broker, then direct");
+    assert_eq!(seen[0][0], "pg_catalog,public 5MB orders-api");
+}
+
+#[tokio::test]
 async fn invalid_startup_setting_is_refused_when_the_server_is_linked() {
     let b = broker(config()).await;
     let conn =

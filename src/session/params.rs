@@ -178,6 +178,12 @@ impl ClientSettings {
         out
     }
 
+    /// True if the client logged in with a setting whose value differs from the pool's
+    /// `defaults` (what a fresh server has): a reset would take it to the server's value.
+    pub fn has_own_login_values(&self, defaults: &[(String, String)]) -> bool {
+        self.login.iter().any(|s| value_in(defaults, &s.key) != Some(s.value.as_str()))
+    }
+
     /// The settings list, shared with the clients that logged in with the same settings.
     pub fn shared(&self) -> &Arc<Vec<Setting>> {
         &self.items

@@ -151,7 +151,16 @@ impl ClientLoop {
     /// Brings a server just checked out to the client's settings and attaches it.
     pub(super) async fn attached(&mut self, mut server: Pooled) -> Result<(), SessionError> {
         self.client.set_state(ClientState::Active);
-        if let Some(plan) = self.settings.plan_sync(&server, self.defaults.all()) {
+        self.sync_settings(&mut server).await?;
+        self.registration.slot.set(Some(server.cancel.clone()));
+        self.server = Some(server);
+        self.take_leftover()
+    }
+
+    /// Brings `server` to the client's settings, telling the client of a reported one whose
+    /// value the server gave in another form.
+    async fn sync_settings(&mut self, server: &mut Pooled) -> Result<(), SessionError> {
+        if let Some(plan) = self.settings.plan_sync(server, self.defaults.all()) {
             // Boxed, as the other rare awaits here: the loop's future lives as long as the client.
             let mut result = Box::pin(server.query_row(&plan.sql)).await;
             // Another client's statement_timeout, still on the server, times the first RESET;
@@ -165,7 +174,7 @@ impl ClientLoop {
             match result {
                 Ok(Ok(row)) => {
                     let mut told = BytesMut::new();
-                    for s in self.settings.apply_sync(&plan, &row, &mut server) {
+                    for s in self.settings.apply_sync(&plan, &row, server) {
                         build::parameter_status(&mut told, &s.name, &s.value);
                     }
                     self.down.insert(&told);
@@ -179,24 +188,48 @@ impl ClientLoop {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.settings.mark_synced(&mut server);
-        self.registration.slot.set(Some(server.cancel.clone()));
-        // Bytes the server sent after the broker's own last query belong to the relay.
-        let leftover = !server.rbuf.is_empty();
-        if leftover {
-            self.down.read_buf().extend_from_slice(&server.rbuf);
-            server.rbuf.clear();
-        }
-        self.server = Some(server);
-        if leftover {
-            self.scan_server()?;
-        }
+        self.settings.mark_synced(server);
         Ok(())
+    }
+
+    /// Relays the bytes the server sent after the broker's own last query: they belong to
+    /// the client.
+    fn take_leftover(&mut self) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_mut().filter(|s| !s.rbuf.is_empty()) else { return Ok(()) };
+        self.down.read_buf().extend_from_slice(&server.rbuf);
+        server.rbuf.clear();
+        self.scan_server()
+    }
+
+    /// Session mode: after a transaction that may have reset a setting, one the client logged
+    /// in with goes back to that value, as on a server of its own (the server's own login
+    /// values are the pool's).
+    async fn restore_login_settings(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        let Some(server) = self.server.as_ref() else { return Ok(()) };
+        let over = self.hints.has(Hints::RESET)
+            && self.pending.is_settled()
+            && !self.pending.copy_in()
+            && self.up.ready().is_empty()
+            && !self.down.has_unscanned()
+            && server.status == TxnStatus::Idle;
+        if !over {
+            return Ok(());
+        }
+        self.hints = Hints::NONE;
+        self.probe(io).await?;
+        let Some(mut server) = self.server.take() else { return Ok(()) };
+        let synced = self.sync_settings(&mut server).await;
+        self.server = Some(server);
+        synced?;
+        self.take_leftover()
     }
 
     /// Gives the server back once the transaction is over and nothing more is owed, unless
     /// the client keeps it: in session mode, or while state that cannot move pins it.
     pub(super) async fn detach_if_done(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
+        if self.watch_resets {
+            return self.restore_login_settings(io).await;
+        }
         let Some(server) = self.server.as_ref() else { return Ok(()) };
         let over = self.mode != PoolMode::Session
             && self.pending.is_settled()
@@ -271,7 +304,8 @@ impl ClientLoop {
             io.stream.flush().await.map_err(SessionError::Io)?;
         }
         let before = self.client.pins();
-        if found.pins != before {
+        // In session mode the client keeps its server anyway.
+        if found.pins != before && self.mode != PoolMode::Session {
             if found.pins.is_empty() {
                 tracing::debug!(was = %before.names(), "client unpinned: its server goes back to the pool");
             } else {

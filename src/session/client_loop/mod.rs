@@ -109,6 +109,9 @@ pub(super) struct ClientLoop {
     listens: Option<Listens>,
     client: Arc<Client>,
     acct: Accounting,
+    /// Session mode, for a client that logged in with settings of its own: its statements are
+    /// read for resets (see `restore_login_settings`).
+    watch_resets: bool,
 }
 
 impl Drop for ClientLoop {
@@ -124,6 +127,7 @@ impl ClientLoop {
     pub fn new(shared: Arc<Shared>, setup: Setup) -> Box<ClientLoop> {
         let cfg = shared.config();
         let Setup { mode, pool, defaults, settings, registration, server, prepared, listens, client } = setup;
+        let watch_resets = mode == PoolMode::Session && settings.has_own_login_values(defaults.all());
         if let Some(s) = &server {
             registration.slot.set(Some(s.cancel.clone()));
             client.set_state(ClientState::Active);
@@ -152,6 +156,7 @@ impl ClientLoop {
             cancelling: None,
             prepared,
             listens,
+            watch_resets,
             client,
             acct: Accounting::default(),
         })

@@ -23,8 +23,9 @@ impl ClientLoop {
         let statements = &mut self.statements;
         let custom = &mut self.custom;
         let recent = &mut self.recent;
-        // In session mode the client keeps its server: nothing it does needs following.
-        let inspect = self.mode != PoolMode::Session;
+        // In session mode the client keeps its server: nothing it does needs following, but
+        // a reset of a setting it logged in with.
+        let inspect = self.mode != PoolMode::Session || self.watch_resets;
         let binds = inspect && !statements.is_empty();
         let mut prepared = self.prepared.as_mut().zip(self.server.as_deref_mut().map(|s| &mut s.statements));
         let track = prepared.is_some();
