@@ -580,7 +580,13 @@ fn main() {
         .expect("start PostgreSQL");
     pg.psql("postgres", &format!("CREATE DATABASE {DB}")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let setup = Setup { pool: o.pool, auth: o.auth.clone(), wrap: Vec::new(), start_timeout: Duration::from_secs(10) };
+    let setup = Setup {
+        pool: o.pool,
+        pool_mode: "transaction".into(),
+        auth: o.auth.clone(),
+        wrap: Vec::new(),
+        start_timeout: Duration::from_secs(10),
+    };
     let mut reports = Vec::new();
     for t in &o.targets {
         let dir = tempfile::tempdir().unwrap();

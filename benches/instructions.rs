@@ -2,16 +2,17 @@
 //! machine noise does not move, for changes too small for the load bench to see.
 //!
 //! `cargo bench --bench instructions -- [--clients 20] [--transactions 500] [--warmup 50]
-//!  [--modes simple,extended,connect] [--targets pgbroker,pgbouncer] [--pool 20] [--out DIR]`
+//!  [--modes simple,extended,connect] [--targets pgbroker,pgbouncer] [--pool 20]
+//!  [--pool-mode transaction|session] [--out DIR]`
 //!
 //! Each pooler runs as its own process under `valgrind --tool=callgrind` (pgbroker: this
 //! package's release binary, or `PGBROKER_BIN`; PgBouncer: the distribution's package), in
-//! transaction mode with md5 logins. Per cell it is started once, warmed with `pgbench -S -t
-//! warmup`, then counted (callgrind_control zeroes and dumps the counters) over a run of `-t
-//! warmup` and one of `-t warmup+transactions`, each with its own logins: the difference of
-//! the two counts, divided by `clients x transactions`, is the cost of a transaction with
-//! start-up, logins and shutdown subtracted. Mode `connect` is `-M simple
-//! -C`: a new connection per transaction, so its figure is a login, a query and a close.
+//! transaction mode (or `--pool-mode session`) with md5 logins. Per cell it is started once,
+//! warmed with `pgbench -S -t warmup`, then counted (callgrind_control zeroes and dumps the
+//! counters) over a run of `-t warmup` and one of `-t warmup+transactions`, each with its own
+//! logins: the difference of the two counts, divided by `clients x transactions`, is the cost
+//! of a transaction with start-up, logins and shutdown subtracted. Mode `connect` is `-M
+//! simple -C`: a new connection per transaction, so its figure is a login, a query and a close.
 //! With `--out DIR` the callgrind files are kept there, for `callgrind_annotate`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -32,6 +33,7 @@ struct Opts {
     modes: Vec<String>,
     targets: Vec<String>,
     pool: u32,
+    pool_mode: String,
     auth: String,
     out: Option<PathBuf>,
 }
@@ -45,6 +47,7 @@ impl Opts {
             modes: vec!["simple".into(), "extended".into(), "connect".into()],
             targets: vec!["pgbroker".into(), "pgbouncer".into()],
             pool: 20,
+            pool_mode: "transaction".into(),
             auth: "md5".into(),
             out: None,
         };
@@ -62,6 +65,7 @@ impl Opts {
                 "--targets" => o.targets = list(it.next()),
                 "--pool" => o.pool = it.next().and_then(|v| v.parse().ok()).unwrap_or(o.pool),
                 "--auth" => o.auth = it.next().cloned().unwrap_or(o.auth),
+                "--pool-mode" => o.pool_mode = it.next().cloned().unwrap_or(o.pool_mode),
                 "--out" => o.out = it.next().map(PathBuf::from),
                 _ => {} // cargo passes --bench
             }
@@ -108,6 +112,7 @@ fn total(pg: &Cluster, o: &Opts, target: &str, mode: &str, transactions: u32) ->
     let out = dir.path().join("callgrind.out");
     let setup = Setup {
         pool: o.pool,
+        pool_mode: o.pool_mode.clone(),
         auth: o.auth.clone(),
         wrap: vec!["valgrind".into(), "--tool=callgrind".into(), format!("--callgrind-out-file={}", out.display())],
         start_timeout: Duration::from_secs(120),

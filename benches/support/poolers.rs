@@ -19,6 +19,8 @@ pub const DB: &str = "bench";
 pub struct Setup {
     /// Server connections per pool.
     pub pool: u32,
+    /// `transaction` or `session`.
+    pub pool_mode: String,
     /// `md5` or `trust`.
     pub auth: String,
     /// Command the pooler runs under (e.g. `valgrind --tool=callgrind ...`), or none.
@@ -99,12 +101,13 @@ pub fn start_pgbroker(pg: &Cluster, o: &Setup, dir: &Path) -> Pooler {
     let port = free_port();
     std::fs::write(dir.join("users.txt"), format!("\"{USER}\" \"{PASSWORD}\"\n")).unwrap();
     let toml = format!(
-        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"transaction\"\n\
+        "[broker]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:0\"\npool_mode = \"{mode}\"\n\
          max_client_conn = 20000\nlog_connections = false\nlog_disconnections = false\nserver_tls_sslmode = \"disable\"\n\
          [budget]\nserver_max_connections = {max}\nreserved_connections = 5\n\
          [auth]\ntype = \"{auth}\"\nfile = \"users.txt\"\n\
          [databases.{DB}]\nhost = \"127.0.0.1\"\nport = {pgport}\nuser = \"{USER}\"\npassword = \"{PASSWORD}\"\npool_size = {pool}\n",
         max = o.pool + 50,
+        mode = o.pool_mode,
         auth = o.auth,
         pgport = pg.port(),
         pool = o.pool,
@@ -146,10 +149,11 @@ pub fn start_pgbouncer(pg: &Cluster, o: &Setup, dir: &Path) -> Option<Pooler> {
     let d = dir.display();
     let ini = format!(
         "[databases]\n{DB} = host=127.0.0.1 port={pgport} dbname={DB} user={USER}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
-         listen_port = {port}\nunix_socket_dir =\nauth_type = {auth}\nauth_file = {d}/users.txt\npool_mode = transaction\n\
+         listen_port = {port}\nunix_socket_dir =\nauth_type = {auth}\nauth_file = {d}/users.txt\npool_mode = {mode}\n\
          default_pool_size = {pool}\nmax_client_conn = 20000\nlog_connections = 0\nlog_disconnections = 0\n\
          logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
         pgport = pg.port(),
+        mode = o.pool_mode,
         auth = o.auth,
         pool = o.pool,
     );
