@@ -152,8 +152,6 @@ async fn reset_and_discard_all_return_to_the_login_values_as_on_a_direct_connect
             c.batch_execute(reset).await.unwrap();
             values.push(one(&c, settings).await);
         }
-        c.batch_execute("SET work_mem TO DEFAULT").await.unwrap();
-        values.push(one(&c, settings).await);
         seen.push(values);
     }
     assert_eq!(seen[0], seen[1], "through the broker, then direct");

@@ -261,7 +261,12 @@ async fn reset_and_discard_all_return_a_setting_to_the_value_the_client_logged_i
     let settings = "SELECT current_setting('search_path') || ' ' || current_setting('work_mem') || ' ' || current_setting('application_name')";
     let logged_in = "startup_schema,public 5MB startup-app";
     assert_eq!(one(&a, settings).await, logged_in);
-    for reset in ["RESET search_path; RESET work_mem; RESET application_name", "RESET ALL", "DISCARD ALL"] {
+    for reset in [
+        "RESET search_path; RESET work_mem; RESET application_name",
+        "RESET ALL",
+        "DISCARD ALL",
+        "SET search_path TO DEFAULT; SET work_mem TO DEFAULT; SET application_name TO DEFAULT",
+    ] {
         a.batch_execute("SET search_path = other; SET work_mem = '7MB'; SET application_name = 'changed'")
             .await
             .unwrap();

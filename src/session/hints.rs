@@ -18,10 +18,8 @@ impl Hints {
     pub const RELEASE: Hints = Hints(4);
     /// Reads the session's last sequence value (`lastval`, `currval`).
     pub const LASTVAL: Hints = Hints(8);
-    /// May take a setting back to its login value (`RESET`, `DISCARD`, `SET .. DEFAULT`).
-    pub const RESET: Hints = Hints(16);
     /// A statement too long to read: anything may happen.
-    pub const ALL: Hints = Hints(31);
+    pub const ALL: Hints = Hints(15);
 
     /// True if any flag of `other` is set.
     #[inline]
@@ -170,11 +168,10 @@ enum Place {
 
 /// The keywords looked for (lowercase), where, and what they hint; grouped by first letter
 /// (`BY_FIRST` indexes the groups).
-const KEYWORDS: [(&[u8], Place, Hints); 20] = [
+const KEYWORDS: [(&[u8], Place, Hints); 19] = [
     (b"close", Place::Start, Hints::RELEASE),
     (b"currval", Place::Word, Hints::LASTVAL),
-    (b"default", Place::Word, Hints::RESET),
-    (b"discard", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RELEASE.0 | Hints::RESET.0)),
+    (b"discard", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RELEASE.0)),
     (b"drop", Place::Start, Hints::RELEASE),
     (b"deallocate", Place::Start, Hints::RELEASE),
     (b"hold", Place::Word, Hints::PIN),
@@ -185,7 +182,7 @@ const KEYWORDS: [(&[u8], Place, Hints); 20] = [
     (b"pg_temp", Place::Prefix, Hints::PIN),
     (b"prepare", Place::Start, Hints::PIN),
     (b"pg_advisory_unlock", Place::Prefix, Hints::RELEASE),
-    (b"reset", Place::Start, Hints(Hints::SETTINGS.0 | Hints::RESET.0)),
+    (b"reset", Place::Start, Hints::SETTINGS),
     (b"set", Place::Start, Hints::SETTINGS),
     (b"set_config", Place::Word, Hints::SETTINGS),
     (b"temp", Place::Word, Hints::PIN),
@@ -406,15 +403,6 @@ fn keyword_at(word: &[u8], at_start: bool) -> Hints {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn statements_that_may_reset_a_setting_are_hinted_reset() {
-        for sql in [&b"RESET search_path"[..], b"discard all", b"SET work_mem TO DEFAULT", b"set role = default"] {
-            assert!(hints(sql).has(Hints::RESET), "{}", String::from_utf8_lossy(sql));
-        }
-        assert!(!hints(b"SET work_mem = '8MB'").has(Hints::RESET));
-        assert!(!hints(b"SELECT set_config('a', 'b', false)").has(Hints::RESET));
-    }
 
     #[test]
     fn settings_statements_are_hinted_at_a_statement_start_only() {

@@ -201,12 +201,12 @@ impl ClientLoop {
         self.scan_server()
     }
 
-    /// Session mode: after a transaction that may have reset a setting, one the client logged
-    /// in with goes back to that value, as on a server of its own (the server's own login
-    /// values are the pool's).
+    /// Session mode: after a transaction that ran a `RESET` or `DISCARD`, a setting the client
+    /// logged in with goes back to that value, as on a server of its own (the server's own
+    /// login values are the pool's).
     async fn restore_login_settings(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let Some(server) = self.server.as_ref() else { return Ok(()) };
-        let over = self.hints.has(Hints::RESET)
+        let over = self.reset
             && self.pending.is_settled()
             && !self.pending.copy_in()
             && self.up.ready().is_empty()
@@ -215,7 +215,7 @@ impl ClientLoop {
         if !over {
             return Ok(());
         }
-        self.hints = Hints::NONE;
+        self.reset = false;
         self.probe(io).await?;
         let Some(mut server) = self.server.take() else { return Ok(()) };
         let synced = self.sync_settings(&mut server).await;

@@ -109,9 +109,11 @@ pub(super) struct ClientLoop {
     listens: Option<Listens>,
     client: Arc<Client>,
     acct: Accounting,
-    /// Session mode, for a client that logged in with settings of its own: its statements are
-    /// read for resets (see `restore_login_settings`).
+    /// Session mode, for a client that logged in with settings of its own: the server's
+    /// replies are read for a `RESET` or `DISCARD` (see `restore_login_settings`).
     watch_resets: bool,
+    /// One was seen since the settings were last put back.
+    reset: bool,
 }
 
 impl Drop for ClientLoop {
@@ -157,6 +159,7 @@ impl ClientLoop {
             prepared,
             listens,
             watch_resets,
+            reset: false,
             client,
             acct: Accounting::default(),
         })

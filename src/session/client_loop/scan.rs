@@ -23,9 +23,8 @@ impl ClientLoop {
         let statements = &mut self.statements;
         let custom = &mut self.custom;
         let recent = &mut self.recent;
-        // In session mode the client keeps its server: nothing it does needs following, but
-        // a reset of a setting it logged in with.
-        let inspect = self.mode != PoolMode::Session || self.watch_resets;
+        // In session mode the client keeps its server: nothing it does needs following.
+        let inspect = self.mode != PoolMode::Session;
         let binds = inspect && !statements.is_empty();
         let mut prepared = self.prepared.as_mut().zip(self.server.as_deref_mut().map(|s| &mut s.statements));
         let track = prepared.is_some();
@@ -109,6 +108,8 @@ impl ClientLoop {
         let statement = self.mode == PoolMode::Statement;
         let track = prepared.is_some();
         let counters = &self.pool.counters;
+        let watch = self.watch_resets;
+        let reset = &mut self.reset;
         let mut answered = 0;
         self.down
             .scan(
@@ -116,7 +117,7 @@ impl ClientLoop {
                     t == tag::READY_FOR_QUERY
                         || t == tag::PARAMETER_STATUS
                         || t == tag::ERROR_RESPONSE
-                        || (track && t == tag::COMMAND_COMPLETE)
+                        || ((track || watch) && t == tag::COMMAND_COMPLETE)
                 },
                 |t, msg, out| {
                     let body = msg.get(HEADER_LEN..).unwrap_or_default();
@@ -138,6 +139,12 @@ impl ClientLoop {
                             pending.on_ready();
                             server.status = TxnStatus::from_byte(body.first().copied().unwrap_or(b'T'));
                             refuse = statement && server.status != TxnStatus::Idle;
+                        }
+                        // The command tags of `RESET` and `DISCARD`.
+                        tag::COMMAND_COMPLETE
+                            if watch && (body.starts_with(b"RESET") || body.starts_with(b"DISCARD")) =>
+                        {
+                            *reset = true;
                         }
                         tag::PARAMETER_STATUS => {
                             server.observe_parameter_status(body);
