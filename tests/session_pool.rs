@@ -135,7 +135,8 @@ async fn startup_parameters_apply_to_the_server_session() {
 #[tokio::test]
 async fn reset_and_discard_all_return_to_the_login_values_as_on_a_direct_connection() {
     let b = broker(config()).await;
-    // As Npgsql's "Search Path", and its DISCARD ALL when a connection goes back to its pool.
+    // A search path given at login (as drivers' "Search Path" options do), and the DISCARD ALL an
+    // app-side pool runs when a connection goes back to it.
     let login = "application_name=orders-api options='-c search_path=pg_catalog,public -c work_mem=5MB'";
     let through = format!("{} {login}", conninfo(b.local_addr(), "postgres", "postgres", "bench"));
     let direct = format!("host=127.0.0.1 port={} user=postgres password=postgres dbname=bench {login}", pg().port());

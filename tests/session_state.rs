@@ -251,7 +251,8 @@ async fn a_statement_timeout_shorter_than_the_brokers_own_queries_costs_no_clien
 async fn reset_and_discard_all_return_a_setting_to_the_value_the_client_logged_in_with() {
     let b = pooled_broker().await;
     let load = Load::start(&b).await;
-    // As Npgsql's "Search Path", and its DISCARD ALL when a connection goes back to its pool.
+    // A search path given at login (as drivers' "Search Path" options do), and the DISCARD ALL an
+    // app-side pool runs when a connection goes back to it.
     let info = format!(
         "{} application_name=startup-app options='-c search_path=startup_schema,public -c work_mem=5MB'",
         conninfo(b.local_addr(), "postgres", "postgres", "bench")
