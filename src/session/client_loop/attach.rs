@@ -201,18 +201,18 @@ impl ClientLoop {
         self.scan_server()
     }
 
+    /// Every request answered, no COPY running, nothing of the client's waiting to be sent
+    /// and nothing of the server's unread: the broker may use the server for its own query.
+    fn nothing_owed(&self) -> bool {
+        self.pending.is_settled() && !self.pending.copy_in() && self.up.ready().is_empty() && !self.down.has_unscanned()
+    }
+
     /// Session mode: after a transaction that ran a `RESET` or `DISCARD`, a setting the client
     /// logged in with goes back to that value, as on a server of its own (the server's own
     /// login values are the pool's).
     async fn restore_login_settings(&mut self, io: &mut ClientIo<ClientStream>) -> Result<(), SessionError> {
         let Some(server) = self.server.as_ref() else { return Ok(()) };
-        let over = self.reset
-            && self.pending.is_settled()
-            && !self.pending.copy_in()
-            && self.up.ready().is_empty()
-            && !self.down.has_unscanned()
-            && server.status == TxnStatus::Idle;
-        if !over {
+        if !(self.reset && self.nothing_owed() && server.status == TxnStatus::Idle) {
             return Ok(());
         }
         self.reset = false;
@@ -232,10 +232,7 @@ impl ClientLoop {
         }
         let Some(server) = self.server.as_ref() else { return Ok(()) };
         let over = self.mode != PoolMode::Session
-            && self.pending.is_settled()
-            && !self.pending.copy_in()
-            && self.up.ready().is_empty()
-            && !self.down.has_unscanned()
+            && self.nothing_owed()
             && (self.mode == PoolMode::Statement || server.status == TxnStatus::Idle);
         if !over {
             return Ok(());
